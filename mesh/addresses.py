@@ -1,0 +1,86 @@
+"""The local-mode address plan (see docs/design.md and ARCHITECTURE.md).
+
+All of 127.0.0.0/8 is local on Linux, so every node, pod and Service VIP gets its
+own loopback address and binds its real port numbers without root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+NODE_IPS: dict[str, str] = {"node-a": "127.10.0.1", "node-b": "127.10.0.2"}
+"""Node name → node IP."""
+
+POD_CIDRS: dict[str, str] = {"node-a": "127.244.1.0/24", "node-b": "127.244.2.0/24"}
+"""Node name → the pod CIDR its IPAM allocates from."""
+
+SERVICE_CIDR = "127.96.0.0/16"
+"""ClusterIPs are allocated from here (10.96.0.0/16 in compose)."""
+
+DNS_SERVICE_IP = "127.96.0.10"
+"""The cluster DNS Service VIP (kube-dns)."""
+
+DNS_PORT = 10053
+"""Cluster DNS listens on an unprivileged port in local mode (53 in compose)."""
+
+DNS_METRICS_PORT = 9153
+"""CoreDNS's conventional Prometheus port."""
+
+CONTROL_PLANE_IP = "127.10.0.254"
+"""Where the hopscope control plane (API, OTLP receiver, explorer) listens."""
+
+CONTROL_PLANE_PORT = 8001
+"""Port of the control-plane HTTP API, OTLP/HTTP receiver (``/v1/traces``) and explorer."""
+
+KUBE_PROXY_METRICS_PORT = 10249
+"""kube-proxy's conventional metrics port, bound on the first node IP."""
+
+INGRESS_IP = "127.200.0.1"
+"""The address an external load balancer gives the ingress controller."""
+
+INGRESS_PORT = 8080
+"""HTTP port of the ingress controller (unprivileged)."""
+
+INGRESS_ADMIN_PORT = 15000
+"""Envoy admin port of the ingress controller (on ``INGRESS_IP``)."""
+
+CLIENT_CIDR = "127.100.0.0/24"
+"""External clients (``hopscope curl`` without ``--from``) send from here."""
+
+EXTERNAL_CLIENT_IP = "127.100.0.1"
+"""The default external client address."""
+
+LB_IP = "127.200.0.1"
+"""First LoadBalancer VIP."""
+
+NODE_PORT_RANGE = (30000, 32767)
+"""Inclusive NodePort range."""
+
+# Ports inside every pod (pod IP is the pod's network identity).
+SIDECAR_ADMIN_PORT = 15000
+"""Envoy sidecar admin (``/ready``, ``/stats/prometheus``), as in Istio."""
+
+SIDECAR_OUTBOUND_PORT = 15001
+"""Envoy sidecar outbound listener the app sends its Service calls to, as in Istio."""
+
+APP_PORT_OFFSET = 10000
+"""With no iptables redirect in local mode, the sidecar owns each containerPort on the
+pod IP and the app binds ``containerPort + APP_PORT_OFFSET`` (its "localhost" port)."""
+
+APP_METRICS_PORT = 9464
+"""Every app exposes Prometheus metrics on the pod IP at this port."""
+
+ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
+"""Header carrying the ``ip:port`` the app resolved; stands in for SO_ORIGINAL_DST."""
+
+
+def node_for_ip(ip: str) -> str | None:
+    """The node whose pod CIDR or node IP holds ``ip``, if any."""
+    addr = ipaddress.ip_address(ip)
+    for node, cidr in POD_CIDRS.items():
+        if addr in ipaddress.ip_network(cidr):
+            return node
+    for node, node_ip in NODE_IPS.items():
+        if node_ip == ip:
+            return node
+    return None

@@ -1,0 +1,290 @@
+"""The cluster model: plain data classes shared by controllers, runtimes and the data plane.
+
+The control plane owns one :class:`ClusterState`; kube-proxy, DNS and the CLI receive it
+as JSON (``ClusterState.to_dict`` / ``ClusterState.from_dict``) the way real components
+watch the API server. Field names follow the Kubernetes API in snake_case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class ContainerPort:
+    container_port: int
+    name: str | None = None
+    protocol: str = "TCP"
+
+
+@dataclass
+class Probe:
+    """A readiness probe: ``kind`` is ``http``, ``tcp`` or ``grpc``."""
+
+    kind: str
+    port: int | str
+    path: str = "/"
+    initial_delay_seconds: float = 0.0
+    period_seconds: float = 1.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+
+
+@dataclass
+class Container:
+    name: str
+    image: str
+    command: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    ports: list[ContainerPort] = field(default_factory=list)
+    readiness_probe: Probe | None = None
+
+    def port_number(self, port: int | str) -> int | None:
+        """Resolve a port given by number or by name against this container's ports."""
+        if isinstance(port, int):
+            return port
+        if port.isdigit():
+            return int(port)
+        for p in self.ports:
+            if p.name == port:
+                return p.container_port
+        return None
+
+
+@dataclass
+class PodTemplate:
+    labels: dict[str, str]
+    containers: list[Container]
+    node_selector: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Workload:
+    """A Deployment or StatefulSet."""
+
+    kind: str
+    name: str
+    namespace: str
+    replicas: int
+    selector: dict[str, str]
+    template: PodTemplate
+    service_name: str | None = None
+    source: str = ""
+
+
+@dataclass
+class Pod:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    node: str
+    ip: str
+    containers: list[Container]
+    owner_kind: str = ""
+    owner_name: str = ""
+    phase: str = "Pending"
+    """``Pending`` (starting), ``Running``, ``Terminating`` or ``Failed``."""
+    ready: bool = False
+    ready_override: bool | None = None
+    """Set by ``hopscope ready pod NAME true|false``; ``None`` follows the probe."""
+    restarts: int = 0
+    created: float = 0.0
+    hostname: str | None = None
+    subdomain: str | None = None
+
+    def container_port(self, port: int | str) -> int | None:
+        """Resolve a (possibly named) port against all containers of the pod."""
+        for c in self.containers:
+            number = c.port_number(port)
+            if number is not None and (isinstance(port, int) or not str(port).isdigit()):
+                return number
+        return int(port) if isinstance(port, int) or str(port).isdigit() else None
+
+
+@dataclass
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str | None = None
+    protocol: str = "TCP"
+    app_protocol: str | None = None
+    node_port: int | None = None
+
+
+@dataclass
+class Service:
+    name: str
+    namespace: str
+    type: str = "ClusterIP"
+    selector: dict[str, str] = field(default_factory=dict)
+    ports: list[ServicePort] = field(default_factory=list)
+    cluster_ip: str | None = None
+    """Allocated VIP; ``"None"`` for headless Services, ``None`` before allocation."""
+    session_affinity: str = "None"
+    affinity_timeout_seconds: int = 10800
+    external_traffic_policy: str = "Cluster"
+    external_name: str | None = None
+    load_balancer_ip: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def headless(self) -> bool:
+        return self.cluster_ip == "None"
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+@dataclass
+class Endpoint:
+    addresses: list[str]
+    ready: bool
+    serving: bool
+    terminating: bool
+    pod: str
+    node: str
+    hostname: str | None = None
+
+
+@dataclass
+class EndpointPort:
+    port: int
+    name: str | None = None
+    protocol: str = "TCP"
+    app_protocol: str | None = None
+
+
+@dataclass
+class EndpointSlice:
+    name: str
+    namespace: str
+    service: str
+    endpoints: list[Endpoint] = field(default_factory=list)
+    ports: list[EndpointPort] = field(default_factory=list)
+    address_type: str = "IPv4"
+
+
+@dataclass
+class IngressPath:
+    path: str
+    path_type: str
+    service: str
+    port: int | str
+
+
+@dataclass
+class IngressRule:
+    host: str | None
+    paths: list[IngressPath]
+
+
+@dataclass
+class Ingress:
+    name: str
+    namespace: str
+    rules: list[IngressRule] = field(default_factory=list)
+    ingress_class: str | None = None
+    default_backend: IngressPath | None = None
+    source: str = ""
+
+
+@dataclass
+class NetworkPolicy:
+    name: str
+    namespace: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class Node:
+    name: str
+    ip: str
+    pod_cidr: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterState:
+    """Everything the data plane needs, versioned like the API server's resourceVersion."""
+
+    resource_version: int = 0
+    nodes: list[Node] = field(default_factory=list)
+    workloads: list[Workload] = field(default_factory=list)
+    pods: list[Pod] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+    endpoint_slices: list[EndpointSlice] = field(default_factory=list)
+    ingresses: list[Ingress] = field(default_factory=list)
+    network_policies: list[NetworkPolicy] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterState:
+        return from_dict(cls, data)
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        for svc in self.services:
+            if svc.namespace == namespace and svc.name == name:
+                return svc
+        return None
+
+    def pod(self, name: str, namespace: str | None = None) -> Pod | None:
+        for pod in self.pods:
+            if pod.name == name and (namespace is None or pod.namespace == namespace):
+                return pod
+        return None
+
+    def pod_by_ip(self, ip: str) -> Pod | None:
+        for pod in self.pods:
+            if pod.ip == ip:
+                return pod
+        return None
+
+    def slices_for(self, namespace: str, service: str) -> list[EndpointSlice]:
+        return [
+            s for s in self.endpoint_slices if s.namespace == namespace and s.service == service
+        ]
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """Build dataclass ``cls`` from plain JSON data (the inverse of ``dataclasses.asdict``)."""
+    return typing.cast(T, _convert(cls, data))
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        for arg in args:
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _convert(arg, value)
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v) for v in value]
+    if origin is dict:
+        return dict(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {
+            f.name: _convert(hints[f.name], value[f.name])
+            for f in dataclasses.fields(tp)
+            if f.name in value
+        }
+        return tp(**kwargs)
+    return value
