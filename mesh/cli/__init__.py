@@ -1,0 +1,36 @@
+"""The ``hopscope`` command line, kubectl-like.
+
+Each command module holds one group of commands; this module assembles them. Commands talk
+to the running control plane over its HTTP API (:mod:`mesh.cli._client`), so errors are one
+clear line and a non-zero exit (click's ``ClickException``).
+"""
+
+from __future__ import annotations
+
+import click
+
+from mesh.cli.cluster_cmds import down, status, up
+from mesh.cli.curl_cmd import curl
+from mesh.cli.get_cmds import get
+from mesh.cli.trace_cmds import trace
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hopscope")
+def cli() -> None:
+    """hopscope — see how a request really travels through Kubernetes.
+
+    Start the sample cluster with `hopscope up`, send a request with
+    `hopscope curl http://shop.local/`, then follow it hop by hop with
+    `hopscope trace --last`.
+    """
+
+
+for command in (up, down, status, get, curl, trace):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="hopscope")

@@ -1,0 +1,221 @@
+"""``hopscope up``, ``down`` and ``status``: the cluster's lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mesh.cli._client import APIClient, state_dir
+from mesh.runtime.processes import pid_alive, tail
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+DEFAULT_MANIFESTS = Path(__file__).resolve().parents[2] / "apps" / "manifests"
+"""The sample "shop" cluster, used when ``-f`` is not given."""
+
+
+def _validate(paths: list[Path]) -> None:
+    from mesh.model.manifests import ManifestError, load_manifests
+
+    try:
+        load_manifests(paths)
+    except ManifestError as exc:
+        raise click.ClickException(f"invalid manifests, nothing started:\n{exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read manifests: {exc}") from None
+
+
+@click.command()
+@click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Manifest file or directory (repeatable). Default: the sample shop cluster.",
+)
+@click.option(
+    "-d", "--detach", is_flag=True, help="Run in the background; return once everything is ready."
+)
+@click.option(
+    "--timeout",
+    default=90.0,
+    show_default=True,
+    help="Seconds to wait for the cluster to be ready.",
+)
+def up(paths: tuple[Path, ...], detach: bool, timeout: float) -> None:
+    """Start the local cluster: pods with Envoy sidecars, ingress, kube-proxy, DNS, trace store."""
+    manifests = [p.resolve() for p in paths] or [DEFAULT_MANIFESTS]
+    _validate(manifests)
+    client = APIClient()
+    if client.running():
+        raise click.ClickException(
+            "a hopscope cluster is already running "
+            "(`hopscope status`; stop it with `hopscope down`)"
+        )
+    home = state_dir()
+    if detach:
+        _up_detached(manifests, home, timeout, client)
+    else:
+        _up_foreground(manifests, home, timeout)
+
+
+def _up_detached(manifests: list[Path], home: Path, timeout: float, client: APIClient) -> None:
+    log_path = home / "controlplane.log"
+    argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home)]
+    for path in manifests:
+        argv += ["-f", str(path)]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    with console.status("starting the cluster…") as spinner:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(
+                    f"the control plane exited ({proc.returncode}):\n{tail(log_path)}"
+                )
+            status = _status_or_none(client)
+            if status is not None:
+                spinner.update(f"starting the cluster… {status['summary']}")
+                if status["ready"]:
+                    _print_ready(status)
+                    return
+            time.sleep(0.2)
+    proc.terminate()
+    raise click.ClickException(
+        f"cluster not ready after {timeout:.0f}s; stopped it. Log: {log_path}"
+    )
+
+
+def _status_or_none(client: APIClient) -> dict[str, Any] | None:
+    if not client.running():
+        return None
+    try:
+        return client.get("/api/v1/status")  # type: ignore[no-any-return]
+    except click.ClickException:
+        return None
+
+
+def _up_foreground(manifests: list[Path], home: Path, timeout: float) -> None:
+    from mesh.controlplane.server import ControlPlane, StartupError
+    from telemetry.logs import setup_json_logging
+
+    log_path = home / "controlplane.log"
+    setup_json_logging({"component": "controlplane"})
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.getLogger().handlers[0].formatter)
+    logging.getLogger().handlers[:] = [handler]
+    plane = ControlPlane(manifests, home)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    (home / "controlplane.pid").write_text(str(os.getpid()))
+    try:
+        with console.status("starting the cluster…") as spinner:
+            plane.start(progress=lambda m: spinner.update(f"starting the cluster… {m}"))
+            plane.wait_ready(
+                timeout, progress=lambda m: spinner.update(f"starting the cluster… {m}")
+            )
+        _print_ready(plane.status())
+        console.print("[dim]Ctrl-C stops the cluster.[/]")
+        stop.wait()
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        console.print("stopping the cluster…")
+        plane.shutdown()
+        (home / "controlplane.pid").unlink(missing_ok=True)
+        console.print("stopped.")
+
+
+def _print_ready(status: dict[str, Any]) -> None:
+    took = (status["ready_at"] or time.time()) - status["started_at"]
+    console.print(f"[green]cluster ready[/] in {took:.1f}s: {status['summary']}")
+    console.print(f"  ingress     {status['ingress']}  (Host: shop.local)")
+    console.print(f"  explorer    {status['api']}/")
+    console.print("  try         hopscope curl http://shop.local/   then   hopscope trace --last")
+
+
+@click.command()
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait before killing.")
+def down(timeout: float) -> None:
+    """Stop the local cluster and every process it started."""
+    home = state_dir()
+    pid = _running_pid(home)
+    if pid is None:
+        console.print("no hopscope cluster is running.")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with console.status(f"stopping the cluster (pid {pid})…"):
+        while pid_alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        console.print(f"[yellow]control plane did not stop in {timeout:.0f}s; killed it[/]")
+    (home / "controlplane.pid").unlink(missing_ok=True)
+    console.print("cluster stopped.")
+
+
+def _running_pid(home: Path) -> int | None:
+    client = APIClient()
+    if client.running():
+        try:
+            return int(client.get("/api/v1/status")["pid"])
+        except (click.ClickException, KeyError, ValueError):
+            pass
+    pidfile = home / "controlplane.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
+def status(output: str, as_json: bool) -> None:
+    """Show whether the cluster runs and which components and pods are ready."""
+    st = APIClient().get("/api/v1/status")
+    if as_json or output == "json":
+        out.print_json(json.dumps(st))
+        return
+    table = Table("COMPONENT", "READY", "PID", "RESTARTS", box=None)
+    for c in st["components"]:
+        table.add_row(
+            c["name"], "yes" if c["ready"] else "[red]no[/]", str(c["pid"]), str(c["restarts"])
+        )
+    out.print(
+        f"cluster: {'[green]ready[/]' if st['ready'] else '[yellow]starting[/]'} — {st['summary']}"
+    )
+    out.print(table)
+    out.print(f"api {st['api']} · ingress {st['ingress']} · {st['traces']} traces stored")
+    for pod, err in st["pod_errors"].items():
+        out.print(f"[red]pod {pod} failed to start:[/] {err}")

@@ -1,0 +1,196 @@
+"""``hopscope get``: kubectl-style listings of the cluster model."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mesh.cli._client import APIClient
+from mesh.model.types import ClusterState, EndpointSlice, Ingress, NetworkPolicy, Pod, Service
+
+out = Console(highlight=False, soft_wrap=True)
+
+RESOURCE_ALIASES = {
+    "pods": "pods",
+    "pod": "pods",
+    "po": "pods",
+    "svc": "services",
+    "service": "services",
+    "services": "services",
+    "endpointslices": "endpointslices",
+    "endpointslice": "endpointslices",
+    "eps": "endpointslices",
+    "ingress": "ingresses",
+    "ingresses": "ingresses",
+    "ing": "ingresses",
+    "netpol": "networkpolicies",
+    "networkpolicy": "networkpolicies",
+    "networkpolicies": "networkpolicies",
+}
+
+
+def _age(created: float) -> str:
+    if not created:
+        return "-"
+    secs = int(time.time() - created)
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    return f"{secs // 3600}h"
+
+
+def _ports(svc: Service) -> str:
+    parts = []
+    for p in svc.ports:
+        text = f"{p.port}:{p.node_port}" if p.node_port else str(p.port)
+        parts.append(f"{text}/{p.protocol}")
+    return ",".join(parts) or "<none>"
+
+
+def _pod_rows(pods: list[Pod], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    if wide:
+        head += ["IP", "NODE"]
+    rows = []
+    for p in pods:
+        total = len(p.containers) + 1  # + the Envoy sidecar
+        ready = (
+            total
+            if p.ready and p.phase == "Running"
+            else (total - 1 if p.phase == "Running" else 0)
+        )
+        row = [p.namespace, p.name, f"{ready}/{total}", p.phase, str(p.restarts), _age(p.created)]
+        if wide:
+            row += [p.ip or "<none>", p.node or "<none>"]
+        rows.append(row)
+    return head, rows
+
+
+def _svc_rows(services: list[Service], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"]
+    if wide:
+        head += ["SELECTOR"]
+    rows = []
+    for s in services:
+        external = s.external_name or s.load_balancer_ip or "<none>"
+        row = [s.namespace, s.name, s.type, s.cluster_ip or "<none>", external, _ports(s)]
+        if wide:
+            row += [",".join(f"{k}={v}" for k, v in s.selector.items()) or "<none>"]
+        rows.append(row)
+    return head, rows
+
+
+def _slice_rows(slices: list[EndpointSlice], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"]
+    if wide:
+        head += ["CONDITIONS"]
+    rows = []
+    for s in slices:
+        addrs = [a for e in s.endpoints for a in e.addresses]
+        row = [
+            s.namespace,
+            s.name,
+            s.address_type,
+            ",".join(str(p.port) for p in s.ports) or "<unset>",
+            ",".join(addrs) or "<none>",
+        ]
+        if wide:
+            row += [
+                " ".join(
+                    f"{e.pod}:{'ready' if e.ready else 'notready'}"
+                    f"{',terminating' if e.terminating else ''}"
+                    for e in s.endpoints
+                )
+            ]
+        rows.append(row)
+    return head, rows
+
+
+def _ingress_rows(ings: list[Ingress], wide: bool) -> tuple[list[str], list[list[str]]]:
+    from mesh import addresses
+
+    head = ["NAMESPACE", "NAME", "CLASS", "HOSTS", "ADDRESS", "PORTS"]
+    rows = []
+    for i in ings:
+        hosts = ",".join(r.host or "*" for r in i.rules) or "*"
+        rows.append(
+            [
+                i.namespace,
+                i.name,
+                i.ingress_class or "<none>",
+                hosts,
+                addresses.INGRESS_IP,
+                str(addresses.INGRESS_PORT),
+            ]
+        )
+    return head, rows
+
+
+def _netpol_rows(pols: list[NetworkPolicy], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "POD-SELECTOR", "POLICY-TYPES"]
+    rows = []
+    for p in pols:
+        sel = p.spec.get("podSelector", {}).get("matchLabels", {})
+        types = ",".join(p.spec.get("policyTypes", ["Ingress"]))
+        rows.append(
+            [p.namespace, p.name, ",".join(f"{k}={v}" for k, v in sel.items()) or "<all>", types]
+        )
+    return head, rows
+
+
+Lister = Callable[[Any, bool], tuple[list[str], list[list[str]]]]
+_LISTERS: dict[str, tuple[str, Lister]] = {
+    "pods": ("pods", _pod_rows),
+    "services": ("services", _svc_rows),
+    "endpointslices": ("endpoint_slices", _slice_rows),
+    "ingresses": ("ingresses", _ingress_rows),
+    "networkpolicies": ("network_policies", _netpol_rows),
+}
+
+
+@click.command()
+@click.argument("resource")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", help="Only this namespace (default: all namespaces).")
+@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table")
+@click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
+def get(resource: str, name: str | None, namespace: str | None, output: str, as_json: bool) -> None:
+    """List pods, svc, endpointslices, ingress or netpol (kubectl-style)."""
+    kind = RESOURCE_ALIASES.get(resource.lower())
+    if kind is None:
+        raise click.BadParameter(
+            f"unknown resource {resource!r}; use one of pods, svc, endpointslices, ingress, netpol",
+            param_hint="RESOURCE",
+        )
+    state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
+    attr, lister = _LISTERS[kind]
+    items = [i for i in getattr(state, attr) if namespace in (None, i.namespace)]
+    if name:
+        items = [i for i in items if i.name == name]
+        if not items:
+            raise click.ClickException(f"{kind} {name!r} not found")
+    if as_json or output == "json":
+        data = json.loads(json.dumps({"kind": "List", "items": [_as_dict(i) for i in items]}))
+        out.print_json(json.dumps(data))
+        return
+    head, rows = lister(items, output == "wide")
+    if not rows:
+        out.print(f"No {kind} found" + (f" in namespace {namespace}." if namespace else "."))
+        return
+    table = Table(*head, box=None, pad_edge=False, show_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(item)

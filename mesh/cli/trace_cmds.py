@@ -1,0 +1,154 @@
+"""``hopscope trace``: one request's journey as a terminal waterfall, or JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mesh.cli._client import APIClient
+
+out = Console(highlight=False)
+
+HOP_STYLES = {
+    "client": "white",
+    "dns": "magenta",
+    "ingress": "cyan",
+    "kube-proxy": "yellow",
+    "sidecar-outbound": "blue",
+    "sidecar-inbound": "blue",
+    "cni-overlay": "green",
+    "egress-snat": "green",
+    "app": "bold white",
+}
+
+BAR_WIDTH = 24
+
+
+def fetch_trace(client: APIClient, trace_id: str | None, settle: float) -> dict[str, Any]:
+    """Fetch a trace, re-reading until its span count stops changing (spans arrive in batches)."""
+    if trace_id is None:
+        recent = client.get("/api/v1/traces", limit=1)
+        if not recent:
+            raise click.ClickException(
+                "no traces stored yet; send a request first (`hopscope curl http://shop.local/`)"
+            )
+        trace_id = recent[0]["trace_id"]
+    view = client.get(f"/api/v1/traces/{trace_id}")
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = client.get(f"/api/v1/traces/{view['trace_id']}")
+        if again["span_count"] == view["span_count"]:
+            return again  # type: ignore[no-any-return]
+        view = again
+    return view  # type: ignore[no-any-return]
+
+
+def _bar(start: float, dur: float, t0: float, total: float) -> Text:
+    if total <= 0:
+        return Text("")
+    left = int((start - t0) / total * BAR_WIDTH)
+    width = max(1, int(dur / total * BAR_WIDTH))
+    left = min(left, BAR_WIDTH - 1)
+    return Text(" " * left + "█" * min(width, BAR_WIDTH - left), style="cyan")
+
+
+def render_waterfall(view: dict[str, Any]) -> None:
+    spans = {s["span_id"]: s for s in view.get("spans", [])}
+    starts = [s["start_ns"] / 1e6 for s in spans.values()] or [0.0]
+    ends = [s["end_ns"] / 1e6 for s in spans.values()] or [0.0]
+    t0, total = min(starts), max(ends) - min(starts)
+    out.print(
+        f"trace [bold]{view['trace_id']}[/] · {len(view['hops'])} hops · "
+        f"{view['span_count']} spans · {total:.1f} ms"
+    )
+    table = Table(
+        "#", "hop", "where", "src → dst", "NAT / detail", "status", "ms", "timeline", box=None
+    )
+    for i, hop in enumerate(view["hops"], 1):
+        span = spans.get(hop["span_id"], {})
+        depth = _depth(hop["span_id"], spans)
+        status = hop["status"] + (f" {hop['response_flags']}" if hop["response_flags"] else "")
+        style = "red" if _failed(hop) else "green"
+        table.add_row(
+            str(i),
+            Text("  " * min(depth, 8) + hop["hop"], style=HOP_STYLES.get(hop["hop"], "")),
+            hop["where"],
+            f"{hop['src']} → {hop['dst']}",
+            hop["nat"],
+            Text(status, style=style),
+            f"{hop['duration_ms']:.1f}",
+            _bar(span.get("start_ns", 0) / 1e6, hop["duration_ms"], t0, total),
+        )
+    out.print(table)
+    v = view["verdict"]
+    if v["ok"]:
+        out.print(f"[green]verdict: ok[/] — {v['reason']}")
+    else:
+        out.print(f"[red]verdict: failed at {v['origin']}[/] — {v['reason']}")
+
+
+def _failed(hop: dict[str, Any]) -> bool:
+    return bool(hop["response_flags"]) or hop["status"].startswith("5") or hop["status"] == "error"
+
+
+def _depth(span_id: str, spans: dict[str, dict[str, Any]]) -> int:
+    depth, seen = 0, set()
+    cur = spans.get(span_id)
+    while cur and cur.get("parent_span_id") in spans and cur["span_id"] not in seen:
+        seen.add(cur["span_id"])
+        cur = spans[cur["parent_span_id"]]
+        if cur.get("attributes", {}).get("hopscope.hop"):
+            depth += 1
+    return depth
+
+
+@click.command()
+@click.argument("trace_id", required=False)
+@click.option("--last", is_flag=True, help="The most recent trace (the default without an ID).")
+@click.option("--json", "as_json", is_flag=True, help="Print the hop list and verdict as JSON.")
+@click.option(
+    "--list",
+    "list_n",
+    type=int,
+    default=None,
+    metavar="N",
+    help="List the N most recent traces instead.",
+)
+@click.option("--settle", default=1.5, show_default=True, help="Seconds to wait for late spans.")
+def trace(
+    trace_id: str | None, last: bool, as_json: bool, list_n: int | None, settle: float
+) -> None:
+    """Show a request's journey hop by hop: src → dst, NAT, status, timing and a verdict."""
+    client = APIClient()
+    if list_n is not None:
+        _list_traces(client, list_n, as_json)
+        return
+    if trace_id and last:
+        raise click.UsageError("give a trace ID or --last, not both")
+    view = fetch_trace(client, trace_id, settle)
+    if as_json:
+        public = {k: view[k] for k in ("trace_id", "hops", "verdict")}
+        click.echo(json.dumps(public, indent=2))
+        return
+    render_waterfall(view)
+
+
+def _list_traces(client: APIClient, n: int, as_json: bool) -> None:
+    traces = client.get("/api/v1/traces", limit=n)
+    if as_json:
+        click.echo(json.dumps(traces, indent=2))
+        return
+    table = Table("TRACE", "ROOT", "HOPS", "MS", "VERDICT", box=None)
+    for t in traces:
+        verdict = "[green]ok[/]" if t["verdict"]["ok"] else f"[red]{t['verdict']['origin']}[/]"
+        table.add_row(
+            t["trace_id"], t["root"], str(len(t["hops"])), f"{t['duration_ms']:.1f}", verdict
+        )
+    out.print(table)

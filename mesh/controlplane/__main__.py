@@ -1,0 +1,41 @@
+"""``python -m mesh.controlplane``: run the local control plane (what ``hopscope up`` starts)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mesh.controlplane.server import ControlPlane, StartupError
+from mesh.model.manifests import ManifestError
+from telemetry.logs import setup_json_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.controlplane", description=__doc__)
+    parser.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        type=Path,
+        help="manifest file or directory (repeatable)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        required=True,
+        type=Path,
+        help="where logs, pid file and rendered Envoy configs go",
+    )
+    args = parser.parse_args(argv)
+    setup_json_logging({"component": "controlplane"})
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return ControlPlane(args.filename, args.state_dir).run()
+    except (ManifestError, StartupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The control-plane HTTP API: cluster state (with watch), pod actions, OTLP receiver, traces.
+
+One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
+
+* ``GET  /api/v1/state[?after=N&timeout=S]`` — the ClusterState; long-polls with ``after``.
+* ``GET  /api/v1/status`` — component and pod readiness (``hopscope status``).
+* ``POST /v1/traces`` — OTLP/HTTP trace export (protobuf or JSON), into the trace store.
+* ``GET  /api/v1/traces`` and ``/api/v1/traces/<id>`` — recent traces, one trace's hops.
+* ``GET  /metrics`` — the control plane's own Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from mesh.tracestore.hops import build_hops, trace_view, verdict
+from mesh.tracestore.otlp import OTLPDecodeError, decode_export
+from mesh.tracestore.store import TraceStore
+
+bp = Blueprint("api", __name__)
+
+MAX_WATCH_TIMEOUT = 60.0
+"""Upper bound for a watch's ``timeout`` parameter, in seconds."""
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def create_app(
+    cluster: Any,
+    store: TraceStore,
+    status: Callable[[], dict[str, Any]],
+    actions: Any = None,
+    registry: CollectorRegistry | None = None,
+) -> Flask:
+    """Build the API app around a ``Cluster``, a ``TraceStore`` and a status callback."""
+    app = Flask(__name__)
+    app.config.update(CLUSTER=cluster, STORE=store, STATUS=status, ACTIONS=actions)
+    registry = registry or CollectorRegistry()
+    app.config["REGISTRY"] = registry
+    app.config["SPANS"] = Counter(
+        "hopscope_otlp_spans_received_total", "Spans received over OTLP", registry=registry
+    )
+    app.register_blueprint(bp)
+
+    @app.errorhandler(APIError)
+    def _api_error(err: APIError) -> tuple[Response, int]:
+        return jsonify(error=err.message), err.status
+
+    return app
+
+
+def _float_arg(name: str, default: float) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise APIError(400, f"query parameter {name!r} must be a number, got {raw!r}") from None
+
+
+@bp.get("/api/v1/state")
+def state() -> Response:
+    cluster = current_app.config["CLUSTER"]
+    if "after" in request.args:
+        after = int(_float_arg("after", 0))
+        timeout = min(_float_arg("timeout", 30.0), MAX_WATCH_TIMEOUT)
+        return jsonify(cluster.wait_for_change(after, timeout))
+    return jsonify(cluster.snapshot())
+
+
+@bp.get("/api/v1/status")
+def status() -> Response:
+    return jsonify(current_app.config["STATUS"]())
+
+
+@bp.post("/v1/traces")
+def otlp_traces() -> Response:
+    body = request.get_data(cache=False)
+    try:
+        spans = decode_export(body, request.content_type or "application/x-protobuf")
+    except OTLPDecodeError as exc:
+        raise APIError(400, str(exc)) from None
+    current_app.config["STORE"].add(spans)
+    current_app.config["SPANS"].inc(len(spans))
+    if "json" in (request.content_type or ""):
+        return jsonify({})
+    # An empty ExportTraceServiceResponse serializes to zero bytes.
+    return Response(b"", status=200, content_type="application/x-protobuf")
+
+
+@bp.get("/api/v1/traces")
+def traces() -> Response:
+    limit = int(_float_arg("limit", 20))
+    out = []
+    for trace_id, spans in current_app.config["STORE"].recent(limit):
+        hops = build_hops(spans)
+        root = min(spans, key=lambda s: s.start_ns)
+        out.append(
+            {
+                "trace_id": trace_id,
+                "root": root.name,
+                "start_ns": root.start_ns,
+                "duration_ms": round(max(s.end_ns for s in spans) / 1e6 - root.start_ns / 1e6, 3),
+                "hops": [h["hop"] for h in hops],
+                "span_count": len(spans),
+                "verdict": verdict(hops),
+            }
+        )
+    return jsonify(out)
+
+
+@bp.get("/api/v1/traces/<trace_id>")
+def one_trace(trace_id: str) -> Response:
+    store: TraceStore = current_app.config["STORE"]
+    matches = store.find_prefix(trace_id) if len(trace_id) < 32 else [trace_id.lower()]
+    if len(matches) > 1:
+        raise APIError(409, f"trace id prefix {trace_id!r} is ambiguous ({len(matches)} traces)")
+    spans = store.get(matches[0]) if matches else []
+    if not spans:
+        raise APIError(404, f"trace {trace_id} not found (it may not have arrived yet)")
+    view = trace_view(matches[0], spans)
+    view["spans"] = [s.to_dict() for s in spans]
+    return jsonify(view)
+
+
+@bp.post("/api/v1/pods/<namespace>/<name>/<action>")
+def pod_action(namespace: str, name: str, action: str) -> Response:
+    actions = current_app.config["ACTIONS"]
+    if actions is None:
+        raise APIError(501, "pod actions are not available")
+    body = request.get_json(silent=True) or {}
+    try:
+        result = actions.pod_action(namespace, name, action, body)
+    except KeyError as exc:
+        raise APIError(404, str(exc.args[0])) from None
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    return jsonify(result)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    return Response(
+        generate_latest(current_app.config["REGISTRY"]), content_type=CONTENT_TYPE_LATEST
+    )

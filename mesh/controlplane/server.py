@@ -1,0 +1,200 @@
+"""The local control plane: API server, controllers, kubelet and system add-ons in one parent.
+
+``ControlPlane.run()`` is what ``hopscope up`` runs (in the foreground, or detached as
+``python -m mesh.controlplane``). It is the long-lived parent of every Envoy and app
+process, so stopping it — by SIGTERM from ``hopscope down``, Ctrl-C, or even SIGKILL —
+stops the whole cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from mesh import addresses
+from mesh.controlplane.api import create_app
+from mesh.controlplane.kubelet import Kubelet
+from mesh.model.controllers import Cluster
+from mesh.model.manifests import load_manifests
+from mesh.runtime.local import LocalRuntime, SystemComponent
+from mesh.tracestore.store import TraceStore
+
+log = logging.getLogger(__name__)
+
+API_URL = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
+
+
+class StartupError(RuntimeError):
+    """The cluster could not be brought up; the message says which part and why."""
+
+
+class ControlPlane:
+    """Owns the model, the runtime and the API; one instance per running cluster."""
+
+    def __init__(self, manifest_paths: list[Path], state_dir: Path) -> None:
+        self.manifest_paths = manifest_paths
+        self.state_dir = state_dir
+        self.cluster = Cluster()
+        self.store = TraceStore()
+        self.runtime = LocalRuntime(state_dir, API_URL, API_URL)
+        self.kubelet = Kubelet(self.cluster, self.runtime)
+        self.components: list[SystemComponent] = []
+        self.ready_at: float | None = None
+        self.started_at = time.time()
+        self._server: BaseWSGIServer | None = None
+        self._stopping = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, progress: Callable[[str], None] = lambda _msg: None) -> None:
+        """Bring the cluster up; returns once the API is serving (pods start in background)."""
+        objects = load_manifests(self.manifest_paths)
+        self._start_api()
+        progress(f"control plane API on {API_URL}")
+        self.components.append(self.runtime.start_cluster_dns())
+        self.components.append(self.runtime.start_kube_proxy())
+        changes = self.cluster.apply(objects)
+        for change in changes:
+            progress(change)
+        self.components.append(self.runtime.start_ingress(self.cluster.state))
+        self.kubelet.start()
+
+    def _start_api(self) -> None:
+        app = create_app(self.cluster, self.store, self.status, actions=self)
+        try:
+            self._server = make_server(
+                addresses.CONTROL_PLANE_IP, addresses.CONTROL_PLANE_PORT, app, threaded=True
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {API_URL}: {exc.strerror}. Is another hopscope cluster "
+                "running? (`hopscope status`, `hopscope down`)"
+            ) from None
+        thread = threading.Thread(target=self._server.serve_forever, name="api", daemon=True)
+        thread.start()
+
+    def wait_ready(self, timeout: float, progress: Callable[[str], None] = lambda _m: None) -> None:
+        """Block until every component and pod is ready, or raise StartupError."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            st = self.status()
+            if st["ready"]:
+                return
+            summary = st["summary"]
+            if summary != last:
+                progress(summary)
+                last = summary
+            time.sleep(0.1)
+        raise StartupError(f"cluster not ready after {timeout:.0f}s: {self.status()['summary']}")
+
+    def shutdown(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.kubelet.stop()
+        self.runtime.shutdown()
+        if self._server is not None:
+            self._server.shutdown()
+
+    def run(self, ready_timeout: float = 60.0) -> int:
+        """Run until SIGTERM/SIGINT (the ``python -m mesh.controlplane`` entry point)."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        pidfile = self.state_dir / "controlplane.pid"
+        pidfile.write_text(str(os.getpid()))
+        try:
+            self.start(progress=lambda m: log.info(m))
+            stop.wait()
+        finally:
+            self.shutdown()
+            pidfile.unlink(missing_ok=True)
+        return 0
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        components = [self._component_status(c) for c in self.components]
+        with self.cluster.lock:
+            pods = [
+                {
+                    "namespace": p.namespace,
+                    "name": p.name,
+                    "phase": p.phase,
+                    "ready": p.ready,
+                    "node": p.node,
+                    "ip": p.ip,
+                }
+                for p in self.cluster.state.pods
+            ]
+        ready_pods = sum(1 for p in pods if p["ready"])
+        all_ready = bool(components) and all(c["ready"] for c in components)
+        all_ready = all_ready and bool(pods) and ready_pods == len(pods)
+        if all_ready and self.ready_at is None:
+            self.ready_at = time.time()
+        not_ready = [c["name"] for c in components if not c["ready"]]
+        summary = f"{ready_pods}/{len(pods)} pods ready"
+        if not_ready:
+            summary += f"; waiting for {', '.join(not_ready)}"
+        errors = {f"{ns}/{name}": err for (ns, name), err in self.kubelet.start_errors.items()}
+        return {
+            "ready": all_ready,
+            "summary": summary,
+            "api": API_URL,
+            "ingress": f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_PORT}",
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+            "components": components,
+            "pods": pods,
+            "pod_errors": errors,
+            "traces": len(self.store),
+            "state_dir": str(self.state_dir),
+        }
+
+    def _component_status(self, comp: SystemComponent) -> dict[str, Any]:
+        proc = self.runtime.processes.get(f"kube-system/{comp.name}") or self.runtime.processes.get(
+            f"hopscope-system/{comp.name}"
+        )
+        ready = False
+        if proc is not None and proc.alive() and comp.ready_url:
+            try:
+                ready = requests.get(comp.ready_url, timeout=0.5).status_code == 200
+            except requests.RequestException:
+                ready = False
+        return {
+            "name": comp.name,
+            "kind": comp.kind,
+            "ready": ready,
+            "pid": proc.pid if proc else None,
+            "restarts": proc.restarts if proc else 0,
+            "log": str(proc.log_path) if proc else None,
+        }
+
+    # -- pod actions (``hopscope ready pod``, ``kill pod``, ``scale``) ------------------------
+
+    def pod_action(
+        self, namespace: str, name: str, action: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        if self.cluster.state.pod(name, namespace) is None:
+            raise KeyError(f"pod {namespace}/{name} not found")
+        if action == "ready":
+            value = body.get("ready")
+            if value not in (True, False, None):
+                raise ValueError('body must be {"ready": true|false|null}')
+            self.cluster.set_ready_override(namespace, name, value)
+        elif action == "kill":
+            self.cluster.delete_pod(namespace, name)
+        else:
+            raise ValueError(f"unknown pod action {action!r} (ready, kill)")
+        return {"pod": f"{namespace}/{name}", "action": action, "ok": True}

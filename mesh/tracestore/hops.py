@@ -1,0 +1,228 @@
+"""From a trace's spans to the journey a learner reads: hops in causal order and a verdict.
+
+A hop is any span carrying ``hopscope.hop``. Hops are ordered by walking the span tree
+depth-first (children by start time), so a request's path reads top to bottom the way the
+packet travelled, even when clocks of different processes disagree slightly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from mesh.tracestore.otlp import SpanRecord
+
+HOP_KINDS = (
+    "client",
+    "dns",
+    "ingress",
+    "sidecar-outbound",
+    "sidecar-inbound",
+    "kube-proxy",
+    "cni-overlay",
+    "egress-snat",
+    "app",
+)
+
+ENVOY_FLAG_MEANINGS = {
+    "UH": "no healthy upstream (no ready endpoint to send to)",
+    "UF": "upstream connection failure",
+    "UO": "upstream overflow (circuit breaker)",
+    "NR": "no route configured for this host/path",
+    "URX": "upstream retry limit exceeded",
+    "UT": "upstream request timeout",
+    "UC": "upstream connection terminated",
+    "UR": "upstream remote reset",
+    "LR": "connection reset locally",
+    "DC": "downstream connection terminated",
+    "RL": "rate limited",
+    "UAEX": "denied by external authorization",
+    "RBAC": "denied by RBAC (NetworkPolicy)",
+    "DI": "fault injection delay",
+    "FI": "fault injection abort",
+    "NC": "no upstream cluster",
+    "DT": "request exceeded max duration",
+}
+
+
+def ordered_spans(spans: list[SpanRecord]) -> list[tuple[int, SpanRecord]]:
+    """All spans depth-first from the roots, with their depth."""
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str, list[SpanRecord]] = defaultdict(list)
+    roots: list[SpanRecord] = []
+    for span in spans:
+        if span.parent_span_id and span.parent_span_id in by_id:
+            children[span.parent_span_id].append(span)
+        else:
+            roots.append(span)
+    out: list[tuple[int, SpanRecord]] = []
+    stack = [(0, s) for s in sorted(roots, key=lambda s: s.start_ns, reverse=True)]
+    while stack:
+        depth, span = stack.pop()
+        out.append((depth, span))
+        kids = sorted(children.get(span.span_id, []), key=lambda s: s.start_ns, reverse=True)
+        stack.extend((depth + 1, k) for k in kids)
+    return out
+
+
+def hop_status(span: SpanRecord) -> str:
+    """HTTP status, gRPC status or span status, as one short string."""
+    attrs = span.attributes
+    grpc_status = attrs.get("rpc.grpc.status_code", attrs.get("grpc.status_code"))
+    http = attrs.get("http.response.status_code")
+    if http is not None and grpc_status not in (None, 0, "0"):
+        return f"{http} grpc={grpc_status}"
+    if http is not None:
+        return str(http)
+    if grpc_status is not None:
+        return f"grpc={grpc_status}"
+    if attrs.get("hopscope.hop") == "dns":
+        rcodes = attrs.get("hopscope.dns.rcodes") or []
+        return str(rcodes[-1]) if rcodes else ("ERROR" if span.status == "error" else "NOERROR")
+    return "error" if span.status == "error" else "ok"
+
+
+def _src_dst(span: SpanRecord) -> tuple[str, str]:
+    a = span.attributes
+    hop = a.get("hopscope.hop")
+    if hop == "kube-proxy":
+        return str(a.get("hopscope.nat.original.src", "")), str(
+            a.get("hopscope.nat.original.dst", "")
+        )
+    if hop == "dns":
+        server = f"{a.get('server.address', '')}:{a.get('server.port', '')}"
+        return str(a.get("hopscope.pod.ip", a.get("k8s.pod.name", ""))), server
+    src = a.get("network.peer.address") or a.get("client.address") or ""
+    if hop == "app":
+        dst = f"{a.get('server.address', '')}:{a.get('server.port', '')}".strip(":")
+    else:
+        dst = a.get("hopscope.upstream.address") or a.get("server.address") or ""
+        if hop == "client" and a.get("server.port"):
+            dst = f"{dst}:{a.get('server.port')}"
+    return str(src), str(dst)
+
+
+def _nat(span: SpanRecord) -> str:
+    a = span.attributes
+    if a.get("hopscope.hop") == "dns":
+        answer = a.get("hopscope.dns.answer") or []
+        queries = a.get("hopscope.dns.queries") or []
+        answered = ", ".join(map(str, answer)) or "-"
+        return f"{a.get('dns.question.name', '')} → {answered} ({len(queries)} queries)"
+    orig_dst, new_dst = a.get("hopscope.nat.original.dst"), a.get("hopscope.nat.translated.dst")
+    orig_src, new_src = a.get("hopscope.nat.original.src"), a.get("hopscope.nat.translated.src")
+    parts = []
+    if orig_dst and new_dst and orig_dst != new_dst:
+        parts.append(f"DNAT {orig_dst} → {new_dst}")
+    if orig_src and new_src and str(orig_src).split(":")[0] != str(new_src).split(":")[0]:
+        parts.append(f"SNAT {orig_src} → {new_src}")
+    return "; ".join(parts)
+
+
+def _where(span: SpanRecord) -> str:
+    a = span.attributes
+    if a.get("hopscope.hop") == "kube-proxy":
+        service = f"{a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
+        return f"svc {service} → {a.get('hopscope.endpoint.pod', '?')}"
+    pod = a.get("k8s.pod.name") or span.resource.get("k8s.pod.name")
+    return str(pod or span.resource.get("service.name", ""))
+
+
+def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
+    """The hop list of ``hopscope trace --json``."""
+    hops = []
+    for depth, span in ordered_spans(spans):
+        hop = span.attributes.get("hopscope.hop")
+        if not hop:
+            continue
+        src, dst = _src_dst(span)
+        hops.append(
+            {
+                "hop": hop,
+                "name": span.name,
+                "where": _where(span),
+                "src": src,
+                "dst": dst,
+                "nat": _nat(span),
+                "status": hop_status(span),
+                "response_flags": _flags(span),
+                "duration_ms": round(span.duration_ms, 3),
+                "span_id": span.span_id,
+                "parent_span_id": span.parent_span_id,
+                "depth": depth,
+                "start_ns": span.start_ns,
+                "error": _is_error(span),
+            }
+        )
+    return hops
+
+
+def _flags(span: SpanRecord) -> str:
+    flags = str(span.attributes.get("response_flags", "") or "")
+    return "" if flags == "-" else flags
+
+
+def _is_error(span: SpanRecord) -> bool:
+    code = span.attributes.get("http.response.status_code")
+    try:
+        if code is not None and int(code) >= 500:
+            return True
+    except (TypeError, ValueError):
+        pass
+    return span.status == "error" or bool(_flags(span))
+
+
+def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which hop produced the failure, and why, in words."""
+    failing = [h for h in hops if h["error"]]
+    if not failing:
+        return {"ok": True, "origin": None, "reason": "every hop succeeded"}
+    # The origin is the deepest failing hop: everything above it only passed the error on.
+    origin = max(failing, key=lambda h: (h["depth"], h["start_ns"]))
+    flags = origin["response_flags"]
+    who = f"the {origin['hop']} hop at {origin['where']}"
+    if flags:
+        meanings = ", ".join(ENVOY_FLAG_MEANINGS.get(f, f) for f in flags.split(","))
+        reason = f"{who} returned {origin['status']} {flags}: {meanings}"
+    elif origin["hop"] == "app":
+        reason = f"{who} answered {origin['status']} itself; the proxies passed it through"
+    elif origin["hop"] == "dns":
+        reason = f"{who} failed to resolve the name ({origin['nat']})"
+    else:
+        reason = f"{who} failed with {origin['status']}"
+    return {
+        "ok": False,
+        "origin": origin["hop"],
+        "origin_span_id": origin["span_id"],
+        "reason": reason,
+    }
+
+
+def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
+    """The full JSON document of ``hopscope trace --json``."""
+    hops = build_hops(spans)
+    public = [
+        {
+            k: h[k]
+            for k in (
+                "hop",
+                "name",
+                "where",
+                "src",
+                "dst",
+                "nat",
+                "status",
+                "response_flags",
+                "duration_ms",
+                "span_id",
+                "parent_span_id",
+            )
+        }
+        for h in hops
+    ]
+    return {
+        "trace_id": trace_id,
+        "hops": public,
+        "verdict": verdict(hops),
+        "span_count": len(spans),
+    }

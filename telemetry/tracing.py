@@ -1,0 +1,54 @@
+"""Tracer provider set-up shared by the apps and the data-plane emulators."""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+"""Base URL of the OTLP/HTTP receiver; traces go to ``<base>/v1/traces``. Default: unset,
+which means spans are not exported (useful in unit tests)."""
+
+HOPSCOPE_EXPORT_DELAY_MS = "HOPSCOPE_EXPORT_DELAY_MS"
+"""Batch export delay in milliseconds. Default 200: a learner sees a trace almost at once."""
+
+
+def setup_tracing(
+    service_name: str,
+    attributes: dict[str, str] | None = None,
+    exporter: SpanExporter | None = None,
+    processors: list[SpanProcessor] | None = None,
+    set_global: bool = True,
+) -> TracerProvider:
+    """Build a TracerProvider for one process.
+
+    ``exporter`` overrides the OTLP exporter (tests pass an in-memory one). Spans are
+    exported with a short batch delay so ``hopscope trace --last`` finds them quickly.
+    """
+    resource = Resource.create({"service.name": service_name, **(attributes or {})})
+    provider = TracerProvider(resource=resource)
+    for processor in processors or []:
+        provider.add_span_processor(processor)
+    if exporter is None:
+        exporter = _otlp_exporter_from_env()
+    if exporter is not None:
+        delay = int(os.environ.get(HOPSCOPE_EXPORT_DELAY_MS, "200"))
+        provider.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=delay, max_export_batch_size=256)
+        )
+    if set_global:
+        trace.set_tracer_provider(provider)
+    return provider
+
+
+def _otlp_exporter_from_env() -> SpanExporter | None:
+    endpoint = os.environ.get(OTEL_EXPORTER_OTLP_ENDPOINT)
+    if not endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=5)

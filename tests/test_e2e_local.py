@@ -1,0 +1,275 @@
+"""End to end: the sample cluster in local mode, every hop of a request traced.
+
+Address plan (local mode, see mesh/addresses.py):
+  client 127.100.0.1 → ingress 127.200.0.1:8080 → frontend VIP 127.96.x.y:80 (kube-proxy)
+  → frontend pod 127.244.{1,2}.n:8080 (sidecar) → app :18080 → DNS 127.96.0.10:10053
+  → sidecar outbound :15001 → catalog / reviews VIP → … → ratings.
+
+The cluster is started once for the module with `hopscope up --detach` and stopped with
+`hopscope down`, which must leave no process behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from tests.e2e_support import (
+    API,
+    api_get,
+    assert_all_gone,
+    cluster_env,
+    cluster_processes,
+    dump,
+    hop_names,
+    hopscope,
+    poll_until,
+    trace_json,
+)
+
+pytestmark = pytest.mark.e2e
+
+HTTP_BRANCH = ["dns", "sidecar-outbound", "kube-proxy", "sidecar-inbound", "app"]
+EXPECTED_HOPS = [
+    "client",
+    "ingress",
+    "kube-proxy",
+    "sidecar-inbound",
+    "app",  # frontend
+    *HTTP_BRANCH,  # catalog over HTTP
+    *HTTP_BRANCH,  # reviews over gRPC
+    *HTTP_BRANCH,  # ratings over gRPC, called by reviews
+]
+EXPECTED_SERVICES = ["frontend", "catalog", "reviews", "ratings"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    env = cluster_env(tmp_path_factory.mktemp("hopscope-home"))
+    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
+    procs = cluster_processes()
+    try:
+        yield env
+    finally:
+        hopscope("down", env=env, check=False)
+        assert_all_gone(procs)
+
+
+def _curl(env: dict[str, str]) -> tuple[int, str]:
+    proc = hopscope("curl", "--json", "http://shop.local/", env=env)
+    import json
+
+    doc = json.loads(proc.stdout)
+    return doc["status"], doc["trace_id"]
+
+
+def _complete_trace(trace_id: str) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        view = trace_json(trace_id)
+        return view if len(view["hops"]) >= len(EXPECTED_HOPS) else None
+
+    try:
+        return poll_until(ready, timeout=15)
+    except AssertionError:
+        raise AssertionError(f"trace incomplete: {dump(trace_json(trace_id)['hops'])}") from None
+
+
+def _spans_by_id(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["span_id"]: s for s in view["spans"]}
+
+
+def _app_below(span_id: str, spans: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The first app span under a span (depth-first), i.e. the pod that served it."""
+    kids = sorted(
+        (s for s in spans.values() if s["parent_span_id"] == span_id), key=lambda s: s["start_ns"]
+    )
+    for kid in kids:
+        if kid["attributes"].get("hopscope.hop") == "app":
+            return kid
+        found = _app_below(kid["span_id"], spans)
+        if found:
+            return found
+    return {}
+
+
+def test_request_through_ingress_has_every_hop_in_order(cluster: dict[str, str]) -> None:
+    status, trace_id = _curl(cluster)
+    assert status == 200
+    view = _complete_trace(trace_id)
+    assert hop_names(view) == EXPECTED_HOPS, dump(view["hops"])
+    assert view["verdict"]["ok"], view["verdict"]
+
+
+def test_trace_is_one_connected_tree(cluster: dict[str, str]) -> None:
+    _, trace_id = _curl(cluster)
+    view = _complete_trace(trace_id)
+    spans = _spans_by_id(view)
+    roots = [s for s in spans.values() if not s["parent_span_id"]]
+    assert len(roots) == 1 and roots[0]["attributes"]["hopscope.hop"] == "client"
+    orphans = [
+        s["name"]
+        for s in spans.values()
+        if s["parent_span_id"] and s["parent_span_id"] not in spans
+    ]
+    assert not orphans, orphans
+    assert {s["trace_id"] for s in spans.values()} == {trace_id}
+
+
+def test_kube_proxy_hops_carry_nat_and_point_at_the_serving_pod(cluster: dict[str, str]) -> None:
+    _, trace_id = _curl(cluster)
+    view = _complete_trace(trace_id)
+    spans = _spans_by_id(view)
+    state = api_get("/api/v1/state")
+    pod_ips = {p["name"]: p["ip"] for p in state["pods"]}
+    vips = {s["name"]: s["cluster_ip"] for s in state["services"]}
+    kube_proxy = [s for s in spans.values() if s["attributes"].get("hopscope.hop") == "kube-proxy"]
+    kube_proxy.sort(key=lambda s: s["start_ns"])
+    assert [s["attributes"]["k8s.service.name"] for s in kube_proxy] == EXPECTED_SERVICES
+    for span in kube_proxy:
+        a = span["attributes"]
+        for key in ("original.src", "original.dst", "translated.src", "translated.dst"):
+            assert a.get(f"hopscope.nat.{key}"), (key, a)
+        assert a["hopscope.nat.original.dst"].split(":")[0] == vips[a["k8s.service.name"]]
+        served_by = _app_below(span["span_id"], spans)["attributes"]["k8s.pod.name"]
+        assert a["hopscope.endpoint.pod"] == served_by
+        assert a["hopscope.nat.translated.dst"].split(":")[0] == pod_ips[served_by]
+        # ClusterIP traffic is DNAT only: the source address is kept.
+        assert (
+            a["hopscope.nat.translated.src"].split(":")[0]
+            == a["hopscope.nat.original.src"].split(":")[0]
+        )
+
+
+def test_requests_spread_over_both_replicas(cluster: dict[str, str]) -> None:
+    served: dict[str, set[str]] = {"frontend": set(), "catalog": set()}
+    for _ in range(16):
+        resp = requests.get("http://127.200.0.1:8080/", headers={"Host": "shop.local"}, timeout=10)
+        assert resp.status_code == 200
+    traces = poll_until(
+        lambda: [t for t in api_get("/api/v1/traces", limit=16) if len(t["hops"]) >= 19], timeout=15
+    )
+    for summary in traces:
+        view = trace_json(summary["trace_id"])
+        for span in view["spans"]:
+            a = span["attributes"]
+            if a.get("hopscope.hop") == "app" and a.get("service.name") in served:
+                served[a["service.name"]].add(a["k8s.pod.name"])
+    assert len(served["frontend"]) == 2, served
+    assert len(served["catalog"]) == 2, served
+
+
+def test_logs_are_json_with_trace_ids(cluster: dict[str, str]) -> None:
+    import json
+
+    _, trace_id = _curl(cluster)
+    _complete_trace(trace_id)
+    logs = Path(cluster["HOPSCOPE_HOME"]) / "logs"
+
+    def lines_with_trace() -> list[dict[str, Any]]:
+        found = []
+        for path in logs.glob("shop_*"):
+            for line in path.read_text(errors="replace").splitlines():
+                if trace_id in line:
+                    found.append((path.name, json.loads(line)))
+        return found  # type: ignore[return-value]
+
+    found = poll_until(lines_with_trace, timeout=10)
+    sources = {name for name, _ in found}  # type: ignore[misc]
+    assert any(n.endswith("_envoy.log") for n in sources), sources  # Envoy access log
+    assert any(not n.endswith("_envoy.log") for n in sources), sources  # app log
+
+
+def test_every_component_exposes_prometheus_metrics(cluster: dict[str, str]) -> None:
+    state = api_get("/api/v1/state")
+    pod = next(p for p in state["pods"] if p["name"].startswith("catalog"))
+    app = requests.get(f"http://{pod['ip']}:9464/metrics", timeout=5).text
+    assert "hopscope_requests_total" in app
+    envoy = requests.get(f"http://{pod['ip']}:15000/stats/prometheus", timeout=5).text
+    assert "envoy_http_downstream_rq_total" in envoy
+    kube_proxy = requests.get("http://127.10.0.1:10249/metrics", timeout=5).text
+    assert "kubeproxy_sync_proxy_rules_duration_seconds" in kube_proxy
+    dns = requests.get("http://127.96.0.10:9153/metrics", timeout=5).text
+    assert "coredns_dns_requests_total" in dns
+    ingress = requests.get("http://127.200.0.1:15000/stats/prometheus", timeout=5).text
+    assert "envoy_http_downstream_rq_total" in ingress
+    assert "hopscope_otlp_spans_received_total" in requests.get(f"{API}/metrics", timeout=5).text
+
+
+def test_cli_get_and_trace(cluster: dict[str, str]) -> None:
+    import json
+
+    pods = json.loads(hopscope("get", "pods", "-o", "json", env=cluster).stdout)["items"]
+    shop = [p for p in pods if p["namespace"] == "shop"]
+    assert len(shop) == 8 and all(p["ready"] and p["phase"] == "Running" for p in shop)
+    assert {p["node"] for p in shop} == {"node-a", "node-b"}
+    wide = hopscope("get", "pods", "-o", "wide", env=cluster).stdout
+    assert "127.244.1." in wide and "node-b" in wide
+    svc = hopscope("get", "svc", "-n", "shop", env=cluster).stdout
+    assert "catalog" in svc and "127.96." in svc
+    eps = hopscope("get", "endpointslices", "-o", "wide", env=cluster).stdout
+    assert "ready" in eps
+
+    _, trace_id = _curl(cluster)
+    _complete_trace(trace_id)
+    doc = json.loads(hopscope("trace", trace_id, "--json", env=cluster).stdout)
+    assert doc["trace_id"] == trace_id and doc["verdict"]["ok"] is True
+    for hop in doc["hops"]:
+        assert set(hop) >= {"hop", "name", "src", "dst", "nat", "status", "duration_ms", "span_id"}
+    text = hopscope("trace", "--last", env=cluster).stdout
+    assert "kube-proxy" in text and "DNAT" in text and "verdict: ok" in text
+
+
+def test_cli_errors_are_one_clear_line(cluster: dict[str, str]) -> None:
+    bad = hopscope("get", "widgets", env=cluster, check=False)
+    assert bad.returncode != 0 and "unknown resource" in bad.stderr
+    missing = hopscope("trace", "0" * 32, env=cluster, check=False)
+    assert missing.returncode != 0 and "not found" in missing.stderr
+    outside = hopscope(
+        "curl", "http://catalog.shop.svc.cluster.local:8080/items", env=cluster, check=False
+    )
+    assert outside.returncode != 0 and "--from" in outside.stderr
+    again = hopscope("up", "--detach", env=cluster, check=False)
+    assert again.returncode != 0 and "already running" in again.stderr
+
+
+def test_curl_from_a_pod_resolves_through_cluster_dns(cluster: dict[str, str]) -> None:
+    import json
+
+    state = api_get("/api/v1/state")
+    pod = next(p for p in state["pods"] if p["name"].startswith("frontend"))
+    proc = hopscope(
+        "curl", "--json", "--from", f"shop/{pod['name']}", "http://catalog:8080/items", env=cluster
+    )
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == 200
+
+    def complete() -> dict[str, Any] | None:
+        view = trace_json(doc["trace_id"])
+        return view if len(view["hops"]) >= 6 else None
+
+    view = poll_until(complete, timeout=10)
+    assert hop_names(view)[:6] == [
+        "client",
+        "dns",
+        "sidecar-outbound",
+        "kube-proxy",
+        "sidecar-inbound",
+        "app",
+    ]
+    dns = next(s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "dns")
+    assert dns["attributes"]["hopscope.dns.queries"][0] == "catalog.shop.svc.cluster.local."
+    kp = next(s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "kube-proxy")
+    assert kp["attributes"]["hopscope.nat.original.src"].split(":")[0] == pod["ip"]
+
+
+def test_no_stray_processes_are_listening_outside_the_plan(cluster: dict[str, str]) -> None:
+    procs = cluster_processes()
+    for proc in procs:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                assert conn.laddr.ip.startswith("127."), (proc.name(), conn.laddr)
