@@ -97,6 +97,7 @@ def _pod_target(url: str, pod: Pod, state: ClusterState) -> tuple[Target, Any]:
         ndots=5,
         pod_name=pod.name,
         namespace=pod.namespace,
+        source_ip=pod.ip,
     )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(
@@ -182,6 +183,7 @@ def curl(
         try:
             if lookup is not None:
                 resolver, name, port = lookup
+                resolver.tracer = tracer
                 ip = resolver.resolve(name)[0]
                 target.extra_headers[addresses.ORIGINAL_DST_HEADER] = f"{ip}:{port}"
             carrier: dict[str, str] = {}

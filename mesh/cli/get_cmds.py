@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from rich.table import Table
 from mesh.cli._client import APIClient
 from mesh.model.types import ClusterState, EndpointSlice, Ingress, NetworkPolicy, Pod, Service
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 RESOURCE_ALIASES = {
     "pods": "pods",

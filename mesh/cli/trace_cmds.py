@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from rich.text import Text
 
 from mesh.cli._client import APIClient
 
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 HOP_STYLES = {
     "client": "white",

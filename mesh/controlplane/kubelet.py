@@ -41,7 +41,8 @@ class Kubelet:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.wait(LOOP_INTERVAL):
@@ -96,7 +97,7 @@ class Kubelet:
             self._crashed_at.pop(proc.name, None)
             log.warning(
                 "container exited; restarting",
-                extra={"process": proc.name, "exit_code": proc.exit_code()},
+                extra={"proc": proc.name, "exit_code": proc.exit_code()},
             )
             self.runtime.processes.restart(proc.name)
             with self.cluster.lock:

@@ -1,15 +1,19 @@
 """Child processes of the local runtime: started, watched, and always stopped.
 
-Every child gets ``PR_SET_PDEATHSIG`` = SIGKILL, so even if the control plane is killed
-with SIGKILL nothing it started survives it (Envoy in particular must be started from a
-long-lived parent). Output goes to one log file per process under the state directory.
+Every child gets ``PR_SET_PDEATHSIG`` = SIGKILL (set by util-linux ``setpriv`` right before
+it execs the real program), so even if the control plane is killed with SIGKILL nothing it
+started survives it (Envoy in particular must be started from a long-lived parent). A
+``preexec_fn`` would do the same without the extra exec, but forking a multi-threaded
+Python process that then runs Python code in the child can deadlock; ``setpriv`` keeps the
+fork/exec path entirely in C. Output goes to one log file per process under the state
+directory.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -19,15 +23,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
+SETPRIV = shutil.which("setpriv")
+"""util-linux ``setpriv``, used to set the parent-death signal; None where missing."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+def _with_pdeathsig(argv: list[str]) -> list[str]:
+    if SETPRIV is None:
+        return argv
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 @dataclass
@@ -76,19 +79,18 @@ class ProcessSupervisor:
     def _spawn(self, child: ChildProcess) -> None:
         with open(child.log_path, "ab") as out:
             child.popen = subprocess.Popen(
-                child.argv,
+                _with_pdeathsig(child.argv),
                 env=child.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
                 close_fds=True,
                 # Own process group: a terminal Ctrl-C reaches only the control plane,
                 # which then stops its children in order (apps before sidecars).
                 process_group=0,
             )
         child.started_at = time.time()
-        log.info("started process", extra={"process": child.name, "pid": child.pid})
+        log.info("started process", extra={"proc": child.name, "pid": child.pid})
 
     def restart(self, name: str) -> ChildProcess | None:
         with self._lock:
@@ -129,7 +131,7 @@ class ProcessSupervisor:
         try:
             child.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            log.warning("process ignored SIGTERM; killing", extra={"process": child.name})
+            log.warning("process ignored SIGTERM; killing", extra={"proc": child.name})
             child.popen.kill()
             child.popen.wait(timeout=5)
 

@@ -1,0 +1,1 @@
+"""The sample shop: frontend, catalog, reviews and ratings, with their manifests."""

@@ -1,0 +1,226 @@
+"""What every sample app shares: its pod identity, telemetry set-up, and the ``app`` hop.
+
+The runtime hands a pod its identity through environment variables (``HOPSCOPE_POD_*``,
+like the downward API). Each app exports traces over OTLP, logs JSON lines with the trace
+id, serves Prometheus metrics on ``<pod IP>:9464`` and marks its server span as the ``app``
+hop of the hop contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram, start_http_server
+
+from mesh import addresses
+from telemetry.logs import setup_json_logging
+from telemetry.tracing import setup_tracing
+
+REQUESTS = Counter(
+    "hopscope_requests",
+    "Requests served by the app, by route and status",
+    ["service", "route", "code"],
+)
+LATENCY = Histogram(
+    "hopscope_request_duration_seconds",
+    "Time the app took to answer, by route",
+    ["service", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    name: str
+    namespace: str
+    node: str
+    ip: str
+    app: str
+    listen_port: int
+    """Where the app itself listens (``containerPort + APP_PORT_OFFSET``)."""
+    container_port: int
+    """The port the pod exposes (the sidecar owns it)."""
+    metrics_port: int
+    sidecar_outbound: str
+    dns_server: tuple[str, int]
+    dns_search: list[str]
+    ndots: int
+
+    @classmethod
+    def from_env(cls, app: str) -> PodIdentity:
+        env = os.environ
+        listen = int(env.get("HOPSCOPE_APP_PORT", "18080"))
+        dns_host, _, dns_port = env.get(
+            "HOPSCOPE_DNS_SERVER", f"{addresses.DNS_SERVICE_IP}:{addresses.DNS_PORT}"
+        ).rpartition(":")
+        namespace = env.get("HOPSCOPE_POD_NAMESPACE", "default")
+        default_search = f"{namespace}.svc.cluster.local svc.cluster.local cluster.local"
+        return cls(
+            name=env.get("HOPSCOPE_POD_NAME", app),
+            namespace=namespace,
+            node=env.get("HOPSCOPE_NODE_NAME", ""),
+            ip=env.get("HOPSCOPE_POD_IP", "127.0.0.1"),
+            app=app,
+            listen_port=listen,
+            container_port=listen - addresses.APP_PORT_OFFSET,
+            metrics_port=int(env.get("HOPSCOPE_METRICS_PORT", str(addresses.APP_METRICS_PORT))),
+            sidecar_outbound=env.get(
+                "HOPSCOPE_SIDECAR_OUTBOUND", f"127.0.0.1:{addresses.SIDECAR_OUTBOUND_PORT}"
+            ),
+            dns_server=(dns_host, int(dns_port)),
+            dns_search=env.get("HOPSCOPE_DNS_SEARCH", default_search).split(),
+            ndots=int(env.get("HOPSCOPE_DNS_NDOTS", "5")),
+        )
+
+    def k8s_attributes(self) -> dict[str, str]:
+        return {
+            "k8s.pod.name": self.name,
+            "k8s.namespace.name": self.namespace,
+            "k8s.node.name": self.node,
+        }
+
+
+def start_telemetry(pod: PodIdentity) -> None:
+    """Tracing, JSON logs and the metrics endpoint for one app process."""
+    setup_tracing(pod.app, {**pod.k8s_attributes(), "k8s.pod.ip": pod.ip})
+    setup_json_logging({"service": pod.app, "pod": pod.name})
+    start_http_server(pod.metrics_port, addr=pod.ip)
+    logging.getLogger(pod.app).info(
+        "starting", extra={"listen": f"{pod.ip}:{pod.listen_port}", "node": pod.node}
+    )
+
+
+def mark_app_span(pod: PodIdentity, span: Any = None, peer: str | None = None) -> None:
+    """Tag the current server span as this pod's ``app`` hop."""
+    span = span or trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attributes(
+        {
+            "hopscope.hop": "app",
+            **pod.k8s_attributes(),
+            "server.address": pod.ip,
+            "server.port": pod.container_port,
+        }
+    )
+    if peer:
+        span.set_attribute("network.peer.address", peer)
+
+
+def instrument_flask(app: Any, pod: PodIdentity) -> None:
+    """Trace every request (probes excluded), mark the app hop, count RED metrics."""
+    import time
+
+    from flask import g, request
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    def request_hook(span: Any, environ: dict[str, Any]) -> None:
+        mark_app_span(pod, span, environ.get("REMOTE_ADDR"))
+
+    FlaskInstrumentor().instrument_app(app, request_hook=request_hook, excluded_urls="healthz")
+    log = logging.getLogger(pod.app)
+
+    @app.before_request
+    def _start() -> None:
+        g.hopscope_start = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Any) -> Any:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        if route != "/healthz":
+            elapsed = time.perf_counter() - g.get("hopscope_start", time.perf_counter())
+            REQUESTS.labels(pod.app, route, str(response.status_code)).inc()
+            LATENCY.labels(pod.app, route).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "peer": request.remote_addr,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+        return response
+
+
+def serve_flask(app: Any, pod: PodIdentity) -> None:
+    """Serve until SIGTERM, threaded, on the pod's app port."""
+    import signal
+
+    from werkzeug.serving import make_server
+
+    server = make_server(pod.ip, pod.listen_port, app, threaded=True)
+    signal.signal(signal.SIGTERM, lambda *_: _shutdown(server))
+    server.serve_forever()
+
+
+def _shutdown(server: Any) -> None:
+    import threading
+
+    threading.Thread(target=server.shutdown, daemon=True).start()
+
+
+def serve_grpc(register: Any, pod: PodIdentity) -> None:
+    """A gRPC server with tracing (health checks excluded) and the standard health service."""
+    import signal
+    import threading
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from opentelemetry.instrumentation.grpc import filters, server_interceptor
+
+    interceptor = server_interceptor(filter_=filters.negate(filters.health_check()))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=[interceptor])
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"{pod.ip}:{pod.listen_port}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=1).wait()
+
+
+def grpc_peer(context: Any) -> str:
+    """``ipv4:1.2.3.4:5678`` → ``1.2.3.4``."""
+    peer = str(context.peer() or "")
+    if peer.startswith("ipv4:"):
+        return peer[5:].rsplit(":", 1)[0]
+    return peer
+
+
+def traced_grpc_method(pod: PodIdentity, route: str, fn: Any) -> Any:
+    """Wrap a servicer method: app-hop attributes, RED metrics and a log line."""
+    import functools
+    import time
+
+    log = logging.getLogger(pod.app)
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: Any) -> Any:
+        start = time.perf_counter()
+        mark_app_span(pod, peer=grpc_peer(context))
+        code = "OK"
+        try:
+            return fn(self, request, context)
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            REQUESTS.labels(pod.app, route, code).inc()
+            LATENCY.labels(pod.app, route).observe(elapsed)
+            log.info(
+                "rpc",
+                extra={"method": route, "code": code, "duration_ms": round(elapsed * 1000, 3)},
+            )
+
+    return wrapper

@@ -1,0 +1,88 @@
+"""The frontend: a Flask app calling catalog over HTTP and reviews over gRPC."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import requests
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
+
+from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
+from apps.grpc_gen import shop_pb2, shop_pb2_grpc
+from apps.podnet import (
+    PodResolver,
+    ResolveError,
+    ServiceHTTPClient,
+    grpc_call,
+    grpc_channel,
+)
+
+CATALOG_URL = "http://catalog:8080/items"
+REVIEWS = ("reviews", 50051)
+
+log = logging.getLogger("frontend")
+
+
+def create_app(pod: PodIdentity) -> Flask:
+    app = Flask("frontend")
+    instrument_flask(app, pod)
+    RequestsInstrumentor().instrument()
+    resolver = PodResolver(
+        pod.dns_server, pod.dns_search, pod.ndots, pod.name, pod.namespace, pod.ip
+    )
+    http = ServiceHTTPClient(resolver, pod.sidecar_outbound, pod.ip)
+    channel = grpc_channel(pod.sidecar_outbound, f"{REVIEWS[0]}:{REVIEWS[1]}")
+    reviews = shop_pb2_grpc.ReviewsStub(grpcext.intercept_channel(channel, client_interceptor()))
+
+    @app.get("/healthz")
+    def healthz() -> ResponseReturnValue:
+        return "ok\n"
+
+    @app.get("/")
+    def index() -> ResponseReturnValue:
+        try:
+            resp = http.get(CATALOG_URL)
+        except (ResolveError, requests.RequestException) as exc:
+            log.error("catalog unreachable", extra={"error": str(exc)})
+            return jsonify(error=f"catalog: {exc}", served_by=pod.name), 502
+        if resp.status_code != 200:
+            log.error("catalog failed", extra={"status": resp.status_code})
+            return jsonify(error=f"catalog answered {resp.status_code}", served_by=pod.name), 502
+        catalog = resp.json()
+        product = catalog["items"][0]["id"]
+        try:
+            reply = grpc_call(
+                resolver,
+                *REVIEWS,
+                lambda md: reviews.GetReviews(
+                    shop_pb2.ReviewsRequest(product_id=product), metadata=md, timeout=5
+                ),
+            )
+        except ResolveError as exc:
+            return jsonify(error=f"reviews: {exc}", served_by=pod.name), 502
+        except grpc.RpcError as exc:
+            log.error("reviews failed", extra={"code": str(exc.code())})
+            return jsonify(error=f"reviews: {exc.code()} {exc.details()}"), 502
+        return jsonify(
+            served_by=pod.name,
+            items=catalog["items"],
+            catalog_served_by=catalog.get("served_by"),
+            reviews=[{"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews],
+            reviews_served_by=reply.served_by,
+        )
+
+    return app
+
+
+def main() -> None:
+    pod = PodIdentity.from_env("frontend")
+    start_telemetry(pod)
+    serve_flask(create_app(pod), pod)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (scripts/gen-protos); do not edit."""

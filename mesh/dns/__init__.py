@@ -1,0 +1,1 @@
+"""Cluster DNS for the ``cluster.local`` zone (see ``python -m mesh.dns --help``)."""

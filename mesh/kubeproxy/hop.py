@@ -1,0 +1,120 @@
+"""One request's kube-proxy hop: a span carrying the NAT, the choice and the conntrack state.
+
+Real kube-proxy works per connection, below HTTP. The emulator still decides per connection
+(that is the behaviour to learn), but it reads the HTTP framing so that *every request*
+riding a connection gets its own span in that request's trace, parented to the caller's
+span, with the same NAT tuple and ``hopscope.conntrack.state`` = ``new`` for the request that
+opened the connection and ``established`` for the ones that rode it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from mesh.kubeproxy.rules import EndpointTarget, Selector, ServiceRule
+
+log = logging.getLogger("kube-proxy")
+
+PROPAGATOR = TraceContextTextMapPropagator()
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+@dataclass
+class ConnInfo:
+    """What the proxier knows about one proxied connection (its conntrack entry)."""
+
+    id: int
+    rule: ServiceRule
+    endpoint: EndpointTarget
+    selector: Selector
+    original_src: str
+    original_dst: str
+    translated_src: str
+    translated_dst: str
+    node: str
+    protocol: str = "tcp"
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    opened: float = 0.0
+    closed: float | None = None
+    state: str = "ESTABLISHED"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def attributes(self) -> dict[str, Any]:
+        return {
+            "hopscope.hop": "kube-proxy",
+            "k8s.service.name": self.rule.name,
+            "k8s.namespace.name": self.rule.namespace,
+            "k8s.node.name": self.node,
+            "hopscope.service.type": self.rule.service_type,
+            "hopscope.service.port": self.rule.port,
+            "hopscope.nat.original.src": self.original_src,
+            "hopscope.nat.original.dst": self.original_dst,
+            "hopscope.nat.translated.src": self.translated_src,
+            "hopscope.nat.translated.dst": self.translated_dst,
+            "hopscope.lb.mode": self.selector.mode,
+            "hopscope.lb.algorithm": self.selector.algorithm,
+            "hopscope.endpoint.pod": self.endpoint.pod,
+            "hopscope.endpoint.node": self.endpoint.node,
+            "hopscope.conntrack.id": self.id,
+            "network.peer.address": self.original_src.rsplit(":", 1)[0],
+            "network.protocol.name": self.protocol,
+            "server.address": self.rule.vip,
+            "server.port": self.rule.port,
+        }
+
+
+def start_request_span(
+    tracer: trace.Tracer, conn: ConnInfo, headers: dict[str, str], name: str
+) -> tuple[Any, dict[str, str]]:
+    """Start the hop span under the caller's context; return it and the headers to forward."""
+    parent: Context = PROPAGATOR.extract(headers)
+    span = tracer.start_span(
+        f"kube-proxy {conn.rule.namespace}/{conn.rule.name} {name}",
+        context=parent,
+        kind=SpanKind.INTERNAL,
+    )
+    conn.requests += 1
+    attrs = conn.attributes()
+    attrs["hopscope.conntrack.state"] = "new" if conn.requests == 1 else "established"
+    attrs["hopscope.conntrack.request_index"] = conn.requests
+    span.set_attributes(attrs)
+    carrier: dict[str, str] = {}
+    PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    with trace.use_span(span, end_on_exit=False):
+        log.info(
+            "request",
+            extra={
+                "service": conn.rule.service,
+                "request": name,
+                "conntrack_state": attrs["hopscope.conntrack.state"],
+                "dnat": f"{conn.original_dst} -> {conn.translated_dst}",
+                "src": conn.original_src,
+                "endpoint_pod": conn.endpoint.pod,
+            },
+        )
+    return span, carrier
+
+
+def finish_request_span(span: Any, status: int | None, grpc_status: int | None = None) -> None:
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+    if grpc_status is not None:
+        span.set_attribute("rpc.grpc.status_code", grpc_status)
+    span.end()
+
+
+def fail_request_span(span: Any, reason: str) -> None:
+    span.set_status(Status(StatusCode.ERROR, reason))
+    span.set_attribute("error.type", reason)
+    span.end()

@@ -1,0 +1,300 @@
+"""Load Kubernetes YAML into the cluster model, validating against the official schemas.
+
+Every document is checked with ``kubernetes-validate`` (offline OpenAPI schemas, strict:
+unknown fields are errors) before anything is converted, so ``hopscope up`` refuses a bad
+manifest up front. Errors name the file, the object and the field, for example::
+
+    shop.yaml: Service shop/catalog: spec.ports[0].port: 'eighty' is not of type 'integer'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.model.types import (
+    Container,
+    ContainerPort,
+    Ingress,
+    IngressPath,
+    IngressRule,
+    NetworkPolicy,
+    PodTemplate,
+    Probe,
+    Service,
+    ServicePort,
+    Workload,
+)
+
+KUBERNETES_VERSION = "1.30.0"
+"""Schema version manifests are validated against."""
+
+SUPPORTED_KINDS = {
+    ("v1", "Namespace"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("networking.k8s.io/v1", "Ingress"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+}
+
+ManifestObject = Workload | Service | Ingress | NetworkPolicy | str
+"""A loaded object; a bare string is a Namespace name."""
+
+
+class ManifestError(ValueError):
+    """A manifest is unreadable, invalid against the schema, or unsupported."""
+
+
+def default_manifest_paths() -> list[Path]:
+    """The sample cluster shipped with hopscope."""
+    return [Path(__file__).resolve().parents[2] / "apps" / "manifests"]
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files as given, directories as their ``*.yaml``/``*.yml`` files in name order."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ManifestError(f"{path}: no such file or directory")
+    return out
+
+
+def load_manifests(paths: Iterable[Path]) -> list[ManifestObject]:
+    """Read, validate and convert every document in ``paths``; raise ManifestError."""
+    objects: list[ManifestObject] = []
+    for path in expand_paths(paths):
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+        except OSError as exc:
+            raise ManifestError(f"{path}: {exc.strerror}") from None
+        for index, doc in enumerate(docs):
+            if doc is None:
+                continue
+            objects.append(load_document(doc, f"{path.name}", index))
+    return objects
+
+
+def describe(doc: dict[str, Any]) -> str:
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    kind = doc.get("kind", "object")
+    name = meta.get("name", "<unnamed>")
+    if kind == "Namespace":
+        return f"Namespace {name}"
+    return f"{kind} {meta.get('namespace', 'default')}/{name}"
+
+
+def load_document(doc: Any, source: str, index: int = 0) -> ManifestObject:
+    """Validate and convert one parsed YAML document."""
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{source}: document {index + 1} is not a mapping")
+    what = describe(doc)
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in SUPPORTED_KINDS:
+        known = ", ".join(f"{v} {k}" for v, k in sorted(SUPPORTED_KINDS))
+        raise ManifestError(f"{source}: {what}: unsupported apiVersion/kind {key} (known: {known})")
+    _validate(doc, f"{source}: {what}")
+    kind = doc["kind"]
+    meta = doc["metadata"]
+    if not meta.get("name"):
+        raise ManifestError(f"{source}: {what}: metadata.name: required")
+    origin = f"{source}: {what}"
+    try:
+        if kind == "Namespace":
+            return str(meta["name"])
+        if kind == "Service":
+            return _service(doc, origin)
+        if kind in ("Deployment", "StatefulSet"):
+            return _workload(doc, origin)
+        if kind == "Ingress":
+            return _ingress(doc, origin)
+        return NetworkPolicy(
+            name=meta["name"],
+            namespace=meta.get("namespace", "default"),
+            spec=doc.get("spec", {}),
+            source=origin,
+        )
+    except _FieldError as exc:
+        raise ManifestError(f"{origin}: {exc.field}: {exc.message}") from None
+
+
+def _validate(doc: dict[str, Any], where: str) -> None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        field = _path(list(exc.absolute_path)) or "(document)"
+        raise ManifestError(f"{where}: {field}: {exc.message}") from None
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        raise ManifestError(f"{where}: no schema for this kind: {exc}") from None
+
+
+def _path(parts: list[Any]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _service(doc: dict[str, Any], origin: str) -> Service:
+    meta, spec = doc["metadata"], doc.get("spec", {})
+    ports = []
+    for i, p in enumerate(spec.get("ports", [])):
+        if len(spec.get("ports", [])) > 1 and not p.get("name"):
+            raise _FieldError(f"spec.ports[{i}].name", "required when a Service has several ports")
+        ports.append(
+            ServicePort(
+                port=p["port"],
+                target_port=p.get("targetPort", p["port"]),
+                name=p.get("name"),
+                protocol=p.get("protocol", "TCP"),
+                app_protocol=p.get("appProtocol"),
+                node_port=p.get("nodePort"),
+            )
+        )
+    affinity = spec.get("sessionAffinityConfig", {}).get("clientIP", {})
+    return Service(
+        name=meta["name"],
+        namespace=meta.get("namespace", "default"),
+        type=spec.get("type", "ClusterIP"),
+        selector=dict(spec.get("selector") or {}),
+        ports=ports,
+        cluster_ip=spec.get("clusterIP"),
+        session_affinity=spec.get("sessionAffinity", "None"),
+        affinity_timeout_seconds=affinity.get("timeoutSeconds", 10800),
+        external_traffic_policy=spec.get("externalTrafficPolicy", "Cluster"),
+        external_name=spec.get("externalName"),
+        load_balancer_ip=spec.get("loadBalancerIP"),
+        labels=dict(meta.get("labels") or {}),
+        annotations=dict(meta.get("annotations") or {}),
+        source=origin,
+    )
+
+
+def _probe(raw: dict[str, Any] | None, field: str) -> Probe | None:
+    if not raw:
+        return None
+    common = {
+        "initial_delay_seconds": float(raw.get("initialDelaySeconds", 0)),
+        "period_seconds": float(raw.get("periodSeconds", 10)),
+        "failure_threshold": int(raw.get("failureThreshold", 3)),
+        "success_threshold": int(raw.get("successThreshold", 1)),
+    }
+    if "httpGet" in raw:
+        return Probe("http", raw["httpGet"]["port"], raw["httpGet"].get("path", "/"), **common)
+    if "tcpSocket" in raw:
+        return Probe("tcp", raw["tcpSocket"]["port"], **common)
+    if "grpc" in raw:
+        return Probe("grpc", raw["grpc"]["port"], **common)
+    raise _FieldError(field, "only httpGet, tcpSocket and grpc probes are supported")
+
+
+def _container(raw: dict[str, Any], field: str) -> Container:
+    env = {}
+    for i, item in enumerate(raw.get("env", [])):
+        if "value" not in item:
+            raise _FieldError(f"{field}.env[{i}]", "only literal values are supported")
+        env[item["name"]] = str(item["value"])
+    return Container(
+        name=raw["name"],
+        image=raw.get("image", ""),
+        command=list(raw.get("command", [])),
+        args=list(raw.get("args", [])),
+        env=env,
+        ports=[
+            ContainerPort(p["containerPort"], p.get("name"), p.get("protocol", "TCP"))
+            for p in raw.get("ports", [])
+        ],
+        readiness_probe=_probe(raw.get("readinessProbe"), f"{field}.readinessProbe"),
+    )
+
+
+def _workload(doc: dict[str, Any], origin: str) -> Workload:
+    meta, spec = doc["metadata"], doc["spec"]
+    selector = dict(spec["selector"].get("matchLabels") or {})
+    template = spec["template"]
+    labels = dict(template.get("metadata", {}).get("labels") or {})
+    if not selector:
+        raise _FieldError("spec.selector.matchLabels", "required (matchExpressions unsupported)")
+    if any(labels.get(k) != v for k, v in selector.items()):
+        raise _FieldError(
+            "spec.template.metadata.labels", "`selector` does not match template `labels`"
+        )
+    pod_spec = template["spec"]
+    containers = [
+        _container(c, f"spec.template.spec.containers[{i}]")
+        for i, c in enumerate(pod_spec["containers"])
+    ]
+    return Workload(
+        kind=doc["kind"],
+        name=meta["name"],
+        namespace=meta.get("namespace", "default"),
+        replicas=int(spec.get("replicas", 1)),
+        selector=selector,
+        template=PodTemplate(
+            labels=labels,
+            containers=containers,
+            node_selector=dict(pod_spec.get("nodeSelector") or {}),
+            annotations=dict(template.get("metadata", {}).get("annotations") or {}),
+        ),
+        service_name=spec.get("serviceName"),
+        source=origin,
+    )
+
+
+def _backend(raw: dict[str, Any], path: str, path_type: str, field: str) -> IngressPath:
+    service = raw.get("service")
+    if not service:
+        raise _FieldError(field, "only service backends are supported")
+    port = service.get("port", {})
+    number = port.get("number", port.get("name"))
+    if number is None:
+        raise _FieldError(f"{field}.service.port", "number or name required")
+    return IngressPath(path=path, path_type=path_type, service=service["name"], port=number)
+
+
+def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
+    meta, spec = doc["metadata"], doc.get("spec", {})
+    rules = []
+    for i, rule in enumerate(spec.get("rules", [])):
+        paths = [
+            _backend(
+                p["backend"],
+                p.get("path", "/"),
+                p["pathType"],
+                f"spec.rules[{i}].http.paths[{j}].backend",
+            )
+            for j, p in enumerate(rule.get("http", {}).get("paths", []))
+        ]
+        rules.append(IngressRule(host=rule.get("host"), paths=paths))
+    default = spec.get("defaultBackend")
+    return Ingress(
+        name=meta["name"],
+        namespace=meta.get("namespace", "default"),
+        rules=rules,
+        ingress_class=spec.get("ingressClassName"),
+        default_backend=(
+            _backend(default, "/", "Prefix", "spec.defaultBackend") if default else None
+        ),
+        source=origin,
+    )
