@@ -197,30 +197,32 @@ def grpc_peer(context: Any) -> str:
     return peer
 
 
-def traced_grpc_method(pod: PodIdentity, route: str, fn: Any) -> Any:
-    """Wrap a servicer method: app-hop attributes, RED metrics and a log line."""
+def app_rpc(route: str) -> Any:
+    """Decorate a servicer method (whose servicer has ``self.pod``): app hop, RED, log line."""
     import functools
     import time
 
-    log = logging.getLogger(pod.app)
+    def decorate(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(self: Any, request: Any, context: Any) -> Any:
+            pod: PodIdentity = self.pod
+            start = time.perf_counter()
+            mark_app_span(pod, peer=grpc_peer(context))
+            code = "OK"
+            try:
+                return fn(self, request, context)
+            except Exception:
+                code = "ERROR"
+                raise
+            finally:
+                elapsed = time.perf_counter() - start
+                REQUESTS.labels(pod.app, route, code).inc()
+                LATENCY.labels(pod.app, route).observe(elapsed)
+                logging.getLogger(pod.app).info(
+                    "rpc",
+                    extra={"method": route, "code": code, "duration_ms": round(elapsed * 1000, 3)},
+                )
 
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: Any) -> Any:
-        start = time.perf_counter()
-        mark_app_span(pod, peer=grpc_peer(context))
-        code = "OK"
-        try:
-            return fn(self, request, context)
-        except Exception:
-            code = "INTERNAL"
-            raise
-        finally:
-            elapsed = time.perf_counter() - start
-            REQUESTS.labels(pod.app, route, code).inc()
-            LATENCY.labels(pod.app, route).observe(elapsed)
-            log.info(
-                "rpc",
-                extra={"method": route, "code": code, "duration_ms": round(elapsed * 1000, 3)},
-            )
+        return wrapper
 
-    return wrapper
+    return decorate

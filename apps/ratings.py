@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from apps.common import PodIdentity, serve_grpc, start_telemetry, traced_grpc_method
+from apps.common import PodIdentity, app_rpc, serve_grpc, start_telemetry
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
 
 
@@ -13,7 +13,8 @@ class Ratings(shop_pb2_grpc.RatingsServicer):
     def __init__(self, pod: PodIdentity) -> None:
         self.pod = pod
 
-    def GetRating(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC naming)
+    @app_rpc("/hopscope.shop.v1.Ratings/GetRating")
+    def GetRating(self, request: Any, context: Any) -> Any:
         seed = zlib.crc32(request.product_id.encode())
         return shop_pb2.RatingReply(
             product_id=request.product_id,
@@ -26,8 +27,6 @@ class Ratings(shop_pb2_grpc.RatingsServicer):
 def main() -> None:
     pod = PodIdentity.from_env("ratings")
     start_telemetry(pod)
-    Ratings.GetRating = traced_grpc_method(pod, "/hopscope.shop.v1.Ratings/GetRating",
-                                           Ratings.GetRating)
 
     def register(server: Any) -> None:
         shop_pb2_grpc.add_RatingsServicer_to_server(Ratings(pod), server)

@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 
-from apps.common import PodIdentity, serve_grpc, start_telemetry, traced_grpc_method
+from apps.common import PodIdentity, app_rpc, serve_grpc, start_telemetry
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
 from apps.podnet import PodResolver, ResolveError, grpc_call, grpc_channel
 
@@ -25,7 +25,8 @@ class Reviews(shop_pb2_grpc.ReviewsServicer):
             grpcext.intercept_channel(channel, client_interceptor())
         )
 
-    def GetReviews(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC naming)
+    @app_rpc("/hopscope.shop.v1.Reviews/GetReviews")
+    def GetReviews(self, request: Any, context: Any) -> Any:
         try:
             rating = grpc_call(
                 self.resolver,
@@ -54,8 +55,6 @@ class Reviews(shop_pb2_grpc.ReviewsServicer):
 def main() -> None:
     pod = PodIdentity.from_env("reviews")
     start_telemetry(pod)
-    Reviews.GetReviews = traced_grpc_method(pod, "/hopscope.shop.v1.Reviews/GetReviews",
-                                            Reviews.GetReviews)
 
     def register(server: Any) -> None:
         shop_pb2_grpc.add_ReviewsServicer_to_server(Reviews(pod), server)

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import click
 from opentelemetry import trace as otel_trace
-from opentelemetry.propagators.textmap import DefaultSetter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -187,7 +186,7 @@ def curl(
                 ip = resolver.resolve(name)[0]
                 target.extra_headers[addresses.ORIGINAL_DST_HEADER] = f"{ip}:{port}"
             carrier: dict[str, str] = {}
-            TraceContextTextMapPropagator().inject(carrier, setter=DefaultSetter())
+            TraceContextTextMapPropagator().inject(carrier)
             status, reason, body, resp_headers = _send(
                 target, method, data.encode() if data else None, {**headers, **carrier}
             )

@@ -114,7 +114,9 @@ class _UDP(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-async def _tcp_client(server: DNSServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _tcp_client(
+    server: DNSServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         while True:
             header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
@@ -138,9 +140,7 @@ async def _tcp_client(server: DNSServer, reader: asyncio.StreamReader, writer: a
 async def serve(server: DNSServer) -> None:
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(lambda: _UDP(server), local_addr=(server.ip, server.port))
-    tcp = await asyncio.start_server(
-        lambda r, w: _tcp_client(server, r, w), server.ip, server.port
-    )
+    tcp = await asyncio.start_server(lambda r, w: _tcp_client(server, r, w), server.ip, server.port)
     log.info("serving", extra={"listen": f"{server.ip}:{server.port}", "proto": "udp+tcp"})
     async with tcp:
         await tcp.serve_forever()

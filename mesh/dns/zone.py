@@ -69,9 +69,9 @@ def lookup_a(state: ClusterState, qname: dns.name.Name) -> list[str] | None:
     return None
 
 
-def answer(query: dns.message.Message, state: ClusterState, ttl: int = DEFAULT_TTL) -> tuple[
-    dns.message.Message, str
-]:
+def answer(
+    query: dns.message.Message, state: ClusterState, ttl: int = DEFAULT_TTL
+) -> tuple[dns.message.Message, str]:
     """The reply to ``query`` and the zone label for metrics (``cluster.local.`` or ``.``)."""
     reply = dns.message.make_response(query)
     reply.flags |= dns.flags.AA

@@ -187,9 +187,7 @@ def _hcm(
     }
 
 
-def _listener(
-    name: str, ip: str, port: int, direction: str, hcm: dict[str, Any]
-) -> dict[str, Any]:
+def _listener(name: str, ip: str, port: int, direction: str, hcm: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": name,
         "address": _socket(ip, port),
@@ -235,9 +233,9 @@ def is_grpc_port(pod: Pod, port: int, state: ClusterState) -> bool:
         if not all(pod.labels.get(k) == v for k, v in svc.selector.items()):
             continue
         for sp in svc.ports:
-            if sp.app_protocol in ("grpc", "kubernetes.io/h2c"):
-                if pod.container_port(sp.target_port) == port:
-                    return True
+            grpc = sp.app_protocol in ("grpc", "kubernetes.io/h2c")
+            if grpc and pod.container_port(sp.target_port) == port:
+                return True
     return False
 
 

@@ -28,7 +28,7 @@ HEALTHZ_STALE_SECONDS = 60.0
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -36,9 +36,7 @@ class _ThreadingWSGIServer(WSGIServer):
     daemon_threads = True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        threading.Thread(
-            target=self._handle, args=(request, client_address), daemon=True
-        ).start()
+        threading.Thread(target=self._handle, args=(request, client_address), daemon=True).start()
 
     def _handle(self, request: Any, client_address: Any) -> None:
         try:
@@ -87,7 +85,9 @@ def admin_app(proxier: Proxier) -> Callable[..., Iterable[bytes]]:
 
 def _json(start_response: Callable[..., Any], status: str, body: Any) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
     return [data]
 
 

@@ -14,6 +14,7 @@ A VIP with no ready endpoint resets the connection at once, like kube-proxy's RE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -37,6 +38,12 @@ SNIFF_TIMEOUT = 1.0
 
 CLOSED_KEEP = 512
 """Closed connections kept for ``/conntrack`` (like conntrack's TIME_WAIT entries)."""
+
+ESTABLISHED_TIMEOUT = 432000
+"""nf_conntrack_tcp_timeout_established (5 days), in seconds."""
+
+TIME_WAIT_TIMEOUT = 120
+"""nf_conntrack_tcp_timeout_time_wait, in seconds."""
 
 SYNC_DURATION = Histogram(
     "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -73,14 +80,19 @@ REJECTED = Counter(
 )
 
 
+def _remaining(conn: ConnInfo, now: float) -> int:
+    """Seconds left on the entry: 5 days while open (ESTABLISHED), 120 s after close."""
+    if conn.closed is None:
+        return ESTABLISHED_TIMEOUT
+    return max(0, TIME_WAIT_TIMEOUT - round(now - conn.closed))
+
+
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST (SO_LINGER 0): the client sees 'connection refused/reset' at once."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
     writer.close()
 
 
@@ -155,7 +167,11 @@ class Proxier:
             self.bind_errors[f"{rule.vip}:{rule.port}"] = str(exc)
             log.error(
                 "cannot listen on Service VIP",
-                extra={"service": rule.service, "vip": f"{rule.vip}:{rule.port}", "error": str(exc)},
+                extra={
+                    "service": rule.service,
+                    "vip": f"{rule.vip}:{rule.port}",
+                    "error": str(exc),
+                },
             )
             return
         self.bind_errors.pop(f"{rule.vip}:{rule.port}", None)
@@ -282,7 +298,7 @@ class Proxier:
                     "requests": conn.requests,
                     "bytes": {"in": conn.bytes_in, "out": conn.bytes_out},
                     "age_seconds": round(now - conn.opened, 3),
-                    "timeout_seconds": max(0, 120 - round(now - conn.closed)) if conn.closed else 432000,
+                    "timeout_seconds": _remaining(conn, now),
                 }
             )
         return out

@@ -214,7 +214,7 @@ class HTTP1Relay:
                 return
             if isinstance(event, h11.Response):
                 self.status = event.status_code
-            out = self.down.send(event)
+            out = self.down.send(event)  # type: ignore[arg-type]
             if out:
                 self.client_w.write(out)
                 await self.client_w.drain()
@@ -413,7 +413,7 @@ class HTTP2Relay:
                 self.encoder_in.header_table_size = min(value, 4096)
 
     def _response_headers(self, stream: int, block: bytes) -> None:
-        headers = dict(self.decoder_out.decode(block, raw=False))
+        headers = {str(k): str(v) for k, v in self.decoder_out.decode(block, raw=False)}
         if ":status" in headers:
             self.statuses[stream] = int(headers[":status"])
         if "grpc-status" in headers and stream in self.spans:

@@ -179,9 +179,8 @@ class Cluster:
                 self.service_ips.claim(svc.cluster_ip)
             except ValueError as exc:
                 raise ManifestError(f"{svc.source}: spec.clusterIP: {exc}") from None
-        if old is not None:
-            if old.cluster_ip and old.cluster_ip not in ("None", svc.cluster_ip):
-                self.service_ips.release(old.cluster_ip)
+        if old is not None and old.cluster_ip and old.cluster_ip not in ("None", svc.cluster_ip):
+            self.service_ips.release(old.cluster_ip)
         verb = "configured" if old else "created"
         self._replace(self.state.services, svc, "service")
         return f"service/{svc.namespace}/{svc.name} {verb} ({svc.type} {svc.cluster_ip})"

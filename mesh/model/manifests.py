@@ -85,7 +85,8 @@ def load_manifests(paths: Iterable[Path]) -> list[ManifestObject]:
 
 
 def describe(doc: dict[str, Any]) -> str:
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    raw = doc.get("metadata")
+    meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
     kind = doc.get("kind", "object")
     name = meta.get("name", "<unnamed>")
     if kind == "Namespace":
@@ -194,19 +195,23 @@ def _service(doc: dict[str, Any], origin: str) -> Service:
 def _probe(raw: dict[str, Any] | None, field: str) -> Probe | None:
     if not raw:
         return None
-    common = {
-        "initial_delay_seconds": float(raw.get("initialDelaySeconds", 0)),
-        "period_seconds": float(raw.get("periodSeconds", 10)),
-        "failure_threshold": int(raw.get("failureThreshold", 3)),
-        "success_threshold": int(raw.get("successThreshold", 1)),
-    }
     if "httpGet" in raw:
-        return Probe("http", raw["httpGet"]["port"], raw["httpGet"].get("path", "/"), **common)
-    if "tcpSocket" in raw:
-        return Probe("tcp", raw["tcpSocket"]["port"], **common)
-    if "grpc" in raw:
-        return Probe("grpc", raw["grpc"]["port"], **common)
-    raise _FieldError(field, "only httpGet, tcpSocket and grpc probes are supported")
+        kind, port, path = "http", raw["httpGet"]["port"], raw["httpGet"].get("path", "/")
+    elif "tcpSocket" in raw:
+        kind, port, path = "tcp", raw["tcpSocket"]["port"], "/"
+    elif "grpc" in raw:
+        kind, port, path = "grpc", raw["grpc"]["port"], "/"
+    else:
+        raise _FieldError(field, "only httpGet, tcpSocket and grpc probes are supported")
+    return Probe(
+        kind,
+        port,
+        path,
+        initial_delay_seconds=float(raw.get("initialDelaySeconds", 0)),
+        period_seconds=float(raw.get("periodSeconds", 10)),
+        failure_threshold=int(raw.get("failureThreshold", 3)),
+        success_threshold=int(raw.get("successThreshold", 1)),
+    )
 
 
 def _container(raw: dict[str, Any], field: str) -> Container:

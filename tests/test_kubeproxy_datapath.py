@@ -1,0 +1,192 @@
+"""The kube-proxy emulator's data path with real sockets on loopback addresses.
+
+Two HTTP backends stand in for pods; the proxier listens on a VIP and must DNAT to a ready
+backend, keep the client's source address, emit one span per request (with the caller's
+trace as parent), and refuse connections at once when no endpoint is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from mesh.kubeproxy.proxier import Proxier
+from mesh.kubeproxy.rules import IptablesRandom
+from mesh.model.types import (
+    ClusterState,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    Service,
+    ServicePort,
+)
+
+VIP, PORT = "127.96.250.1", 18081
+BACKENDS = {"pod-a": "127.244.250.2", "pod-b": "127.244.250.3"}
+BACKEND_PORT = 18082
+CLIENT_IP = "127.100.250.1"
+# Connections still open when a test's loop stops are collected later; that is harmless.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class _Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = json.dumps(
+            {
+                "pod": self.server.pod_name,  # type: ignore[attr-defined]
+                "peer": self.client_address[0],
+                "traceparent": self.headers.get("traceparent"),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _state(ready: dict[str, bool]) -> ClusterState:
+    endpoints = [
+        Endpoint([ip], ready[pod], ready[pod], False, pod, "node-a") for pod, ip in BACKENDS.items()
+    ]
+    return ClusterState(
+        resource_version=1,
+        services=[
+            Service("web", "demo", cluster_ip=VIP, ports=[ServicePort(PORT, "http", "http")])
+        ],
+        endpoint_slices=[
+            EndpointSlice("web-x", "demo", "web", endpoints, [EndpointPort(BACKEND_PORT, "http")])
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[None]:
+    servers = []
+    for pod, ip in BACKENDS.items():
+        server = ThreadingHTTPServer((ip, BACKEND_PORT), _Echo)
+        server.pod_name = pod  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class _Running:
+    def __init__(self, exporter: InMemorySpanExporter, proxier: Proxier, loop: Any) -> None:
+        self.exporter, self.proxier, self.loop = exporter, proxier, loop
+
+    def sync(self, state: ClusterState) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxier.sync(state), self.loop).result(5)
+
+
+@pytest.fixture()
+def proxy(backends: None) -> Iterator[_Running]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    proxier = Proxier(provider.get_tracer("test"), IptablesRandom())
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = _Running(exporter, proxier, loop)
+    running.sync(_state({"pod-a": True, "pod-b": True}))
+    yield running
+    for server in proxier.listeners.values():
+        loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def _get(conn: http.client.HTTPConnection, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    conn.request("GET", "/", headers=headers or {})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def _conn() -> http.client.HTTPConnection:
+    return http.client.HTTPConnection(VIP, PORT, timeout=5, source_address=(CLIENT_IP, 0))
+
+
+def test_request_is_dnated_keeps_its_source_and_gets_a_child_span(proxy: _Running) -> None:
+    conn = _conn()
+    reply = _get(conn, {"traceparent": PARENT})
+    conn.close()
+    assert reply["peer"] == CLIENT_IP  # DNAT only: the pod sees the client address
+    (span,) = proxy.exporter.get_finished_spans()
+    a = span.attributes or {}
+    assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT[36:52]
+    assert format(span.context.trace_id, "032x") == PARENT[3:35]
+    assert a["hopscope.hop"] == "kube-proxy"
+    assert a["hopscope.endpoint.pod"] == reply["pod"]
+    assert a["hopscope.nat.original.dst"] == f"{VIP}:{PORT}"
+    assert a["hopscope.nat.translated.dst"] == f"{BACKENDS[reply['pod']]}:{BACKEND_PORT}"
+    assert str(a["hopscope.nat.translated.src"]).startswith(CLIENT_IP + ":")
+    assert a["hopscope.lb.mode"] == "iptables" and a["http.response.status_code"] == 200
+    # The pod's request carries the kube-proxy span as its parent.
+    assert reply["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
+
+
+def test_keep_alive_requests_ride_one_connection_and_one_endpoint(proxy: _Running) -> None:
+    conn = _conn()
+    pods = {_get(conn)["pod"] for _ in range(5)}
+    conn.close()
+    assert len(pods) == 1
+    states = [s.attributes["hopscope.conntrack.state"] for s in proxy.exporter.get_finished_spans()]  # type: ignore[index]
+    assert states == ["new"] + ["established"] * 4
+
+
+def test_new_connections_spread_over_ready_endpoints(proxy: _Running) -> None:
+    pods = set()
+    for _ in range(30):
+        conn = _conn()
+        pods.add(_get(conn)["pod"])
+        conn.close()
+    assert pods == set(BACKENDS)
+    proxy.sync(_state({"pod-a": False, "pod-b": True}))
+    for _ in range(10):
+        conn = _conn()
+        assert _get(conn)["pod"] == "pod-b"
+        conn.close()
+
+
+def test_no_ready_endpoints_refuses_at_once(proxy: _Running) -> None:
+    proxy.sync(_state({"pod-a": False, "pod-b": False}))
+    with pytest.raises((ConnectionResetError, ConnectionRefusedError, BrokenPipeError)):
+        sock = socket.create_connection((VIP, PORT), timeout=2, source_address=(CLIENT_IP, 0))
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not sock.recv(10):
+                raise ConnectionResetError("closed without an answer")
+        finally:
+            sock.close()
+
+
+def test_malformed_http_gets_400_and_the_proxy_keeps_serving(proxy: _Running) -> None:
+    sock = socket.create_connection((VIP, PORT), timeout=5, source_address=(CLIENT_IP, 0))
+    sock.sendall(b"GET / HTTP/1.1\r\nBad Header Without Colon\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    sock.close()
+    conn = _conn()
+    assert _get(conn)["pod"] in BACKENDS
+    conn.close()

@@ -1,0 +1,171 @@
+"""The cluster model: manifests → pods, Services, EndpointSlices (no processes started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mesh import addresses
+from mesh.model.controllers import MAX_ENDPOINTS_PER_SLICE, Cluster
+from mesh.model.manifests import ManifestError, default_manifest_paths, load_manifests
+from mesh.model.types import ClusterState
+
+DEPLOYMENT = """\
+apiVersion: v1
+kind: Namespace
+metadata: {{name: demo}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: demo}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      containers:
+        - name: web
+          image: demo
+          command: ["python", "-m", "http.server"]
+          ports: [{{name: http, containerPort: 8000}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+"""
+
+
+def _cluster(tmp_path: Path, replicas: int = 2) -> Cluster:
+    path = tmp_path / "demo.yaml"
+    path.write_text(DEPLOYMENT.format(replicas=replicas))
+    cluster = Cluster()
+    cluster.apply(load_manifests([path]))
+    return cluster
+
+
+def _run_all(cluster: Cluster) -> None:
+    for pod in cluster.pods_to_start():
+        cluster.set_pod_running(pod.namespace, pod.name)
+
+
+def test_sample_shop_loads_and_validates() -> None:
+    cluster = Cluster()
+    changes = cluster.apply(load_manifests(default_manifest_paths()))
+    assert "namespace/shop created" in changes
+    shop = [p for p in cluster.state.pods if p.namespace == "shop"]
+    assert len(shop) == 8
+    for app in ("frontend", "catalog", "reviews", "ratings"):
+        pods = [p for p in shop if p.labels["app"] == app]
+        assert {p.node for p in pods} == {"node-a", "node-b"}, app
+        svc = cluster.state.service("shop", app)
+        assert svc is not None and svc.cluster_ip and svc.cluster_ip.startswith("127.96.")
+    assert cluster.state.ingresses[0].rules[0].host == "shop.local"
+
+
+def test_pods_get_addresses_from_their_node_cidr_and_names_like_deployments(
+    tmp_path: Path,
+) -> None:
+    cluster = _cluster(tmp_path, replicas=4)
+    pods = cluster.state.pods
+    assert len({p.ip for p in pods}) == 4
+    for pod in pods:
+        assert addresses.node_for_ip(pod.ip) == pod.node
+        deployment, template_hash, suffix = pod.name.split("-")
+        assert deployment == "web" and len(template_hash) == 10 and len(suffix) == 5
+
+
+def test_ips_are_released_and_reused(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path, replicas=1)
+    pod = cluster.state.pods[0]
+    cluster.scale("demo", "web", 0)
+    assert cluster.pods_to_stop() == [pod]
+    cluster.finalize_pod("demo", pod.name)
+    cluster.scale("demo", "web", 1)
+    assert cluster.state.pods[0].ip == pod.ip
+
+
+def test_endpoint_slices_follow_readiness(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    (eps,) = cluster.state.slices_for("demo", "web")
+    assert [e.ready for e in eps.endpoints] == [False, False]
+    assert eps.ports[0].port == 8000  # named targetPort resolved against the pod
+    _run_all(cluster)
+    first = cluster.state.pods[0]
+    cluster.set_pod_ready("demo", first.name, True)
+    (eps,) = cluster.state.slices_for("demo", "web")
+    ready = {e.pod for e in eps.endpoints if e.ready}
+    assert ready == {first.name}
+    cluster.set_ready_override("demo", first.name, False)
+    (eps,) = cluster.state.slices_for("demo", "web")
+    assert not any(e.ready for e in eps.endpoints)
+
+
+def test_deleted_pod_is_terminating_then_replaced(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    _run_all(cluster)
+    victim = cluster.state.pods[0]
+    cluster.set_pod_ready("demo", victim.name, True)
+    cluster.delete_pod("demo", victim.name)
+    (eps,) = cluster.state.slices_for("demo", "web")
+    gone = next(e for e in eps.endpoints if e.pod == victim.name)
+    assert gone.terminating and not gone.ready
+    assert len([p for p in cluster.state.pods if p.phase != "Terminating"]) == 2
+
+
+def test_slices_hold_at_most_100_endpoints(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path, replicas=MAX_ENDPOINTS_PER_SLICE + 5)
+    slices = cluster.state.slices_for("demo", "web")
+    assert [len(s.endpoints) for s in slices] == [MAX_ENDPOINTS_PER_SLICE, 5]
+
+
+def test_state_round_trips_through_json(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    again = ClusterState.from_dict(cluster.snapshot())
+    assert again == cluster.state
+
+
+def test_watch_returns_when_the_version_moves(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    version = cluster.state.resource_version
+    assert cluster.wait_for_change(version, timeout=0.05)["resource_version"] == version
+    cluster.scale("demo", "web", 3)
+    assert cluster.wait_for_change(version, timeout=5)["resource_version"] > version
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ("port: 80, targetPort: http", None),
+        ("port: eighty, targetPort: http", "spec.ports[0].port"),
+        ("port: 80, targetPort: http, bogus: 1", "spec.ports[0]"),
+    ],
+)
+def test_invalid_manifests_name_file_object_and_field(
+    tmp_path: Path, bad: str, expected: str | None
+) -> None:
+    path = tmp_path / "svc.yaml"
+    path.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n"
+        f"spec:\n  selector: {{app: web}}\n  ports: [{{{bad}}}]\n"
+    )
+    if expected is None:
+        load_manifests([path])
+        return
+    with pytest.raises(ManifestError) as err:
+        load_manifests([path])
+    assert str(err.value).startswith("svc.yaml: Service demo/web: " + expected), err.value
+
+
+def test_unknown_namespace_and_bad_yaml_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text(DEPLOYMENT.format(replicas=1).split("---", 1)[1])
+    with pytest.raises(ManifestError, match="namespace 'demo' not found"):
+        Cluster().apply(load_manifests([path]))
+    path.write_text("kind: [unclosed")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifests([path])
