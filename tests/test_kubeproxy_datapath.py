@@ -36,9 +36,6 @@ VIP, PORT = "127.96.250.1", 18081
 BACKENDS = {"pod-a": "127.244.250.2", "pod-b": "127.244.250.3"}
 BACKEND_PORT = 18082
 CLIENT_IP = "127.100.250.1"
-# Connections still open when a test's loop stops are collected later; that is harmless.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -111,10 +108,19 @@ def proxy(backends: None) -> Iterator[_Running]:
     running = _Running(exporter, proxier, loop)
     running.sync(_state({"pod-a": True, "pod-b": True}))
     yield running
-    for server in proxier.listeners.values():
-        loop.call_soon_threadsafe(server.close)
+    asyncio.run_coroutine_threadsafe(_stop(proxier), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
+
+
+async def _stop(proxier: Proxier) -> None:
+    for server in proxier.listeners.values():
+        server.close()
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _get(conn: http.client.HTTPConnection, headers: dict[str, str] | None = None) -> dict[str, Any]:

@@ -214,13 +214,14 @@ class HTTP1Relay:
                 return
             if isinstance(event, h11.Response):
                 self.status = event.status_code
+            if isinstance(event, h11.EndOfMessage) and self.spans:
+                # The hop ends when the pod's response is complete, before it is relayed.
+                finish_request_span(self.spans.pop(0), self.status)
             out = self.down.send(event)  # type: ignore[arg-type]
             if out:
                 self.client_w.write(out)
                 await self.client_w.drain()
             if isinstance(event, h11.EndOfMessage):
-                if self.spans:
-                    finish_request_span(self.spans.pop(0), self.status)
                 self._next_cycle()
                 if self.down.our_state is h11.MUST_CLOSE:
                     await _close(self.client_w)
@@ -387,7 +388,6 @@ class HTTP2Relay:
                 await _close(self.client_w)
                 return
             self.conn.bytes_out += len(data)
-            self.client_w.write(data)
             buf += data
             for ftype, flags, stream, payload, _raw in _frames(buf):
                 if ftype == SETTINGS and not flags & 0x1:
@@ -404,6 +404,8 @@ class HTTP2Relay:
                     self._end_stream(stream)
                 elif ftype == RST_STREAM and stream in self.spans:
                     fail_request_span(self.spans.pop(stream), "stream reset by upstream")
+            # Spans of streams that just ended are closed before their last bytes go out.
+            self.client_w.write(data)
             await self.client_w.drain()
 
     def _apply_settings(self, payload: bytes) -> None:
