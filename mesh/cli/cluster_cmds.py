@@ -76,7 +76,7 @@ def up(paths: tuple[Path, ...], detach: bool, timeout: float) -> None:
 
 def _up_detached(manifests: list[Path], home: Path, timeout: float, client: APIClient) -> None:
     log_path = home / "controlplane.log"
-    argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home)]
+    argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home), "--schema-checked"]
     for path in manifests:
         argv += ["-f", str(path)]
     with open(log_path, "ab") as log_file:
@@ -125,7 +125,7 @@ def _up_foreground(manifests: list[Path], home: Path, timeout: float) -> None:
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.getLogger().handlers[0].formatter)
     logging.getLogger().handlers[:] = [handler]
-    plane = ControlPlane(manifests, home)
+    plane = ControlPlane(manifests, home, schema_checked=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

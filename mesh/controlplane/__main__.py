@@ -27,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="where logs, pid file and rendered Envoy configs go",
     )
+    parser.add_argument(
+        "--schema-checked",
+        action="store_true",
+        help="the caller has just validated these files against the schema (`hopscope up`)",
+    )
     args = parser.parse_args(argv)
     setup_json_logging({"component": "controlplane"})
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return ControlPlane(args.filename, args.state_dir).run()
+        return ControlPlane(args.filename, args.state_dir, args.schema_checked).run()
     except (ManifestError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -40,8 +40,11 @@ class StartupError(RuntimeError):
 class ControlPlane:
     """Owns the model, the runtime and the API; one instance per running cluster."""
 
-    def __init__(self, manifest_paths: list[Path], state_dir: Path) -> None:
+    def __init__(
+        self, manifest_paths: list[Path], state_dir: Path, schema_checked: bool = False
+    ) -> None:
         self.manifest_paths = manifest_paths
+        self.schema_checked = schema_checked
         self.state_dir = state_dir
         self.cluster = Cluster()
         self.store = TraceStore()
@@ -57,7 +60,7 @@ class ControlPlane:
 
     def start(self, progress: Callable[[str], None] = lambda _msg: None) -> None:
         """Bring the cluster up; returns once the API is serving (pods start in background)."""
-        objects = load_manifests(self.manifest_paths)
+        objects = load_manifests(self.manifest_paths, schema=not self.schema_checked)
         self._start_api()
         progress(f"control plane API on {API_URL}")
         self.components.append(self.runtime.start_cluster_dns())

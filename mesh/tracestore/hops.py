@@ -108,7 +108,8 @@ def _nat(span: SpanRecord) -> str:
         answer = a.get("hopscope.dns.answer") or []
         queries = a.get("hopscope.dns.queries") or []
         answered = ", ".join(map(str, answer)) or "-"
-        return f"{a.get('dns.question.name', '')} → {answered} ({len(queries)} queries)"
+        noun = "query" if len(queries) == 1 else "queries"
+        return f"{a.get('dns.question.name', '')} → {answered} ({len(queries)} {noun})"
     orig_dst, new_dst = a.get("hopscope.nat.original.dst"), a.get("hopscope.nat.translated.dst")
     orig_src, new_src = a.get("hopscope.nat.original.src"), a.get("hopscope.nat.translated.src")
     parts = []
