@@ -66,7 +66,9 @@ class PodIdentity:
             ip=env.get("HOPSCOPE_POD_IP", "127.0.0.1"),
             app=app,
             listen_port=listen,
-            container_port=listen - addresses.APP_PORT_OFFSET,
+            container_port=int(
+                env.get("HOPSCOPE_CONTAINER_PORT", str(listen - addresses.APP_PORT_OFFSET))
+            ),
             metrics_port=int(env.get("HOPSCOPE_METRICS_PORT", str(addresses.APP_METRICS_PORT))),
             sidecar_outbound=env.get(
                 "HOPSCOPE_SIDECAR_OUTBOUND", f"127.0.0.1:{addresses.SIDECAR_OUTBOUND_PORT}"

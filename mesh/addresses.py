@@ -51,7 +51,10 @@ EXTERNAL_CLIENT_IP = "127.100.0.1"
 """The default external client address."""
 
 LB_IP = "127.200.0.1"
-"""First LoadBalancer VIP."""
+"""The ingress controller's LoadBalancer address."""
+
+LB_POOL_CIDR = "127.200.0.0/24"
+"""LoadBalancer Services get addresses from here, from .2 up (.1 is the ingress)."""
 
 NODE_PORT_RANGE = (30000, 32767)
 """Inclusive NodePort range."""

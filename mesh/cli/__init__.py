@@ -12,6 +12,7 @@ import click
 from mesh.cli.cluster_cmds import down, status, up
 from mesh.cli.curl_cmd import curl
 from mesh.cli.get_cmds import get
+from mesh.cli.manage_cmds import apply, conntrack, kill, ready, scale
 from mesh.cli.trace_cmds import trace
 
 __all__ = ["cli", "main"]
@@ -28,7 +29,7 @@ def cli() -> None:
     """
 
 
-for command in (up, down, status, get, curl, trace):
+for command in (up, down, status, get, apply, scale, ready, kill, curl, trace, conntrack):
     cli.add_command(command)
 
 

@@ -13,7 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.cli._client import APIClient
-from mesh.model.types import ClusterState, EndpointSlice, Ingress, NetworkPolicy, Pod, Service
+from mesh.model.types import (
+    ClusterState,
+    EndpointSlice,
+    Ingress,
+    NetworkPolicy,
+    Pod,
+    ProxyConfig,
+    Service,
+)
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
@@ -74,16 +82,34 @@ def _pod_rows(pods: list[Pod], wide: bool) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _svc_rows(services: list[Service], wide: bool) -> tuple[list[str], list[list[str]]]:
+def _svc_rows(
+    services: list[Service], wide: bool, proxy: ProxyConfig | None = None
+) -> tuple[list[str], list[list[str]]]:
     head = ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"]
     if wide:
-        head += ["SELECTOR"]
+        head += ["SELECTOR", "PROXY", "AFFINITY", "POLICY"]
     rows = []
+    proxy = proxy or ProxyConfig()
     for s in services:
-        external = s.external_name or s.load_balancer_ip or "<none>"
-        row = [s.namespace, s.name, s.type, s.cluster_ip or "<none>", external, _ports(s)]
+        external = s.external_name or ",".join(s.load_balancer_ingress)
+        if not external:
+            external = "<pending>" if s.type == "LoadBalancer" else "<none>"
+        cluster_ip = s.cluster_ip or "<none>"
+        row = [s.namespace, s.name, s.type, cluster_ip, external, _ports(s)]
         if wide:
-            row += [",".join(f"{k}={v}" for k, v in s.selector.items()) or "<none>"]
+            proxied = s.cluster_ip not in (None, "None") and s.type != "ExternalName"
+            affinity = s.session_affinity
+            if affinity == "ClientIP":
+                affinity += f" {s.affinity_timeout_seconds}s"
+            policy = s.external_traffic_policy if s.type in ("NodePort", "LoadBalancer") else "-"
+            if s.health_check_node_port:
+                policy += f" (hc :{s.health_check_node_port})"
+            row += [
+                ",".join(f"{k}={v}" for k, v in s.selector.items()) or "<none>",
+                f"{proxy.mode}/{proxy.algorithm}" if proxied else "-",
+                affinity,
+                policy,
+            ]
         rows.append(row)
     return head, rows
 
@@ -181,7 +207,10 @@ def get(resource: str, name: str | None, namespace: str | None, output: str, as_
         data = json.loads(json.dumps({"kind": "List", "items": [_as_dict(i) for i in items]}))
         out.print_json(json.dumps(data))
         return
-    head, rows = lister(items, output == "wide")
+    if kind == "services":
+        head, rows = _svc_rows(items, output == "wide", state.proxy)
+    else:
+        head, rows = lister(items, output == "wide")
     if not rows:
         out.print(f"No {kind} found" + (f" in namespace {namespace}." if namespace else "."))
         return

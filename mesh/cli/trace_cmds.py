@@ -21,6 +21,7 @@ HOP_STYLES = {
     "dns": "magenta",
     "ingress": "cyan",
     "kube-proxy": "yellow",
+    "load-balancer": "yellow",
     "sidecar-outbound": "blue",
     "sidecar-inbound": "blue",
     "cni-overlay": "green",

@@ -148,6 +148,38 @@ def pod_action(namespace: str, name: str, action: str) -> Response:
     return jsonify(result)
 
 
+@bp.post("/api/v1/apply")
+def apply() -> Response:
+    """Apply manifest documents (``hopscope apply -f``): ``{"source", "documents": [...]}``."""
+    from mesh.model.manifests import ManifestError, load_document
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("documents"), list):
+        raise APIError(400, 'body must be {"source": "...", "documents": [ {...}, ... ]}')
+    source = str(body.get("source") or "request")
+    try:
+        objects = [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
+        changes = current_app.config["CLUSTER"].apply(objects)
+    except ManifestError as exc:
+        raise APIError(400, str(exc)) from None
+    return jsonify(changes=changes)
+
+
+@bp.post("/api/v1/scale/<namespace>/<name>")
+def scale(namespace: str, name: str) -> Response:
+    body = request.get_json(silent=True) or {}
+    replicas = body.get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool):
+        raise APIError(400, 'body must be {"replicas": N}')
+    try:
+        message = current_app.config["CLUSTER"].scale(namespace, name, replicas)
+    except KeyError as exc:
+        raise APIError(404, str(exc.args[0])) from None
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    return jsonify(message=message)
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
     return Response(

@@ -35,6 +35,8 @@ class Kubelet:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
         self._crashed_at: dict[str, float] = {}
+        self.system_processes: list[str] = []
+        """Add-on processes (DNS, kube-proxy, ingress) restarted like static pods."""
 
     def start(self) -> None:
         self._thread.start()
@@ -60,6 +62,22 @@ class Kubelet:
         for pod in self._running_pods():
             self._check_processes(pod)
             self._probe(pod)
+        self._check_system()
+
+    def _check_system(self) -> None:
+        for name in self.system_processes:
+            proc = self.runtime.processes.get(name)
+            if proc is None or proc.alive():
+                continue
+            crashed = self._crashed_at.setdefault(name, time.monotonic())
+            if time.monotonic() - crashed < RESTART_BACKOFF / 2:
+                continue
+            self._crashed_at.pop(name, None)
+            log.warning(
+                "system component exited; restarting",
+                extra={"proc": name, "exit_code": proc.exit_code()},
+            )
+            self.runtime.processes.restart(name)
 
     def _running_pods(self) -> list[Pod]:
         with self.cluster.lock:

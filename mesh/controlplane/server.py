@@ -69,6 +69,11 @@ class ControlPlane:
         for change in changes:
             progress(change)
         self.components.append(self.runtime.start_ingress(self.cluster.state))
+        self.kubelet.system_processes = [
+            "kube-system/cluster-dns",
+            "kube-system/kube-proxy",
+            "hopscope-system/ingress-envoy",
+        ]
         self.kubelet.start()
 
     def _start_api(self) -> None:

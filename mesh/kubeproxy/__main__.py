@@ -17,7 +17,6 @@ from prometheus_client import make_wsgi_app
 
 from mesh import addresses
 from mesh.kubeproxy.proxier import Proxier
-from mesh.kubeproxy.rules import IptablesRandom
 from mesh.model.watch import StateWatcher
 from telemetry.logs import setup_json_logging
 from telemetry.tracing import setup_tracing
@@ -95,7 +94,7 @@ async def run(args: argparse.Namespace) -> None:
     tracer = setup_tracing("kube-proxy", {"hopscope.component": "kube-proxy"}).get_tracer(
         "hopscope.kubeproxy"
     )
-    proxier = Proxier(tracer, IptablesRandom(), min_sync_period=args.min_sync_period)
+    proxier = Proxier(tracer, min_sync_period=args.min_sync_period)
     proxier.loop = asyncio.get_running_loop()
     server = make_server(
         args.metrics_address,

@@ -39,6 +39,8 @@ class ConnInfo:
     translated_src: str
     translated_dst: str
     node: str
+    reason: str = ""
+    affinity: str = ""
     protocol: str = "tcp"
     requests: int = 0
     bytes_in: int = 0
@@ -49,8 +51,8 @@ class ConnInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, Any]:
-        return {
-            "hopscope.hop": "kube-proxy",
+        attrs: dict[str, Any] = {
+            "hopscope.hop": self.rule.hop,
             "k8s.service.name": self.rule.name,
             "k8s.namespace.name": self.rule.namespace,
             "k8s.node.name": self.node,
@@ -60,7 +62,9 @@ class ConnInfo:
             "hopscope.nat.original.dst": self.original_dst,
             "hopscope.nat.translated.src": self.translated_src,
             "hopscope.nat.translated.dst": self.translated_dst,
-            "hopscope.lb.mode": self.selector.mode,
+            "hopscope.lb.mode": (
+                "cloud" if self.rule.kind == "load-balancer" else self.selector.mode
+            ),
             "hopscope.lb.algorithm": self.selector.algorithm,
             "hopscope.endpoint.pod": self.endpoint.pod,
             "hopscope.endpoint.node": self.endpoint.node,
@@ -69,7 +73,16 @@ class ConnInfo:
             "network.protocol.name": self.protocol,
             "server.address": self.rule.vip,
             "server.port": self.rule.port,
+            "hopscope.rule.kind": self.rule.kind,
+            "hopscope.decision": self.reason,
+            "hopscope.nat.snat": self.original_src.rsplit(":", 1)[0]
+            != self.translated_src.rsplit(":", 1)[0],
         }
+        if self.rule.kind != "cluster-ip":
+            attrs["hopscope.traffic_policy"] = self.rule.external_traffic_policy
+        if self.affinity:
+            attrs["hopscope.lb.affinity"] = self.affinity
+        return attrs
 
 
 def start_request_span(

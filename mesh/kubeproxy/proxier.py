@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import socket
 import struct
@@ -28,7 +29,17 @@ from prometheus_client import Counter, Gauge, Histogram
 from mesh import addresses
 from mesh.kubeproxy.hop import ConnInfo
 from mesh.kubeproxy.relays import READ_SIZE, HTTP1Relay, HTTP2Relay, relay_tcp, sniff
-from mesh.kubeproxy.rules import EndpointTarget, RuleSet, Selector, ServiceRule, build_rules
+from mesh.kubeproxy.rules import (
+    EndpointTarget,
+    HealthCheck,
+    RuleSet,
+    Selector,
+    ServiceRule,
+    build_rules,
+    decide,
+    hairpin_snat,
+    make_selector,
+)
 from mesh.model.types import ClusterState
 
 log = logging.getLogger("kube-proxy")
@@ -97,10 +108,22 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 class Proxier:
-    def __init__(self, tracer: Any, selector: Selector, min_sync_period: float = 0.0) -> None:
+    def __init__(
+        self,
+        tracer: Any,
+        selector: Selector | None = None,
+        min_sync_period: float = 0.0,
+        node_ips: dict[str, str] | None = None,
+    ) -> None:
         self.tracer = tracer
-        self.selector = selector
+        self.fixed_selector = selector is not None
+        self.active: dict[str, int] = {}
+        """Open connections per endpoint address (ipvs ``lc`` reads it)."""
+        self.selector = selector or make_selector(RuleSet().proxy, self._active)
         self.min_sync_period = min_sync_period
+        self.node_ips = node_ips or dict(addresses.NODE_IPS)
+        self.affinity: dict[tuple[str, str, str | None, str], tuple[str, float]] = {}
+        self.health_listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.rules = RuleSet()
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.conntrack: dict[int, ConnInfo] = {}
@@ -135,14 +158,25 @@ class Proxier:
             await self.sync(state)
             NETWORK_PROGRAMMING.observe(time.monotonic() - received)
 
+    def _active(self, address: str) -> int:
+        return self.active.get(address, 0)
+
     async def sync(self, state: ClusterState) -> None:
         start = time.perf_counter()
-        new = build_rules(state)
+        new = build_rules(state, self.node_ips)
+        if not self.fixed_selector and new.proxy != self.rules.proxy:
+            self.selector = make_selector(new.proxy, self._active)
+            self.min_sync_period = new.proxy.min_sync_period
         for key in [k for k in self.listeners if k not in new.rules]:
             self.listeners.pop(key).close()
         for key, rule in new.rules.items():
             if key not in self.listeners:
                 await self._listen(rule)
+        for key in [k for k in self.health_listeners if k not in new.health_checks]:
+            self.health_listeners.pop(key).close()
+        for key in new.health_checks:
+            if key not in self.health_listeners:
+                await self._listen_health(key)
         self.rules = new
         RULES.set(len(new.rules))
         self._last_sync = time.monotonic()
@@ -177,6 +211,44 @@ class Proxier:
         self.bind_errors.pop(f"{rule.vip}:{rule.port}", None)
         self.listeners[rule.key] = server
 
+    async def _listen_health(self, key: tuple[str, int]) -> None:
+        try:
+            server = await asyncio.start_server(self._health, key[0], key[1], reuse_address=True)
+        except OSError as exc:
+            self.bind_errors[f"{key[0]}:{key[1]}"] = str(exc)
+            return
+        self.health_listeners[key] = server
+
+    async def _health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``healthCheckNodePort``: 200 with the local endpoint count, 503 when there are none."""
+        key = tuple(writer.get_extra_info("sockname")[:2])
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            writer.close()
+            return
+        check: HealthCheck | None = self.rules.health_checks.get(key)  # type: ignore[arg-type]
+        body: dict[str, Any]
+        if check is None:
+            status, body = "404 Not Found", {"error": "no such health check"}
+        else:
+            status = "200 OK" if check.local_endpoints else "503 Service Unavailable"
+            body = {
+                "service": {"namespace": check.namespace, "name": check.name},
+                "localEndpoints": check.local_endpoints,
+                "node": check.node,
+                "serviceProxyHealthy": True,
+            }
+        data = json.dumps(body).encode()
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + data)
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
     # -- connections -------------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -187,17 +259,26 @@ class Proxier:
             REJECTED.labels("", "", "no-service").inc()
             _reset(writer)
             return
-        endpoint = self.selector.choose(rule, client_ip)
+        decision = decide(rule, client_ip, self.node_ips)
+        endpoint, affinity = self._choose(rule, decision.candidates, client_ip)
         if endpoint is None:
-            REJECTED.labels(rule.namespace, rule.name, "no-ready-endpoints").inc()
+            reason = "no-ready-endpoints" if not rule.ready_endpoints else "no-local-endpoints"
+            REJECTED.labels(rule.namespace, rule.name, reason).inc()
             log.info(
-                "rejected: no ready endpoints",
-                extra={"service": rule.service, "src": f"{client_ip}:{client_port}"},
+                "rejected",
+                extra={
+                    "service": rule.service,
+                    "dst": f"{vip}:{port}",
+                    "src": f"{client_ip}:{client_port}",
+                    "reason": decision.reason,
+                },
             )
             _reset(writer)
             return
+        snat = decision.snat_ip or hairpin_snat(endpoint, client_ip, self.node_ips)
+        source = snat or client_ip
         try:
-            up_reader, up_writer, local = await self._connect(endpoint, client_ip, client_port)
+            up_reader, up_writer, local = await self._connect(endpoint, source, client_port)
         except OSError as exc:
             REJECTED.labels(rule.namespace, rule.name, "endpoint-unreachable").inc()
             log.warning(
@@ -206,6 +287,9 @@ class Proxier:
             )
             _reset(writer)
             return
+        reason = decision.reason
+        if snat and not decision.snat_ip:
+            reason = "hairpin: the pod reached itself, masqueraded to its node IP"
         conn = ConnInfo(
             id=next(self._ids),
             rule=rule,
@@ -215,16 +299,20 @@ class Proxier:
             original_dst=f"{vip}:{port}",
             translated_src=f"{local[0]}:{local[1]}",
             translated_dst=endpoint.address,
-            node=addresses.node_for_ip(client_ip) or "node-a",
+            node=rule.node or addresses.node_for_ip(client_ip) or "node-a",
+            reason=reason,
+            affinity=affinity,
             opened=time.time(),
         )
         self.conntrack[conn.id] = conn
+        self.active[endpoint.address] = self.active.get(endpoint.address, 0) + 1
         CONNECTIONS.labels(rule.namespace, rule.name, endpoint.pod).inc()
         ACTIVE.labels(rule.namespace, rule.name).inc()
         try:
             await self._relay(conn, (reader, writer), (up_reader, up_writer))
         finally:
             ACTIVE.labels(rule.namespace, rule.name).dec()
+            self.active[endpoint.address] -= 1
             for direction, n in (("in", conn.bytes_in), ("out", conn.bytes_out)):
                 BYTES.labels(rule.namespace, rule.name, endpoint.pod, direction).inc(n)
             conn.closed, conn.state = time.time(), "TIME_WAIT"
@@ -233,10 +321,29 @@ class Proxier:
             for w in (writer, up_writer):
                 w.close()
 
+    def _choose(
+        self, rule: ServiceRule, candidates: tuple[EndpointTarget, ...], client_ip: str
+    ) -> tuple[EndpointTarget | None, str]:
+        """The selector's pick, or the client's sticky endpoint under ClientIP affinity."""
+        if rule.session_affinity != "ClientIP" or rule.kind == "load-balancer":
+            return self.selector.pick(rule, candidates, client_ip), ""
+        key = (rule.namespace, rule.name, rule.port_name, client_ip)
+        now = time.monotonic()
+        sticky = self.affinity.get(key)
+        if sticky is not None and sticky[1] > now:
+            for candidate in candidates:
+                if candidate.address == sticky[0]:
+                    self.affinity[key] = (candidate.address, now + rule.affinity_timeout)
+                    return candidate, "ClientIP (sticky)"
+        endpoint = self.selector.pick(rule, candidates, client_ip)
+        if endpoint is not None:
+            self.affinity[key] = (endpoint.address, now + rule.affinity_timeout)
+        return endpoint, "ClientIP (new)"
+
     async def _connect(
         self, endpoint: EndpointTarget, client_ip: str, client_port: int
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
-        """Open the DNATed leg from the client's own address (and port, when free)."""
+        """Open the DNATed leg from ``client_ip`` (the client's or the SNAT address)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:

@@ -149,11 +149,13 @@ class HTTP1Relay:
         while True:
             event = self.down.next_event()
             if event is h11.NEED_DATA:
+                await self.up_w.drain()
                 data = await self.client_r.read(READ_SIZE)
                 self.conn.bytes_in += len(data)
                 self.down.receive_data(data)
                 continue
             if event is h11.PAUSED:
+                await self.up_w.drain()
                 await self.req_wake.wait()
                 self.req_wake.clear()
                 continue
@@ -187,7 +189,6 @@ class HTTP1Relay:
                 if self.up_w.can_write_eof():
                     self.up_w.write_eof()
                 return
-            await self.up_w.drain()
 
     def _up_send(self, event: Any) -> None:
         data = self.up.send(event)
@@ -195,35 +196,42 @@ class HTTP1Relay:
             self.up_w.write(data)
 
     async def _responses(self) -> None:
+        pending = bytearray()  # written once every parsed event is handled: fewer syscalls,
+        # and a request's span is closed before the client can see the end of its response
         while True:
             event = self.up.next_event()
-            if event is h11.NEED_DATA:
-                data = await self.up_r.read(READ_SIZE)
-                self.conn.bytes_out += len(data)
-                self.up.receive_data(data)
-                continue
-            if event is h11.PAUSED:
-                await self.resp_wake.wait()
-                self.resp_wake.clear()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                if pending:
+                    self.client_w.write(bytes(pending))
+                    pending.clear()
+                    await self.client_w.drain()
+                if event is h11.NEED_DATA:
+                    data = await self.up_r.read(READ_SIZE)
+                    self.conn.bytes_out += len(data)
+                    self.up.receive_data(data)
+                else:
+                    await self.resp_wake.wait()
+                    self.resp_wake.clear()
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 for span in self.spans:
                     fail_request_span(span, "upstream closed the connection")
                 self.spans.clear()
+                if pending:
+                    self.client_w.write(bytes(pending))
                 await _close(self.client_w)
                 return
             if isinstance(event, h11.Response):
                 self.status = event.status_code
             if isinstance(event, h11.EndOfMessage) and self.spans:
-                # The hop ends when the pod's response is complete, before it is relayed.
                 finish_request_span(self.spans.pop(0), self.status)
             out = self.down.send(event)  # type: ignore[arg-type]
             if out:
-                self.client_w.write(out)
-                await self.client_w.drain()
+                pending += out
             if isinstance(event, h11.EndOfMessage):
                 self._next_cycle()
                 if self.down.our_state is h11.MUST_CLOSE:
+                    self.client_w.write(bytes(pending))
                     await _close(self.client_w)
                     await _close(self.up_w)
                     return

@@ -30,6 +30,7 @@ from mesh.model.types import (
     NetworkPolicy,
     Node,
     Pod,
+    ProxyConfig,
     Service,
     ServicePort,
     Workload,
@@ -105,6 +106,9 @@ class Cluster:
         self.pod_ips = {n.name: AddressPool(n.pod_cidr) for n in self.state.nodes}
         self.service_ips = AddressPool(addresses.SERVICE_CIDR, first_host=11)
         self.service_ips.used.add(addresses.DNS_SERVICE_IP)
+        self.lb_ips = AddressPool(addresses.LB_POOL_CIDR, first_host=2)
+        self.node_ports: dict[int, str] = {}
+        """Allocated NodePort → ``namespace/name`` of its Service."""
         self._probe_ready: dict[tuple[str, str], bool] = {}
         self._template_hashes: dict[tuple[str, str], str] = {}
         self.state.services.append(_kube_dns_service())
@@ -154,6 +158,9 @@ class Cluster:
                     changes.append(self._replace(self.state.ingresses, obj, "ingress"))
                 elif isinstance(obj, NetworkPolicy):
                     changes.append(self._replace(self.state.network_policies, obj, "netpol"))
+                elif isinstance(obj, ProxyConfig):
+                    self.state.proxy = obj
+                    changes.append(f"kube-proxy configured (mode {obj.mode}, {obj.algorithm})")
             self._reconcile()
             self._bump()
             return changes
@@ -181,9 +188,93 @@ class Cluster:
                 raise ManifestError(f"{svc.source}: spec.clusterIP: {exc}") from None
         if old is not None and old.cluster_ip and old.cluster_ip not in ("None", svc.cluster_ip):
             self.service_ips.release(old.cluster_ip)
+        self._allocate_node_ports(svc, old)
+        self._allocate_load_balancer(svc, old)
         verb = "configured" if old else "created"
         self._replace(self.state.services, svc, "service")
         return f"service/{svc.namespace}/{svc.name} {verb} ({svc.type} {svc.cluster_ip})"
+
+    def _allocate_node_ports(self, svc: Service, old: Service | None) -> None:
+        """NodePorts from 30000-32767: the requested one if free, else the lowest free."""
+        key = f"{svc.namespace}/{svc.name}"
+        mine = {port for port, owner in self.node_ports.items() if owner == key}
+        wants_ports = svc.type in ("NodePort", "LoadBalancer")
+        low, high = addresses.NODE_PORT_RANGE
+        for port in mine:
+            del self.node_ports[port]
+        try:
+            for i, sp in enumerate(svc.ports):
+                if not wants_ports:
+                    sp.node_port = None
+                    continue
+                if sp.node_port is None and old is not None:
+                    previous = next((p for p in old.ports if p.name == sp.name), None)
+                    if previous and previous.node_port not in self.node_ports:
+                        sp.node_port = previous.node_port
+                sp.node_port = self._claim_node_port(
+                    sp.node_port, key, f"spec.ports[{i}].nodePort", svc.source, low, high
+                )
+            needs_hc = svc.type == "LoadBalancer" and svc.external_traffic_policy == "Local"
+            if needs_hc:
+                if svc.health_check_node_port is None and old is not None:
+                    svc.health_check_node_port = old.health_check_node_port
+                svc.health_check_node_port = self._claim_node_port(
+                    svc.health_check_node_port,
+                    key,
+                    "spec.healthCheckNodePort",
+                    svc.source,
+                    low,
+                    high,
+                )
+            else:
+                svc.health_check_node_port = None
+        except ManifestError:
+            for port in [p for p, owner in self.node_ports.items() if owner == key]:
+                del self.node_ports[port]
+            for port in mine:
+                self.node_ports[port] = key
+            raise
+
+    def _claim_node_port(
+        self, wanted: int | None, key: str, field: str, source: str, low: int, high: int
+    ) -> int:
+        if wanted is not None:
+            if not low <= wanted <= high:
+                raise ManifestError(
+                    f"{source}: {field}: {wanted} is outside the NodePort range {low}-{high}"
+                )
+            owner = self.node_ports.get(wanted)
+            if owner is not None:
+                raise ManifestError(
+                    f"{source}: {field}: {wanted} is already allocated (to Service {owner})"
+                )
+            self.node_ports[wanted] = key
+            return wanted
+        for port in range(low, high + 1):
+            if port not in self.node_ports:
+                self.node_ports[port] = key
+                return port
+        raise ManifestError(f"{source}: {field}: the NodePort range {low}-{high} is full")
+
+    def _allocate_load_balancer(self, svc: Service, old: Service | None) -> None:
+        """The emulated cloud provider gives each LoadBalancer Service an address."""
+        previous = old.load_balancer_ingress if old else []
+        if svc.type != "LoadBalancer":
+            for ip in previous:
+                self.lb_ips.release(ip)
+            svc.load_balancer_ingress = []
+            return
+        if previous:
+            svc.load_balancer_ingress = previous
+            return
+        if svc.load_balancer_ip:
+            try:
+                self.lb_ips.claim(svc.load_balancer_ip)
+            except ValueError as exc:
+                raise ManifestError(f"{svc.source}: spec.loadBalancerIP: {exc}") from None
+            svc.load_balancer_ingress = [svc.load_balancer_ip]
+        else:
+            svc.load_balancer_ingress = [self.lb_ips.allocate()]
 
     def _apply_workload(self, wl: Workload) -> str:
         key = (wl.namespace, wl.name)
@@ -264,6 +355,7 @@ class Cluster:
             owner_kind=wl.kind,
             owner_name=wl.name,
             created=time.time(),
+            annotations=dict(wl.template.annotations),
         )
         if wl.kind == "StatefulSet":
             pod.hostname, pod.subdomain = name, wl.service_name

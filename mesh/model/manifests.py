@@ -24,6 +24,7 @@ from mesh.model.types import (
     NetworkPolicy,
     PodTemplate,
     Probe,
+    ProxyConfig,
     Service,
     ServicePort,
     Workload,
@@ -41,7 +42,11 @@ SUPPORTED_KINDS = {
     ("networking.k8s.io/v1", "NetworkPolicy"),
 }
 
-ManifestObject = Workload | Service | Ingress | NetworkPolicy | str
+PROXY_CONFIG_KIND = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
+PROXY_MODES = ("iptables", "ipvs")
+IPVS_SCHEDULERS = ("rr", "lc", "sh")
+
+ManifestObject = Workload | Service | Ingress | NetworkPolicy | ProxyConfig | str
 """A loaded object; a bare string is a Namespace name."""
 
 
@@ -104,6 +109,8 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
         raise ManifestError(f"{source}: document {index + 1} is not a mapping")
     what = describe(doc)
     key = (doc.get("apiVersion"), doc.get("kind"))
+    if key == PROXY_CONFIG_KIND:
+        return proxy_config(doc, f"{source}: KubeProxyConfiguration")
     if key not in SUPPORTED_KINDS:
         known = ", ".join(f"{v} {k}" for v, k in sorted(SUPPORTED_KINDS))
         raise ManifestError(f"{source}: {what}: unsupported apiVersion/kind {key} (known: {known})")
@@ -131,6 +138,45 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
         )
     except _FieldError as exc:
         raise ManifestError(f"{origin}: {exc.field}: {exc.message}") from None
+
+
+def proxy_config(doc: dict[str, Any], where: str) -> ProxyConfig:
+    """``KubeProxyConfiguration``: ``mode``, ``ipvs.scheduler``, ``iptables.minSyncPeriod``.
+
+    It has no OpenAPI schema in kubernetes-validate (it is a component config, not an API
+    object), so the fields the emulator reads are checked here; others are refused so a
+    typo does not pass silently.
+    """
+    known = {"apiVersion", "kind", "metadata", "mode", "ipvs", "iptables"}
+    for key in doc:
+        if key not in known:
+            raise ManifestError(f"{where}: {key}: unsupported field (known: {sorted(known)})")
+    mode = doc.get("mode") or "iptables"
+    if mode not in PROXY_MODES:
+        raise ManifestError(f"{where}: mode: {mode!r} is not one of {list(PROXY_MODES)}")
+    scheduler = (doc.get("ipvs") or {}).get("scheduler") or "rr"
+    if scheduler not in IPVS_SCHEDULERS:
+        raise ManifestError(
+            f"{where}: ipvs.scheduler: {scheduler!r} is not one of {list(IPVS_SCHEDULERS)}"
+        )
+    period = (doc.get("iptables") or {}).get("minSyncPeriod", "0s")
+    try:
+        seconds = parse_duration(str(period))
+    except ValueError as exc:
+        raise ManifestError(f"{where}: iptables.minSyncPeriod: {exc}") from None
+    return ProxyConfig(mode=mode, scheduler=scheduler, min_sync_period=seconds)
+
+
+def parse_duration(text: str) -> float:
+    """A Go-style duration with one unit (``500ms``, ``1s``, ``2m``) in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                return float(text[: -len(unit)]) * units[unit]
+            except ValueError:
+                break
+    raise ValueError(f"{text!r} is not a duration like 500ms, 1s or 2m")
 
 
 def _validate(doc: dict[str, Any], where: str) -> None:
@@ -179,6 +225,11 @@ def _service(doc: dict[str, Any], origin: str) -> Service:
             )
         )
     affinity = spec.get("sessionAffinityConfig", {}).get("clientIP", {})
+    timeout = affinity.get("timeoutSeconds", 10800)
+    if not 0 < timeout <= 86400:
+        raise _FieldError(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{timeout} is not in 1..86400"
+        )
     return Service(
         name=meta["name"],
         namespace=meta.get("namespace", "default"),
@@ -187,10 +238,11 @@ def _service(doc: dict[str, Any], origin: str) -> Service:
         ports=ports,
         cluster_ip=spec.get("clusterIP"),
         session_affinity=spec.get("sessionAffinity", "None"),
-        affinity_timeout_seconds=affinity.get("timeoutSeconds", 10800),
+        affinity_timeout_seconds=timeout,
         external_traffic_policy=spec.get("externalTrafficPolicy", "Cluster"),
         external_name=spec.get("externalName"),
         load_balancer_ip=spec.get("loadBalancerIP"),
+        health_check_node_port=spec.get("healthCheckNodePort"),
         labels=dict(meta.get("labels") or {}),
         annotations=dict(meta.get("annotations") or {}),
         source=origin,

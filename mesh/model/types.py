@@ -15,6 +15,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+SIDECAR_INJECT_ANNOTATION = "sidecar.hopscope.dev/inject"
+"""Pod template annotation; ``"false"`` runs the pod without an Envoy sidecar."""
+
+APP_PORT_OFFSET = 10000
+"""Mirrors ``mesh.addresses.APP_PORT_OFFSET`` (kept here so the model has no imports)."""
+
 
 @dataclass
 class ContainerPort:
@@ -99,6 +105,17 @@ class Pod:
     created: float = 0.0
     hostname: str | None = None
     subdomain: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_sidecar(self) -> bool:
+        """False when the template says ``sidecar.hopscope.dev/inject: "false"``."""
+        return self.annotations.get(SIDECAR_INJECT_ANNOTATION, "true").lower() != "false"
+
+    @property
+    def app_port_offset(self) -> int:
+        """Where the app listens relative to its containerPort (0 without a sidecar)."""
+        return APP_PORT_OFFSET if self.has_sidecar else 0
 
     def container_port(self, port: int | str) -> int | None:
         """Resolve a (possibly named) port against all containers of the pod."""
@@ -133,6 +150,10 @@ class Service:
     external_traffic_policy: str = "Cluster"
     external_name: str | None = None
     load_balancer_ip: str | None = None
+    health_check_node_port: int | None = None
+    """Allocated for ``LoadBalancer`` + ``externalTrafficPolicy: Local``."""
+    load_balancer_ingress: list[str] = field(default_factory=list)
+    """``status.loadBalancer.ingress[*].ip``, filled by the emulated cloud provider."""
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     source: str = ""
@@ -216,6 +237,22 @@ class Node:
 
 
 @dataclass
+class ProxyConfig:
+    """The parts of ``KubeProxyConfiguration`` the emulator honours."""
+
+    mode: str = "iptables"
+    """``iptables`` or ``ipvs``."""
+    scheduler: str = "rr"
+    """IPVS scheduler: ``rr``, ``lc`` or ``sh`` (ignored in iptables mode)."""
+    min_sync_period: float = 0.0
+    """Seconds; at most one rule sync per period (``iptables.minSyncPeriod``)."""
+
+    @property
+    def algorithm(self) -> str:
+        return self.scheduler if self.mode == "ipvs" else "random"
+
+
+@dataclass
 class ClusterState:
     """Everything the data plane needs, versioned like the API server's resourceVersion."""
 
@@ -227,6 +264,7 @@ class ClusterState:
     endpoint_slices: list[EndpointSlice] = field(default_factory=list)
     ingresses: list[Ingress] = field(default_factory=list)
     network_policies: list[NetworkPolicy] = field(default_factory=list)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

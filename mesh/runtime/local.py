@@ -50,8 +50,11 @@ class LocalRuntime:
     def start_pod(self, pod: Pod, state: ClusterState) -> None:
         from mesh.envoy import render_sidecar
 
-        config = render_sidecar(pod, state, otlp_endpoint=self.otlp_endpoint)
-        self._start_envoy(f"{pod.namespace}/{pod.name}/envoy", config, pod.name, _app_label(pod))
+        if pod.has_sidecar:
+            config = render_sidecar(pod, state, otlp_endpoint=self.otlp_endpoint)
+            self._start_envoy(
+                f"{pod.namespace}/{pod.name}/envoy", config, pod.name, _app_label(pod)
+            )
         for container in pod.containers:
             self.processes.start(
                 f"{pod.namespace}/{pod.name}/{container.name}",
@@ -68,7 +71,8 @@ class LocalRuntime:
 
     def pod_processes(self, pod: Pod) -> list[ChildProcess]:
         names = [f"{pod.namespace}/{pod.name}/{c.name}" for c in pod.containers]
-        names.append(f"{pod.namespace}/{pod.name}/envoy")
+        if pod.has_sidecar:
+            names.append(f"{pod.namespace}/{pod.name}/envoy")
         return [p for n in names if (p := self.processes.get(n)) is not None]
 
     def _container_argv(self, container: Container) -> list[str]:
@@ -92,7 +96,8 @@ class LocalRuntime:
             "HOPSCOPE_POD_NAMESPACE": pod.namespace,
             "HOPSCOPE_NODE_NAME": pod.node,
             "HOPSCOPE_POD_IP": pod.ip,
-            "HOPSCOPE_APP_PORT": str(first_port + addresses.APP_PORT_OFFSET),
+            "HOPSCOPE_APP_PORT": str(first_port + pod.app_port_offset),
+            "HOPSCOPE_CONTAINER_PORT": str(first_port),
             "HOPSCOPE_METRICS_PORT": str(addresses.APP_METRICS_PORT),
             "HOPSCOPE_SIDECAR_OUTBOUND": f"{pod.ip}:{addresses.SIDECAR_OUTBOUND_PORT}",
             "HOPSCOPE_DNS_SERVER": f"{addresses.DNS_SERVICE_IP}:{addresses.DNS_PORT}",

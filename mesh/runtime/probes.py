@@ -65,10 +65,11 @@ class ProbeTracker:
 
 def probe_pod(pod: Pod) -> tuple[bool, str]:
     """Run the pod's readiness probe(s) and its sidecar check; ``(ok, error)``."""
-    sidecar = f"http://{pod.ip}:{addresses.SIDECAR_ADMIN_PORT}/ready"
-    ok, error = _http_ok(sidecar)
-    if not ok:
-        return False, f"sidecar not ready: {error}"
+    if pod.has_sidecar:
+        sidecar = f"http://{pod.ip}:{addresses.SIDECAR_ADMIN_PORT}/ready"
+        ok, error = _http_ok(sidecar)
+        if not ok:
+            return False, f"sidecar not ready: {error}"
     for container in pod.containers:
         probe = container.readiness_probe
         if probe is None:
@@ -76,7 +77,7 @@ def probe_pod(pod: Pod) -> tuple[bool, str]:
         port = container.port_number(probe.port)
         if port is None:
             return False, f"probe port {probe.port!r} is not a port of container {container.name}"
-        ok, error = run_probe(probe, pod.ip, port + addresses.APP_PORT_OFFSET)
+        ok, error = run_probe(probe, pod.ip, port + pod.app_port_offset)
         if not ok:
             return False, f"{container.name}: {error}"
     return True, ""

@@ -19,6 +19,7 @@ HOP_KINDS = (
     "sidecar-outbound",
     "sidecar-inbound",
     "kube-proxy",
+    "load-balancer",
     "cni-overlay",
     "egress-snat",
     "app",
@@ -85,7 +86,7 @@ def hop_status(span: SpanRecord) -> str:
 def _src_dst(span: SpanRecord) -> tuple[str, str]:
     a = span.attributes
     hop = a.get("hopscope.hop")
-    if hop == "kube-proxy":
+    if hop in ("kube-proxy", "load-balancer"):
         return str(a.get("hopscope.nat.original.src", "")), str(
             a.get("hopscope.nat.original.dst", "")
         )
@@ -122,6 +123,8 @@ def _nat(span: SpanRecord) -> str:
 
 def _where(span: SpanRecord) -> str:
     a = span.attributes
+    if a.get("hopscope.hop") == "load-balancer":
+        return f"cloud LB for svc {a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
     if a.get("hopscope.hop") == "kube-proxy":
         service = f"{a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
         return f"svc {service} → {a.get('hopscope.endpoint.pod', '?')}"

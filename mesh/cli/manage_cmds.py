@@ -1,0 +1,148 @@
+"""``hopscope apply``, ``scale``, ``ready``, ``kill`` and ``conntrack``: change and inspect."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from mesh import addresses
+from mesh.cli._client import APIClient
+
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+KUBE_PROXY_ADMIN = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
+
+
+def _split_ref(ref: str, default_ns: str) -> tuple[str, str]:
+    ns, sep, name = ref.rpartition("/")
+    return (ns if sep else default_ns), name
+
+
+@click.command()
+@click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Manifest file or directory (repeatable).",
+)
+def apply(paths: tuple[Path, ...]) -> None:
+    """Create or update objects from manifests in the running cluster (like kubectl apply).
+
+    Services, Deployments/StatefulSets, NetworkPolicies and a KubeProxyConfiguration (e.g.
+    `mode: ipvs`) take effect at once. Ingress changes need a restart of the cluster.
+    """
+    from mesh.model.manifests import ManifestError, expand_paths, load_document
+
+    client = APIClient()
+    for path in expand_paths(paths):
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+            for i, doc in enumerate(docs):
+                load_document(doc, path.name, i)  # validate before sending anything
+        except yaml.YAMLError as exc:
+            raise click.ClickException(f"{path}: not valid YAML: {exc}") from None
+        except ManifestError as exc:
+            raise click.ClickException(f"invalid manifest, nothing applied: {exc}") from None
+        result = client.post("/api/v1/apply", {"source": path.name, "documents": docs})
+        for change in result["changes"]:
+            click.echo(change)
+
+
+@click.command()
+@click.argument("workload")
+@click.option("--replicas", type=click.IntRange(min=0), required=True, help="Desired count.")
+@click.option("-n", "--namespace", default="shop", show_default=True)
+def scale(workload: str, replicas: int, namespace: str) -> None:
+    """Set the replicas of a Deployment or StatefulSet (NAME or NAMESPACE/NAME)."""
+    ns, name = _split_ref(workload.removeprefix("deployment/"), namespace)
+    click.echo(APIClient().post(f"/api/v1/scale/{ns}/{name}", {"replicas": replicas})["message"])
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(["pod"]))
+@click.argument("pod")
+@click.argument("value", type=click.Choice(["true", "false", "auto"]))
+@click.option("-n", "--namespace", default="shop", show_default=True)
+def ready(kind: str, pod: str, value: str, namespace: str) -> None:
+    """Force a pod ready or unready (its EndpointSlice follows); `auto` returns to its probe."""
+    ns, name = _split_ref(pod, namespace)
+    body = {"ready": None if value == "auto" else value == "true"}
+    APIClient().post(f"/api/v1/pods/{ns}/{name}/ready", body)
+    click.echo(f"pod/{name} readiness: {value}")
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(["pod"]))
+@click.argument("pod")
+@click.option("-n", "--namespace", default="shop", show_default=True)
+def kill(kind: str, pod: str, namespace: str) -> None:
+    """Delete a pod; its Deployment starts a replacement (new name, maybe a reused IP)."""
+    ns, name = _split_ref(pod, namespace)
+    APIClient().post(f"/api/v1/pods/{ns}/{name}/kill", {})
+    click.echo(f"pod/{name} deleted")
+
+
+def _fetch_conntrack() -> list[dict[str, Any]]:
+    try:
+        resp = requests.get(f"{KUBE_PROXY_ADMIN}/conntrack", timeout=5)
+        resp.raise_for_status()
+    except requests.RequestException as exc:
+        APIClient().get("/api/v1/status")  # a clearer error if the cluster is not running
+        raise click.ClickException(
+            f"kube-proxy is not answering at {KUBE_PROXY_ADMIN}: {exc}"
+        ) from None
+    return resp.json()  # type: ignore[no-any-return]
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option("--service", help="Only connections of this Service (NAME or NAMESPACE/NAME).")
+@click.option("--live", is_flag=True, help="Only open connections (no TIME_WAIT entries).")
+def conntrack(output: str, service: str | None, live: bool) -> None:
+    """List proxied connections like `conntrack -L`: tuples, state, timeout, NAT marks."""
+    entries = _fetch_conntrack()
+    if service:
+        entries = [e for e in entries if _service_matches(e["service"], service)]
+    if live:
+        entries = [e for e in entries if e["state"] == "ESTABLISHED"]
+    if output == "json":
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        out.print("no tracked connections")
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for col in ("PROTO", "STATE", "TIMEOUT", "ORIGINAL", "REPLY", "MARKS", "SERVICE", "POD", "REQ"):
+        table.add_column(col)
+    for e in entries:
+        marks = ",".join(m for m, on in (("DNAT", e["dnat"]), ("SNAT", e["snat"])) if on)
+        table.add_row(
+            e["protocol"],
+            e["state"],
+            str(e["timeout_seconds"]),
+            f"src={e['original']['src']} dst={e['original']['dst']}",
+            f"src={e['reply']['src']} dst={e['reply']['dst']}",
+            marks or "-",
+            e["service"],
+            e["endpoint_pod"],
+            str(e["requests"]),
+        )
+    out.print(table)
+    out.print(f"[dim]{len(entries)} entries at {time.strftime('%H:%M:%S')}[/]")
+
+
+def _service_matches(entry_service: str, wanted: str) -> bool:
+    base = entry_service.split(":", 1)[0]
+    return wanted in (base, base.split("/", 1)[1])

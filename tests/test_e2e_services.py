@@ -1,0 +1,217 @@
+"""End to end: Service types, traffic policies, affinity, refusal, modes and restarts.
+
+A cluster with the echo pods of ``tests/manifests/echo.yaml`` (no sidecars, so the app sees
+the TCP peer exactly as kube-proxy left it) behind NodePort, LoadBalancer and ClusterIP
+Services. Requests leave from external client addresses in 127.100.0.0/24.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import addresses
+from tests.e2e_support import (
+    api_get,
+    assert_all_gone,
+    cluster_env,
+    cluster_processes,
+    dump,
+    hop_names,
+    hopscope,
+    poll_until,
+    trace_json,
+)
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_A, NODE_B = addresses.NODE_IPS["node-a"], addresses.NODE_IPS["node-b"]
+CLIENT = "127.100.0.7"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    env = cluster_env(tmp_path_factory.mktemp("hopscope-services"))
+    manifests = ["-f", str(ROOT / "apps" / "manifests"), "-f", str(ROOT / "tests" / "manifests")]
+    hopscope("up", "--detach", *manifests, "--timeout", "120", env=env, timeout=180)
+    procs = cluster_processes()
+    try:
+        yield env
+    finally:
+        hopscope("down", env=env, check=False)
+        assert_all_gone(procs)
+
+
+def _echo(ip: str, port: int, client: str = CLIENT) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(ip, port, timeout=5, source_address=(client, 0))
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+    finally:
+        conn.close()
+
+
+def _service(name: str) -> dict[str, Any]:
+    return next(s for s in api_get("/api/v1/state")["services"] if s["name"] == name)
+
+
+def _echo_pods() -> dict[str, str]:
+    return {
+        p["name"]: p["node"] for p in api_get("/api/v1/state")["pods"] if p["namespace"] == "echo"
+    }
+
+
+def test_echo_pods_run_on_both_nodes(cluster: dict[str, str]) -> None:
+    assert sorted(_echo_pods().values()) == ["node-a", "node-b"]
+
+
+def test_node_port_cluster_policy_snats_to_the_node_and_may_cross_nodes(
+    cluster: dict[str, str],
+) -> None:
+    replies = [_echo(NODE_A, 30080) for _ in range(24)]
+    assert {r["peer"] for r in replies} == {NODE_A}  # SNAT to the receiving node's IP
+    assert {r["node"] for r in replies} == {"node-a", "node-b"}  # may forward to node-b
+
+
+def test_node_port_local_policy_keeps_the_client_and_stays_on_the_node(
+    cluster: dict[str, str],
+) -> None:
+    for node_ip, node in ((NODE_A, "node-a"), (NODE_B, "node-b")):
+        replies = [_echo(node_ip, 30081) for _ in range(8)]
+        assert {r["peer"] for r in replies} == {CLIENT}
+        assert {r["node"] for r in replies} == {node}
+
+
+def test_load_balancer_gets_an_address_and_is_its_own_hop(cluster: dict[str, str]) -> None:
+    svc = _service("echo-lb")
+    (lb_ip,) = svc["load_balancer_ingress"]
+    assert lb_ip.startswith("127.200.0.")
+    assert _echo(lb_ip, 8080)["peer"] == CLIENT  # Local policy behind a passthrough LB
+    port = svc["health_check_node_port"]
+    for node_ip in (NODE_A, NODE_B):
+        conn = http.client.HTTPConnection(node_ip, port, timeout=5)
+        conn.request("GET", "/healthz")
+        assert json.loads(conn.getresponse().read())["localEndpoints"] == 1
+        conn.close()
+    doc = json.loads(hopscope("curl", "--json", f"http://{lb_ip}:8080/", env=cluster).stdout)
+    view = poll_until(lambda: (v := trace_json(doc["trace_id"])) and len(v["hops"]) >= 4 and v)
+    assert hop_names(view)[:3] == ["client", "load-balancer", "kube-proxy"], dump(view["hops"])
+    kube_proxy = next(s for s in view["spans"] if s["attributes"]["hopscope.hop"] == "kube-proxy")
+    assert kube_proxy["attributes"]["hopscope.traffic_policy"] == "Local"
+    assert kube_proxy["attributes"]["hopscope.nat.snat"] is False
+
+
+def test_client_ip_affinity_sticks_and_spreads_again_when_switched_off(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    vip = _service("echo-sticky")["cluster_ip"]
+    assert len({_echo(vip, 8080)["pod"] for _ in range(12)}) == 1
+    assert len({_echo(vip, 8080, client="127.100.0.8")["pod"] for _ in range(12)}) == 1
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo-sticky, namespace: echo}\n"
+        "spec:\n  selector: {app: echo}\n"
+        "  ports: [{name: http, port: 8080, targetPort: http}]\n"
+    )
+    hopscope("apply", "-f", str(plain), env=cluster)
+    spread = poll_until(lambda: len({_echo(vip, 8080)["pod"] for _ in range(24)}) == 2, timeout=10)
+    assert spread
+
+
+def test_service_without_ready_endpoints_refuses_at_once(cluster: dict[str, str]) -> None:
+    vip = _service("echo-empty")["cluster_ip"]
+    start = time.monotonic()
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+        conn = http.client.HTTPConnection(vip, 8080, timeout=5, source_address=(CLIENT, 0))
+        try:
+            conn.request("GET", "/")
+            conn.getresponse()
+        finally:
+            conn.close()
+    assert time.monotonic() - start < 0.5
+
+
+def test_ipvs_round_robin_via_kube_proxy_configuration(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "kube-proxy.yaml"
+    config.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "mode: ipvs\nipvs: {scheduler: rr}\n"
+    )
+    hopscope("apply", "-f", str(config), env=cluster)
+    try:
+        assert "ipvs/rr" in hopscope("get", "svc", "-n", "echo", "-o", "wide", env=cluster).stdout
+        vip = _service("echo-cluster")["cluster_ip"]
+
+        def alternating() -> bool:
+            pods = [_echo(vip, 8080)["pod"] for _ in range(6)]
+            return all(a != b for a, b in itertools.pairwise(pods))
+
+        assert poll_until(alternating, timeout=10)
+    finally:
+        config.write_text(config.read_text().replace("mode: ipvs", "mode: iptables"))
+        hopscope("apply", "-f", str(config), env=cluster)
+
+
+def test_conntrack_lists_the_tuples_of_the_span(cluster: dict[str, str]) -> None:
+    doc = json.loads(hopscope("curl", "--json", f"http://{NODE_B}:30080/", env=cluster).stdout)
+    view = poll_until(lambda: (v := trace_json(doc["trace_id"])) and len(v["hops"]) >= 2 and v)
+    span = next(s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "kube-proxy")
+    a = span["attributes"]
+    entries = json.loads(
+        hopscope("conntrack", "-o", "json", "--service", "echo/echo-cluster", env=cluster).stdout
+    )
+    entry = next(e for e in entries if e["id"] == a["hopscope.conntrack.id"])
+    assert entry["original"] == {
+        "src": a["hopscope.nat.original.src"],
+        "dst": a["hopscope.nat.original.dst"],
+    }
+    assert entry["reply"] == {
+        "src": a["hopscope.nat.translated.dst"],
+        "dst": a["hopscope.nat.translated.src"],
+    }
+    assert entry["dnat"] and entry["snat"]  # NodePort + Cluster policy: both
+    table = hopscope("conntrack", env=cluster).stdout
+    assert "DNAT,SNAT" in table and "TIME_WAIT" in table
+
+
+def test_kube_proxy_restart_keeps_services_working(cluster: dict[str, str]) -> None:
+    status = api_get("/api/v1/status")
+    old = next(c for c in status["components"] if c["name"] == "kube-proxy")
+    os.kill(old["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+
+    def serving() -> bool:
+        try:
+            return _echo(NODE_A, 30080)["peer"] == NODE_A
+        except (OSError, http.client.HTTPException):
+            return False
+
+    poll_until(serving, timeout=10, interval=0.05)
+    recovered = time.monotonic() - killed
+    new = next(c for c in api_get("/api/v1/status")["components"] if c["name"] == "kube-proxy")
+    assert new["pid"] != old["pid"] and new["restarts"] == old["restarts"] + 1
+    # 0.5 s restart back-off + process start + one rule sync.
+    assert recovered < 3.0, recovered
+
+
+def test_connection_refused_is_fast_for_closed_node_ports(cluster: dict[str, str]) -> None:
+    sock = socket.socket()
+    sock.settimeout(2)
+    with pytest.raises(ConnectionRefusedError):
+        sock.connect((NODE_A, 32000))
+    sock.close()
