@@ -8,6 +8,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 """Base URL of the OTLP/HTTP receiver; traces go to ``<base>/v1/traces``. Default: unset,
@@ -23,6 +24,7 @@ def setup_tracing(
     exporter: SpanExporter | None = None,
     processors: list[SpanProcessor] | None = None,
     set_global: bool = True,
+    sample_ratio: float | None = None,
 ) -> TracerProvider:
     """Build a TracerProvider for one process.
 
@@ -30,7 +32,11 @@ def setup_tracing(
     exported with a short batch delay so ``hopscope trace --last`` finds them quickly.
     """
     resource = Resource.create({"service.name": service_name, **(attributes or {})})
-    provider = TracerProvider(resource=resource)
+    sampler = None
+    if sample_ratio is not None:
+        # Root spans are sampled at the ratio; a sampled caller's children always are.
+        sampler = ParentBased(TraceIdRatioBased(sample_ratio))
+    provider = TracerProvider(resource=resource, sampler=sampler)
     for processor in processors or []:
         provider.add_span_processor(processor)
     if exporter is None:

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -17,6 +18,7 @@ from prometheus_client import make_wsgi_app
 
 from mesh import addresses
 from mesh.kubeproxy.proxier import Proxier
+from mesh.model.types import ClusterState
 from mesh.model.watch import StateWatcher
 from telemetry.logs import setup_json_logging
 from telemetry.tracing import setup_tracing
@@ -91,10 +93,13 @@ def _json(start_response: Callable[..., Any], status: str, body: Any) -> list[by
 
 
 async def run(args: argparse.Namespace) -> None:
-    tracer = setup_tracing("kube-proxy", {"hopscope.component": "kube-proxy"}).get_tracer(
-        "hopscope.kubeproxy"
+    provider = setup_tracing(
+        "kube-proxy", {"hopscope.component": "kube-proxy"}, sample_ratio=args.trace_sample_ratio
     )
-    proxier = Proxier(tracer, min_sync_period=args.min_sync_period)
+    tracer = provider.get_tracer("hopscope.kubeproxy")
+    proxier = Proxier(
+        tracer, min_sync_period=args.min_sync_period, telemetry=args.hop_telemetry == "on"
+    )
     proxier.loop = asyncio.get_running_loop()
     server = make_server(
         args.metrics_address,
@@ -104,20 +109,48 @@ async def run(args: argparse.Namespace) -> None:
         handler_class=_QuietHandler,
     )
     threading.Thread(target=server.serve_forever, name="admin", daemon=True).start()
-    watcher = StateWatcher(args.api, proxier.on_state)
-    watcher.start()
+    watcher: StateWatcher | None = None
+    if args.state_file:
+        state = ClusterState.from_dict(json.loads(args.state_file.read_text()))
+        await proxier.sync(state)
+    else:
+        watcher = StateWatcher(args.api, proxier.on_state)
+        watcher.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     log.info("kube-proxy started", extra={"mode": "iptables", "metrics": args.metrics_port})
     await stop.wait()
-    watcher.stop()
+    if watcher is not None:
+        watcher.stop()
     server.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mesh.kubeproxy", description=__doc__)
-    parser.add_argument("--api", required=True, help="control-plane API URL")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--api", help="control-plane API URL to watch")
+    source.add_argument(
+        "--state-file", type=Path, help="serve a fixed ClusterState (JSON) instead (benchmarks)"
+    )
+    parser.add_argument(
+        "--hop-telemetry",
+        choices=["on", "off"],
+        default="on",
+        help="per-request kube-proxy spans (parses HTTP); off splices connections as plain TCP",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="uvloop (libuv) roughly doubles the data path's throughput",
+    )
+    parser.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        default=1.0,
+        help="share of new traces sampled (a sampled caller's requests are always traced)",
+    )
     parser.add_argument("--metrics-address", default=addresses.NODE_IPS["node-a"])
     parser.add_argument("--metrics-port", type=int, default=addresses.KUBE_PROXY_METRICS_PORT)
     parser.add_argument(
@@ -128,7 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     setup_json_logging({"component": "kube-proxy"})
-    asyncio.run(run(args))
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run(args))
+    else:
+        asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -96,12 +96,16 @@ def start_request_span(
         kind=SpanKind.INTERNAL,
     )
     conn.requests += 1
-    attrs = conn.attributes()
-    attrs["hopscope.conntrack.state"] = "new" if conn.requests == 1 else "established"
-    attrs["hopscope.conntrack.request_index"] = conn.requests
-    span.set_attributes(attrs)
     carrier: dict[str, str] = {}
+    attrs: dict[str, Any] = {}
+    if span.is_recording():
+        attrs = conn.attributes()
+        attrs["hopscope.conntrack.state"] = "new" if conn.requests == 1 else "established"
+        attrs["hopscope.conntrack.request_index"] = conn.requests
+        span.set_attributes(attrs)
     PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    if not span.is_recording():
+        return span, carrier  # unsampled: no attributes, no log line, just the new parent
     with trace.use_span(span, end_on_exit=False):
         log.info(
             "request",

@@ -50,6 +50,9 @@ SNIFF_TIMEOUT = 1.0
 CLOSED_KEEP = 512
 """Closed connections kept for ``/conntrack`` (like conntrack's TIME_WAIT entries)."""
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+"""Linux socket option (since 4.2): bind the address now, pick the port at connect()."""
+
 ESTABLISHED_TIMEOUT = 432000
 """nf_conntrack_tcp_timeout_established (5 days), in seconds."""
 
@@ -114,8 +117,11 @@ class Proxier:
         selector: Selector | None = None,
         min_sync_period: float = 0.0,
         node_ips: dict[str, str] | None = None,
+        telemetry: bool = True,
     ) -> None:
         self.tracer = tracer
+        self.telemetry = telemetry
+        """Per-request hop spans (HTTP parsing); off, connections are spliced as TCP."""
         self.fixed_selector = selector is not None
         self.active: dict[str, int] = {}
         """Open connections per endpoint address (ipvs ``lc`` reads it)."""
@@ -347,11 +353,11 @@ class Proxier:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((client_ip, client_port))
-            except OSError:
-                sock.bind((client_ip, 0))
+            # Choose the source port at connect(), by the whole 4-tuple: bind(ip, 0) alone
+            # must find a port free on that address and crawls once TIME_WAITs pile up.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((client_ip, 0))
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, (endpoint.ip, endpoint.port)), 2.0)
         except (OSError, TimeoutError):
@@ -373,7 +379,7 @@ class Proxier:
             first = b""
         except (ConnectionError, OSError):
             return
-        kind = sniff(first) if first else "tcp"
+        kind = sniff(first) if first and self.telemetry else "tcp"
         if kind == "http1":
             await HTTP1Relay(self.tracer, conn, client, upstream).run(first)
         elif kind == "h2":

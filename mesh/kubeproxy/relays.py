@@ -2,7 +2,7 @@
 
 The connection is already DNATed (the endpoint chosen, the upstream socket open) when a
 relay starts; relays only move bytes, counting them, and give each HTTP request its hop
-span (:mod:`mesh.kubeproxy.hop`). HTTP/1 is re-framed through two h11 state machines;
+span (:mod:`mesh.kubeproxy.hop`). HTTP/1 goes through llhttp (httptools);
 HTTP/2 frames pass through untouched except request HEADERS, whose header block is
 decoded, gets the hop's ``traceparent`` and is re-encoded with our own HPACK context.
 Anything malformed ends that connection only.
@@ -11,12 +11,13 @@ Anything malformed ends that connection only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from typing import Any
 
-import h11
 import hpack
+import httptools
 
 from mesh.kubeproxy.hop import (
     TRACE_HEADERS,
@@ -89,7 +90,15 @@ async def relay_tcp(
 
 
 class HTTP1Relay:
-    """Re-frames requests and responses through h11, one hop span per request."""
+    """HTTP/1.1 through llhttp (httptools), one hop span per request.
+
+    Requests are re-framed: the head is rebuilt from the parsed method, target, version and
+    headers (original order and case) with the hop's ``traceparent``; the body follows as
+    parsed (re-chunked when the request was chunked). Responses pass through byte for byte;
+    a response parser only watches them to close each request's span with its status, before
+    the bytes that complete the response are relayed. An upgrade (e.g. WebSocket) turns the
+    rest of the connection into an opaque TCP splice.
+    """
 
     def __init__(
         self,
@@ -102,146 +111,154 @@ class HTTP1Relay:
         self.conn = conn
         self.client_r, self.client_w = client
         self.up_r, self.up_w = upstream
-        self.down = h11.Connection(h11.SERVER)
-        self.up = h11.Connection(h11.CLIENT)
-        self.req_wake = asyncio.Event()
-        self.resp_wake = asyncio.Event()
+        self.requests = httptools.HttpRequestParser(self)
+        self.responses = httptools.HttpResponseParser(_ResponseWatcher(self))
         self.spans: list[Any] = []
-        self.status: int | None = None
+        self.methods: list[bytes] = []
+        self.out = bytearray()
+        self.url = bytearray()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunked = False
+        self.upgraded = False
+
+    # httptools request callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url.clear()
+        self.headers = []
+        self.chunked = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        method = self.requests.get_method()
+        target = bytes(self.url)
+        lowered = {k.lower(): v for k, v in self.headers}
+        self.chunked = b"chunked" in lowered.get(b"transfer-encoding", b"").lower()
+        name = f"{method.decode()} {target.decode('latin-1')[:80]}"
+        carrier_in = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.headers}
+        span, carrier = start_request_span(self.tracer, self.conn, carrier_in, name)
+        if span.is_recording():
+            span.set_attributes(
+                {"http.request.method": method.decode(), "url.path": target.decode("latin-1")}
+            )
+        self.spans.append(span)
+        self.methods.append(method)
+        head = bytearray(
+            b"%s %s HTTP/%s\r\n" % (method, target, self.requests.get_http_version().encode())
+        )
+        for name_b, value_b in self.headers:
+            if name_b.lower() not in (b"traceparent", b"tracestate"):
+                head += name_b + b": " + value_b + b"\r\n"
+        for key, value in carrier.items():
+            head += f"{key}: {value}\r\n".encode("latin-1")
+        self.out += head + b"\r\n"
+
+    def on_body(self, body: bytes) -> None:
+        if self.chunked:
+            self.out += b"%x\r\n%s\r\n" % (len(body), body)
+        else:
+            self.out += body
+
+    def on_message_complete(self) -> None:
+        if self.chunked:
+            self.out += b"0\r\n\r\n"
+
+    # relay ------------------------------------------------------------------------------
 
     async def run(self, first: bytes) -> None:
         self.conn.protocol = "http/1.1"
-        self.down.receive_data(first)
-        self.conn.bytes_in += len(first)
-        tasks = [asyncio.create_task(self._requests()), asyncio.create_task(self._responses())]
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-            await asyncio.gather(*pending)
-        except (h11.ProtocolError, ConnectionError, OSError) as exc:
-            for task in tasks:
-                task.cancel()
-            for span in self.spans:
-                fail_request_span(span, f"{type(exc).__name__}: {exc}")
-            self.spans.clear()
-            if isinstance(exc, h11.RemoteProtocolError) and self.down.our_state in (
-                h11.IDLE,
-                h11.SEND_RESPONSE,
-            ):
-                self._reject(exc)
-
-    def _reject(self, exc: h11.RemoteProtocolError) -> None:
-        body = f"kube-proxy: malformed HTTP request: {exc}\n".encode()
-        try:
-            data = self.down.send(
-                h11.Response(
-                    status_code=exc.error_status_hint,
-                    headers=[("content-length", str(len(body))), ("connection", "close")],
-                )
-            )
-            self.client_w.write((data or b"") + (self.down.send(h11.Data(data=body)) or b""))
-        except h11.LocalProtocolError:
+            await asyncio.gather(self._client_to_upstream(first), self._upstream_to_client())
+        except httptools.HttpParserError as exc:
+            self._reject(str(exc))
+        except (ConnectionError, OSError):
             pass
+        finally:
+            for span in self.spans:
+                fail_request_span(span, "connection closed before the response completed")
+            self.spans.clear()
+            await _close(self.client_w)
+            await _close(self.up_w)
 
-    async def _requests(self) -> None:
-        while True:
-            event = self.down.next_event()
-            if event is h11.NEED_DATA:
-                await self.up_w.drain()
-                data = await self.client_r.read(READ_SIZE)
-                self.conn.bytes_in += len(data)
-                self.down.receive_data(data)
-                continue
-            if event is h11.PAUSED:
-                await self.up_w.drain()
-                await self.req_wake.wait()
-                self.req_wake.clear()
-                continue
-            if isinstance(event, h11.Request):
-                headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
-                name = f"{event.method.decode()} {event.target.decode('latin-1')[:80]}"
-                span, carrier = start_request_span(self.tracer, self.conn, headers, name)
-                span.set_attributes(
-                    {
-                        "http.request.method": event.method.decode(),
-                        "url.path": event.target.decode("latin-1"),
-                    }
-                )
-                self.spans.append(span)
-                kept = [(k, v) for k, v in event.headers if k.decode().lower() not in TRACE_HEADERS]
-                kept += [(k.encode(), v.encode()) for k, v in carrier.items()]
-                self._up_send(
-                    h11.Request(
-                        method=event.method,
-                        target=event.target,
-                        headers=kept,
-                        http_version=event.http_version,
-                    )
-                )
-            elif isinstance(event, h11.Data):
-                self._up_send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self._up_send(h11.EndOfMessage(headers=event.headers))
-                self._next_cycle()
-            elif isinstance(event, h11.ConnectionClosed):
-                if self.up_w.can_write_eof():
-                    self.up_w.write_eof()
-                return
+    def _reject(self, reason: str) -> None:
+        body = f"kube-proxy: malformed HTTP request: {reason}\n".encode()
+        head = (
+            f"HTTP/1.1 400 Bad Request\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            self.client_w.write(head.encode() + body)
 
-    def _up_send(self, event: Any) -> None:
-        data = self.up.send(event)
-        if data:
-            self.up_w.write(data)
+    async def _client_to_upstream(self, first: bytes) -> None:
+        data = first
+        while data:
+            self.conn.bytes_in += len(data)
+            if self.upgraded:
+                self.up_w.write(data)
+            else:
+                try:
+                    self.requests.feed_data(data)
+                except httptools.HttpParserUpgrade as upgrade:
+                    # The head went out; the rest of the stream is not HTTP any more.
+                    self.upgraded = True
+                    self.out += data[upgrade.args[0] :]
+                if self.out:
+                    self.up_w.write(bytes(self.out))
+                    self.out.clear()
+            await self.up_w.drain()
+            data = await self.client_r.read(READ_SIZE)
+        if self.up_w.can_write_eof():
+            self.up_w.write_eof()
 
-    async def _responses(self) -> None:
-        pending = bytearray()  # written once every parsed event is handled: fewer syscalls,
-        # and a request's span is closed before the client can see the end of its response
-        while True:
-            event = self.up.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                if pending:
-                    self.client_w.write(bytes(pending))
-                    pending.clear()
-                    await self.client_w.drain()
-                if event is h11.NEED_DATA:
-                    data = await self.up_r.read(READ_SIZE)
-                    self.conn.bytes_out += len(data)
-                    self.up.receive_data(data)
-                else:
-                    await self.resp_wake.wait()
-                    self.resp_wake.clear()
-                continue
-            if isinstance(event, h11.ConnectionClosed):
-                for span in self.spans:
-                    fail_request_span(span, "upstream closed the connection")
-                self.spans.clear()
-                if pending:
-                    self.client_w.write(bytes(pending))
-                await _close(self.client_w)
-                return
-            if isinstance(event, h11.Response):
-                self.status = event.status_code
-            if isinstance(event, h11.EndOfMessage) and self.spans:
-                finish_request_span(self.spans.pop(0), self.status)
-            out = self.down.send(event)  # type: ignore[arg-type]
-            if out:
-                pending += out
-            if isinstance(event, h11.EndOfMessage):
-                self._next_cycle()
-                if self.down.our_state is h11.MUST_CLOSE:
-                    self.client_w.write(bytes(pending))
-                    await _close(self.client_w)
-                    await _close(self.up_w)
-                    return
+    async def _upstream_to_client(self) -> None:
+        while data := await self.up_r.read(READ_SIZE):
+            self.conn.bytes_out += len(data)
+            if not self.upgraded:
+                try:
+                    self.responses.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    self.upgraded = True
+                except httptools.HttpParserError as exc:
+                    log.info("unparsable response; relaying as TCP", extra={"error": str(exc)})
+                    self.upgraded = True
+            self.client_w.write(data)
+            await self.client_w.drain()
+        if self.client_w.can_write_eof():
+            self.client_w.write_eof()
 
-    def _next_cycle(self) -> None:
-        for c in (self.down, self.up):
-            if c.our_state is h11.DONE and c.their_state is h11.DONE:
-                c.start_next_cycle()
-        self.req_wake.set()
-        self.resp_wake.set()
+    def response_complete(self, status: int) -> None:
+        if status < 200 and status != 101:
+            return  # an interim response (100 Continue); the real one follows
+        if self.spans:
+            finish_request_span(self.spans.pop(0), status)
+        if self.methods and self.methods.pop(0) == b"HEAD":
+            # A response to HEAD has no body whatever its headers say; the parser cannot
+            # be told, so the rest of this connection is relayed without per-request spans.
+            self.upgraded = True
+
+
+class _ResponseWatcher:
+    """httptools callbacks for the response direction: status and end of message only."""
+
+    def __init__(self, relay: HTTP1Relay) -> None:
+        self.relay = relay
+        self.status = 0
+
+    def on_status(self, status: bytes) -> None:
+        pass
+
+    def on_headers_complete(self) -> None:
+        self.status = self.relay.responses.get_status_code()
+        if self.relay.methods and self.relay.methods[0] == b"HEAD":
+            self.relay.response_complete(self.status)
+
+    def on_message_complete(self) -> None:
+        if not (self.relay.methods and self.relay.methods[0] == b"HEAD"):
+            self.relay.response_complete(self.status)
 
 
 # -- HTTP/2 ---------------------------------------------------------------------------------

@@ -1,0 +1,472 @@
+"""kube-proxy emulator benchmark: throughput, latency, new connections, endpoint propagation.
+
+One run measures every path side by side against the same backend (an Envoy answering
+``200 ok`` with ``direct_response``), with wrk as the load generator:
+
+* ``direct``                — wrk → backend
+* ``envoy_tcp_proxy``       — wrk → Envoy ``tcp_proxy`` → backend
+* ``kube_proxy_telemetry_off`` — wrk → emulator (connections spliced as TCP) → backend
+* ``kube_proxy_telemetry_on``  — wrk → emulator (HTTP parsed, a hop span per request,
+  traces sampled at ``--sample-ratio``, spans exported over OTLP) → backend
+
+Per path: keep-alive throughput (``-c`` connections), p50/p99 latency at one connection,
+and the new-connection rate (``Connection: close``). Then, unless ``--skip-propagation``,
+it starts the sample cluster, marks a catalog pod unready through the API again and again,
+and measures how long new connections through the catalog ClusterIP still reach it.
+
+Usage: .venv/bin/python bench/kubeproxy.py --seconds 5 [--json]
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mesh import addresses  # noqa: E402
+from mesh.envoy import envoy_binary  # noqa: E402
+from mesh.model.types import (  # noqa: E402
+    ClusterState,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    Service,
+    ServicePort,
+)
+
+BACKEND = ("127.77.0.10", 18080)
+TCP_PROXY = ("127.77.0.11", 18080)
+KP_OFF = ("127.77.1.1", 18080)
+KP_ON = ("127.77.1.2", 18080)
+OTLP_SINK = ("127.77.0.30", 14318)
+CLIENT_IP = "127.100.0.77"
+
+GOALS = {
+    "ratio_vs_envoy_tcp_proxy": 0.75,
+    "added_p50_ms": 0.25,
+    "new_conn_ratio": 0.5,
+    "endpoint_propagation_p99_ms": 250.0,
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- processes under test ----------------------------------------------------------------
+
+
+def _envoy_config(
+    listen: tuple[str, int], admin_port: int, upstream: tuple[str, int] | None
+) -> dict[str, Any]:
+    if upstream is None:
+        hcm = {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "backend",
+                "route_config": {
+                    "virtual_hosts": [
+                        {
+                            "name": "all",
+                            "domains": ["*"],
+                            "routes": [
+                                {
+                                    "match": {"prefix": "/"},
+                                    "direct_response": {
+                                        "status": 200,
+                                        "body": {"inline_string": "ok\n"},
+                                    },
+                                }
+                            ],
+                        }
+                    ]
+                },
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.filters.http.router.v3.Router"
+                        },
+                    }
+                ],
+            },
+        }
+        filters = [hcm]
+        clusters: list[dict[str, Any]] = []
+    else:
+        filters = [
+            {
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "tcp",
+                    "cluster": "backend",
+                },
+            }
+        ]
+        clusters = [
+            {
+                "name": "backend",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "backend",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {
+                                                "address": upstream[0],
+                                                "port_value": upstream[1],
+                                            }
+                                        }
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        ]
+    return {
+        "admin": {"address": {"socket_address": {"address": listen[0], "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "main",
+                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+                    "filter_chains": [{"filters": filters}],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def _state_for(vip: tuple[str, int]) -> dict[str, Any]:
+    endpoint = Endpoint([BACKEND[0]], True, True, False, "backend", "node-a")
+    state = ClusterState(
+        resource_version=1,
+        services=[
+            Service(
+                "bench", "bench", cluster_ip=vip[0], ports=[ServicePort(vip[1], BACKEND[1], "http")]
+            )
+        ],
+        endpoint_slices=[
+            EndpointSlice(
+                "bench-1", "bench", "bench", [endpoint], [EndpointPort(BACKEND[1], "http")]
+            )
+        ],
+    )
+    return state.to_dict()
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """Accepts OTLP exports and counts them (a stand-in for a collector)."""
+
+    spans_posts = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        _Sink.spans_posts += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Rig:
+    def __init__(self, workdir: Path, sample_ratio: float) -> None:
+        self.workdir = workdir
+        self.sample_ratio = sample_ratio
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.sink: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        self.sink = ThreadingHTTPServer(OTLP_SINK, _Sink)
+        threading.Thread(target=self.sink.serve_forever, daemon=True).start()
+        self._envoy("backend", _envoy_config(BACKEND, 19000, None))
+        self._envoy("tcp_proxy", _envoy_config(TCP_PROXY, 19000, BACKEND))
+        self._kube_proxy("off", KP_OFF, "127.77.0.21")
+        self._kube_proxy("on", KP_ON, "127.77.0.22")
+        for target in (BACKEND, TCP_PROXY, KP_OFF, KP_ON):
+            _wait_http(target)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        out = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        self.procs.append(
+            subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        )
+
+    def _envoy(self, name: str, config: dict[str, Any]) -> None:
+        path = self.workdir / f"{name}.json"
+        path.write_text(json.dumps(config))
+        argv = [envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart"]
+        self._spawn(name, [*argv, "--log-level", "error"])
+
+    def _kube_proxy(self, telemetry: str, vip: tuple[str, int], metrics_ip: str) -> None:
+        state = self.workdir / f"state-{telemetry}.json"
+        state.write_text(json.dumps(_state_for(vip)))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{OTLP_SINK[0]}:{OTLP_SINK[1]}",
+        }
+        argv = [
+            sys.executable,
+            "-m",
+            "mesh.kubeproxy",
+            "--state-file",
+            str(state),
+            "--hop-telemetry",
+            telemetry,
+            "--trace-sample-ratio",
+            str(self.sample_ratio),
+            "--metrics-address",
+            metrics_ip,
+        ]
+        self._spawn(f"kube-proxy-{telemetry}", argv, env)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.sink is not None:
+            self.sink.shutdown()
+
+
+def _wait_http(target: tuple[str, int], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(*target, timeout=1)
+            conn.request("GET", "/")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing answers on {target[0]}:{target[1]} after {timeout:.0f}s")
+
+
+# -- wrk ------------------------------------------------------------------------------------
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"unexpected latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(
+    target: tuple[str, int], seconds: float, connections: int, close: bool = False
+) -> dict[str, float]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{target[0]}:{target[1]}/")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "requests_per_second": rps,
+        "p50_ms": round(_ms(lat["50"]), 4),
+        "p99_ms": round(_ms(lat["99"]), 4),
+        "socket_errors": errors.group(1) if errors else "",  # type: ignore[dict-item]
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def measure_paths(seconds: float, connections: int) -> dict[str, dict[str, Any]]:
+    paths = {
+        "direct": BACKEND,
+        "envoy_tcp_proxy": TCP_PROXY,
+        "kube_proxy_telemetry_off": KP_OFF,
+        "kube_proxy_telemetry_on": KP_ON,
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for name, target in paths.items():
+        log(f"  {name}: keep-alive, {connections} connections…")
+        keep_alive = wrk(target, seconds, connections)
+        log(f"  {name}: one connection (latency)…")
+        single = wrk(target, max(1.0, seconds / 2), 1)
+        log(f"  {name}: new connection per request…")
+        fresh = wrk(target, seconds, connections, close=True)
+        results[name] = {
+            "keep_alive_rps": keep_alive["requests_per_second"],
+            "keep_alive_p50_ms": keep_alive["p50_ms"],
+            "keep_alive_p99_ms": keep_alive["p99_ms"],
+            "single_connection_p50_ms": single["p50_ms"],
+            "single_connection_p99_ms": single["p99_ms"],
+            "new_connections_per_second": fresh["requests_per_second"],
+            "errors": {
+                k: v
+                for k, v in (("keep_alive", keep_alive), ("new_conn", fresh))
+                if v["socket_errors"] or v["non_2xx"]
+            },
+        }
+    return results
+
+
+# -- endpoint propagation through a real cluster ----------------------------------------------
+
+
+def measure_propagation(trials: int) -> list[float]:
+    """ms from "pod unready" (API call) until new connections stop reaching it."""
+    home = Path(tempfile.mkdtemp(prefix="hopscope-bench-"))
+    env = {**os.environ, "HOPSCOPE_HOME": str(home)}
+    cli = [sys.executable, "-m", "mesh.cli"]
+    subprocess.run([*cli, "up", "--detach"], env=env, check=True, capture_output=True, cwd=ROOT)
+    api = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
+    import requests
+
+    try:
+        state = requests.get(f"{api}/api/v1/state", timeout=5).json()
+        vip = next(s["cluster_ip"] for s in state["services"] if s["name"] == "catalog")
+        pods = [p["name"] for p in state["pods"] if p["name"].startswith("catalog")]
+        results = []
+        for trial in range(trials):
+            victim = pods[trial % len(pods)]
+            t0 = time.monotonic()
+            requests.post(
+                f"{api}/api/v1/pods/shop/{victim}/ready", json={"ready": False}, timeout=5
+            )
+            last_hit = None
+            while time.monotonic() - t0 < 1.0:
+                if _served_by(vip) == victim:
+                    last_hit = time.monotonic()
+            results.append(0.0 if last_hit is None else (last_hit - t0) * 1000)
+            requests.post(f"{api}/api/v1/pods/shop/{victim}/ready", json={"ready": None}, timeout=5)
+            _wait_ready(api, victim)
+        return results
+    finally:
+        subprocess.run([*cli, "down"], env=env, capture_output=True, cwd=ROOT)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _served_by(vip: str) -> str:
+    conn = http.client.HTTPConnection(vip, 8080, timeout=2, source_address=(CLIENT_IP, 0))
+    try:
+        conn.request("GET", "/items", headers={"Host": "catalog"})
+        return str(json.loads(conn.getresponse().read())["served_by"])
+    finally:
+        conn.close()
+
+
+def _wait_ready(api: str, pod: str) -> None:
+    import requests
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pods = requests.get(f"{api}/api/v1/state", timeout=5).json()["pods"]
+        if any(p["name"] == pod and p["ready"] for p in pods):
+            return
+        time.sleep(0.05)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each wrk run")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (-c)")
+    parser.add_argument("--sample-ratio", type=float, default=0.01, help="trace sample ratio (on)")
+    parser.add_argument("--trials", type=int, default=20, help="endpoint propagation trials")
+    parser.add_argument("--skip-propagation", action="store_true")
+    parser.add_argument("--json", action="store_true", help="only the JSON line on stdout")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    workdir = Path(tempfile.mkdtemp(prefix="hopscope-kpbench-"))
+    rig = Rig(workdir, args.sample_ratio)
+    log(f"starting backend, Envoy tcp_proxy and two kube-proxy emulators (logs: {workdir})…")
+    try:
+        rig.start()
+        paths = measure_paths(args.seconds, args.connections)
+    finally:
+        rig.stop()
+    on, envoy, direct = (
+        paths["kube_proxy_telemetry_on"],
+        paths["envoy_tcp_proxy"],
+        paths["direct"],
+    )
+    report: dict[str, Any] = {
+        "benchmark": "kubeproxy",
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "sample_ratio": args.sample_ratio,
+        "cpus": os.cpu_count(),
+        "paths": paths,
+        "ratio_vs_envoy_tcp_proxy": round(on["keep_alive_rps"] / envoy["keep_alive_rps"], 3),
+        "ratio_vs_envoy_tcp_proxy_telemetry_off": round(
+            paths["kube_proxy_telemetry_off"]["keep_alive_rps"] / envoy["keep_alive_rps"], 3
+        ),
+        "added_p50_ms": round(
+            on["single_connection_p50_ms"] - direct["single_connection_p50_ms"], 4
+        ),
+        "new_conn_ratio": round(
+            on["new_connections_per_second"] / envoy["new_connections_per_second"], 3
+        ),
+        "otlp_exports": _Sink.spans_posts,
+    }
+    if not args.skip_propagation:
+        log(f"endpoint propagation: {args.trials} trials through the sample cluster…")
+        samples = measure_propagation(args.trials)
+        report["endpoint_propagation_ms"] = [round(s, 1) for s in samples]
+        report["endpoint_propagation_p50_ms"] = round(statistics.median(samples), 1)
+        report["endpoint_propagation_p99_ms"] = round(_percentile(samples, 0.99), 1)
+    report["goals"] = GOALS
+    report["meets_goals"] = {
+        key: (report[key] <= goal if key.endswith("_ms") else report[key] >= goal)
+        for key, goal in GOALS.items()
+        if key in report
+    }
+    if not args.json:
+        for name, values in paths.items():
+            log(
+                f"{name:28} {values['keep_alive_rps']:>9.0f} req/s  p50(1 conn) "
+                f"{values['single_connection_p50_ms']:.3f} ms  new conn {values['new_connections_per_second']:>7.0f}/s"
+            )
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
