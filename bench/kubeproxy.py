@@ -462,8 +462,9 @@ def main() -> None:
     if not args.json:
         for name, values in paths.items():
             log(
-                f"{name:28} {values['keep_alive_rps']:>9.0f} req/s  p50(1 conn) "
-                f"{values['single_connection_p50_ms']:.3f} ms  new conn {values['new_connections_per_second']:>7.0f}/s"
+                f"{name:28} {values['keep_alive_rps']:>9.0f} req/s  "
+                f"p50(1 conn) {values['single_connection_p50_ms']:.3f} ms  "
+                f"new conn {values['new_connections_per_second']:>7.0f}/s"
             )
     print(json.dumps(report))
 
