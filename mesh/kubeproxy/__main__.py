@@ -17,6 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 
 from mesh import addresses
+from mesh.kubeproxy import hop
 from mesh.kubeproxy.proxier import Proxier
 from mesh.model.types import ClusterState
 from mesh.model.watch import StateWatcher
@@ -97,6 +98,7 @@ async def run(args: argparse.Namespace) -> None:
         "kube-proxy", {"hopscope.component": "kube-proxy"}, sample_ratio=args.trace_sample_ratio
     )
     tracer = provider.get_tracer("hopscope.kubeproxy")
+    hop.ROOT_SAMPLE_RATIO = args.trace_sample_ratio
     proxier = Proxier(
         tracer, min_sync_period=args.min_sync_period, telemetry=args.hop_telemetry == "on"
     )

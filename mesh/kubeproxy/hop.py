@@ -10,6 +10,7 @@ opened the connection and ``established`` for the ones that rode it.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,25 @@ from mesh.kubeproxy.rules import EndpointTarget, Selector, ServiceRule
 log = logging.getLogger("kube-proxy")
 
 PROPAGATOR = TraceContextTextMapPropagator()
+
+ROOT_SAMPLE_RATIO = 1.0
+"""Share of requests without a sampled caller that start a trace (``--trace-sample-ratio``)."""
+
+_rng = random.Random()
+
+
+def wants_span(traceparent: bytes | None) -> bool:
+    """Decide before any OpenTelemetry work whether this request gets a hop span.
+
+    A caller's ``traceparent`` decides (its sampled flag), like a ParentBased sampler;
+    without one the request is a new root, sampled at ``ROOT_SAMPLE_RATIO``. Unsampled
+    requests are relayed with their headers untouched: no span, no attributes, no log line.
+    """
+    if traceparent is not None and len(traceparent) == 55:
+        return traceparent[-2:] in (b"01", b"03")
+    return ROOT_SAMPLE_RATIO >= 1.0 or _rng.random() < ROOT_SAMPLE_RATIO
+
+
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 

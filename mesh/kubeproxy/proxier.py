@@ -130,6 +130,7 @@ class Proxier:
         self.node_ips = node_ips or dict(addresses.NODE_IPS)
         self.affinity: dict[tuple[str, str, str | None, str], tuple[str, float]] = {}
         self.health_listeners: dict[tuple[str, int], asyncio.Server] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
         self.rules = RuleSet()
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.conntrack: dict[int, ConnInfo] = {}
@@ -258,6 +259,12 @@ class Proxier:
     # -- connections -------------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio's stream protocol drops its reference to this task when the client goes
+        # away; without our own, a relay still finishing upstream could be collected mid-way.
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         vip, port = writer.get_extra_info("sockname")[:2]
         client_ip, client_port = writer.get_extra_info("peername")[:2]
         rule = self.rules.rules.get((vip, port))

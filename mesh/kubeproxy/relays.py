@@ -25,6 +25,7 @@ from mesh.kubeproxy.hop import (
     fail_request_span,
     finish_request_span,
     start_request_span,
+    wants_span,
 )
 
 log = logging.getLogger("kube-proxy")
@@ -114,6 +115,7 @@ class HTTP1Relay:
         self.requests = httptools.HttpRequestParser(self)
         self.responses = httptools.HttpResponseParser(_ResponseWatcher(self))
         self.spans: list[Any] = []
+        """One per request awaiting its response; None for an unsampled request."""
         self.methods: list[bytes] = []
         self.out = bytearray()
         self.url = bytearray()
@@ -137,8 +139,24 @@ class HTTP1Relay:
     def on_headers_complete(self) -> None:
         method = self.requests.get_method()
         target = bytes(self.url)
-        lowered = {k.lower(): v for k, v in self.headers}
-        self.chunked = b"chunked" in lowered.get(b"transfer-encoding", b"").lower()
+        traceparent = None
+        for name_b, value_b in self.headers:
+            lowered = name_b.lower()
+            if lowered == b"traceparent":
+                traceparent = value_b
+            elif lowered == b"transfer-encoding":
+                self.chunked = b"chunked" in value_b.lower()
+        self.methods.append(method)
+        head = bytearray(
+            b"%s %s HTTP/%s\r\n" % (method, target, self.requests.get_http_version().encode())
+        )
+        if not wants_span(traceparent):
+            self.conn.requests += 1
+            self.spans.append(None)
+            for name_b, value_b in self.headers:
+                head += name_b + b": " + value_b + b"\r\n"
+            self.out += head + b"\r\n"
+            return
         name = f"{method.decode()} {target.decode('latin-1')[:80]}"
         carrier_in = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.headers}
         span, carrier = start_request_span(self.tracer, self.conn, carrier_in, name)
@@ -147,10 +165,6 @@ class HTTP1Relay:
                 {"http.request.method": method.decode(), "url.path": target.decode("latin-1")}
             )
         self.spans.append(span)
-        self.methods.append(method)
-        head = bytearray(
-            b"%s %s HTTP/%s\r\n" % (method, target, self.requests.get_http_version().encode())
-        )
         for name_b, value_b in self.headers:
             if name_b.lower() not in (b"traceparent", b"tracestate"):
                 head += name_b + b": " + value_b + b"\r\n"
@@ -180,7 +194,8 @@ class HTTP1Relay:
             pass
         finally:
             for span in self.spans:
-                fail_request_span(span, "connection closed before the response completed")
+                if span is not None:
+                    fail_request_span(span, "connection closed before the response completed")
             self.spans.clear()
             await _close(self.client_w)
             await _close(self.up_w)
@@ -211,6 +226,10 @@ class HTTP1Relay:
                     self.out.clear()
             await self.up_w.drain()
             data = await self.client_r.read(READ_SIZE)
+        if not self.upgraded and not self.spans:
+            # The client is done and every response is complete: nothing more can come.
+            await _close(self.up_w)
+            return
         if self.up_w.can_write_eof():
             self.up_w.write_eof()
 
@@ -234,7 +253,9 @@ class HTTP1Relay:
         if status < 200 and status != 101:
             return  # an interim response (100 Continue); the real one follows
         if self.spans:
-            finish_request_span(self.spans.pop(0), status)
+            span = self.spans.pop(0)
+            if span is not None:
+                finish_request_span(span, status)
         if self.methods and self.methods.pop(0) == b"HEAD":
             # A response to HEAD has no body whatever its headers say; the parser cannot
             # be told, so the rest of this connection is relayed without per-request spans.
