@@ -163,6 +163,23 @@ def test_requests_spread_over_both_replicas(cluster: dict[str, str]) -> None:
     assert len(served["catalog"]) == 2, served
 
 
+def test_grpc_requests_ride_an_established_connection(cluster: dict[str, str]) -> None:
+    """The sidecar keeps one HTTP/2 connection per destination: kube-proxy balanced it once."""
+    for _ in range(6):
+        requests.get("http://127.200.0.1:8080/", headers={"Host": "shop.local"}, timeout=10)
+    traces = poll_until(
+        lambda: [t for t in api_get("/api/v1/traces", limit=6) if len(t["hops"]) >= 19], timeout=15
+    )
+    states = []
+    for summary in traces:
+        for span in trace_json(summary["trace_id"])["spans"]:
+            a = span["attributes"]
+            if a.get("hopscope.hop") == "kube-proxy" and a["k8s.service.name"] == "reviews":
+                states.append(a["hopscope.conntrack.state"])
+    assert "established" in states, states
+    assert set(states) <= {"new", "established"}
+
+
 def test_logs_are_json_with_trace_ids(cluster: dict[str, str]) -> None:
     import json
 

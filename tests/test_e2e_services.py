@@ -169,13 +169,17 @@ def test_ipvs_round_robin_via_kube_proxy_configuration(
 
 def test_conntrack_lists_the_tuples_of_the_span(cluster: dict[str, str]) -> None:
     doc = json.loads(hopscope("curl", "--json", f"http://{NODE_B}:30080/", env=cluster).stdout)
-    view = poll_until(lambda: (v := trace_json(doc["trace_id"])) and len(v["hops"]) >= 2 and v)
+    view = poll_until(
+        lambda: (v := trace_json(doc["trace_id"])) and "kube-proxy" in hop_names(v) and v
+    )
     span = next(s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "kube-proxy")
     a = span["attributes"]
     entries = json.loads(
         hopscope("conntrack", "-o", "json", "--service", "echo/echo-cluster", env=cluster).stdout
     )
-    entry = next(e for e in entries if e["id"] == a["hopscope.conntrack.id"])
+    matching = [e for e in entries if e["id"] == a["hopscope.conntrack.id"]]
+    assert matching, (a, [e["id"] for e in entries][-10:])
+    entry = matching[0]
     assert entry["original"] == {
         "src": a["hopscope.nat.original.src"],
         "dst": a["hopscope.nat.original.dst"],
@@ -207,6 +211,21 @@ def test_kube_proxy_restart_keeps_services_working(cluster: dict[str, str]) -> N
     assert new["pid"] != old["pid"] and new["restarts"] == old["restarts"] + 1
     # 0.5 s restart back-off + process start + one rule sync.
     assert recovered < 3.0, recovered
+
+
+def test_pod_to_cluster_ip_keeps_the_pod_address_and_hairpin_is_masqueraded(
+    cluster: dict[str, str],
+) -> None:
+    pods = [p for p in api_get("/api/v1/state")["pods"] if p["namespace"] == "echo"]
+    me = pods[0]
+    vip = _service("echo-cluster")["cluster_ip"]
+    seen = {}
+    for _ in range(30):
+        reply = _echo(vip, 8080, client=me["ip"])
+        seen[reply["pod"]] = reply["peer"]
+    assert seen[me["name"]] == addresses.NODE_IPS[me["node"]]  # hairpin: SNAT to the node
+    others = {pod: peer for pod, peer in seen.items() if pod != me["name"]}
+    assert others and set(others.values()) == {me["ip"]}  # DNAT only
 
 
 def test_connection_refused_is_fast_for_closed_node_ports(cluster: dict[str, str]) -> None:

@@ -177,3 +177,17 @@ def test_health_check_node_port_counts_local_endpoints() -> None:
     checks = build_rules(state, NODES).health_checks
     assert checks[(NODES["node-a"], 30099)].local_endpoints == 2
     assert checks[(NODES["node-b"], 30099)].local_endpoints == 0
+
+
+def test_multi_port_service_with_named_target_ports() -> None:
+    state = _state("NodePort", "Cluster")
+    svc = state.services[0]
+    svc.ports = [
+        ServicePort(80, "http", "http", node_port=30080),
+        ServicePort(9090, "metrics", "metrics", node_port=30090),
+    ]
+    state.endpoint_slices[0].ports = [EndpointPort(8080, "http"), EndpointPort(9464, "metrics")]
+    rules = build_rules(state, NODES).rules
+    assert {e.port for e in rules[(VIP, 80)].endpoints} == {8080}
+    assert {e.port for e in rules[(VIP, 9090)].endpoints} == {9464}
+    assert {e.port for e in rules[(NODES["node-b"], 30090)].endpoints} == {9464}

@@ -161,6 +161,42 @@ def test_invalid_manifests_name_file_object_and_field(
     assert str(err.value).startswith("svc.yaml: Service demo/web: " + expected), err.value
 
 
+def test_affinity_timeout_above_a_day_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "svc.yaml"
+    path.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n"
+        "spec:\n  selector: {app: web}\n  sessionAffinity: ClientIP\n"
+        "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}\n"
+        "  ports: [{port: 80}]\n"
+    )
+    with pytest.raises(ManifestError, match=r"timeoutSeconds: 90000 is not in 1\.\.86400"):
+        load_manifests([path])
+
+
+def test_node_ports_are_allocated_checked_and_load_balancers_get_addresses(
+    tmp_path: Path,
+) -> None:
+    cluster = _cluster(tmp_path)
+    base = "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n"
+    spec = "spec:\n  type: {type}\n  selector: {{app: web}}\n  ports: [{{port: 80{extra}}}]\n"
+
+    def service(name: str, svc_type: str, extra: str = "") -> list:  # type: ignore[type-arg]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(base.format(name=name) + spec.format(type=svc_type, extra=extra))
+        return load_manifests([path])
+
+    cluster.apply(service("np", "NodePort"))
+    np = cluster.state.service("demo", "np")
+    assert np is not None and np.ports[0].node_port == 30000
+    cluster.apply(service("lb", "LoadBalancer"))
+    lb = cluster.state.service("demo", "lb")
+    assert lb is not None and lb.load_balancer_ingress == ["127.200.0.2"]
+    with pytest.raises(ManifestError, match="30000 is already allocated"):
+        cluster.apply(service("dup", "NodePort", ", nodePort: 30000"))
+    with pytest.raises(ManifestError, match="outside the NodePort range"):
+        cluster.apply(service("low", "NodePort", ", nodePort: 80"))
+
+
 def test_unknown_namespace_and_bad_yaml_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     path.write_text(DEPLOYMENT.format(replicas=1).split("---", 1)[1])
