@@ -56,6 +56,18 @@ LB_IP = "127.200.0.1"
 LB_POOL_CIDR = "127.200.0.0/24"
 """LoadBalancer Services get addresses from here, from .2 up (.1 is the ingress)."""
 
+KUBERNETES_SERVICE_IP = "127.96.0.1"
+"""``kubernetes.default``: the first address of the Service CIDR, as in every cluster."""
+
+EXTERNAL_CIDR = "127.50.0.0/16"
+"""The playground's "internet": addresses outside every cluster range."""
+
+EXTERNAL_HOSTS: dict[str, str] = {"payments.example.net.": "127.50.0.10"}
+"""Public names the cluster DNS resolves as an upstream resolver would (others: NXDOMAIN)."""
+
+EGRESS_POOL_CIDR = "127.60.0.0/24"
+"""Egress SNAT addresses: pod traffic leaving the cluster appears to come from here."""
+
 NODE_PORT_RANGE = (30000, 32767)
 """Inclusive NodePort range."""
 

@@ -44,9 +44,11 @@ def test_service_a_record_is_its_cluster_ip(server: DNSServer) -> None:
     assert [r.to_text() for r in rrset] == [server.state.service("shop", "catalog").cluster_ip]  # type: ignore[union-attr]
 
 
-def test_unknown_names_are_nxdomain_and_outside_names_refused(server: DNSServer) -> None:
+def test_unknown_names_are_nxdomain_inside_and_outside_the_zone(server: DNSServer) -> None:
     assert _ask(server, "nope.shop.svc.cluster.local.").rcode() == dns.rcode.NXDOMAIN
-    assert _ask(server, "example.com.").rcode() == dns.rcode.REFUSED
+    assert _ask(server, "example.com.").rcode() == dns.rcode.NXDOMAIN
+    reply = _ask(server, "payments.example.net.")
+    assert [r.to_text() for r in reply.answer[0]] == ["127.50.0.10"]
 
 
 def test_garbage_gets_formerr_or_nothing(server: DNSServer) -> None:
@@ -72,3 +74,150 @@ def test_pod_resolver_over_real_udp_records_every_query(server: DNSServer) -> No
     with pytest.raises(ResolveError) as err:
         resolver.resolve("api.example.com")
     assert err.value.queries[-1] == "api.example.com."
+
+
+EXTRA = [
+    {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "cache", "namespace": "shop"},
+        "spec": {
+            "replicas": 2,
+            "serviceName": "cache",
+            "selector": {"matchLabels": {"app": "cache"}},
+            "template": {
+                "metadata": {"labels": {"app": "cache"}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "cache",
+                            "image": "x",
+                            "ports": [{"name": "redis", "containerPort": 6379}],
+                        }
+                    ]
+                },
+            },
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "cache", "namespace": "shop"},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"app": "cache"},
+            "ports": [{"name": "redis", "port": 6379}],
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "payments", "namespace": "shop"},
+        "spec": {"type": "ExternalName", "externalName": "payments.example.net"},
+    },
+]
+
+EXTRA_IP, EXTRA_PORT = "127.96.250.11", 10154
+
+
+@pytest.fixture(scope="module")
+def rich() -> Iterator[tuple[Cluster, DNSServer]]:
+    from mesh.model.manifests import load_document
+
+    cluster = Cluster()
+    cluster.apply(load_manifests(default_manifest_paths()))
+    cluster.apply([load_document(doc, "extra", i) for i, doc in enumerate(EXTRA)])
+    srv = DNSServer(EXTRA_IP, EXTRA_PORT, ttl=30)
+    srv.set_state(cluster.state)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_until_complete, args=(serve(srv),), daemon=True).start()
+    yield cluster, srv
+
+
+def _udp(name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+    import time
+
+    import dns.exception
+    import dns.query
+
+    query = dns.message.make_query(name, rdtype)
+    for _ in range(50):  # the server thread may still be binding
+        try:
+            if tcp:
+                return dns.query.tcp(query, EXTRA_IP, port=EXTRA_PORT, timeout=0.5)
+            return dns.query.udp(query, EXTRA_IP, port=EXTRA_PORT, timeout=0.5)
+        except (ConnectionRefusedError, dns.exception.Timeout):
+            time.sleep(0.05)
+    raise AssertionError("DNS server did not start")
+
+
+def _texts(reply: dns.message.Message) -> list[str]:
+    return sorted(r.to_text() for rrset in reply.answer for r in rrset)
+
+
+def test_headless_service_answers_ready_endpoints_only(rich: tuple[Cluster, DNSServer]) -> None:
+    cluster, srv = rich
+    assert _udp("cache.shop.svc.cluster.local.").rcode() == dns.rcode.NXDOMAIN  # none ready
+    pods = [p for p in cluster.state.pods if p.owner_name == "cache"]
+    for pod in pods:
+        cluster.set_pod_running("shop", pod.name)
+    cluster.set_pod_ready("shop", pods[0].name, True)
+    srv.set_state(cluster.state)
+    assert _texts(_udp("cache.shop.svc.cluster.local.")) == [pods[0].ip]
+    # StatefulSet pods by their stable hostname behind the headless Service
+    assert _texts(_udp(f"{pods[0].name}.cache.shop.svc.cluster.local.")) == [pods[0].ip]
+    assert pods[0].name == "cache-0"
+    srv_reply = _udp("_redis._tcp.cache.shop.svc.cluster.local.", "SRV")
+    assert _texts(srv_reply) == ["0 100 6379 cache-0.cache.shop.svc.cluster.local."]
+    assert [r.to_text() for r in srv_reply.additional[0]] == [pods[0].ip]
+
+
+def test_srv_for_a_cluster_ip_service_points_at_the_service(
+    rich: tuple[Cluster, DNSServer],
+) -> None:
+    reply = _udp("_grpc._tcp.reviews.shop.svc.cluster.local.", "SRV")
+    assert _texts(reply) == ["0 100 50051 reviews.shop.svc.cluster.local."]
+    assert _udp("_nope._tcp.reviews.shop.svc.cluster.local.", "SRV").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_ptr_for_cluster_ips_and_pods(rich: tuple[Cluster, DNSServer]) -> None:
+    cluster, _ = rich
+    catalog = cluster.state.service("shop", "catalog")
+    assert catalog is not None and catalog.cluster_ip
+    reverse = ".".join(reversed(catalog.cluster_ip.split("."))) + ".in-addr.arpa."
+    assert _texts(_udp(reverse, "PTR")) == ["catalog.shop.svc.cluster.local."]
+    pod = next(p for p in cluster.state.pods if p.owner_name == "frontend")
+    reverse = ".".join(reversed(pod.ip.split("."))) + ".in-addr.arpa."
+    expected = f"{pod.ip.replace('.', '-')}.shop.pod.cluster.local."
+    assert _texts(_udp(reverse, "PTR")) == [expected]
+
+
+def test_external_name_is_a_cname_chased_to_the_internet(rich: tuple[Cluster, DNSServer]) -> None:
+    reply = _udp("payments.shop.svc.cluster.local.")
+    kinds = [(rrset.rdtype, [r.to_text() for r in rrset]) for rrset in reply.answer]
+    assert kinds == [
+        (dns.rdatatype.CNAME, ["payments.example.net."]),
+        (dns.rdatatype.A, ["127.50.0.10"]),
+    ]
+
+
+def test_kubernetes_default_and_ttl_and_tcp(rich: tuple[Cluster, DNSServer]) -> None:
+    reply = _udp("KUBERNETES.default.svc.cluster.local.", tcp=True)
+    assert _texts(reply) == ["127.96.0.1"]
+    assert reply.answer[0].ttl == 30
+    resolver = PodResolver((EXTRA_IP, EXTRA_PORT), SEARCH, 5, "p", "shop")
+    lookup = resolver.lookup("kubernetes.default")
+    assert lookup.rcodes == ["NXDOMAIN", "NOERROR"] and lookup.answer == ["127.96.0.1"]
+
+
+def test_an_external_name_costs_the_search_path_first(rich: tuple[Cluster, DNSServer]) -> None:
+    resolver = PodResolver((EXTRA_IP, EXTRA_PORT), SEARCH, 5, "p", "shop")
+    lookup = resolver.lookup("payments.example.net")
+    assert lookup.queries == [
+        "payments.example.net.shop.svc.cluster.local.",
+        "payments.example.net.svc.cluster.local.",
+        "payments.example.net.cluster.local.",
+        "payments.example.net.",
+    ]
+    assert lookup.rcodes == ["NXDOMAIN", "NXDOMAIN", "NXDOMAIN", "NOERROR"]
+    assert lookup.answer == ["127.50.0.10"]

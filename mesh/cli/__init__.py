@@ -11,6 +11,7 @@ import click
 
 from mesh.cli.cluster_cmds import down, status, up
 from mesh.cli.curl_cmd import curl
+from mesh.cli.dig_cmd import dig
 from mesh.cli.get_cmds import get
 from mesh.cli.manage_cmds import apply, conntrack, kill, ready, scale
 from mesh.cli.trace_cmds import trace
@@ -29,7 +30,20 @@ def cli() -> None:
     """
 
 
-for command in (up, down, status, get, apply, scale, ready, kill, curl, trace, conntrack):
+for command in (
+    up,
+    down,
+    status,
+    get,
+    apply,
+    scale,
+    ready,
+    kill,
+    curl,
+    dig,
+    trace,
+    conntrack,
+):
     cli.add_command(command)
 
 

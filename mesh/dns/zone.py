@@ -1,11 +1,21 @@
 """The ``cluster.local`` zone computed from the cluster model, like CoreDNS's kubernetes plugin.
 
 :func:`answer` takes a parsed query and the current :class:`ClusterState` and builds the
-reply. It never raises on odd input: names outside the zone get REFUSED (there is no
-upstream resolver in the playground), unknown names inside it NXDOMAIN.
+reply. It never raises on odd input. Records served:
+
+* ``<svc>.<ns>.svc.cluster.local``  A: the ClusterIP, or one A per *ready* endpoint of a
+  headless Service (NXDOMAIN when none is ready); CNAME for ExternalName Services
+* ``<hostname>.<svc>.<ns>.svc.cluster.local`` A: StatefulSet pods behind a headless Service
+* ``_<port>._<proto>.<svc>.<ns>.svc.cluster.local`` SRV for named ports
+* ``a-b-c-d.<ns>.pod.cluster.local`` A, and PTR (``in-addr.arpa``) for ClusterIPs and pods
+* names of the playground's "internet" (:data:`mesh.addresses.EXTERNAL_HOSTS`), answered as
+  an upstream resolver would; any other name is NXDOMAIN, as on the public internet.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
 
 import dns.flags
 import dns.message
@@ -15,58 +25,135 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from mesh.model.types import ClusterState
+from mesh import addresses
+from mesh.model.types import ClusterState, Service
 
 ZONE = dns.name.from_text("cluster.local.")
+REVERSE = dns.name.from_text("in-addr.arpa.")
 DEFAULT_TTL = 5
 """Seconds; CoreDNS's kubernetes plugin default."""
 
 
-def _labels(qname: dns.name.Name) -> list[str]:
-    rel = qname.relativize(ZONE)
+@dataclass
+class Records:
+    """What a name has: addresses, an alias, service records, a reverse name."""
+
+    a: list[str] = field(default_factory=list)
+    cname: str | None = None
+    srv: list[tuple[int, int, int, str]] = field(default_factory=list)
+    """(priority, weight, port, target) — target fully qualified."""
+    ptr: list[str] = field(default_factory=list)
+    additional: dict[str, list[str]] = field(default_factory=dict)
+    """Glue A records for SRV targets."""
+
+
+def _labels(qname: dns.name.Name, origin: dns.name.Name) -> list[str]:
+    rel = qname.relativize(origin)
     return [label.decode().lower() for label in rel.labels]
 
 
-def service_addresses(state: ClusterState, namespace: str, name: str) -> list[str] | None:
-    """A records of a Service: its ClusterIP, or ready endpoints if headless; None if absent."""
-    svc = state.service(namespace, name)
-    if svc is None:
-        return None
-    if svc.type == "ExternalName":
-        return []
-    if not svc.headless:
-        return [svc.cluster_ip] if svc.cluster_ip else []
-    ips = []
-    for eps in state.slices_for(namespace, name):
+def _ready_endpoints(state: ClusterState, svc: Service) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = []
+    for eps in state.slices_for(svc.namespace, svc.name):
         for ep in eps.endpoints:
             if ep.ready:
-                ips.extend(ep.addresses)
-    return sorted(set(ips))
+                out.extend((ip, ep.hostname) for ip in ep.addresses)
+    return sorted(set(out))
 
 
-def lookup_a(state: ClusterState, qname: dns.name.Name) -> list[str] | None:
-    """Addresses for a name in the zone; None means NXDOMAIN."""
-    labels = _labels(qname)
-    # <svc>.<ns>.svc
-    if len(labels) == 3 and labels[2] == "svc":
-        ips = service_addresses(state, labels[1], labels[0])
-        return ips if ips else None
-    # <hostname>.<svc>.<ns>.svc (StatefulSet pods behind a headless Service)
-    if len(labels) == 4 and labels[3] == "svc":
-        host, svc, ns = labels[0], labels[1], labels[2]
-        for eps in state.slices_for(ns, svc):
-            for ep in eps.endpoints:
-                if ep.hostname == host and ep.addresses:
-                    return ep.addresses[:1]
-        return None
-    # a-b-c-d.<ns>.pod
+def _endpoint_host(svc: Service, ip: str, hostname: str | None) -> str:
+    label = hostname or ip.replace(".", "-")
+    return f"{label}.{svc.name}.{svc.namespace}.svc.cluster.local."
+
+
+def lookup(state: ClusterState, qname: dns.name.Name) -> Records | None:
+    """The records of a name in the cluster zone; None means NXDOMAIN."""
+    labels = _labels(qname, ZONE)
+    if len(labels) >= 3 and labels[-1] == "svc":
+        return _service_records(state, labels[:-1])
     if len(labels) == 3 and labels[2] == "pod":
         ip = labels[0].replace("-", ".")
         pod = state.pod_by_ip(ip)
         if pod is not None and pod.namespace == labels[1]:
-            return [ip]
-        return None
+            return Records(a=[ip])
     return None
+
+
+def _service_records(state: ClusterState, labels: list[str]) -> Records | None:
+    # labels without the trailing "svc": [..., <svc>, <ns>]
+    if len(labels) == 2:
+        svc = state.service(labels[1], labels[0])
+        if svc is None:
+            return None
+        if svc.type == "ExternalName" and svc.external_name:
+            return Records(cname=svc.external_name.rstrip(".") + ".")
+        if not svc.headless:
+            return Records(a=[svc.cluster_ip]) if svc.cluster_ip else None
+        ready = _ready_endpoints(state, svc)
+        return Records(a=[ip for ip, _ in ready]) if ready else None
+    if len(labels) == 3:
+        svc = state.service(labels[2], labels[1])
+        if svc is None or not svc.headless:
+            return None
+        for ip, hostname in _ready_endpoints(state, svc):
+            if labels[0] in (hostname, ip.replace(".", "-")):
+                return Records(a=[ip])
+        return None
+    if len(labels) == 4 and labels[0].startswith("_") and labels[1].startswith("_"):
+        svc = state.service(labels[3], labels[2])
+        if svc is None:
+            return None
+        port_name, proto = labels[0][1:], labels[1][1:].upper()
+        port = next((p for p in svc.ports if p.name == port_name and p.protocol == proto), None)
+        if port is None:
+            return None
+        if not svc.headless:
+            target = f"{svc.name}.{svc.namespace}.svc.cluster.local."
+            glue = {target: [svc.cluster_ip]} if svc.cluster_ip else {}
+            return Records(srv=[(0, 100, port.port, target)], additional=glue)
+        records = Records()
+        targets = {}
+        for eps in state.slices_for(svc.namespace, svc.name):
+            ep_port = next((p.port for p in eps.ports if p.name == port.name), None)
+            for ep in eps.endpoints:
+                if ep.ready and ep_port:
+                    for ip in ep.addresses:
+                        host = _endpoint_host(svc, ip, ep.hostname)
+                        targets[host] = (ep_port, ip)
+        for host, (ep_port, ip) in sorted(targets.items()):
+            records.srv.append((0, 100, ep_port, host))
+            records.additional[host] = [ip]
+        return records if records.srv else None
+    return None
+
+
+def reverse_lookup(state: ClusterState, qname: dns.name.Name) -> Records | None:
+    """PTR for ClusterIPs and pod IPs."""
+    labels = _labels(qname, REVERSE)
+    if len(labels) != 4:
+        return None
+    ip = ".".join(reversed(labels))
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    for svc in state.services:
+        if svc.cluster_ip == ip:
+            return Records(ptr=[f"{svc.name}.{svc.namespace}.svc.cluster.local."])
+    pod = state.pod_by_ip(ip)
+    if pod is not None:
+        if pod.hostname and pod.subdomain:
+            return Records(
+                ptr=[f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc.cluster.local."]
+            )
+        return Records(ptr=[f"{ip.replace('.', '-')}.{pod.namespace}.pod.cluster.local."])
+    return None
+
+
+def external_lookup(qname: dns.name.Name) -> Records | None:
+    """The playground's internet: a few public names at external addresses."""
+    ip = addresses.EXTERNAL_HOSTS.get(qname.to_text().lower())
+    return Records(a=[ip]) if ip else None
 
 
 def answer(
@@ -74,23 +161,50 @@ def answer(
 ) -> tuple[dns.message.Message, str]:
     """The reply to ``query`` and the zone label for metrics (``cluster.local.`` or ``.``)."""
     reply = dns.message.make_response(query)
-    reply.flags |= dns.flags.AA
     if len(query.question) != 1:
         reply.set_rcode(dns.rcode.FORMERR)
         return reply, "."
     question = query.question[0]
     qname, rdtype = question.name, question.rdtype
-    if not qname.is_subdomain(ZONE):
-        reply.flags &= ~dns.flags.AA
-        reply.set_rcode(dns.rcode.REFUSED)
-        return reply, "."
     if question.rdclass != dns.rdataclass.IN:
         reply.set_rcode(dns.rcode.NOTIMP)
-        return reply, str(ZONE)
-    ips = lookup_a(state, qname)
-    if ips is None:
+        return reply, "."
+    if qname.is_subdomain(ZONE):
+        zone, records = str(ZONE), lookup(state, qname)
+        reply.flags |= dns.flags.AA
+    elif qname.is_subdomain(REVERSE):
+        zone, records = str(REVERSE), reverse_lookup(state, qname)
+        reply.flags |= dns.flags.AA
+    else:
+        zone, records = ".", external_lookup(qname)
+        reply.flags |= dns.flags.RA
+    if records is None:
         reply.set_rcode(dns.rcode.NXDOMAIN)
-        return reply, str(ZONE)
-    if rdtype in (dns.rdatatype.A, dns.rdatatype.ANY):
-        reply.answer.append(dns.rrset.from_text_list(qname, ttl, "IN", "A", ips))
-    return reply, str(ZONE)
+        return reply, zone
+    _fill(reply, qname, rdtype, records, ttl)
+    return reply, zone
+
+
+def _fill(
+    reply: dns.message.Message, qname: dns.name.Name, rdtype: int, rec: Records, ttl: int
+) -> None:
+    any_type = rdtype == dns.rdatatype.ANY
+    if rec.cname:
+        reply.answer.append(dns.rrset.from_text_list(qname, ttl, "IN", "CNAME", [rec.cname]))
+        target = external_lookup(dns.name.from_text(rec.cname))
+        if target and rdtype in (dns.rdatatype.A, dns.rdatatype.ANY):
+            # The resolver chases the alias, as CoreDNS does through its upstream.
+            target_name = dns.name.from_text(rec.cname)
+            reply.answer.append(dns.rrset.from_text_list(target_name, ttl, "IN", "A", target.a))
+        return
+    if rec.a and (rdtype == dns.rdatatype.A or any_type):
+        reply.answer.append(dns.rrset.from_text_list(qname, ttl, "IN", "A", rec.a))
+    if rec.srv and (rdtype == dns.rdatatype.SRV or any_type):
+        texts = [f"{p} {w} {port} {target}" for p, w, port, target in rec.srv]
+        reply.answer.append(dns.rrset.from_text_list(qname, ttl, "IN", "SRV", texts))
+        for host, ips in rec.additional.items():
+            reply.additional.append(
+                dns.rrset.from_text_list(dns.name.from_text(host), ttl, "IN", "A", ips)
+            )
+    if rec.ptr and (rdtype == dns.rdatatype.PTR or any_type):
+        reply.answer.append(dns.rrset.from_text_list(qname, ttl, "IN", "PTR", rec.ptr))

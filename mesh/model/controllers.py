@@ -106,12 +106,14 @@ class Cluster:
         self.pod_ips = {n.name: AddressPool(n.pod_cidr) for n in self.state.nodes}
         self.service_ips = AddressPool(addresses.SERVICE_CIDR, first_host=11)
         self.service_ips.used.add(addresses.DNS_SERVICE_IP)
+        self.service_ips.used.add(addresses.KUBERNETES_SERVICE_IP)
         self.lb_ips = AddressPool(addresses.LB_POOL_CIDR, first_host=2)
         self.node_ports: dict[int, str] = {}
         """Allocated NodePort → ``namespace/name`` of its Service."""
         self._probe_ready: dict[tuple[str, str], bool] = {}
         self._template_hashes: dict[tuple[str, str], str] = {}
         self.state.services.append(_kube_dns_service())
+        self.state.services.append(_kubernetes_service())
         self._rebuild_endpoints()
 
     # -- reading -----------------------------------------------------------------------
@@ -510,6 +512,19 @@ def _endpoint_port(sp: ServicePort, pods: list[Pod]) -> EndpointPort:
         number = sp.target_port if isinstance(sp.target_port, int) else 0
     return EndpointPort(
         port=number, name=sp.name, protocol=sp.protocol, app_protocol=sp.app_protocol
+    )
+
+
+def _kubernetes_service() -> Service:
+    """``kubernetes.default``: resolvable like in any cluster (the API itself is not proxied)."""
+    return Service(
+        name="kubernetes",
+        namespace="default",
+        cluster_ip=addresses.KUBERNETES_SERVICE_IP,
+        ports=[ServicePort(443, 6443, "https")],
+        labels={"component": "apiserver", "provider": "kubernetes"},
+        annotations={SERVED_BY_ANNOTATION: "control-plane"},
+        source="built-in",
     )
 
 
