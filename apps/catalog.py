@@ -1,11 +1,36 @@
-"""The catalog service: a Flask app listing products over HTTP (``GET /items``)."""
+"""The catalog service: a Flask app listing products over HTTP (``GET /items``).
+
+It keeps the rendered list in the ``cache`` StatefulSet, sharding keys over the two cache
+pods by name (``cache-N.cache``) and talking to the chosen pod directly, as a Redis client
+would: that is the headless-Service, pod-to-pod path (no VIP, no kube-proxy).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import zlib
+
+import requests
 from flask import Flask, abort, jsonify
 from flask.typing import ResponseReturnValue
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
 from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
+from apps.podnet import PodResolver, ResolveError, ServiceHTTPClient
+
+CACHE_SHARDS = 2
+CACHE_PORT = 6380
+CACHE_TTL_SECONDS = 600
+
+log = logging.getLogger("catalog")
+
+
+def cache_url(key: str) -> str:
+    """The shard for ``key``: a stable pod name under the headless Service."""
+    shard = zlib.crc32(key.encode()) % CACHE_SHARDS
+    return f"http://cache-{shard}.cache:{CACHE_PORT}/keys/{key}"
+
 
 ITEMS = [
     {"id": "p1", "name": "Packet socks", "price": 9.5},
@@ -17,6 +42,25 @@ ITEMS = [
 def create_app(pod: PodIdentity) -> Flask:
     app = Flask("catalog")
     instrument_flask(app, pod)
+    RequestsInstrumentor().instrument()
+    resolver = PodResolver(
+        pod.dns_server, pod.dns_search, pod.ndots, pod.name, pod.namespace, pod.ip
+    )
+    http = ServiceHTTPClient(resolver, pod.sidecar_outbound, pod.ip)
+
+    def cached_items() -> str:
+        """Look the list up in its cache shard; store it there on a miss."""
+        url = cache_url("items")
+        try:
+            resp = http.get(url, timeout=3)
+            if resp.status_code == 200:
+                return "hit"
+            http.request("PUT", f"{url}?ttl={CACHE_TTL_SECONDS}", data=json.dumps(ITEMS))
+            return "miss"
+        except (ResolveError, requests.RequestException) as exc:
+            # A cache is an optimisation: serve without it, but say so.
+            log.warning("cache unavailable", extra={"error": str(exc)})
+            return "unavailable"
 
     @app.get("/healthz")
     def healthz() -> ResponseReturnValue:
@@ -24,7 +68,7 @@ def create_app(pod: PodIdentity) -> Flask:
 
     @app.get("/items")
     def items() -> ResponseReturnValue:
-        return jsonify(items=ITEMS, served_by=pod.name)
+        return jsonify(items=ITEMS, served_by=pod.name, cache=cached_items())
 
     @app.get("/items/<item_id>")
     def item(item_id: str) -> ResponseReturnValue:

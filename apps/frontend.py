@@ -22,6 +22,8 @@ from apps.podnet import (
 )
 
 CATALOG_URL = "http://catalog:8080/items"
+PAYMENTS_URL = "http://payments:8080/authorize"
+"""An ExternalName Service: DNS answers with a CNAME to payments.example.net, outside."""
 REVIEWS = ("reviews", 50051)
 
 log = logging.getLogger("frontend")
@@ -74,6 +76,18 @@ def create_app(pod: PodIdentity) -> Flask:
             reviews=[{"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews],
             reviews_served_by=reply.served_by,
         )
+
+    @app.get("/checkout")
+    def checkout() -> ResponseReturnValue:
+        try:
+            resp = http.request("POST", PAYMENTS_URL, data=b'{"amount": 9.5}')
+        except (ResolveError, requests.RequestException) as exc:
+            log.error("payments unreachable", extra={"error": str(exc)})
+            return jsonify(error=f"payments: {exc}", served_by=pod.name), 502
+        if resp.status_code != 200:
+            log.error("payments failed", extra={"status": resp.status_code})
+            return jsonify(error=f"payments answered {resp.status_code}"), 502
+        return jsonify(served_by=pod.name, payment=resp.json())
 
     return app
 

@@ -175,6 +175,11 @@ class ServiceHTTPClient:
         return session
 
     def get(self, url: str, timeout: float = 10.0) -> requests.Response:
+        return self.request("GET", url, timeout=timeout)
+
+    def request(
+        self, method: str, url: str, timeout: float = 10.0, data: bytes | str | None = None
+    ) -> requests.Response:
         parts = urlsplit(url)
         if not parts.hostname:
             raise ValueError(f"not a URL: {url!r}")
@@ -182,7 +187,9 @@ class ServiceHTTPClient:
         ip = self.resolver.resolve(parts.hostname)[0]
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = {"Host": parts.netloc, addresses.ORIGINAL_DST_HEADER: f"{ip}:{port}"}
-        return self._session().get(f"http://{self.sidecar}{path}", headers=headers, timeout=timeout)
+        return self._session().request(
+            method, f"http://{self.sidecar}{path}", headers=headers, timeout=timeout, data=data
+        )
 
 
 def grpc_channel(sidecar: str, authority: str) -> grpc.Channel:

@@ -41,6 +41,9 @@ INGRESS_IP = "127.200.0.1"
 INGRESS_PORT = 8080
 """HTTP port of the ingress controller (unprivileged)."""
 
+INGRESS_NODE = "node-a"
+"""The node the ingress controller runs on (where its traffic enters the pod network)."""
+
 INGRESS_ADMIN_PORT = 15000
 """Envoy admin port of the ingress controller (on ``INGRESS_IP``)."""
 
@@ -67,6 +70,19 @@ EXTERNAL_HOSTS: dict[str, str] = {"payments.example.net.": "127.50.0.10"}
 
 EGRESS_POOL_CIDR = "127.60.0.0/24"
 """Egress SNAT addresses: pod traffic leaving the cluster appears to come from here."""
+
+CLUSTER_CIDRS = ("127.244.0.0/16", "127.96.0.0/16", "127.10.0.0/24", "127.200.0.0/24")
+"""Pods, Services, nodes (and control plane), load balancers: everything else is outside,
+so a pod reaching it leaves through egress SNAT."""
+
+VTEP_PORT = 8472
+"""Each node's overlay tunnel endpoint (flannel's VXLAN port), on the node IP."""
+
+EGRESS_GATEWAY_PORT = 15080
+"""Each node's egress SNAT gateway, on the node IP."""
+
+CNI_METRICS_PORT = 9091
+"""The CNI emulator's Prometheus endpoint (on the first node IP), like calico-node's."""
 
 NODE_PORT_RANGE = (30000, 32767)
 """Inclusive NodePort range."""
@@ -99,3 +115,17 @@ def node_for_ip(ip: str) -> str | None:
         if node_ip == ip:
             return node
     return None
+
+
+POD_NETWORK_CIDR = "127.244.0.0/16"
+"""The cluster's pod network (``--cluster-cidr``); each node gets a /24 of it."""
+
+
+def prefix_regex(cidrs: tuple[str, ...] | list[str]) -> str:
+    """An RE2 prefix matching ``ip:port`` strings inside ``cidrs`` (octet-aligned only)."""
+    alternatives = []
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr)
+        octets = str(net.network_address).split(".")[: net.prefixlen // 8]
+        alternatives.append(r"\.".join(octets) + r"\.")
+    return "^(" + "|".join(alternatives) + ")"

@@ -76,57 +76,13 @@ def test_pod_resolver_over_real_udp_records_every_query(server: DNSServer) -> No
     assert err.value.queries[-1] == "api.example.com."
 
 
-EXTRA = [
-    {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": {"name": "cache", "namespace": "shop"},
-        "spec": {
-            "replicas": 2,
-            "serviceName": "cache",
-            "selector": {"matchLabels": {"app": "cache"}},
-            "template": {
-                "metadata": {"labels": {"app": "cache"}},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "cache",
-                            "image": "x",
-                            "ports": [{"name": "redis", "containerPort": 6379}],
-                        }
-                    ]
-                },
-            },
-        },
-    },
-    {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "cache", "namespace": "shop"},
-        "spec": {
-            "clusterIP": "None",
-            "selector": {"app": "cache"},
-            "ports": [{"name": "redis", "port": 6379}],
-        },
-    },
-    {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "payments", "namespace": "shop"},
-        "spec": {"type": "ExternalName", "externalName": "payments.example.net"},
-    },
-]
-
 EXTRA_IP, EXTRA_PORT = "127.96.250.11", 10154
 
 
 @pytest.fixture(scope="module")
 def rich() -> Iterator[tuple[Cluster, DNSServer]]:
-    from mesh.model.manifests import load_document
-
     cluster = Cluster()
-    cluster.apply(load_manifests(default_manifest_paths()))
-    cluster.apply([load_document(doc, "extra", i) for i, doc in enumerate(EXTRA)])
+    cluster.apply(load_manifests(default_manifest_paths()))  # has the cache StatefulSet
     srv = DNSServer(EXTRA_IP, EXTRA_PORT, ttl=30)
     srv.set_state(cluster.state)
     loop = asyncio.new_event_loop()
@@ -167,8 +123,8 @@ def test_headless_service_answers_ready_endpoints_only(rich: tuple[Cluster, DNSS
     # StatefulSet pods by their stable hostname behind the headless Service
     assert _texts(_udp(f"{pods[0].name}.cache.shop.svc.cluster.local.")) == [pods[0].ip]
     assert pods[0].name == "cache-0"
-    srv_reply = _udp("_redis._tcp.cache.shop.svc.cluster.local.", "SRV")
-    assert _texts(srv_reply) == ["0 100 6379 cache-0.cache.shop.svc.cluster.local."]
+    srv_reply = _udp("_cache._tcp.cache.shop.svc.cluster.local.", "SRV")
+    assert _texts(srv_reply) == ["0 100 6380 cache-0.cache.shop.svc.cluster.local."]
     assert [r.to_text() for r in srv_reply.additional[0]] == [pods[0].ip]
 
 

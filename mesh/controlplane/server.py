@@ -65,6 +65,8 @@ class ControlPlane:
         progress(f"control plane API on {API_URL}")
         self.components.append(self.runtime.start_cluster_dns())
         self.components.append(self.runtime.start_kube_proxy())
+        self.components.append(self.runtime.start_cni())
+        self.components.append(self.runtime.start_internet())
         changes = self.cluster.apply(objects)
         for change in changes:
             progress(change)
@@ -72,6 +74,8 @@ class ControlPlane:
         self.kubelet.system_processes = [
             "kube-system/cluster-dns",
             "kube-system/kube-proxy",
+            "kube-system/cni",
+            "internet/payments",
             "hopscope-system/ingress-envoy",
         ]
         self.kubelet.start()
@@ -171,8 +175,10 @@ class ControlPlane:
         }
 
     def _component_status(self, comp: SystemComponent) -> dict[str, Any]:
-        proc = self.runtime.processes.get(f"kube-system/{comp.name}") or self.runtime.processes.get(
-            f"hopscope-system/{comp.name}"
+        proc = (
+            self.runtime.processes.get(comp.process)
+            or self.runtime.processes.get(f"kube-system/{comp.name}")
+            or self.runtime.processes.get(f"hopscope-system/{comp.name}")
         )
         ready = False
         if proc is not None and proc.alive() and comp.ready_url:

@@ -275,8 +275,34 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
     clusters += [
         _original_dst_cluster("outbound|original-dst|http1", pod.ip, http2=False),
         _original_dst_cluster("outbound|original-dst|grpc", pod.ip, http2=True),
+        _static_cluster(
+            "outbound|node-gateway",
+            addresses.NODE_IPS.get(pod.node, addresses.NODE_IPS["node-a"]),
+            addresses.EGRESS_GATEWAY_PORT,
+            one_request_per_connection=True,
+            bind_ip=pod.ip,
+        ),
     ]
     need_header = [{"name": addresses.ORIGINAL_DST_HEADER, "present_match": True}]
+    # Pod IPs and destinations outside every cluster range are the CNI's: they go to the
+    # node's gateway (NetworkPolicy, overlay, egress SNAT); Service VIPs go to kube-proxy.
+    to_pod = [
+        {
+            "name": addresses.ORIGINAL_DST_HEADER,
+            "string_match": {
+                "safe_regex": {"regex": addresses.prefix_regex([addresses.POD_NETWORK_CIDR]) + ".*"}
+            },
+        }
+    ]
+    outside_cluster = [
+        {
+            "name": addresses.ORIGINAL_DST_HEADER,
+            "string_match": {
+                "safe_regex": {"regex": addresses.prefix_regex(addresses.CLUSTER_CIDRS) + ".*"}
+            },
+            "invert_match": True,
+        }
+    ]
     outbound_routes = {
         "name": "outbound",
         "virtual_hosts": [
@@ -287,6 +313,14 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
                     {
                         "match": {"prefix": "/", "grpc": {}, "headers": need_header},
                         "route": {"cluster": "outbound|original-dst|grpc", "timeout": "15s"},
+                    },
+                    {
+                        "match": {"prefix": "/", "headers": to_pod},
+                        "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
+                    },
+                    {
+                        "match": {"prefix": "/", "headers": need_header + outside_cluster},
+                        "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
                     },
                     {
                         "match": {"prefix": "/", "headers": need_header},

@@ -19,7 +19,9 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mesh.cni.vtep import TunnelInfo, overlay_attributes
 from mesh.kubeproxy.rules import EndpointTarget, Selector, ServiceRule
+from mesh.model.policy import Verdict
 
 log = logging.getLogger("kube-proxy")
 
@@ -68,6 +70,10 @@ class ConnInfo:
     opened: float = 0.0
     closed: float | None = None
     state: str = "ESTABLISHED"
+    tunnel: TunnelInfo | None = None
+    """Set when the connection crosses nodes through the overlay."""
+    policy: Verdict | None = None
+    overlay_delay_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, Any]:
@@ -102,7 +108,44 @@ class ConnInfo:
             attrs["hopscope.traffic_policy"] = self.rule.external_traffic_policy
         if self.affinity:
             attrs["hopscope.lb.affinity"] = self.affinity
+        if self.policy is not None:
+            attrs.update(self.policy.attributes())
+        if self.tunnel is not None:
+            attrs["hopscope.overlay"] = f"{self.tunnel.src_node} -> {self.tunnel.dst_node}"
         return attrs
+
+    def overlay_attributes(self) -> dict[str, Any]:
+        assert self.tunnel is not None
+        return overlay_attributes(
+            self.tunnel, self.translated_dst, self.overlay_delay_ms, self.endpoint.pod
+        )
+
+
+class SpanPair:
+    """The kube-proxy span and its ``cni-overlay`` child, ended together (child first)."""
+
+    def __init__(self, outer: Any, inner: Any) -> None:
+        self.outer = outer
+        self.inner = inner
+
+    def is_recording(self) -> bool:
+        return bool(self.outer.is_recording())
+
+    def set_attributes(self, attrs: dict[str, Any]) -> None:
+        self.outer.set_attributes(attrs)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.outer.set_attribute(key, value)
+        if key in ("http.response.status_code", "rpc.grpc.status_code", "error.type"):
+            self.inner.set_attribute(key, value)
+
+    def set_status(self, status: Status) -> None:
+        self.inner.set_status(status)
+        self.outer.set_status(status)
+
+    def end(self) -> None:
+        self.inner.end()
+        self.outer.end()
 
 
 def start_request_span(
@@ -110,7 +153,7 @@ def start_request_span(
 ) -> tuple[Any, dict[str, str]]:
     """Start the hop span under the caller's context; return it and the headers to forward."""
     parent: Context = PROPAGATOR.extract(headers)
-    span = tracer.start_span(
+    span: Any = tracer.start_span(
         f"kube-proxy {conn.rule.namespace}/{conn.rule.name} {name}",
         context=parent,
         kind=SpanKind.INTERNAL,
@@ -123,10 +166,22 @@ def start_request_span(
         attrs["hopscope.conntrack.state"] = "new" if conn.requests == 1 else "established"
         attrs["hopscope.conntrack.request_index"] = conn.requests
         span.set_attributes(attrs)
-    PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    if conn.tunnel is not None:
+        tunnel = conn.tunnel
+        overlay = tracer.start_span(
+            f"cni-overlay {tunnel.src_node} -> {tunnel.dst_node} vni {tunnel.vni}",
+            context=trace.set_span_in_context(span),
+            kind=SpanKind.INTERNAL,
+        )
+        if overlay.is_recording():
+            overlay.set_attributes(conn.overlay_attributes())
+        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(overlay))
+        span = SpanPair(span, overlay)
+    else:
+        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
     if not span.is_recording():
         return span, carrier  # unsampled: no attributes, no log line, just the new parent
-    with trace.use_span(span, end_on_exit=False):
+    with trace.use_span(getattr(span, "outer", span), end_on_exit=False):
         log.info(
             "request",
             extra={
@@ -155,3 +210,95 @@ def fail_request_span(span: Any, reason: str) -> None:
     span.set_status(Status(StatusCode.ERROR, reason))
     span.set_attribute("error.type", reason)
     span.end()
+
+
+DENY_READ_TIMEOUT = 1.0
+"""Seconds a denied connection is held to read the request's trace context."""
+
+
+async def _request_headers(reader: Any) -> dict[str, str]:
+    """The first request's headers on a connection (HTTP/1 head or first HTTP/2 HEADERS)."""
+    import asyncio
+
+    import hpack
+
+    data = b""
+    deadline = asyncio.get_running_loop().time() + DENY_READ_TIMEOUT
+    decoder = hpack.Decoder()
+    while len(data) < 65536:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            break
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), remaining)
+        except (TimeoutError, ConnectionError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+        if data.startswith(b"PRI * HTTP/2.0"):
+            headers = _h2_first_headers(data[24:], decoder)
+            if headers is not None:
+                return headers
+        elif b"\r\n\r\n" in data:
+            head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+            pairs = (line.partition(b":") for line in head)
+            return {
+                k.strip().lower().decode("latin-1"): v.strip().decode("latin-1")
+                for k, _, v in pairs
+            }
+    return {}
+
+
+def _h2_first_headers(frames: bytes, decoder: Any) -> dict[str, str] | None:
+    offset = 0
+    while offset + 9 <= len(frames):
+        length = int.from_bytes(frames[offset : offset + 3], "big")
+        ftype, flags = frames[offset + 3], frames[offset + 4]
+        payload = frames[offset + 9 : offset + 9 + length]
+        if len(payload) < length:
+            return None
+        offset += 9 + length
+        if ftype != 0x1:
+            continue
+        pad = payload[0] if flags & 0x8 else 0
+        block = payload[(1 if flags & 0x8 else 0) + (5 if flags & 0x20 else 0) :]
+        block = block[: len(block) - pad] if pad else block
+        try:
+            decoded = decoder.decode(block)
+        except Exception:
+            return {}
+        return {str(k).lower(): str(v) for k, v in decoded}
+    return None
+
+
+async def deny_span(tracer: trace.Tracer, conn: ConnInfo, reader: Any) -> None:
+    """A span in the caller's trace saying NetworkPolicy dropped this connection, and why."""
+    headers = await _request_headers(reader)
+    verdict = conn.policy
+    assert verdict is not None
+    parent: Context = PROPAGATOR.extract(headers)
+    span = tracer.start_span(
+        f"kube-proxy {conn.rule.namespace}/{conn.rule.name} denied by NetworkPolicy",
+        context=parent,
+        kind=SpanKind.INTERNAL,
+    )
+    attrs = conn.attributes()
+    attrs["hopscope.conntrack.state"] = "new"
+    attrs["error.type"] = "network-policy-denied"
+    if ":path" in headers:
+        attrs["url.path"] = headers[":path"]
+    span.set_attributes(attrs)
+    span.set_status(Status(StatusCode.ERROR, verdict.reason))
+    with trace.use_span(span, end_on_exit=True):
+        log.warning(
+            "denied by NetworkPolicy",
+            extra={
+                "service": conn.rule.service,
+                "src": conn.original_src,
+                "endpoint_pod": conn.endpoint.pod,
+                "side": verdict.side,
+                "policies": list(verdict.policies),
+                "reason": verdict.reason,
+            },
+        )

@@ -27,7 +27,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from mesh import addresses
-from mesh.kubeproxy.hop import ConnInfo
+from mesh.cni.metrics import POLICY_DENIED
+from mesh.cni.vtep import OverlayError, OverlaySettings, TunnelInfo, open_tunnel
+from mesh.kubeproxy.hop import ConnInfo, deny_span
 from mesh.kubeproxy.relays import READ_SIZE, HTTP1Relay, HTTP2Relay, relay_tcp, sniff
 from mesh.kubeproxy.rules import (
     EndpointTarget,
@@ -40,7 +42,8 @@ from mesh.kubeproxy.rules import (
     hairpin_snat,
     make_selector,
 )
-from mesh.model.types import ClusterState
+from mesh.model.policy import PolicyEngine, Verdict
+from mesh.model.types import ClusterState, NetworkConfig
 
 log = logging.getLogger("kube-proxy")
 
@@ -118,8 +121,13 @@ class Proxier:
         min_sync_period: float = 0.0,
         node_ips: dict[str, str] | None = None,
         telemetry: bool = True,
+        overlay: bool = True,
     ) -> None:
         self.tracer = tracer
+        self.overlay = overlay
+        """Route cross-node connections through the nodes' VTEPs (the CNI emulator)."""
+        self.network = NetworkConfig()
+        self.policy = PolicyEngine(ClusterState())
         self.telemetry = telemetry
         """Per-request hop spans (HTTP parsing); off, connections are spliced as TCP."""
         self.fixed_selector = selector is not None
@@ -185,6 +193,8 @@ class Proxier:
             if key not in self.health_listeners:
                 await self._listen_health(key)
         self.rules = new
+        self.network = state.network
+        self.policy = PolicyEngine(state)
         RULES.set(len(new.rules))
         self._last_sync = time.monotonic()
         self.synced_at = time.time()
@@ -290,8 +300,13 @@ class Proxier:
             return
         snat = decision.snat_ip or hairpin_snat(endpoint, client_ip, self.node_ips)
         source = snat or client_ip
+        verdict = self.policy.check(client_ip, endpoint.ip, endpoint.port, seen_src_ip=source)
+        if not verdict.allowed:
+            await self._deny(rule, endpoint, decision.reason, verdict, reader, writer, source)
+            return
+        src_node = addresses.node_for_ip(source) or rule.node or addresses.INGRESS_NODE
         try:
-            up_reader, up_writer, local = await self._connect(endpoint, source, client_port)
+            up_reader, up_writer, local, tunnel = await self._connect(endpoint, source, src_node)
         except OSError as exc:
             REJECTED.labels(rule.namespace, rule.name, "endpoint-unreachable").inc()
             log.warning(
@@ -316,6 +331,9 @@ class Proxier:
             reason=reason,
             affinity=affinity,
             opened=time.time(),
+            tunnel=tunnel,
+            policy=verdict if verdict.policies else None,
+            overlay_delay_ms=self.network.overlay_delay_ms,
         )
         self.conntrack[conn.id] = conn
         self.active[endpoint.address] = self.active.get(endpoint.address, 0) + 1
@@ -353,10 +371,75 @@ class Proxier:
             self.affinity[key] = (endpoint.address, now + rule.affinity_timeout)
         return endpoint, "ClientIP (new)"
 
+    async def _deny(
+        self,
+        rule: ServiceRule,
+        endpoint: EndpointTarget,
+        reason: str,
+        verdict: Verdict,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        source: str,
+    ) -> None:
+        """NetworkPolicy said no: record it in the caller's trace, count it, reset."""
+        vip, port = writer.get_extra_info("sockname")[:2]
+        client_ip, client_port = writer.get_extra_info("peername")[:2]
+        POLICY_DENIED.labels(
+            rule.namespace,
+            endpoint.pod,
+            verdict.policies[0] if verdict.policies else "",
+            verdict.side,
+        ).inc()
+        REJECTED.labels(rule.namespace, rule.name, "network-policy").inc()
+        conn = ConnInfo(
+            id=next(self._ids),
+            rule=rule,
+            endpoint=endpoint,
+            selector=self.selector,
+            original_src=f"{client_ip}:{client_port}",
+            original_dst=f"{vip}:{port}",
+            translated_src=f"{source}:{client_port}",
+            translated_dst=endpoint.address,
+            node=rule.node or addresses.node_for_ip(client_ip) or addresses.INGRESS_NODE,
+            reason=reason,
+            opened=time.time(),
+            policy=verdict,
+            state="DENIED",
+        )
+        conn.closed = time.time()
+        self.closed.append(conn)
+        if self.telemetry:
+            await deny_span(self.tracer, conn, reader)
+        else:
+            log.info("denied by NetworkPolicy", extra={"reason": verdict.reason})
+        _reset(writer)
+
     async def _connect(
-        self, endpoint: EndpointTarget, client_ip: str, client_port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
-        """Open the DNATed leg from ``client_ip`` (the client's or the SNAT address)."""
+        self, endpoint: EndpointTarget, client_ip: str, src_node: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int], TunnelInfo | None]:
+        """Open the DNATed leg from ``client_ip`` (the client's or the SNAT address).
+
+        An endpoint on another node is reached through the source node's overlay tunnel
+        endpoint when the CNI backend is vxlan (host-gw routes directly, no encapsulation).
+        """
+        dst_node = addresses.node_for_ip(endpoint.ip)
+        if (
+            self.overlay
+            and self.network.backend == "vxlan"
+            and dst_node is not None
+            and endpoint.ip != addresses.NODE_IPS.get(dst_node)
+            and dst_node != src_node
+            and src_node in addresses.NODE_IPS
+        ):
+            settings = OverlaySettings(vni=self.network.vni, delay_ms=self.network.overlay_delay_ms)
+            try:
+                up_r, up_w, info = await open_tunnel(
+                    settings, src_node, client_ip, endpoint.ip, endpoint.port
+                )
+            except OverlayError as exc:
+                raise OSError(f"overlay: {exc}") from None
+            host, _, port = info.inner_src.rpartition(":")
+            return up_r, up_w, (host, int(port)), info
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -372,7 +455,7 @@ class Proxier:
             raise
         local = sock.getsockname()[:2]
         up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE * 4)
-        return up_reader, up_writer, local
+        return up_reader, up_writer, local, None
 
     async def _relay(
         self,
@@ -415,6 +498,15 @@ class Proxier:
                     "dnat": odst != tdst,
                     "snat": osrc.rsplit(":", 1)[0] != tsrc.rsplit(":", 1)[0],
                     "l7": conn.protocol,
+                    "overlay": (
+                        {
+                            "vni": conn.tunnel.vni,
+                            "outer": {"src": conn.tunnel.outer_src, "dst": conn.tunnel.outer_dst},
+                        }
+                        if conn.tunnel
+                        else None
+                    ),
+                    "policy": conn.policy.word if conn.policy else None,
                     "requests": conn.requests,
                     "bytes": {"in": conn.bytes_in, "out": conn.bytes_out},
                     "age_seconds": round(now - conn.opened, 3),

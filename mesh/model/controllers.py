@@ -27,6 +27,8 @@ from mesh.model.types import (
     EndpointPort,
     EndpointSlice,
     Ingress,
+    Namespace,
+    NetworkConfig,
     NetworkPolicy,
     Node,
     Pod,
@@ -103,6 +105,10 @@ class Cluster:
             ]
         )
         self.namespaces: set[str] = {"default", "kube-system"}
+        self.state.namespaces = [
+            Namespace(n, {"kubernetes.io/metadata.name": n}) for n in sorted(self.namespaces)
+        ]
+        self.state.network.egress_ips = default_egress_ips()
         self.pod_ips = {n.name: AddressPool(n.pod_cidr) for n in self.state.nodes}
         self.service_ips = AddressPool(addresses.SERVICE_CIDR, first_host=11)
         self.service_ips.used.add(addresses.DNS_SERVICE_IP)
@@ -138,7 +144,7 @@ class Cluster:
     def apply(self, objects: list[ManifestObject]) -> list[str]:
         """Create or update objects (like ``kubectl apply``); return what changed, in words."""
         with self.lock:
-            declared = {o for o in objects if isinstance(o, str)}
+            declared = {o.name for o in objects if isinstance(o, Namespace)}
             for obj in objects:
                 ns = getattr(obj, "namespace", None)
                 if ns is not None and ns not in self.namespaces | declared:
@@ -148,10 +154,22 @@ class Cluster:
                     )
             changes: list[str] = []
             for obj in objects:
-                if isinstance(obj, str):
-                    if obj not in self.namespaces:
-                        self.namespaces.add(obj)
-                        changes.append(f"namespace/{obj} created")
+                if obj is None:
+                    continue
+                if isinstance(obj, Namespace):
+                    verb = "configured" if obj.name in self.namespaces else "created"
+                    self.namespaces.add(obj.name)
+                    self.state.namespaces = [
+                        n for n in self.state.namespaces if n.name != obj.name
+                    ] + [obj]
+                    changes.append(f"namespace/{obj.name} {verb}")
+                elif isinstance(obj, NetworkConfig):
+                    obj.egress_ips = {**default_egress_ips(), **obj.egress_ips}
+                    self.state.network = obj
+                    changes.append(
+                        f"cni configured ({obj.backend} vni {obj.vni}, "
+                        f"overlay delay {obj.overlay_delay_ms:g} ms)"
+                    )
                 elif isinstance(obj, Service):
                     changes.append(self._apply_service(obj))
                 elif isinstance(obj, Workload):
@@ -513,6 +531,12 @@ def _endpoint_port(sp: ServicePort, pods: list[Pod]) -> EndpointPort:
     return EndpointPort(
         port=number, name=sp.name, protocol=sp.protocol, app_protocol=sp.app_protocol
     )
+
+
+def default_egress_ips() -> dict[str, str]:
+    """One egress SNAT address per node, from the start of the egress pool."""
+    hosts = ipaddress.ip_network(addresses.EGRESS_POOL_CIDR).hosts()
+    return {node: str(next(hosts)) for node in addresses.NODE_IPS}
 
 
 def _kubernetes_service() -> Service:

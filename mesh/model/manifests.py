@@ -21,6 +21,8 @@ from mesh.model.types import (
     Ingress,
     IngressPath,
     IngressRule,
+    Namespace,
+    NetworkConfig,
     NetworkPolicy,
     PodTemplate,
     Probe,
@@ -35,6 +37,7 @@ KUBERNETES_VERSION = "1.30.0"
 
 SUPPORTED_KINDS = {
     ("v1", "Namespace"),
+    ("v1", "ConfigMap"),
     ("v1", "Service"),
     ("apps/v1", "Deployment"),
     ("apps/v1", "StatefulSet"),
@@ -46,8 +49,13 @@ PROXY_CONFIG_KIND = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration
 PROXY_MODES = ("iptables", "ipvs")
 IPVS_SCHEDULERS = ("rr", "lc", "sh")
 
-ManifestObject = Workload | Service | Ingress | NetworkPolicy | ProxyConfig | str
-"""A loaded object; a bare string is a Namespace name."""
+CNI_CONFIG_MAP = ("kube-system", "hopscope-cni")
+"""The ConfigMap the CNI emulator reads (overlay VNI and delay, egress IPs)."""
+
+ManifestObject = (
+    Workload | Service | Ingress | NetworkPolicy | ProxyConfig | Namespace | NetworkConfig | None
+)
+"""A loaded object; ``None`` for a document hopscope accepts but does not act on."""
 
 
 class ManifestError(ValueError):
@@ -123,7 +131,13 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
     origin = f"{source}: {what}"
     try:
         if kind == "Namespace":
-            return str(meta["name"])
+            labels = dict(meta.get("labels") or {})
+            labels["kubernetes.io/metadata.name"] = meta["name"]
+            return Namespace(name=meta["name"], labels=labels, source=origin)
+        if kind == "ConfigMap":
+            if (meta.get("namespace", "default"), meta["name"]) == CNI_CONFIG_MAP:
+                return network_config(doc.get("data") or {}, origin)
+            return None
         if kind == "Service":
             return _service(doc, origin)
         if kind in ("Deployment", "StatefulSet"):
@@ -165,6 +179,45 @@ def proxy_config(doc: dict[str, Any], where: str) -> ProxyConfig:
     except ValueError as exc:
         raise ManifestError(f"{where}: iptables.minSyncPeriod: {exc}") from None
     return ProxyConfig(mode=mode, scheduler=scheduler, min_sync_period=seconds)
+
+
+NETWORK_KEYS = ("backend", "vni", "overlayDelay", "egressIPs")
+
+
+def network_config(data: dict[str, str], where: str) -> NetworkConfig:
+    """``kube-system/hopscope-cni`` data: ``overlayDelay: 20ms``, ``vni: "1"``,
+    ``egressIPs: "node-a=127.60.0.1,node-b=127.60.0.2"``, ``backend: vxlan``."""
+    for key in data:
+        if key not in NETWORK_KEYS:
+            raise ManifestError(
+                f"{where}: data.{key}: unsupported key (known: {list(NETWORK_KEYS)})"
+            )
+    config = NetworkConfig(source=where)
+    backend = data.get("backend", "vxlan")
+    if backend not in ("vxlan", "host-gw"):
+        raise ManifestError(f"{where}: data.backend: {backend!r} is not one of vxlan, host-gw")
+    config.backend = backend
+    if "vni" in data:
+        text = str(data["vni"])
+        if not text.isdigit() or not 1 <= int(text) <= 16777215:
+            raise ManifestError(f"{where}: data.vni: {text!r} is not a number in 1-16777215")
+        config.vni = int(text)
+    if "overlayDelay" in data:
+        try:
+            config.overlay_delay_ms = parse_duration(str(data["overlayDelay"])) * 1000
+        except ValueError as exc:
+            raise ManifestError(f"{where}: data.overlayDelay: {exc}") from None
+        if not 0 <= config.overlay_delay_ms <= 5000:
+            raise ManifestError(f"{where}: data.overlayDelay: must be between 0s and 5s")
+    if "egressIPs" in data:
+        for item in str(data["egressIPs"]).replace(" ", "").split(","):
+            node, _, ip = item.partition("=")
+            if not node or not ip:
+                raise ManifestError(
+                    f"{where}: data.egressIPs: {item!r} is not NODE=IP (e.g. node-a=127.60.0.1)"
+                )
+            config.egress_ips[node] = ip
+    return config
 
 
 def parse_duration(text: str) -> float:

@@ -229,6 +229,28 @@ class NetworkPolicy:
 
 
 @dataclass
+class Namespace:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    """Always includes ``kubernetes.io/metadata.name`` (set by the API server since 1.21)."""
+    source: str = ""
+
+
+@dataclass
+class NetworkConfig:
+    """The CNI's settings: ConfigMap ``kube-system/hopscope-cni`` (see docs/design.md)."""
+
+    backend: str = "vxlan"
+    vni: int = 1
+    """VXLAN network identifier carried on every encapsulated connection."""
+    overlay_delay_ms: float = 0.0
+    """Extra one-way delay the tunnel adds to every chunk it forwards across nodes."""
+    egress_ips: dict[str, str] = field(default_factory=dict)
+    """Node name → the egress SNAT address traffic leaving the cluster from that node gets."""
+    source: str = ""
+
+
+@dataclass
 class Node:
     name: str
     ip: str
@@ -265,6 +287,14 @@ class ClusterState:
     ingresses: list[Ingress] = field(default_factory=list)
     network_policies: list[NetworkPolicy] = field(default_factory=list)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    namespaces: list[Namespace] = field(default_factory=list)
+
+    def namespace_labels(self, name: str) -> dict[str, str]:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns.labels
+        return {"kubernetes.io/metadata.name": name}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,6 +32,8 @@ class SystemComponent:
     name: str
     kind: str
     ready_url: str | None = None
+    process: str = ""
+    """Supervisor name of its process when not ``kube-system/<name>``."""
 
 
 class LocalRuntime:
@@ -129,6 +131,27 @@ class LocalRuntime:
         )
         url = f"http://{node_ip}:{addresses.KUBE_PROXY_METRICS_PORT}/healthz"
         return SystemComponent("kube-proxy", "kube-proxy", url)
+
+    def start_cni(self) -> SystemComponent:
+        self.processes.start(
+            "kube-system/cni",
+            [sys.executable, "-m", "mesh.cni", "--api", self.api_url],
+            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint},
+        )
+        node_ip = addresses.NODE_IPS["node-a"]
+        return SystemComponent("cni", "cni", f"http://{node_ip}:{addresses.CNI_METRICS_PORT}/")
+
+    def start_internet(self) -> SystemComponent:
+        """The servers outside the cluster that pods reach through egress SNAT."""
+        self.processes.start(
+            "internet/payments",
+            [sys.executable, "-m", "mesh.cni.internet"],
+            _base_env(),
+        )
+        host = addresses.EXTERNAL_HOSTS["payments.example.net."]
+        return SystemComponent(
+            "payments.example.net", "internet", f"http://{host}:8080/health", "internet/payments"
+        )
 
     def start_ingress(self, state: ClusterState) -> SystemComponent:
         from mesh.envoy import render_ingress

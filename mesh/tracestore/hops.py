@@ -22,6 +22,7 @@ HOP_KINDS = (
     "load-balancer",
     "cni-overlay",
     "egress-snat",
+    "network-policy",
     "app",
 )
 
@@ -111,6 +112,13 @@ def _nat(span: SpanRecord) -> str:
         answered = ", ".join(map(str, answer)) or "-"
         noun = "query" if len(queries) == 1 else "queries"
         return f"{a.get('dns.question.name', '')} → {answered} ({len(queries)} {noun})"
+    if a.get("hopscope.hop") == "cni-overlay":
+        return (
+            f"encap vni {a.get('hopscope.overlay.vni')}: outer "
+            f"{a.get('hopscope.overlay.outer.src')} → {a.get('hopscope.overlay.outer.dst')}"
+        )
+    if a.get("hopscope.policy.verdict") == "deny":
+        return f"NetworkPolicy deny ({a.get('hopscope.policy.side')}: {a.get('hopscope.policy.names')})"
     orig_dst, new_dst = a.get("hopscope.nat.original.dst"), a.get("hopscope.nat.translated.dst")
     orig_src, new_src = a.get("hopscope.nat.original.src"), a.get("hopscope.nat.translated.src")
     parts = []
@@ -125,6 +133,8 @@ def _where(span: SpanRecord) -> str:
     a = span.attributes
     if a.get("hopscope.hop") == "load-balancer":
         return f"cloud LB for svc {a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
+    if a.get("hopscope.hop") in ("cni-overlay", "egress-snat", "network-policy"):
+        return f"{a.get('k8s.node.name', '')} ({a.get('hopscope.hop')})"
     if a.get("hopscope.hop") == "kube-proxy":
         service = f"{a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
         return f"svc {service} → {a.get('hopscope.endpoint.pod', '?')}"
@@ -156,9 +166,19 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
                 "depth": depth,
                 "start_ns": span.start_ns,
                 "error": _is_error(span),
+                "policy": _policy(span),
             }
         )
     return hops
+
+
+def _policy(span: SpanRecord) -> str:
+    """``deny by ingress policy shop/default-deny: <reason>`` when NetworkPolicy dropped it."""
+    a = span.attributes
+    if a.get("hopscope.policy.verdict") != "deny":
+        return ""
+    side, names = a.get("hopscope.policy.side", ""), a.get("hopscope.policy.names", "")
+    return f"{side} side, {names}: {a.get('hopscope.policy.reason', '')}"
 
 
 def _flags(span: SpanRecord) -> str:
@@ -190,6 +210,8 @@ def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
         reason = f"{who} returned {origin['status']} {flags}: {meanings}"
     elif origin["hop"] == "app":
         reason = f"{who} answered {origin['status']} itself; the proxies passed it through"
+    elif a_policy := origin.get("policy"):
+        reason = f"{who}: NetworkPolicy denied the connection ({a_policy})"
     elif origin["hop"] == "dns":
         reason = f"{who} failed to resolve the name ({origin['nat']})"
     else:

@@ -1,0 +1,1 @@
+"""The CNI emulator: per-node overlay tunnel endpoints, egress SNAT, the "internet"."""

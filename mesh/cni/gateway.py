@@ -1,0 +1,405 @@
+"""The node's pod-network gateway: direct pod-to-pod traffic and egress SNAT.
+
+Traffic that does not go to a Service VIP is the CNI's business on a real node: packets
+to another pod are routed (through the overlay if the pod is on another node) and checked
+against NetworkPolicy; packets leaving the cluster are masqueraded to an egress IP
+(flannel's ``--ip-masq``, ip-masq-agent, or an egress gateway with a fixed egress IP).
+
+Here each node has a gateway on ``node-ip:15080``. A pod's sidecar sends it every HTTP/1
+request whose destination (``x-envoy-original-dst-host``) is a pod IP or an address outside
+the cluster, one request per connection, from the pod's own address. The gateway
+
+* checks NetworkPolicy (egress of the sending pod, ingress of a destination pod); a denied
+  connection gets a ``network-policy`` span with ``hopscope.policy.verdict=deny`` and is reset;
+* to a pod on another node, opens the connection through this node's VTEP (``cni-overlay``
+  span), to a pod on this node directly — both from the sending pod's address;
+* outside the cluster, connects *from the node's egress IP*, so the external server really
+  sees that address, and records an ``egress-snat`` span with both tuples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import Counter
+
+from mesh import addresses
+from mesh.cni.metrics import POLICY_DENIED
+from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
+from mesh.model.policy import PolicyEngine, Verdict
+from mesh.model.types import ClusterState, NetworkConfig
+
+log = logging.getLogger("cni")
+
+HEAD_LIMIT = 65536
+READ_SIZE = 65536
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+PROPAGATOR = TraceContextTextMapPropagator()
+TRACE_HEADERS = ("traceparent", "tracestate")
+_STATUS = re.compile(rb"^HTTP/\d\.\d (\d{3})")
+_POD_NETWORKS = [ipaddress.ip_network(c) for c in addresses.POD_CIDRS.values()]
+
+SNAT_CONNECTIONS = Counter(
+    "hopscope_cni_egress_snat_connections",
+    "Connections leaving the cluster through egress SNAT",
+    ["node", "egress_ip", "destination", "result"],
+)
+POD_CONNECTIONS = Counter(
+    "hopscope_cni_pod_connections",
+    "Direct pod-to-pod connections routed by the node (not through a Service)",
+    ["node", "path"],
+)
+
+
+@dataclass
+class NetworkView:
+    """What every gateway reads: the CNI settings and the policy engine, swapped on sync."""
+
+    config: NetworkConfig = field(default_factory=NetworkConfig)
+    policy: PolicyEngine = field(default_factory=lambda: PolicyEngine(ClusterState()))
+
+
+def is_pod_ip(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in _POD_NETWORKS)
+
+
+def _error_response(status: int, reason: str, message: str) -> bytes:
+    body = f"hopscope node gateway: {message}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+@dataclass
+class _Request:
+    peer: str
+    target: str
+    host: str
+    port: int
+    first_line: bytes
+    lines: list[bytes]
+    """Header lines to forward (trace headers and the destination header removed)."""
+    headers: dict[str, str]
+
+    @property
+    def peer_ip(self) -> str:
+        return self.peer.rsplit(":", 1)[0]
+
+    def base_attributes(self, node: str) -> dict[str, Any]:
+        method, _, rest = self.first_line.partition(b" ")
+        return {
+            "k8s.node.name": node,
+            "hopscope.nat.original.src": self.peer,
+            "hopscope.nat.original.dst": self.target,
+            "network.peer.address": self.peer_ip,
+            "server.address": self.host,
+            "server.port": self.port,
+            "http.request.method": method.decode("latin-1"),
+            "url.path": rest.rsplit(b" ", 1)[0].decode("latin-1"),
+        }
+
+    def head(self, carrier: dict[str, str] | None) -> bytes:
+        lines = [self.first_line, *self.lines]
+        if carrier is None:  # no span of ours: pass the caller's context on untouched
+            carrier = {k: v for k, v in self.headers.items() if k in TRACE_HEADERS}
+        lines += [f"{k}: {v}".encode("latin-1") for k, v in carrier.items()]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class NodeGateway:
+    """The pod-network gateway of one node (direct pod traffic and egress SNAT)."""
+
+    def __init__(self, node: str, egress_ip: str, tracer: Any, view: NetworkView) -> None:
+        self.node = node
+        self.ip = addresses.NODE_IPS[node]
+        self.egress_ip = egress_ip
+        self.tracer = tracer
+        self.view = view
+        self.server: asyncio.Server | None = None
+        self._tasks: set[Any] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(
+            self._handle,
+            self.ip,
+            addresses.EGRESS_GATEWAY_PORT,
+            reuse_address=True,
+            limit=HEAD_LIMIT,
+        )
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            request = await self._read_request(reader, writer)
+            if request is None:
+                return
+            if is_pod_ip(request.host):
+                await self._to_pod(request, reader, writer)
+            else:
+                await self._egress(request, reader, writer)
+        except (ConnectionError, OSError):
+            writer.close()
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> _Request | None:
+        peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            writer.write(_error_response(400, "Bad Request", "no complete request head"))
+            writer.close()
+            return None
+        lines = head[:-4].split(b"\r\n")
+        headers: dict[str, str] = {}
+        kept = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            key = name.strip().lower().decode("latin-1")
+            headers[key] = value.strip().decode("latin-1")
+            if key not in (addresses.ORIGINAL_DST_HEADER, *TRACE_HEADERS):
+                kept.append(line)
+        target = headers.get(addresses.ORIGINAL_DST_HEADER, "")
+        host, _, port_text = target.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            writer.write(
+                _error_response(
+                    400, "Bad Request", f"{addresses.ORIGINAL_DST_HEADER} must be ip:port"
+                )
+            )
+            writer.close()
+            return None
+        return _Request(peer, target, host, int(port_text), lines[0], kept, headers)
+
+    # -- pod to pod ------------------------------------------------------------------------
+
+    async def _to_pod(
+        self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
+        if not verdict.allowed:
+            self._deny(request, verdict)
+            _reset(writer)
+            return
+        dst_node = addresses.node_for_ip(request.host) or self.node
+        config = self.view.config
+        span = None
+        if dst_node != self.node and config.backend == "vxlan":
+            settings = OverlaySettings(vni=config.vni, delay_ms=config.overlay_delay_ms)
+            try:
+                up_r, up_w, tunnel = await open_tunnel(
+                    settings, self.node, request.peer_ip, request.host, request.port
+                )
+            except OverlayError as exc:
+                writer.write(_error_response(502, "Bad Gateway", f"overlay: {exc}"))
+                writer.close()
+                return
+            POD_CONNECTIONS.labels(self.node, "overlay").inc()
+            span = self.tracer.start_span(
+                f"cni-overlay {tunnel.src_node} -> {tunnel.dst_node} vni {tunnel.vni}",
+                context=PROPAGATOR.extract(request.headers),
+                kind=SpanKind.INTERNAL,
+            )
+            attrs = request.base_attributes(self.node)
+            attrs.update(overlay_attributes(tunnel, request.target, config.overlay_delay_ms))
+            pod = self.view.policy.pods_by_ip.get(request.host)
+            if pod is not None:
+                attrs["hopscope.endpoint.pod"] = pod.name
+            attrs.update(verdict.attributes())
+            span.set_attributes(attrs)
+        else:
+            try:
+                up_r, up_w, _local = await _connect(request.host, request.port, request.peer_ip)
+            except OSError as exc:
+                writer.write(_error_response(502, "Bad Gateway", f"pod unreachable: {exc}"))
+                writer.close()
+                return
+            POD_CONNECTIONS.labels(self.node, "local").inc()
+        carrier: dict[str, str] | None = None
+        if span is not None:
+            carrier = {}
+            PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        up_w.write(request.head(carrier))
+        await _relay(reader, writer, up_r, up_w, span)
+
+    def _deny(self, request: _Request, verdict: Verdict) -> None:
+        dst = self.view.policy.pods_by_ip.get(request.host)
+        POLICY_DENIED.labels(
+            dst.namespace if dst else "",
+            dst.name if dst else request.host,
+            verdict.policies[0] if verdict.policies else "",
+            verdict.side,
+        ).inc()
+        span = self.tracer.start_span(
+            f"network-policy deny {request.peer} -> {request.target}",
+            context=PROPAGATOR.extract(request.headers),
+            kind=SpanKind.INTERNAL,
+        )
+        attrs = request.base_attributes(self.node)
+        attrs.update(verdict.attributes())
+        attrs["hopscope.hop"] = "network-policy"
+        attrs["error.type"] = "network-policy-denied"
+        if dst is not None:
+            attrs["hopscope.endpoint.pod"] = dst.name
+        span.set_attributes(attrs)
+        span.set_status(Status(StatusCode.ERROR, verdict.reason))
+        with trace.use_span(span, end_on_exit=True):
+            log.warning(
+                "denied by NetworkPolicy",
+                extra={
+                    "src": request.peer,
+                    "dst": request.target,
+                    "side": verdict.side,
+                    "policies": list(verdict.policies),
+                    "reason": verdict.reason,
+                },
+            )
+
+    # -- leaving the cluster ---------------------------------------------------------------
+
+    async def _egress(
+        self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
+        if not verdict.allowed:
+            self._deny(request, verdict)
+            _reset(writer)
+            return
+        span = self.tracer.start_span(
+            f"egress-snat {self.node} -> {request.target}",
+            context=PROPAGATOR.extract(request.headers),
+            kind=SpanKind.INTERNAL,
+        )
+        attrs = request.base_attributes(self.node)
+        attrs.update(verdict.attributes())
+        attrs.update(
+            {
+                "hopscope.hop": "egress-snat",
+                "hopscope.nat.translated.dst": request.target,
+                "hopscope.egress.ip": self.egress_ip,
+                "hopscope.nat.snat": True,
+            }
+        )
+        try:
+            up_r, up_w, local = await _connect(request.host, request.port, self.egress_ip)
+        except OSError as exc:
+            SNAT_CONNECTIONS.labels(self.node, self.egress_ip, request.target, "unreachable").inc()
+            attrs["error.type"] = "destination unreachable"
+            span.set_attributes(attrs)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            span.end()
+            writer.write(
+                _error_response(502, "Bad Gateway", f"cannot reach {request.target}: {exc}")
+            )
+            writer.close()
+            return
+        attrs["hopscope.nat.translated.src"] = local
+        span.set_attributes(attrs)
+        SNAT_CONNECTIONS.labels(self.node, self.egress_ip, request.target, "ok").inc()
+        carrier: dict[str, str] = {}
+        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        with trace.use_span(span, end_on_exit=False):
+            log.info(
+                "egress snat",
+                extra={
+                    "snat": f"{request.peer} -> {local}",
+                    "dst": request.target,
+                    "node": self.node,
+                },
+            )
+        up_w.write(request.head(carrier))
+        await _relay(reader, writer, up_r, up_w, span)
+
+
+async def _connect(
+    host: str, port: int, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 3.0)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise OSError(str(exc) or type(exc).__name__) from None
+    local = "{}:{}".format(*sock.getsockname()[:2])
+    reader, writer = await asyncio.open_connection(sock=sock)
+    return reader, writer, local
+
+
+async def _relay(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    up_r: asyncio.StreamReader,
+    up_w: asyncio.StreamWriter,
+    span: Any,
+) -> None:
+    """Both directions until both ends close; the span (if any) gets the response status."""
+    status: list[int] = []
+    started = time.monotonic()
+    try:
+        await asyncio.gather(_pipe(reader, up_w, None), _pipe(up_r, writer, status))
+    finally:
+        if span is not None:
+            if status:
+                span.set_attribute("http.response.status_code", status[0])
+                if status[0] >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("hopscope.relay_ms", round((time.monotonic() - started) * 1000, 3))
+            span.end()
+        up_w.close()
+        writer.close()
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: list[int] | None
+) -> None:
+    try:
+        while data := await reader.read(READ_SIZE):
+            if status is not None and not status:
+                match = _STATUS.match(data)
+                if match:
+                    status.append(int(match.group(1)))
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
