@@ -10,6 +10,7 @@ stand-in for the original destination an iptables redirect would keep.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,7 +118,14 @@ class PodResolver:
         return result
 
     def resolve(self, name: str) -> list[str]:
-        """IPv4 addresses for ``name``, as a ``dns`` hop span; raise ResolveError."""
+        """IPv4 addresses for ``name``, as a ``dns`` hop span; raise ResolveError.
+
+        An address literal is used as is, without a lookup (as getaddrinfo does).
+        """
+        try:
+            return [str(ipaddress.IPv4Address(name))]
+        except ValueError:
+            pass
         with self.tracer.start_as_current_span(f"dns A {name}", kind=SpanKind.CLIENT) as span:
             result = self.lookup(name)
             span.set_attributes(

@@ -158,9 +158,18 @@ def test_external_name_is_a_cname_chased_to_the_internet(rich: tuple[Cluster, DN
 
 
 def test_kubernetes_default_and_ttl_and_tcp(rich: tuple[Cluster, DNSServer]) -> None:
+    cluster, srv = rich
     reply = _udp("KUBERNETES.default.svc.cluster.local.", tcp=True)
     assert _texts(reply) == ["127.96.0.1"]
-    assert reply.answer[0].ttl == 30
+    assert reply.answer[0].ttl == 5  # the shipped coredns ConfigMap's `ttl 5`
+    from mesh.model.manifests import dns_config
+
+    cluster.apply([dns_config("kubernetes cluster.local {\n ttl 12\n}", "corefile")])
+    srv.set_state(cluster.state)
+    assert _udp("kubernetes.default.svc.cluster.local.").answer[0].ttl == 12
+    cluster.state.dns.ttl = None  # no ConfigMap: the server's --ttl (30 here)
+    srv.set_state(cluster.state)
+    assert _udp("kubernetes.default.svc.cluster.local.").answer[0].ttl == 30
     resolver = PodResolver((EXTRA_IP, EXTRA_PORT), SEARCH, 5, "p", "shop")
     lookup = resolver.lookup("kubernetes.default")
     assert lookup.rcodes == ["NXDOMAIN", "NOERROR"] and lookup.answer == ["127.96.0.1"]
@@ -177,3 +186,26 @@ def test_an_external_name_costs_the_search_path_first(rich: tuple[Cluster, DNSSe
     ]
     assert lookup.rcodes == ["NXDOMAIN", "NXDOMAIN", "NXDOMAIN", "NOERROR"]
     assert lookup.answer == ["127.50.0.10"]
+
+
+def test_dns_egress_policy_is_enforced(rich: tuple[Cluster, DNSServer]) -> None:
+    """The shop's allow-dns policy lets its pods ask; without it, queries are dropped."""
+    import dns.exception
+    import dns.query
+
+    cluster, srv = rich
+    pod = next(p for p in cluster.state.pods if p.owner_name == "frontend")
+    query = dns.message.make_query("catalog.shop.svc.cluster.local.", "A")
+    reply = dns.query.udp(query, EXTRA_IP, port=EXTRA_PORT, timeout=1, source=pod.ip)
+    assert reply.answer
+    allow_dns = next(p for p in cluster.state.network_policies if p.name == "allow-dns")
+    cluster.state.network_policies.remove(allow_dns)
+    srv.set_state(cluster.state)
+    try:
+        with pytest.raises(dns.exception.Timeout):
+            dns.query.udp(query, EXTRA_IP, port=EXTRA_PORT, timeout=0.5, source=pod.ip)
+        # a client no policy selects is still answered
+        assert dns.query.udp(query, EXTRA_IP, port=EXTRA_PORT, timeout=1).answer
+    finally:
+        cluster.state.network_policies.append(allow_dns)
+        srv.set_state(cluster.state)

@@ -58,7 +58,12 @@ def test_sample_shop_loads_and_validates() -> None:
     changes = cluster.apply(load_manifests(default_manifest_paths()))
     assert "namespace/shop created" in changes
     shop = [p for p in cluster.state.pods if p.namespace == "shop"]
-    assert len(shop) == 8
+    assert len(shop) == 10
+    assert sorted(p.name for p in shop if p.labels["app"] == "cache") == ["cache-0", "cache-1"]
+    assert cluster.state.network.overlay_delay_ms == 0 and cluster.state.network.vni == 1
+    assert cluster.state.dns.ttl == 5
+    assert len(cluster.state.network_policies) == 7
+    assert {p.node for p in shop if p.labels["app"] == "cache"} == {"node-a", "node-b"}
     for app in ("frontend", "catalog", "reviews", "ratings"):
         pods = [p for p in shop if p.labels["app"] == app]
         assert {p.node for p in pods} == {"node-a", "node-b"}, app
@@ -205,3 +210,33 @@ def test_unknown_namespace_and_bad_yaml_are_refused(tmp_path: Path) -> None:
     path.write_text("kind: [unclosed")
     with pytest.raises(ManifestError, match="not valid YAML"):
         load_manifests([path])
+
+
+def test_cni_and_coredns_config_maps_are_checked() -> None:
+    from mesh.model.manifests import ManifestError, dns_config, load_document
+
+    def cni(data: dict[str, str]) -> object:
+        doc = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "hopscope-cni", "namespace": "kube-system"},
+            "data": data,
+        }
+        return load_document(doc, "cni.yaml")
+
+    config = cni({"overlayDelay": "25ms", "vni": "42", "egressIPs": "node-a=127.60.0.9"})
+    assert config.overlay_delay_ms == 25 and config.vni == 42  # type: ignore[attr-defined]
+    for bad, message in (
+        ({"overlayDelay": "soon"}, "data.overlayDelay"),
+        ({"overlayDelay": "9s"}, "between 0s and 5s"),
+        ({"vni": "0"}, "data.vni"),
+        ({"egressIPs": "node-a"}, "NODE=IP"),
+        ({"backend": "gre"}, "data.backend"),
+        ({"mtu": "1450"}, "unsupported key"),
+    ):
+        with pytest.raises(ManifestError, match=message):
+            cni(bad)
+    assert dns_config("kubernetes cluster.local {\n  ttl 30\n}\n", "x").ttl == 30
+    assert dns_config(".:53 {\n  cache 30\n}\n", "x").ttl is None  # ttl outside the plugin
+    with pytest.raises(ManifestError, match="ttl SECONDS"):
+        dns_config("kubernetes cluster.local {\n  ttl 99999\n}", "x")

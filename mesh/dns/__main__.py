@@ -23,7 +23,8 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from mesh import addresses
 from mesh.dns.zone import DEFAULT_TTL, answer
-from mesh.model.types import ClusterState
+from mesh.model.policy import PolicyEngine
+from mesh.model.types import ClusterState, Container, ContainerPort, Pod
 from mesh.model.watch import StateWatcher
 from telemetry.logs import setup_json_logging
 
@@ -45,6 +46,11 @@ DURATION = Histogram(
     ["server", "zone", "type"],
     buckets=(0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256),
 )
+POLICY_DROPPED = Counter(
+    "hopscope_dns_policy_dropped_queries",
+    "Queries dropped because the asking pod's egress NetworkPolicy does not allow DNS",
+    ["namespace", "pod", "proto"],
+)
 MALFORMED = Counter(
     "hopscope_dns_malformed_queries", "Queries that could not be parsed.", ["proto"]
 )
@@ -55,11 +61,32 @@ class DNSServer:
         self.ip, self.port, self.ttl = ip, port, ttl
         self.server_label = f"dns://{ip}:{port}"
         self.state = ClusterState()
+        self.policy = PolicyEngine(self.state)
 
     def set_state(self, state: ClusterState) -> None:
         self.state = state
+        self.policy = PolicyEngine(state)
+        # The server stands for the CoreDNS pods: policies select them by these labels.
+        self.policy.pods_by_ip[self.ip] = COREDNS_POD
 
-    def handle(self, wire: bytes, proto: str) -> bytes | None:
+    def allowed(self, client_ip: str, proto: str) -> bool:
+        """Egress NetworkPolicy of the asking pod, towards the CoreDNS pod on port 53."""
+        verdict = self.policy.check(client_ip, self.ip, 53, proto.upper())
+        if verdict.allowed:
+            return True
+        pod = self.policy.pods_by_ip.get(client_ip)
+        POLICY_DROPPED.labels(
+            pod.namespace if pod else "", pod.name if pod else client_ip, proto
+        ).inc()
+        log.warning(
+            "query dropped by NetworkPolicy",
+            extra={"client": client_ip, "proto": proto, "reason": verdict.reason},
+        )
+        return False
+
+    def handle(self, wire: bytes, proto: str, client_ip: str | None = None) -> bytes | None:
+        if client_ip is not None and not self.allowed(client_ip, proto):
+            return None  # dropped, like a packet: the client times out and retries
         start = time.perf_counter()
         try:
             query = dns.message.from_wire(wire)
@@ -70,7 +97,8 @@ class DNSServer:
             reply = dns.message.make_response(query)
             reply.set_rcode(dns.rcode.NOTIMP)
             return reply.to_wire()
-        reply, zone = answer(query, self.state, self.ttl)
+        ttl = self.state.dns.ttl if self.state.dns.ttl is not None else self.ttl
+        reply, zone = answer(query, self.state, ttl)
         qtype = dns.rdatatype.to_text(query.question[0].rdtype) if query.question else "other"
         rcode = dns.rcode.to_text(reply.rcode())
         REQUESTS.labels(self.server_label, zone, proto, "1", qtype).inc()
@@ -85,6 +113,24 @@ class DNSServer:
             reply.answer.clear()
             reply.flags |= dns.flags.TC
             return reply.to_wire()
+
+
+COREDNS_POD = Pod(
+    "coredns",
+    "kube-system",
+    {"k8s-app": "kube-dns"},
+    "node-a",
+    addresses.DNS_SERVICE_IP,
+    [
+        Container(
+            "coredns",
+            "coredns",
+            ports=[ContainerPort(53, "dns", "UDP"), ContainerPort(53, "dns-tcp")],
+        )
+    ],
+    phase="Running",
+)
+"""What NetworkPolicies see as the DNS server (port 53 in policy terms, as in a cluster)."""
 
 
 def _formerr(wire: bytes) -> bytes | None:
@@ -106,7 +152,7 @@ class _UDP(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            reply = self.server.handle(data, "udp")
+            reply = self.server.handle(data, "udp", addr[0])
         except Exception:
             log.exception("query failed", extra={"client": addr[0]})
             reply = _formerr(data)
@@ -117,13 +163,14 @@ class _UDP(asyncio.DatagramProtocol):
 async def _tcp_client(
     server: DNSServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    client_ip = writer.get_extra_info("peername")[0]
     try:
         while True:
             header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
             (length,) = struct.unpack("!H", header)
             wire = await reader.readexactly(length)
             try:
-                reply = server.handle(wire, "tcp")
+                reply = server.handle(wire, "tcp", client_ip)
             except Exception:
                 log.exception("query failed")
                 reply = _formerr(wire)

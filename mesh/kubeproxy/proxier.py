@@ -195,6 +195,8 @@ class Proxier:
         self.rules = new
         self.network = state.network
         self.policy = PolicyEngine(state)
+        for conn in self.conntrack.values():  # the VTEPs apply a new delay to live tunnels too
+            conn.overlay_delay_ms = state.network.overlay_delay_ms
         RULES.set(len(new.rules))
         self._last_sync = time.monotonic()
         self.synced_at = time.time()

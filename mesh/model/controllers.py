@@ -23,6 +23,7 @@ from mesh import addresses
 from mesh.model.manifests import ManifestError, ManifestObject
 from mesh.model.types import (
     ClusterState,
+    DnsConfig,
     Endpoint,
     EndpointPort,
     EndpointSlice,
@@ -163,6 +164,9 @@ class Cluster:
                         n for n in self.state.namespaces if n.name != obj.name
                     ] + [obj]
                     changes.append(f"namespace/{obj.name} {verb}")
+                elif isinstance(obj, DnsConfig):
+                    self.state.dns = obj
+                    changes.append(f"cluster DNS configured (ttl {obj.ttl}s)")
                 elif isinstance(obj, NetworkConfig):
                     obj.egress_ips = {**default_egress_ips(), **obj.egress_ips}
                     self.state.network = obj

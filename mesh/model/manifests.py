@@ -18,6 +18,7 @@ import yaml
 from mesh.model.types import (
     Container,
     ContainerPort,
+    DnsConfig,
     Ingress,
     IngressPath,
     IngressRule,
@@ -52,8 +53,19 @@ IPVS_SCHEDULERS = ("rr", "lc", "sh")
 CNI_CONFIG_MAP = ("kube-system", "hopscope-cni")
 """The ConfigMap the CNI emulator reads (overlay VNI and delay, egress IPs)."""
 
+COREDNS_CONFIG_MAP = ("kube-system", "coredns")
+"""The ConfigMap the CNI emulator reads (overlay VNI and delay, egress IPs)."""
+
 ManifestObject = (
-    Workload | Service | Ingress | NetworkPolicy | ProxyConfig | Namespace | NetworkConfig | None
+    Workload
+    | Service
+    | Ingress
+    | NetworkPolicy
+    | ProxyConfig
+    | Namespace
+    | NetworkConfig
+    | DnsConfig
+    | None
 )
 """A loaded object; ``None`` for a document hopscope accepts but does not act on."""
 
@@ -137,6 +149,8 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
         if kind == "ConfigMap":
             if (meta.get("namespace", "default"), meta["name"]) == CNI_CONFIG_MAP:
                 return network_config(doc.get("data") or {}, origin)
+            if (meta.get("namespace", "default"), meta["name"]) == COREDNS_CONFIG_MAP:
+                return dns_config(str((doc.get("data") or {}).get("Corefile", "")), origin)
             return None
         if kind == "Service":
             return _service(doc, origin)
@@ -217,6 +231,29 @@ def network_config(data: dict[str, str], where: str) -> NetworkConfig:
                     f"{where}: data.egressIPs: {item!r} is not NODE=IP (e.g. node-a=127.60.0.1)"
                 )
             config.egress_ips[node] = ip
+    return config
+
+
+def dns_config(corefile: str, where: str) -> DnsConfig:
+    """The ``ttl`` of the ``kubernetes`` plugin block in a Corefile (0-3600, as CoreDNS)."""
+    config = DnsConfig(source=where)
+    depth, in_kubernetes = 0, False
+    for raw in corefile.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        words = line.replace("{", " { ").replace("}", " } ").split()
+        if words and words[0] == "kubernetes" and "{" in words:
+            in_kubernetes, depth = True, 0
+        for word in words:
+            depth += (word == "{") - (word == "}")
+        if in_kubernetes and words[:1] == ["ttl"]:
+            if len(words) != 2 or not words[1].isdigit() or not 0 <= int(words[1]) <= 3600:
+                raise ManifestError(
+                    f"{where}: data.Corefile: kubernetes plugin: {line!r} "
+                    "(expected `ttl SECONDS`, 0-3600)"
+                )
+            config.ttl = int(words[1])
+        if in_kubernetes and depth <= 0 and "}" in words:
+            in_kubernetes = False
     return config
 
 

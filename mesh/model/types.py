@@ -251,6 +251,15 @@ class NetworkConfig:
 
 
 @dataclass
+class DnsConfig:
+    """From ConfigMap ``kube-system/coredns``: the ``kubernetes`` plugin's ``ttl``."""
+
+    ttl: int | None = None
+    """Answer TTL in seconds; None keeps the DNS server's default (5, like CoreDNS)."""
+    source: str = ""
+
+
+@dataclass
 class Node:
     name: str
     ip: str
@@ -288,6 +297,7 @@ class ClusterState:
     network_policies: list[NetworkPolicy] = field(default_factory=list)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     namespaces: list[Namespace] = field(default_factory=list)
 
     def namespace_labels(self, name: str) -> dict[str, str]:

@@ -118,7 +118,8 @@ def _nat(span: SpanRecord) -> str:
             f"{a.get('hopscope.overlay.outer.src')} → {a.get('hopscope.overlay.outer.dst')}"
         )
     if a.get("hopscope.policy.verdict") == "deny":
-        return f"NetworkPolicy deny ({a.get('hopscope.policy.side')}: {a.get('hopscope.policy.names')})"
+        side, names = a.get("hopscope.policy.side"), a.get("hopscope.policy.names")
+        return f"NetworkPolicy deny ({side}: {names})"
     orig_dst, new_dst = a.get("hopscope.nat.original.dst"), a.get("hopscope.nat.translated.dst")
     orig_src, new_src = a.get("hopscope.nat.original.src"), a.get("hopscope.nat.translated.src")
     parts = []
