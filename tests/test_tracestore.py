@@ -152,3 +152,48 @@ def test_store_is_bounded(api: tuple[str, TraceStore]) -> None:
     assert len(store) == 3
     assert [t for t, _ in store.recent(3)] == ids[::-1][:3]
     assert requests.get(f"{base}/api/v1/traces/{ids[0]}", timeout=5).status_code == 404
+
+
+def test_overlay_and_policy_hops_read_in_words() -> None:
+    from mesh.tracestore.hops import trace_view
+    from mesh.tracestore.otlp import SpanRecord
+
+    def span(sid: str, parent: str, attrs: dict[str, object], status: str = "unset") -> SpanRecord:
+        return SpanRecord("t" * 32, sid, parent, sid, "internal", 1, 2, attrs, status=status)
+
+    spans = [
+        span("a", "", {"hopscope.hop": "sidecar-outbound", "http.response.status_code": 503}),
+        span(
+            "b",
+            "a",
+            {
+                "hopscope.hop": "cni-overlay",
+                "k8s.node.name": "node-a",
+                "hopscope.overlay.vni": 1,
+                "hopscope.overlay.outer.src": "127.10.0.1:4000",
+                "hopscope.overlay.outer.dst": "127.10.0.2:8472",
+                "hopscope.nat.original.src": "127.244.1.2:5000",
+                "hopscope.nat.original.dst": "127.244.2.3:8080",
+            },
+        ),
+        span(
+            "c",
+            "b",
+            {
+                "hopscope.hop": "network-policy",
+                "k8s.node.name": "node-a",
+                "hopscope.policy.verdict": "deny",
+                "hopscope.policy.side": "ingress",
+                "hopscope.policy.names": "shop/default-deny",
+                "hopscope.policy.reason": "no ingress rule lets it in",
+            },
+            status="error",
+        ),
+    ]
+    view = trace_view("t" * 32, spans)
+    overlay = next(h for h in view["hops"] if h["hop"] == "cni-overlay")
+    assert overlay["nat"] == "encap vni 1: outer 127.10.0.1:4000 → 127.10.0.2:8472"
+    assert (overlay["src"], overlay["dst"]) == ("127.244.1.2:5000", "127.244.2.3:8080")
+    assert view["verdict"]["origin"] == "network-policy"
+    assert "NetworkPolicy denied" in view["verdict"]["reason"]
+    assert "shop/default-deny" in view["verdict"]["reason"]

@@ -87,7 +87,7 @@ def hop_status(span: SpanRecord) -> str:
 def _src_dst(span: SpanRecord) -> tuple[str, str]:
     a = span.attributes
     hop = a.get("hopscope.hop")
-    if hop in ("kube-proxy", "load-balancer"):
+    if hop in ("kube-proxy", "load-balancer", "cni-overlay", "egress-snat", "network-policy"):
         return str(a.get("hopscope.nat.original.src", "")), str(
             a.get("hopscope.nat.original.dst", "")
         )
