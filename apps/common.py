@@ -113,6 +113,42 @@ def mark_app_span(pod: PodIdentity, span: Any = None, peer: str | None = None) -
         span.set_attribute("network.peer.address", peer)
 
 
+@dataclass(frozen=True)
+class Faults:
+    """Faults a scenario injects through the Deployment's env, as a chaos tool would.
+
+    ``HOPSCOPE_FAULT_DELAY_MS`` — every request waits this long before being handled;
+    ``HOPSCOPE_FAULT_ERROR_RATE`` — this share of requests (0..1) fail: HTTP 500, or gRPC
+    ``INTERNAL``. Health checks are never affected.
+    """
+
+    delay_ms: float = 0.0
+    error_rate: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        def number(key: str, high: float) -> float:
+            try:
+                return min(max(float(os.environ.get(key, "0") or 0), 0.0), high)
+            except ValueError:
+                logging.getLogger(__name__).error("ignoring bad %s", key)
+                return 0.0
+
+        return cls(
+            delay_ms=number("HOPSCOPE_FAULT_DELAY_MS", 600_000),
+            error_rate=number("HOPSCOPE_FAULT_ERROR_RATE", 1.0),
+        )
+
+    def apply(self) -> bool:
+        """Sleep the delay; return True when this request must fail."""
+        import random
+        import time
+
+        if self.delay_ms:
+            time.sleep(self.delay_ms / 1000)
+        return bool(self.error_rate) and random.random() < self.error_rate
+
+
 def instrument_flask(app: Any, pod: PodIdentity) -> None:
     """Trace every request (probes excluded), mark the app hop, count RED metrics."""
     import time
@@ -126,9 +162,15 @@ def instrument_flask(app: Any, pod: PodIdentity) -> None:
     FlaskInstrumentor().instrument_app(app, request_hook=request_hook, excluded_urls="healthz")
     log = logging.getLogger(pod.app)
 
+    faults = Faults.from_env()
+
     @app.before_request
-    def _start() -> None:
+    def _start() -> Any:
         g.hopscope_start = time.perf_counter()
+        if request.path != "/healthz" and faults.apply():
+            log.error("injected fault", extra={"fault": "error", "path": request.path})
+            return {"error": "injected fault (HOPSCOPE_FAULT_ERROR_RATE)", "pod": pod.name}, 500
+        return None
 
     @app.after_request
     def _count(response: Any) -> Any:
@@ -204,17 +246,24 @@ def app_rpc(route: str) -> Any:
     import functools
     import time
 
+    faults = Faults.from_env()
+
     def decorate(fn: Any) -> Any:
         @functools.wraps(fn)
         def wrapper(self: Any, request: Any, context: Any) -> Any:
+            import grpc
+
             pod: PodIdentity = self.pod
             start = time.perf_counter()
             mark_app_span(pod, peer=grpc_peer(context))
             code = "OK"
             try:
+                if faults.apply():
+                    code = "INTERNAL"
+                    context.abort(grpc.StatusCode.INTERNAL, "injected fault")
                 return fn(self, request, context)
             except Exception:
-                code = "ERROR"
+                code = "ERROR" if code == "OK" else code
                 raise
             finally:
                 elapsed = time.perf_counter() - start

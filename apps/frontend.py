@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import grpc
 import requests
@@ -21,7 +22,8 @@ from apps.podnet import (
     grpc_channel,
 )
 
-CATALOG_URL = "http://catalog:8080/items"
+CATALOG_URL = os.environ.get("CATALOG_URL", "http://catalog:8080/items")
+"""Overridable from the Deployment's env (the dns-typo scenario misspells it)."""
 PAYMENTS_URL = "http://payments:8080/authorize"
 """An ExternalName Service: DNS answers with a CNAME to payments.example.net, outside."""
 REVIEWS = ("reviews", 50051)
@@ -73,6 +75,28 @@ def create_app(pod: PodIdentity) -> Flask:
             served_by=pod.name,
             items=catalog["items"],
             catalog_served_by=catalog.get("served_by"),
+            reviews=[{"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews],
+            reviews_served_by=reply.served_by,
+        )
+
+    @app.get("/reviews/<product>")
+    def product_reviews(product: str) -> ResponseReturnValue:
+        """gRPC only: frontend → reviews → ratings."""
+        try:
+            reply = grpc_call(
+                resolver,
+                *REVIEWS,
+                lambda md: reviews.GetReviews(
+                    shop_pb2.ReviewsRequest(product_id=product), metadata=md, timeout=5
+                ),
+            )
+        except ResolveError as exc:
+            return jsonify(error=f"reviews: {exc}", served_by=pod.name), 502
+        except grpc.RpcError as exc:
+            log.error("reviews failed", extra={"code": str(exc.code())})
+            return jsonify(error=f"reviews: {exc.code()} {exc.details()}"), 502
+        return jsonify(
+            served_by=pod.name,
             reviews=[{"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews],
             reviews_served_by=reply.served_by,
         )

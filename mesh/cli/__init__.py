@@ -15,6 +15,7 @@ from mesh.cli.dig_cmd import dig
 from mesh.cli.get_cmds import get
 from mesh.cli.manage_cmds import apply, conntrack, kill, ready, scale
 from mesh.cli.trace_cmds import trace
+from mesh.cli.traffic_cmd import traffic
 
 __all__ = ["cli", "main"]
 
@@ -43,6 +44,7 @@ for command in (
     dig,
     trace,
     conntrack,
+    traffic,
 ):
     cli.add_command(command)
 

@@ -89,11 +89,19 @@ def render_waterfall(view: dict[str, Any]) -> None:
             _bar(span.get("start_ns", 0) / 1e6, hop["duration_ms"], t0, total),
         )
     out.print(table)
+    walk = view.get("packet_walk") or []
+    if walk:
+        out.print("packet walk:")
+        table = Table("stage", "at", "src", "dst", "what changed", box=None)
+        for step in walk:
+            table.add_row(step["stage"], step["at"], step["src"], step["dst"], step["change"])
+        out.print(table)
     v = view["verdict"]
     if v["ok"]:
         out.print(f"[green]verdict: ok[/] — {v['reason']}")
     else:
-        out.print(f"[red]verdict: failed at {v['origin']}[/] — {v['reason']}")
+        who = v.get("produced_by") or v["origin"]
+        out.print(f"[red]verdict: failed at {v['origin']} (produced by {who})[/] — {v['reason']}")
 
 
 def _failed(hop: dict[str, Any]) -> bool:
@@ -136,7 +144,7 @@ def trace(
         raise click.UsageError("give a trace ID or --last, not both")
     view = fetch_trace(client, trace_id, settle)
     if as_json:
-        public = {k: view[k] for k in ("trace_id", "hops", "verdict")}
+        public = {k: view[k] for k in ("trace_id", "hops", "verdict", "packet_walk")}
         click.echo(json.dumps(public, indent=2))
         return
     render_waterfall(view)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import addresses
-from mesh.model.types import ClusterState, IngressPath, Pod, Service
+from mesh.model.types import SIDECAR_TIMEOUT_ANNOTATION, ClusterState, IngressPath, Pod, Service
 
 OTLP_CLUSTER = "hopscope_otlp"
 """The cluster Envoy's OpenTelemetry tracer exports through."""
@@ -245,6 +245,7 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
     tags = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace}
     tags["k8s.node.name"] = pod.node
     listeners, clusters = [], [_otlp_cluster(otlp_endpoint)]
+    inbound_timeout = _duration(pod.annotations.get(SIDECAR_TIMEOUT_ANNOTATION, "15s"))
     for container in pod.containers:
         for cp in container.ports:
             port = cp.container_port
@@ -264,7 +265,7 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
                         "routes": [
                             {
                                 "match": {"prefix": "/"},
-                                "route": {"cluster": cluster, "timeout": "15s"},
+                                "route": {"cluster": cluster, "timeout": inbound_timeout},
                             }
                         ],
                     }
@@ -346,6 +347,13 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
         _listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
     )
     return _bootstrap(pod.ip, listeners, clusters)
+
+
+def _duration(text: str) -> str:
+    """A Go duration as a protobuf Duration string (``1.5s``)."""
+    from mesh.model.manifests import parse_duration
+
+    return f"{parse_duration(text):.3f}s"
 
 
 def _original_dst_cluster(name: str, bind_ip: str, http2: bool) -> dict[str, Any]:

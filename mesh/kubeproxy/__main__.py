@@ -61,11 +61,22 @@ def admin_app(proxier: Proxier) -> Callable[..., Iterable[bytes]]:
             body = {
                 "lastUpdated": synced,
                 "currentTime": time.time(),
-                "healthy": ok,
+                "healthy": ok and not proxier.paused,
+                "syncPaused": proxier.paused,
                 "bindErrors": proxier.bind_errors,
             }
             status = "200 OK" if ok else "503 Service Unavailable"
             return _json(start_response, status, body)
+        if path == "/debug/sync":
+            # POST ?paused=true|false: emulate kube-proxy losing (or regaining) the API server
+            if environ.get("REQUEST_METHOD") == "POST":
+                query = environ.get("QUERY_STRING", "")
+                proxier.set_paused("paused=true" in query)
+            return _json(
+                start_response,
+                "200 OK",
+                {"paused": proxier.paused, "lastUpdated": proxier.synced_at},
+            )
         if path == "/conntrack":
             return _json(start_response, "200 OK", proxier.conntrack_entries())
         if path == "/rules":

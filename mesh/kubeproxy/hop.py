@@ -216,14 +216,14 @@ DENY_READ_TIMEOUT = 1.0
 """Seconds a denied connection is held to read the request's trace context."""
 
 
-async def _request_headers(reader: Any) -> dict[str, str]:
+async def _request_headers(reader: Any, timeout: float = DENY_READ_TIMEOUT) -> dict[str, str]:
     """The first request's headers on a connection (HTTP/1 head or first HTTP/2 HEADERS)."""
     import asyncio
 
     import hpack
 
     data = b""
-    deadline = asyncio.get_running_loop().time() + DENY_READ_TIMEOUT
+    deadline = asyncio.get_running_loop().time() + timeout
     decoder = hpack.Decoder()
     while len(data) < 65536:
         remaining = deadline - asyncio.get_running_loop().time()
@@ -272,33 +272,57 @@ def _h2_first_headers(frames: bytes, decoder: Any) -> dict[str, str] | None:
     return None
 
 
-async def deny_span(tracer: trace.Tracer, conn: ConnInfo, reader: Any) -> None:
-    """A span in the caller's trace saying NetworkPolicy dropped this connection, and why."""
-    headers = await _request_headers(reader)
-    verdict = conn.policy
-    assert verdict is not None
-    parent: Context = PROPAGATOR.extract(headers)
-    span = tracer.start_span(
-        f"kube-proxy {conn.rule.namespace}/{conn.rule.name} denied by NetworkPolicy",
-        context=parent,
-        kind=SpanKind.INTERNAL,
-    )
-    attrs = conn.attributes()
-    attrs["hopscope.conntrack.state"] = "new"
-    attrs["error.type"] = "network-policy-denied"
+async def refusal_span(
+    tracer: trace.Tracer,
+    name: str,
+    attrs: dict[str, Any],
+    reason: str,
+    reader: Any,
+    read_timeout: float = DENY_READ_TIMEOUT,
+    message: str = "refused",
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """A span in the caller's trace for a connection kube-proxy refused, and why.
+
+    The request's headers are read first (up to ``read_timeout``) so the span joins the
+    caller's trace; a client that sends nothing gets a span of its own.
+    """
+    headers = await _request_headers(reader, read_timeout)
+    span = tracer.start_span(name, context=PROPAGATOR.extract(headers), kind=SpanKind.INTERNAL)
     if ":path" in headers:
         attrs["url.path"] = headers[":path"]
     span.set_attributes(attrs)
-    span.set_status(Status(StatusCode.ERROR, verdict.reason))
+    span.set_status(Status(StatusCode.ERROR, reason))
     with trace.use_span(span, end_on_exit=True):
         log.warning(
-            "denied by NetworkPolicy",
+            message,
             extra={
-                "service": conn.rule.service,
-                "src": conn.original_src,
-                "endpoint_pod": conn.endpoint.pod,
-                "side": verdict.side,
-                "policies": list(verdict.policies),
-                "reason": verdict.reason,
+                "service": f"{attrs.get('k8s.namespace.name')}/{attrs.get('k8s.service.name')}",
+                "src": attrs.get("hopscope.nat.original.src"),
+                "error_type": attrs.get("error.type"),
+                "reason": reason,
+                **(extra or {}),
             },
         )
+
+
+async def deny_span(tracer: trace.Tracer, conn: ConnInfo, reader: Any) -> None:
+    """NetworkPolicy dropped this connection: say which side and which policies."""
+    verdict = conn.policy
+    assert verdict is not None
+    attrs = conn.attributes()
+    attrs["hopscope.conntrack.state"] = "new"
+    attrs["error.type"] = "network-policy-denied"
+    await refusal_span(
+        tracer,
+        f"kube-proxy {conn.rule.namespace}/{conn.rule.name} denied by NetworkPolicy",
+        attrs,
+        verdict.reason,
+        reader,
+        message="denied by NetworkPolicy",
+        extra={
+            "endpoint_pod": conn.endpoint.pod,
+            "side": verdict.side,
+            "policies": list(verdict.policies),
+        },
+    )

@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from mesh import addresses
 from mesh.cni.metrics import POLICY_DENIED
 from mesh.cni.vtep import OverlayError, OverlaySettings, TunnelInfo, open_tunnel
-from mesh.kubeproxy.hop import ConnInfo, deny_span
+from mesh.kubeproxy.hop import ConnInfo, deny_span, refusal_span
 from mesh.kubeproxy.relays import READ_SIZE, HTTP1Relay, HTTP2Relay, relay_tcp, sniff
 from mesh.kubeproxy.rules import (
     EndpointTarget,
@@ -46,6 +46,9 @@ from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
 
 log = logging.getLogger("kube-proxy")
+
+REJECT_READ_TIMEOUT = 0.25
+"""Seconds a refused connection waits for the request's headers (to join its trace)."""
 
 SNIFF_TIMEOUT = 1.0
 """Seconds to wait for a client's first bytes before treating the stream as opaque TCP."""
@@ -150,6 +153,7 @@ class Proxier:
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync = 0.0
         self.bind_errors: dict[str, str] = {}
+        self.paused = False
 
     # -- sync ------------------------------------------------------------------------------
 
@@ -158,8 +162,21 @@ class Proxier:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self._state_arrived, state, time.monotonic())
 
+    def set_paused(self, paused: bool) -> None:
+        """Stop (or resume) applying new state — kube-proxy cut off from the API server.
+
+        While paused the rules in force go stale: endpoints that changed keep receiving
+        traffic. Called from the admin thread.
+        """
+        self.paused = paused
+        log.warning("rule sync paused" if paused else "rule sync resumed")
+        if not paused and self.loop is not None and self._pending is not None:
+            self.loop.call_soon_threadsafe(self._state_arrived, *self._pending)
+
     def _state_arrived(self, state: ClusterState, received: float) -> None:
         self._pending = (state, received)
+        if self.paused:
+            return
         if self._sync_task is None or self._sync_task.done():
             self._sync_task = asyncio.ensure_future(self._sync_soon())
 
@@ -167,7 +184,7 @@ class Proxier:
         wait = self.min_sync_period - (time.monotonic() - self._last_sync)
         if wait > 0:
             await asyncio.sleep(wait)
-        while self._pending is not None:
+        while self._pending is not None and not self.paused:
             state, received = self._pending
             self._pending = None
             await self.sync(state)
@@ -289,15 +306,23 @@ class Proxier:
         if endpoint is None:
             reason = "no-ready-endpoints" if not rule.ready_endpoints else "no-local-endpoints"
             REJECTED.labels(rule.namespace, rule.name, reason).inc()
-            log.info(
-                "rejected",
-                extra={
-                    "service": rule.service,
-                    "dst": f"{vip}:{port}",
-                    "src": f"{client_ip}:{client_port}",
-                    "reason": decision.reason,
-                },
-            )
+            if self.telemetry:
+                words = reason.replace("-", " ")
+                attrs = self._rule_attributes(rule, f"{client_ip}:{client_port}", f"{vip}:{port}")
+                attrs.update({"error.type": reason, "hopscope.decision": decision.reason})
+                await refusal_span(
+                    self.tracer,
+                    f"kube-proxy {rule.namespace}/{rule.name} REJECT ({words})",
+                    attrs,
+                    (
+                        f"Service {rule.namespace}/{rule.name} has no ready endpoints"
+                        if reason == "no-ready-endpoints"
+                        else f"Service {rule.namespace}/{rule.name}: {decision.reason}"
+                    ),
+                    reader,
+                    REJECT_READ_TIMEOUT,
+                    message="rejected",
+                )
             _reset(writer)
             return
         snat = decision.snat_ip or hairpin_snat(endpoint, client_ip, self.node_ips)
@@ -311,10 +336,27 @@ class Proxier:
             up_reader, up_writer, local, tunnel = await self._connect(endpoint, source, src_node)
         except OSError as exc:
             REJECTED.labels(rule.namespace, rule.name, "endpoint-unreachable").inc()
-            log.warning(
-                "endpoint unreachable",
-                extra={"service": rule.service, "endpoint": endpoint.address, "error": str(exc)},
-            )
+            if self.telemetry:
+                attrs = self._rule_attributes(rule, f"{client_ip}:{client_port}", f"{vip}:{port}")
+                attrs.update(
+                    {
+                        "error.type": "endpoint-unreachable",
+                        "hopscope.nat.translated.dst": endpoint.address,
+                        "hopscope.endpoint.pod": endpoint.pod,
+                        "hopscope.endpoint.node": endpoint.node,
+                        "hopscope.decision": decision.reason,
+                        "hopscope.rules.synced_at": self.synced_at or 0.0,
+                    }
+                )
+                await refusal_span(
+                    self.tracer,
+                    f"kube-proxy {rule.namespace}/{rule.name} endpoint unreachable",
+                    attrs,
+                    f"DNAT to {endpoint.address} ({endpoint.pod}) failed: {exc}",
+                    reader,
+                    REJECT_READ_TIMEOUT,
+                    message="endpoint unreachable",
+                )
             _reset(writer)
             return
         reason = decision.reason
@@ -353,6 +395,24 @@ class Proxier:
             self.closed.append(conn)
             for w in (writer, up_writer):
                 w.close()
+
+    def _rule_attributes(self, rule: ServiceRule, src: str, dst: str) -> dict[str, Any]:
+        """Hop attributes of a connection refused before any endpoint took it."""
+        return {
+            "hopscope.hop": rule.hop,
+            "k8s.service.name": rule.name,
+            "k8s.namespace.name": rule.namespace,
+            "k8s.node.name": rule.node or addresses.node_for_ip(src.rsplit(":", 1)[0]) or "",
+            "hopscope.service.type": rule.service_type,
+            "hopscope.service.port": rule.port,
+            "hopscope.nat.original.src": src,
+            "hopscope.nat.original.dst": dst,
+            "hopscope.lb.mode": self.selector.mode,
+            "hopscope.lb.algorithm": self.selector.algorithm,
+            "hopscope.conntrack.state": "new",
+            "hopscope.rule.kind": rule.kind,
+            "network.peer.address": src.rsplit(":", 1)[0],
+        }
 
     def _choose(
         self, rule: ServiceRule, candidates: tuple[EndpointTarget, ...], client_ip: str

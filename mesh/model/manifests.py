@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from mesh.model.types import (
+    SIDECAR_TIMEOUT_ANNOTATION,
     Container,
     ContainerPort,
     DnsConfig,
@@ -392,6 +393,19 @@ def _workload(doc: dict[str, Any], origin: str) -> Workload:
         raise _FieldError(
             "spec.template.metadata.labels", "`selector` does not match template `labels`"
         )
+    annotations = dict(template.get("metadata", {}).get("annotations") or {})
+    if SIDECAR_TIMEOUT_ANNOTATION in annotations:
+        try:
+            timeout = parse_duration(str(annotations[SIDECAR_TIMEOUT_ANNOTATION]))
+        except ValueError as exc:
+            raise _FieldError(
+                f"spec.template.metadata.annotations[{SIDECAR_TIMEOUT_ANNOTATION}]", str(exc)
+            ) from None
+        if not 0 < timeout <= 3600:
+            raise _FieldError(
+                f"spec.template.metadata.annotations[{SIDECAR_TIMEOUT_ANNOTATION}]",
+                "must be between 1ms and 1h",
+            )
     pod_spec = template["spec"]
     containers = [
         _container(c, f"spec.template.spec.containers[{i}]")
@@ -407,7 +421,7 @@ def _workload(doc: dict[str, Any], origin: str) -> Workload:
             labels=labels,
             containers=containers,
             node_selector=dict(pod_spec.get("nodeSelector") or {}),
-            annotations=dict(template.get("metadata", {}).get("annotations") or {}),
+            annotations=annotations,
         ),
         service_name=spec.get("serviceName"),
         source=origin,

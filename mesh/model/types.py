@@ -18,6 +18,10 @@ T = TypeVar("T")
 SIDECAR_INJECT_ANNOTATION = "sidecar.hopscope.dev/inject"
 """Pod template annotation; ``"false"`` runs the pod without an Envoy sidecar."""
 
+SIDECAR_TIMEOUT_ANNOTATION = "sidecar.hopscope.dev/timeout"
+"""Pod template annotation: the inbound route timeout of the pod's sidecar (default 15s),
+like an Istio VirtualService ``timeout``; past it the sidecar answers 504 (``UT``)."""
+
 APP_PORT_OFFSET = 10000
 """Mirrors ``mesh.addresses.APP_PORT_OFFSET`` (kept here so the model has no imports)."""
 

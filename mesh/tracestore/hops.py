@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from mesh.tracestore.otlp import SpanRecord
+from mesh.tracestore.verdict import packet_walk, verdict
 
 HOP_KINDS = (
     "client",
@@ -25,26 +26,6 @@ HOP_KINDS = (
     "network-policy",
     "app",
 )
-
-ENVOY_FLAG_MEANINGS = {
-    "UH": "no healthy upstream (no ready endpoint to send to)",
-    "UF": "upstream connection failure",
-    "UO": "upstream overflow (circuit breaker)",
-    "NR": "no route configured for this host/path",
-    "URX": "upstream retry limit exceeded",
-    "UT": "upstream request timeout",
-    "UC": "upstream connection terminated",
-    "UR": "upstream remote reset",
-    "LR": "connection reset locally",
-    "DC": "downstream connection terminated",
-    "RL": "rate limited",
-    "UAEX": "denied by external authorization",
-    "RBAC": "denied by RBAC (NetworkPolicy)",
-    "DI": "fault injection delay",
-    "FI": "fault injection abort",
-    "NC": "no upstream cluster",
-    "DT": "request exceeded max duration",
-}
 
 
 def ordered_spans(spans: list[SpanRecord]) -> list[tuple[int, SpanRecord]]:
@@ -138,7 +119,8 @@ def _where(span: SpanRecord) -> str:
         return f"{a.get('k8s.node.name', '')} ({a.get('hopscope.hop')})"
     if a.get("hopscope.hop") == "kube-proxy":
         service = f"{a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
-        return f"svc {service} → {a.get('hopscope.endpoint.pod', '?')}"
+        pod = a.get("hopscope.endpoint.pod")
+        return f"svc {service} → {pod}" if pod else f"svc {service} (no endpoint)"
     pod = a.get("k8s.pod.name") or span.resource.get("k8s.pod.name")
     return str(pod or span.resource.get("service.name", ""))
 
@@ -146,6 +128,19 @@ def _where(span: SpanRecord) -> str:
 def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
     """The hop list of ``hopscope trace --json``."""
     hops = []
+    by_id = {s.span_id: s for s in spans}
+
+    def parent_hop(span: SpanRecord) -> str:
+        """The nearest ancestor that is a hop (app client spans etc. are skipped)."""
+        seen: set[str] = set()
+        cur = by_id.get(span.parent_span_id)
+        while cur is not None and cur.span_id not in seen:
+            if cur.attributes.get("hopscope.hop"):
+                return cur.span_id
+            seen.add(cur.span_id)
+            cur = by_id.get(cur.parent_span_id)
+        return ""
+
     for depth, span in ordered_spans(spans):
         hop = span.attributes.get("hopscope.hop")
         if not hop:
@@ -168,9 +163,28 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
                 "start_ns": span.start_ns,
                 "error": _is_error(span),
                 "policy": _policy(span),
+                "error_type": str(span.attributes.get("error.type", "") or ""),
+                "message": span.status_message,
+                "app": str(span.resource.get("service.name", "")),
+                "nat_tuple": _nat_tuple(span),
+                "parent_hop_id": parent_hop(span),
+                "service": (
+                    f"{span.attributes.get('k8s.namespace.name', '')}/"
+                    f"{span.attributes['k8s.service.name']}"
+                    if span.attributes.get("k8s.service.name")
+                    else ""
+                ),
             }
         )
     return hops
+
+
+def _nat_tuple(span: SpanRecord) -> dict[str, str]:
+    a = span.attributes
+    keys = ("original.src", "original.dst", "translated.src", "translated.dst")
+    return {
+        k.replace(".", "_"): str(a[f"hopscope.nat.{k}"]) for k in keys if a.get(f"hopscope.nat.{k}")
+    }
 
 
 def _policy(span: SpanRecord) -> str:
@@ -197,34 +211,6 @@ def _is_error(span: SpanRecord) -> bool:
     return span.status == "error" or bool(_flags(span))
 
 
-def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which hop produced the failure, and why, in words."""
-    failing = [h for h in hops if h["error"]]
-    if not failing:
-        return {"ok": True, "origin": None, "reason": "every hop succeeded"}
-    # The origin is the deepest failing hop: everything above it only passed the error on.
-    origin = max(failing, key=lambda h: (h["depth"], h["start_ns"]))
-    flags = origin["response_flags"]
-    who = f"the {origin['hop']} hop at {origin['where']}"
-    if flags:
-        meanings = ", ".join(ENVOY_FLAG_MEANINGS.get(f, f) for f in flags.split(","))
-        reason = f"{who} returned {origin['status']} {flags}: {meanings}"
-    elif origin["hop"] == "app":
-        reason = f"{who} answered {origin['status']} itself; the proxies passed it through"
-    elif a_policy := origin.get("policy"):
-        reason = f"{who}: NetworkPolicy denied the connection ({a_policy})"
-    elif origin["hop"] == "dns":
-        reason = f"{who} failed to resolve the name ({origin['nat']})"
-    else:
-        reason = f"{who} failed with {origin['status']}"
-    return {
-        "ok": False,
-        "origin": origin["hop"],
-        "origin_span_id": origin["span_id"],
-        "reason": reason,
-    }
-
-
 def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
     """The full JSON document of ``hopscope trace --json``."""
     hops = build_hops(spans)
@@ -247,9 +233,11 @@ def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
         }
         for h in hops
     ]
+    outcome = verdict(hops)
     return {
         "trace_id": trace_id,
         "hops": public,
-        "verdict": verdict(hops),
+        "verdict": outcome,
+        "packet_walk": packet_walk(hops, outcome),
         "span_count": len(spans),
     }

@@ -1,0 +1,1 @@
+"""Load generation: the open-model generator behind ``hopscope traffic``."""
