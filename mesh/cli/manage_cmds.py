@@ -27,8 +27,30 @@ def _split_ref(ref: str, default_ns: str) -> tuple[str, str]:
     return (ns if sep else default_ns), name
 
 
-@click.command()
-@click.option(
+def _send_manifests(paths: tuple[Path, ...], endpoint: str, verb: str) -> None:
+    """Validate every document locally, then post them file by file."""
+    from mesh.model.manifests import ManifestError, expand_paths, load_document
+
+    client = APIClient()
+    try:
+        files = expand_paths(paths)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in files:
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+            for i, doc in enumerate(docs):
+                load_document(doc, path.name, i)  # validate before sending anything
+        except yaml.YAMLError as exc:
+            raise click.ClickException(f"{path}: not valid YAML: {exc}") from None
+        except ManifestError as exc:
+            raise click.ClickException(f"invalid manifest, nothing {verb}: {exc}") from None
+        result = client.post(endpoint, {"source": path.name, "documents": docs})
+        for change in result["changes"]:
+            click.echo(change)
+
+
+_FILENAME = click.option(
     "-f",
     "--filename",
     "paths",
@@ -37,27 +59,25 @@ def _split_ref(ref: str, default_ns: str) -> tuple[str, str]:
     type=click.Path(exists=True, path_type=Path),
     help="Manifest file or directory (repeatable).",
 )
+
+
+@click.command()
+@_FILENAME
 def apply(paths: tuple[Path, ...]) -> None:
     """Create or update objects from manifests in the running cluster (like kubectl apply).
 
-    Services, Deployments/StatefulSets, NetworkPolicies and a KubeProxyConfiguration (e.g.
+    Services, Deployments/StatefulSets, NetworkPolicies, ConfigMaps hopscope reads
+    (kube-system/hopscope-cni, kube-system/coredns) and a KubeProxyConfiguration (e.g.
     `mode: ipvs`) take effect at once. Ingress changes need a restart of the cluster.
     """
-    from mesh.model.manifests import ManifestError, expand_paths, load_document
+    _send_manifests(paths, "/api/v1/apply", "applied")
 
-    client = APIClient()
-    for path in expand_paths(paths):
-        try:
-            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-            for i, doc in enumerate(docs):
-                load_document(doc, path.name, i)  # validate before sending anything
-        except yaml.YAMLError as exc:
-            raise click.ClickException(f"{path}: not valid YAML: {exc}") from None
-        except ManifestError as exc:
-            raise click.ClickException(f"invalid manifest, nothing applied: {exc}") from None
-        result = client.post("/api/v1/apply", {"source": path.name, "documents": docs})
-        for change in result["changes"]:
-            click.echo(change)
+
+@click.command()
+@_FILENAME
+def delete(paths: tuple[Path, ...]) -> None:
+    """Delete the Services, workloads, NetworkPolicies and Ingresses the manifests name."""
+    _send_manifests(paths, "/api/v1/delete", "deleted")
 
 
 @click.command()

@@ -165,6 +165,23 @@ def apply() -> Response:
     return jsonify(changes=changes)
 
 
+@bp.post("/api/v1/delete")
+def delete() -> Response:
+    """Delete the objects manifest documents name (``hopscope delete -f``)."""
+    from mesh.model.manifests import ManifestError, load_document
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("documents"), list):
+        raise APIError(400, 'body must be {"source": "...", "documents": [ {...}, ... ]}')
+    source = str(body.get("source") or "request")
+    try:
+        objects = [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
+        changes = current_app.config["CLUSTER"].delete(objects)
+    except ManifestError as exc:
+        raise APIError(400, str(exc)) from None
+    return jsonify(changes=changes)
+
+
 @bp.post("/api/v1/scale/<namespace>/<name>")
 def scale(namespace: str, name: str) -> Response:
     body = request.get_json(silent=True) or {}

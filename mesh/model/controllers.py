@@ -189,6 +189,55 @@ class Cluster:
             self._bump()
             return changes
 
+    def delete(self, objects: list[ManifestObject]) -> list[str]:
+        """Remove objects (like ``kubectl delete -f``); pods of a workload terminate."""
+        with self.lock:
+            changes: list[str] = []
+            for obj in objects:
+                if isinstance(obj, Service):
+                    old = self.state.service(obj.namespace, obj.name)
+                    if old is None:
+                        changes.append(f"service/{obj.namespace}/{obj.name} not found")
+                        continue
+                    self.state.services.remove(old)
+                    if old.cluster_ip and old.cluster_ip != "None":
+                        self.service_ips.release(old.cluster_ip)
+                    for ip in old.load_balancer_ingress:
+                        self.lb_ips.release(ip)
+                    key = f"{old.namespace}/{old.name}"
+                    for port in [p for p, owner in self.node_ports.items() if owner == key]:
+                        del self.node_ports[port]
+                    changes.append(f"service/{key} deleted")
+                elif isinstance(obj, Workload):
+                    found = [
+                        w
+                        for w in self.state.workloads
+                        if (w.namespace, w.name, w.kind) == (obj.namespace, obj.name, obj.kind)
+                    ]
+                    for wl in found:
+                        self.state.workloads.remove(wl)
+                        self._template_hashes.pop((wl.namespace, wl.name), None)
+                        for pod in self._owned(wl):
+                            self._terminate(pod)
+                    verb = "deleted" if found else "not found"
+                    changes.append(f"{obj.kind.lower()}.apps/{obj.namespace}/{obj.name} {verb}")
+                elif isinstance(obj, (NetworkPolicy, Ingress)):
+                    items: list[Any] = (
+                        self.state.network_policies
+                        if isinstance(obj, NetworkPolicy)
+                        else self.state.ingresses
+                    )
+                    kind = "netpol" if isinstance(obj, NetworkPolicy) else "ingress"
+                    found = [i for i in items if (i.namespace, i.name) == (obj.namespace, obj.name)]
+                    for item in found:
+                        items.remove(item)
+                    verb = "deleted" if found else "not found"
+                    changes.append(f"{kind}/{obj.namespace}/{obj.name} {verb}")
+            self._reconcile()
+            self._rebuild_endpoints()
+            self._bump()
+            return changes
+
     def _replace(self, items: list[Any], obj: Any, kind: str) -> str:
         for i, old in enumerate(items):
             if old.namespace == obj.namespace and old.name == obj.name:

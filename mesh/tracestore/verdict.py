@@ -80,7 +80,12 @@ def _cause(hop: dict[str, Any]) -> tuple[str, str]:
     if hop.get("policy"):
         return "network-policy", f"NetworkPolicy denied the connection ({hop['policy']})"
     if kind == "dns":
-        return "dns", f"the name did not resolve: {hop['nat']}, last answer {status}"
+        name, _, rest = hop["nat"].partition(" → ")
+        tried = rest.rpartition("(")[2].rstrip(")") or "queries"
+        return "dns", (
+            f"pod {hop['where']} could not resolve {name!r}: {status} after {tried} "
+            "(the whole search path)"
+        )
     if error_type in ("no-ready-endpoints", "no-local-endpoints"):
         return "kube-proxy", f"kube-proxy rejected the connection: {message}"
     if error_type == "endpoint-unreachable":

@@ -84,9 +84,13 @@ class Stats:
     waited_for_slot: int = 0
     slowest: list[tuple[int, str]] = field(default_factory=list)
     failures: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] | None = None
+    """Every outcome, when the caller asked to keep them (scenarios do; long runs do not)."""
 
     def record(self, outcome: Outcome) -> None:
         self.done += 1
+        if self.outcomes is not None:
+            self.outcomes.append(outcome)
         self.histogram.record_value(max(1, min(outcome.latency_us, MAX_LATENCY_US)))
         key = str(outcome.status) if outcome.status else (outcome.error or "error")
         self.statuses[key] += 1
@@ -114,6 +118,7 @@ class Generator:
         mix: tuple[Route, ...] = SHOP_MIX,
         timeout: float = 30.0,
         seed: int | None = None,
+        keep_outcomes: bool = False,
     ) -> None:
         if rps <= 0 or duration <= 0 or concurrency <= 0:
             raise ValueError("rps, duration and concurrency must be positive")
@@ -125,7 +130,7 @@ class Generator:
         self.mix = mix
         self.timeout = timeout
         self.rng = random.Random(seed)
-        self.stats = Stats()
+        self.stats = Stats(outcomes=[] if keep_outcomes else None)
         self.started: float | None = None
         self.finished: float | None = None
         self._cpu_start = 0.0

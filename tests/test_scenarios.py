@@ -1,0 +1,67 @@
+"""Every break-it scenario against the local cluster: its telemetry check must pass, and a
+check that blames the wrong hop for the same fault must fail."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from mesh.scenarios import SCENARIOS, BlameCheck, reset, run
+from tests.e2e_support import assert_all_gone, cluster_env, cluster_processes, hopscope
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    env = cluster_env(tmp_path_factory.mktemp("hopscope-home"))
+    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
+    procs = cluster_processes()
+    try:
+        yield env
+    finally:
+        hopscope("down", env=env, check=False)
+        assert_all_gone(procs)
+
+
+def test_list_describes_every_scenario(cluster: dict[str, str]) -> None:
+    listed = json.loads(hopscope("scenario", "list", "--json", env=cluster).stdout)
+    assert [s["name"] for s in listed] == list(SCENARIOS)
+    for s in listed:
+        assert s["story"] and s["breaks"] and s["traffic"] and s["look_for"], s["name"]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario_check_finds_the_culprit(cluster: dict[str, str], name: str) -> None:
+    proc = hopscope("scenario", "run", name, "--json", env=cluster, timeout=240, check=False)
+    result = json.loads(proc.stdout)
+    assert result["ok"], json.dumps(result, indent=2)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong"),
+    [
+        # the fault is real, but the expectation blames the wrong hop: the check must say no
+        ("no-endpoints", BlameCheck("app", "app", ("catalog",))),
+        ("app-error", BlameCheck("sidecar-outbound", "proxy", ("503",))),
+        ("dns-typo", BlameCheck("kube-proxy", "kube-proxy")),
+    ],
+)
+def test_a_check_blaming_the_wrong_hop_fails(
+    cluster: dict[str, str], name: str, wrong: BlameCheck
+) -> None:
+    result = run(name, blame=wrong)
+    assert not result["ok"], result["verdict"]
+    assert "0/" in result["verdict"]
+
+
+def test_run_exits_non_zero_and_reset_restores(cluster: dict[str, str]) -> None:
+    bad = hopscope("scenario", "run", "no-such-thing", env=cluster, check=False)
+    assert bad.returncode != 0 and "unknown scenario" in bad.stderr
+    done = reset()
+    assert "every shop pod ready" in done
+    page = json.loads(hopscope("curl", "--json", "http://shop.local/", env=cluster).stdout)
+    assert page["status"] == 200
