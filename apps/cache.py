@@ -33,7 +33,8 @@ def create_app(pod: PodIdentity) -> Flask:
         with lock:
             entry = store.get(key)
         if entry is None or entry[1] < time.time():
-            return jsonify(key=key, hit=False, shard=pod.name), 404
+            # a miss is an answer, not an error (like Redis's nil)
+            return jsonify(key=key, hit=False, shard=pod.name)
         return jsonify(key=key, hit=True, value=entry[0], shard=pod.name)
 
     @app.put("/keys/<key>")

@@ -53,11 +53,12 @@ def create_app(pod: PodIdentity) -> Flask:
         url = cache_url("items")
         try:
             resp = http.get(url, timeout=3)
-            if resp.status_code == 200:
+            resp.raise_for_status()
+            if resp.json().get("hit"):
                 return "hit"
             http.request("PUT", f"{url}?ttl={CACHE_TTL_SECONDS}", data=json.dumps(ITEMS))
             return "miss"
-        except (ResolveError, requests.RequestException) as exc:
+        except (ResolveError, requests.RequestException, ValueError) as exc:
             # A cache is an optimisation: serve without it, but say so.
             log.warning("cache unavailable", extra={"error": str(exc)})
             return "unavailable"

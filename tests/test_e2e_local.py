@@ -292,3 +292,43 @@ def test_no_stray_processes_are_listening_outside_the_plan(cluster: dict[str, st
             if conn.status == psutil.CONN_LISTEN:
                 ip = conn.laddr.ip.removeprefix("::ffff:")  # IPv4-mapped (gRPC servers)
                 assert ip.startswith("127."), (proc.name(), conn.laddr)
+
+
+def _chromium(*args: str) -> str:
+    import shutil
+    import subprocess
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip(
+            "chromium is not installed (scripts/test installs it: apt-get install chromium)"
+        )
+    proc = subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_hop_explorer_in_headless_chromium(cluster: dict[str, str], tmp_path: Path) -> None:
+    _, trace_id = _curl(cluster)
+    _complete_trace(trace_id)
+    listing = _chromium("--dump-dom", f"{API}/")
+    assert trace_id[:12] in listing and 'id="traces"' in listing
+    page = _chromium("--dump-dom", f"{API}/traces/{trace_id}")
+    for hop in ("client", "ingress", "kube-proxy", "sidecar-inbound", "app", "dns"):
+        assert f'data-hop="{hop}"' in page, hop
+    assert "verdict: ok" in page and "Packet walk" in page and "DNAT 127.96." in page
+    services = _chromium("--dump-dom", f"{API}/services")
+    assert 'id="svc-shop-catalog"' in services and "ready" in services
+    shot = tmp_path / "journey.png"
+    _chromium(
+        "--hide-scrollbars",
+        "--window-size=1400,900",
+        f"--screenshot={shot}",
+        f"{API}/traces/{trace_id}",
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

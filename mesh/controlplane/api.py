@@ -50,6 +50,9 @@ def create_app(
         "hopscope_otlp_spans_received_total", "Spans received over OTLP", registry=registry
     )
     app.register_blueprint(bp)
+    from mesh.controlplane.explorer import explorer
+
+    app.register_blueprint(explorer)
 
     @app.errorhandler(APIError)
     def _api_error(err: APIError) -> tuple[Response, int]:

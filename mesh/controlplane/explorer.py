@@ -1,0 +1,105 @@
+"""The hop explorer: recent traces, one request's journey, and Services with their endpoints.
+
+Server-rendered pages (Flask + Jinja, autoescaped) on the control plane's address, so it
+works with no JavaScript and no build step: ``/`` lists recent traces, ``/traces/<id>``
+shows the journey hop by hop with the packet walk and the verdict, ``/services`` shows
+every Service with its endpoints and kube-proxy's conntrack entries for it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+from flask import Blueprint, abort, current_app, render_template
+
+from mesh import addresses
+from mesh.model.types import ClusterState
+from mesh.tracestore.hops import build_hops, trace_view, verdict
+from mesh.tracestore.store import TraceStore
+
+explorer = Blueprint("explorer", __name__, template_folder="templates", static_folder="static")
+
+KUBE_PROXY_ADMIN = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
+
+
+def _store() -> TraceStore:
+    return current_app.config["STORE"]  # type: ignore[no-any-return]
+
+
+@explorer.get("/")
+def index() -> str:
+    rows = []
+    for trace_id, spans in _store().recent(50):
+        hops = build_hops(spans)
+        root = min(spans, key=lambda s: s.start_ns)
+        outcome = verdict(hops)
+        root_status = next((h["status"] for h in hops if h["hop"] == "client"), "")
+        rows.append(
+            {
+                "trace_id": trace_id,
+                "root": root.name,
+                "when": time.strftime("%H:%M:%S", time.localtime(root.start_ns / 1e9)),
+                "duration_ms": (max(s.end_ns for s in spans) - root.start_ns) / 1e6,
+                "hops": len(hops),
+                "status": root_status,
+                "verdict": outcome,
+            }
+        )
+    return render_template("traces.html", rows=rows, page="traces")
+
+
+@explorer.get("/traces/<trace_id>")
+def journey(trace_id: str) -> str:
+    store = _store()
+    matches = store.find_prefix(trace_id) if len(trace_id) < 32 else [trace_id.lower()]
+    spans = store.get(matches[0]) if len(matches) == 1 else []
+    if not spans:
+        abort(404, f"trace {trace_id} not found (it may not have arrived yet)")
+    view = trace_view(matches[0], spans)
+    start = min(s.start_ns for s in spans)
+    total = max(1.0, (max(s.end_ns for s in spans) - start) / 1e6)
+    by_id = {s.span_id: s for s in spans}
+    hops = []
+    for hop in build_hops(spans):
+        span = by_id[hop["span_id"]]
+        hops.append(
+            {
+                **hop,
+                "offset_pct": 100 * (span.start_ns - start) / 1e6 / total,
+                "width_pct": max(0.5, 100 * hop["duration_ms"] / total),
+                "failed": hop["error"],
+            }
+        )
+    return render_template("journey.html", view=view, hops=hops, total_ms=total, page="traces")
+
+
+@explorer.get("/services")
+def services() -> str:
+    state = ClusterState.from_dict(current_app.config["CLUSTER"].snapshot())
+    try:
+        conntrack = requests.get(f"{KUBE_PROXY_ADMIN}/conntrack", timeout=2).json()
+        conntrack_error = ""
+    except (requests.RequestException, ValueError) as exc:
+        conntrack, conntrack_error = [], f"kube-proxy not reachable: {exc}"
+    rows: list[dict[str, Any]] = []
+    for svc in sorted(state.services, key=lambda s: (s.namespace, s.name)):
+        endpoints = [e for s in state.slices_for(svc.namespace, svc.name) for e in s.endpoints]
+        key = f"{svc.namespace}/{svc.name}"
+        entries = [c for c in conntrack if str(c.get("service", "")).split(":")[0] == key]
+        rows.append(
+            {
+                "svc": svc,
+                "endpoints": endpoints,
+                "conntrack": entries[-8:],
+                "conntrack_total": len(entries),
+            }
+        )
+    return render_template(
+        "services.html",
+        rows=rows,
+        proxy=state.proxy,
+        conntrack_error=conntrack_error,
+        page="services",
+    )
