@@ -100,11 +100,14 @@ def blame(failures: list[Outcome]) -> dict[str, int]:
 
 
 def _tracer() -> Any:
+    """Client spans go to the cluster's trace store (or OTEL_EXPORTER_OTLP_ENDPOINT if set);
+    with neither, spans are still made (trace ids in the summary) but not exported."""
     import os
 
     from telemetry.tracing import setup_tracing
 
-    os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", API_URL)
+    if "OTEL_EXPORTER_OTLP_ENDPOINT" not in os.environ and APIClient().running():
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = API_URL
     return setup_tracing("hopscope-traffic", {"hopscope.client": "traffic"}, set_global=False)
 
 
