@@ -303,8 +303,21 @@ def _chromium(*args: str) -> str:
         pytest.skip(
             "chromium is not installed (scripts/test installs it: apt-get install chromium)"
         )
+    import tempfile
+
+    profile = tempfile.mkdtemp(prefix="hopscope-chromium-")
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
     proc = subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", *args],
+        [binary, *flags, *args],
         capture_output=True,
         text=True,
         timeout=60,
