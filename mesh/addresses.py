@@ -7,6 +7,10 @@ own loopback address and binds its real port numbers without root.
 from __future__ import annotations
 
 import ipaddress
+import os
+
+PLAN = os.environ.get("HOPSCOPE_ADDRESS_PLAN", "local")
+"""``local`` (every address on 127/8, one machine) or ``compose`` (container networks)."""
 
 NODE_IPS: dict[str, str] = {"node-a": "127.10.0.1", "node-b": "127.10.0.2"}
 """Node name → node IP."""
@@ -71,7 +75,12 @@ EXTERNAL_HOSTS: dict[str, str] = {"payments.example.net.": "127.50.0.10"}
 EGRESS_POOL_CIDR = "127.60.0.0/24"
 """Egress SNAT addresses: pod traffic leaving the cluster appears to come from here."""
 
-CLUSTER_CIDRS = ("127.244.0.0/16", "127.96.0.0/16", "127.10.0.0/24", "127.200.0.0/24")
+CLUSTER_CIDRS: tuple[str, ...] = (
+    "127.244.0.0/16",
+    "127.96.0.0/16",
+    "127.10.0.0/24",
+    "127.200.0.0/24",
+)
 """Pods, Services, nodes (and control plane), load balancers: everything else is outside,
 so a pod reaching it leaves through egress SNAT."""
 
@@ -119,6 +128,44 @@ def node_for_ip(ip: str) -> str | None:
 
 POD_NETWORK_CIDR = "127.244.0.0/16"
 """The cluster's pod network (``--cluster-cidr``); each node gets a /24 of it."""
+
+CONTROL_PLANE_CLIENT_HOST = CONTROL_PLANE_IP
+"""Where clients (CLI, emulators) reach the API; differs from the bind address in compose."""
+
+if PLAN == "compose":
+    # Containers: one bridge network per node holds that node's pods; the control-plane
+    # container sits on both as the node (x.x.x.254), owns the Service range through a
+    # local route, and routes between the nodes' pod networks. See docs/design.md.
+    NODE_IPS = {"node-a": "10.244.1.254", "node-b": "10.244.2.254"}
+    POD_CIDRS = {"node-a": "10.244.1.0/24", "node-b": "10.244.2.0/24"}
+    POD_NETWORK_CIDR = "10.244.0.0/16"
+    SERVICE_CIDR = "10.96.0.0/16"
+    DNS_SERVICE_IP = "10.96.0.10"
+    DNS_PORT = 53
+    KUBERNETES_SERVICE_IP = "10.96.0.1"
+    CONTROL_PLANE_IP = "0.0.0.0"
+    CONTROL_PLANE_CLIENT_HOST = "127.0.0.1"
+    INGRESS_IP = "10.244.1.253"
+    LB_IP = INGRESS_IP
+    LB_POOL_CIDR = "10.200.0.0/24"
+    CLIENT_CIDR = "0.0.0.0/32"
+    EXTERNAL_CLIENT_IP = "0.0.0.0"
+    EXTERNAL_CIDR = "10.50.0.0/24"
+    EXTERNAL_HOSTS = {"payments.example.net.": "10.50.0.10"}
+    EGRESS_POOL_CIDR = "10.50.0.0/24"
+    CLUSTER_CIDRS = ("10.244.0.0/16", "10.96.0.0/16", "10.200.0.0/24")
+
+DNS_METRICS_IP = NODE_IPS["node-a"] if PLAN == "compose" else DNS_SERVICE_IP
+"""Where cluster DNS serves /metrics (a node address in compose, reachable by Prometheus)."""
+
+RESERVED_POD_IPS: set[str] = (
+    {f"10.244.{n}.{host}" for n in (1, 2) for host in range(250, 255)} if PLAN == "compose" else set()
+)
+"""Pod-network addresses IPAM never hands out: in compose, .250-.254 of each node network
+hold the node (control plane), the ingress, the Collector and Prometheus."""
+
+COMPOSE_EGRESS_IP = "10.50.0.254"
+"""In compose, the control-plane container's address on the ``internet`` network."""
 
 
 def prefix_regex(cidrs: tuple[str, ...] | list[str]) -> str:

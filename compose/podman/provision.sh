@@ -51,6 +51,11 @@ CONF
 {"default": [{"type": "insecureAcceptAnything"}]}
 CONF
 
+# Podman's CNI bridge masquerades traffic to any address outside the bridge's subnet;
+# with br_netfilter on, that catches pod → node-routed traffic (Service VIPs, the other
+# node's pods) on the bridge itself and hides the pod's address. Docker does not.
+sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
+
 if ! curl -fsS --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; then
   mkdir -p "$(dirname "$SOCK")"
   nohup podman system service --time=0 "unix://$SOCK" >/var/log/podman-service.log 2>&1 &
@@ -60,4 +65,16 @@ if ! curl -fsS --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; then
   done
 fi
 curl -fsS --unix-socket "$SOCK" http://d/_ping >/dev/null
+
+# Podman runs healthchecks from systemd timers; without systemd nothing runs them, and
+# `depends_on: condition: service_healthy` would wait forever. Tick them ourselves.
+if ! pgrep -f hopscope-healthcheck-ticker >/dev/null; then
+  nohup bash -c 'exec -a hopscope-healthcheck-ticker bash -c "
+    while true; do
+      for id in \$(podman ps -q --filter health=starting --filter health=unhealthy --filter health=healthy 2>/dev/null); do
+        podman healthcheck run \$id >/dev/null 2>&1 || true
+      done
+      sleep 2
+    done"' >/dev/null 2>&1 &
+fi
 echo "unix://$SOCK"

@@ -14,7 +14,7 @@ from mesh import addresses
 HOPSCOPE_HOME = "HOPSCOPE_HOME"
 """State directory (pid file, logs, rendered Envoy configs). Default: ``~/.hopscope``."""
 
-API_URL = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
+API_URL = f"http://{addresses.CONTROL_PLANE_CLIENT_HOST}:{addresses.CONTROL_PLANE_PORT}"
 
 NOT_RUNNING = (
     f"no hopscope cluster is running (nothing answers at {API_URL}); start one with `hopscope up`"

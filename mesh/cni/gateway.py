@@ -40,6 +40,7 @@ from mesh.cni.metrics import POLICY_DENIED
 from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
+from mesh.netutil import bind_source
 
 log = logging.getLogger("cni")
 
@@ -353,7 +354,7 @@ async def _connect(
     try:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((source, 0))
+        bind_source(sock, source)
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 3.0)
     except (OSError, TimeoutError) as exc:

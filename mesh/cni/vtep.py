@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from mesh import addresses
+from mesh.netutil import bind_source
 
 log = logging.getLogger("cni")
 
@@ -146,7 +147,7 @@ async def _open(
     try:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((source, 0))
+        bind_source(sock, source)
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:

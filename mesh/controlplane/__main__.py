@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,11 +33,36 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the caller has just validated these files against the schema (`hopscope up`)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=["local", "docker"],
+        default="local",
+        help="local: pods are processes; docker: pods are containers (the compose stack)",
+    )
+    parser.add_argument("--image", default="hopscope/hopscope", help="pod image (docker runtime)")
+    parser.add_argument("--project", default="hopscope", help="label of the pod containers")
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("HOPSCOPE_OTLP_ENDPOINT", ""),
+        help="where pods send OTLP (docker runtime; default: the control plane itself)",
+    )
     args = parser.parse_args(argv)
     setup_json_logging({"component": "controlplane"})
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return ControlPlane(args.filename, args.state_dir, args.schema_checked).run()
+        runtime = None
+        if args.runtime == "docker":
+            from mesh.controlplane.server import API_URL
+            from mesh.runtime.docker import DockerRuntime
+
+            runtime = DockerRuntime(
+                args.state_dir,
+                API_URL,
+                args.otlp_endpoint or API_URL,
+                image=args.image,
+                project=args.project,
+            )
+        return ControlPlane(args.filename, args.state_dir, args.schema_checked, runtime).run()
     except (ManifestError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

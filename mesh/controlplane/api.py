@@ -200,6 +200,51 @@ def scale(namespace: str, name: str) -> Response:
     return jsonify(message=message)
 
 
+@bp.get("/api/v1/sd/prometheus")
+def prometheus_targets() -> Response:
+    """Prometheus HTTP service discovery: every app's /metrics and every Envoy's stats."""
+    from mesh import addresses
+    from mesh.model.types import ClusterState
+
+    state = ClusterState.from_dict(current_app.config["CLUSTER"].snapshot())
+    groups = []
+    for pod in state.pods:
+        if pod.phase != "Running" or not pod.ip:
+            continue
+        labels = {
+            "namespace": pod.namespace,
+            "pod": pod.name,
+            "node": pod.node,
+            "app": pod.labels.get("app", pod.owner_name),
+        }
+        groups.append(
+            {
+                "targets": [f"{pod.ip}:{addresses.APP_METRICS_PORT}"],
+                "labels": {**labels, "job": "apps"},
+            }
+        )
+        if pod.has_sidecar:
+            groups.append(
+                {
+                    "targets": [f"{pod.ip}:{addresses.SIDECAR_ADMIN_PORT}"],
+                    "labels": {**labels, "job": "envoy", "__metrics_path__": "/stats/prometheus"},
+                }
+            )
+    groups.append(
+        {
+            "targets": [f"{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}"],
+            "labels": {
+                "job": "envoy",
+                "pod": "ingress-envoy",
+                "namespace": "hopscope-system",
+                "app": "ingress",
+                "__metrics_path__": "/stats/prometheus",
+            },
+        }
+    )
+    return jsonify(groups)
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
     return Response(

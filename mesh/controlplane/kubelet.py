@@ -117,7 +117,7 @@ class Kubelet:
                 "container exited; restarting",
                 extra={"proc": proc.name, "exit_code": proc.exit_code()},
             )
-            self.runtime.processes.restart(proc.name)
+            self.runtime.restart(proc.name)
             with self.cluster.lock:
                 pod.restarts += 1
             self.cluster.set_pod_ready(pod.namespace, pod.name, False)

@@ -30,7 +30,7 @@ from mesh.tracestore.store import TraceStore
 
 log = logging.getLogger(__name__)
 
-API_URL = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
+API_URL = f"http://{addresses.CONTROL_PLANE_CLIENT_HOST}:{addresses.CONTROL_PLANE_PORT}"
 
 
 class StartupError(RuntimeError):
@@ -41,14 +41,18 @@ class ControlPlane:
     """Owns the model, the runtime and the API; one instance per running cluster."""
 
     def __init__(
-        self, manifest_paths: list[Path], state_dir: Path, schema_checked: bool = False
+        self,
+        manifest_paths: list[Path],
+        state_dir: Path,
+        schema_checked: bool = False,
+        runtime: LocalRuntime | None = None,
     ) -> None:
         self.manifest_paths = manifest_paths
         self.schema_checked = schema_checked
         self.state_dir = state_dir
         self.cluster = Cluster()
         self.store = TraceStore()
-        self.runtime = LocalRuntime(state_dir, API_URL, API_URL)
+        self.runtime = runtime or LocalRuntime(state_dir, API_URL, API_URL)
         self.kubelet = Kubelet(self.cluster, self.runtime)
         self.components: list[SystemComponent] = []
         self.ready_at: float | None = None
@@ -181,7 +185,8 @@ class ControlPlane:
             or self.runtime.processes.get(f"hopscope-system/{comp.name}")
         )
         ready = False
-        if proc is not None and proc.alive() and comp.ready_url:
+        external = comp.process == "external"
+        if (external or (proc is not None and proc.alive())) and comp.ready_url:
             try:
                 ready = requests.get(comp.ready_url, timeout=0.5).status_code == 200
             except requests.RequestException:

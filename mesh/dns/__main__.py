@@ -199,13 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default=addresses.DNS_SERVICE_IP)
     parser.add_argument("--port", type=int, default=addresses.DNS_PORT)
     parser.add_argument("--metrics-port", type=int, default=addresses.DNS_METRICS_PORT)
+    parser.add_argument("--metrics-address", default=addresses.DNS_METRICS_IP)
     parser.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="answer TTL in seconds")
     args = parser.parse_args(argv)
     setup_json_logging({"component": "cluster-dns"})
     server = DNSServer(args.listen, args.port, args.ttl)
     watcher = StateWatcher(args.api, server.set_state)
     watcher.start()
-    start_http_server(args.metrics_port, addr=args.listen)
+    start_http_server(args.metrics_port, addr=args.metrics_address)
     asyncio.run(serve(server))
 
 

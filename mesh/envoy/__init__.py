@@ -9,6 +9,7 @@ with OpenTelemetry (OTLP/HTTP to the control plane) and tags its spans with the 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import tempfile
@@ -115,7 +116,13 @@ def _protocol_options(http2: bool, one_request_per_connection: bool) -> dict[str
 
 def _otlp_cluster(otlp_endpoint: str) -> dict[str, Any]:
     host, port = _host_port(otlp_endpoint)
-    return _static_cluster(OTLP_CLUSTER, host, port)
+    cluster = _static_cluster(OTLP_CLUSTER, host, port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a name (compose: otel-collector): resolve it through DNS
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_lookup_family"] = "V4_ONLY"
+    return cluster
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -469,10 +476,12 @@ def envoy_binary() -> str:
 
 
 def envoy_command(config_path: Path, service_node: str, service_cluster: str) -> list[str]:
+    return [envoy_binary(), "-c", str(config_path), *envoy_flags(service_node, service_cluster)]
+
+
+def envoy_flags(service_node: str, service_cluster: str) -> list[str]:
+    """Every flag but the config: shared by local processes and containers."""
     return [
-        envoy_binary(),
-        "-c",
-        str(config_path),
         "--service-node",
         service_node,
         "--service-cluster",

@@ -44,6 +44,7 @@ from mesh.kubeproxy.rules import (
 )
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
+from mesh.netutil import bind_source
 
 log = logging.getLogger("kube-proxy")
 
@@ -509,7 +510,7 @@ class Proxier:
             # must find a port free on that address and crawls once TIME_WAITs pile up.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((client_ip, 0))
+            bind_source(sock, client_ip)
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, (endpoint.ip, endpoint.port)), 2.0)
         except (OSError, TimeoutError):

@@ -110,7 +110,9 @@ class Cluster:
             Namespace(n, {"kubernetes.io/metadata.name": n}) for n in sorted(self.namespaces)
         ]
         self.state.network.egress_ips = default_egress_ips()
-        self.pod_ips = {n.name: AddressPool(n.pod_cidr) for n in self.state.nodes}
+        # Node and ingress addresses may sit inside a pod CIDR (compose): never hand them out.
+        infra = {*addresses.NODE_IPS.values(), addresses.INGRESS_IP, *addresses.RESERVED_POD_IPS}
+        self.pod_ips = {n.name: AddressPool(n.pod_cidr, reserved=infra) for n in self.state.nodes}
         self.service_ips = AddressPool(addresses.SERVICE_CIDR, first_host=11)
         self.service_ips.used.add(addresses.DNS_SERVICE_IP)
         self.service_ips.used.add(addresses.KUBERNETES_SERVICE_IP)
@@ -587,7 +589,10 @@ def _endpoint_port(sp: ServicePort, pods: list[Pod]) -> EndpointPort:
 
 
 def default_egress_ips() -> dict[str, str]:
-    """One egress SNAT address per node, from the start of the egress pool."""
+    """One egress SNAT address per node, from the start of the egress pool (compose: the
+    control-plane container's address on the external network, for both nodes)."""
+    if addresses.PLAN == "compose":
+        return {node: addresses.COMPOSE_EGRESS_IP for node in addresses.NODE_IPS}
     hosts = ipaddress.ip_network(addresses.EGRESS_POOL_CIDR).hosts()
     return {node: str(next(hosts)) for node in addresses.NODE_IPS}
 

@@ -33,7 +33,8 @@ class SystemComponent:
     kind: str
     ready_url: str | None = None
     process: str = ""
-    """Supervisor name of its process when not ``kube-system/<name>``."""
+    """Supervisor name of its process when not ``kube-system/<name>``; ``external`` when it
+    is not a process of ours (a container): then only its ``ready_url`` counts."""
 
 
 class LocalRuntime:
@@ -43,6 +44,8 @@ class LocalRuntime:
         self.state_dir = state_dir
         self.api_url = api_url
         self.otlp_endpoint = otlp_endpoint
+        self.system_otlp_endpoint = otlp_endpoint
+        """Where the node's own components (DNS, kube-proxy, CNI) export spans."""
         self.processes = ProcessSupervisor(state_dir / "logs")
         self.config_dir = state_dir / "envoy"
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,10 @@ class LocalRuntime:
         for container in pod.containers:
             self.processes.stop(f"{pod.namespace}/{pod.name}/{container.name}")
         self.processes.stop(f"{pod.namespace}/{pod.name}/envoy", grace=2.0)
+
+    def restart(self, name: str) -> None:
+        """Restart a crashed container (a process here) by its name."""
+        self.processes.restart(name)
 
     def pod_processes(self, pod: Pod) -> list[ChildProcess]:
         names = [f"{pod.namespace}/{pod.name}/{c.name}" for c in pod.containers]
@@ -117,9 +124,9 @@ class LocalRuntime:
         self.processes.start(
             "kube-system/cluster-dns",
             [sys.executable, "-m", "mesh.dns", "--api", self.api_url],
-            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint},
+            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.system_otlp_endpoint},
         )
-        url = f"http://{addresses.DNS_SERVICE_IP}:{addresses.DNS_METRICS_PORT}/metrics"
+        url = f"http://{addresses.DNS_METRICS_IP}:{addresses.DNS_METRICS_PORT}/metrics"
         return SystemComponent("cluster-dns", "dns", url)
 
     def start_kube_proxy(self) -> SystemComponent:
@@ -127,7 +134,7 @@ class LocalRuntime:
         self.processes.start(
             "kube-system/kube-proxy",
             [sys.executable, "-m", "mesh.kubeproxy", "--api", self.api_url],
-            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint},
+            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.system_otlp_endpoint},
         )
         url = f"http://{node_ip}:{addresses.KUBE_PROXY_METRICS_PORT}/healthz"
         return SystemComponent("kube-proxy", "kube-proxy", url)
@@ -136,7 +143,7 @@ class LocalRuntime:
         self.processes.start(
             "kube-system/cni",
             [sys.executable, "-m", "mesh.cni", "--api", self.api_url],
-            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint},
+            {**_base_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": self.system_otlp_endpoint},
         )
         node_ip = addresses.NODE_IPS["node-a"]
         return SystemComponent("cni", "cni", f"http://{node_ip}:{addresses.CNI_METRICS_PORT}/")
@@ -179,7 +186,17 @@ def _app_label(pod: Pod) -> str:
 
 def _base_env() -> dict[str, str]:
     """What every child inherits: PATH, locale, and the project on PYTHONPATH."""
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "TMPDIR")
+    keep = (
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "VIRTUAL_ENV",
+        "TMPDIR",
+        "HOPSCOPE_ADDRESS_PLAN",
+        "HOPSCOPE_EXPORT_DELAY_MS",
+    )
     env = {k: os.environ[k] for k in keep if k in os.environ}
     python_path = [str(PROJECT_ROOT)]
     if os.environ.get("PYTHONPATH"):

@@ -1,0 +1,299 @@
+"""The docker runtime: pods as containers, through the Docker API (Docker or Podman).
+
+It runs inside the control-plane container of the compose project. Per pod it creates a
+*pause* container that owns the pod's network namespace — on its node's network, at the
+pod IP the model allocated, with the node's routes (Services and the other node's pods via
+the node, i.e. the control-plane container) — then the app container and the Envoy sidecar
+join that namespace (``network_mode: container:<pause>``), as a kubelet with a CRI does.
+Every container carries labels naming its project, namespace, pod, node and role, so a
+restarted control plane (or ``docker compose down``) finds and removes what is left.
+
+Cluster DNS, kube-proxy and the CNI emulator stay processes of the control-plane container
+(inherited from :class:`LocalRuntime`): they are the node's own data path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh import addresses
+from mesh.model.types import ClusterState, Container, Pod
+from mesh.runtime.local import LocalRuntime, SystemComponent
+
+log = logging.getLogger(__name__)
+
+LABEL_PROJECT = "dev.hopscope.project"
+LABEL_NAMESPACE = "dev.hopscope.namespace"
+LABEL_POD = "dev.hopscope.pod"
+LABEL_NODE = "dev.hopscope.node"
+LABEL_ROLE = "dev.hopscope.role"
+
+APP_MEMORY = "192m"
+SIDECAR_MEMORY = "96m"
+PAUSE_MEMORY = "16m"
+
+
+@dataclass
+class ContainerProc:
+    """A container seen the way the kubelet sees a process: alive or not, exit code."""
+
+    name: str
+    runtime: DockerRuntime
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            container = self.runtime.client.containers.get(self.name)
+        except Exception:
+            return {"Running": False, "ExitCode": None}
+        return dict(container.attrs.get("State") or {})
+
+    def alive(self) -> bool:
+        return bool(self._state().get("Running"))
+
+    def exit_code(self) -> int | None:
+        code = self._state().get("ExitCode")
+        return int(code) if code is not None else None
+
+
+class DockerRuntime(LocalRuntime):
+    """Pods as containers; system components as processes of the control-plane container."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        api_url: str,
+        otlp_endpoint: str,
+        image: str,
+        project: str = "hopscope",
+        node_networks: dict[str, str] | None = None,
+    ) -> None:
+        import docker
+
+        super().__init__(state_dir, api_url, otlp_endpoint)
+        self.system_otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or api_url
+        self.client = docker.from_env(timeout=60)
+        self.image = image
+        self.project = project
+        self.node_networks = node_networks or {n: f"hopscope-{n}" for n in addresses.NODE_IPS}
+        self.remove_leftovers()
+        self._own_routes()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _own_routes(self) -> None:
+        """The Service range is local to the node (AnyIP), so kube-proxy can bind any VIP."""
+        cmd = ["ip", "route", "replace", "local", addresses.SERVICE_CIDR, "dev", "lo"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"cannot add the Service route ({' '.join(cmd)}): {proc.stderr.strip()} — "
+                "the control-plane container needs cap_add: NET_ADMIN"
+            )
+
+    def remove_leftovers(self) -> None:
+        """Remove every container of this project's pods (from a crashed control plane)."""
+        old = self.client.containers.list(
+            all=True, filters={"label": f"{LABEL_PROJECT}={self.project}"}
+        )
+        # sidecars and apps first: they live in the pause container's namespace
+        old.sort(key=lambda c: c.labels.get(LABEL_ROLE) == "pause")
+        for container in old:
+            try:
+                container.remove(force=True)
+            except Exception as exc:
+                log.warning(
+                    "could not remove container", extra={"name": container.name, "error": str(exc)}
+                )
+        if old:
+            log.info("removed leftover pod containers", extra={"count": len(old)})
+
+    # -- pods -----------------------------------------------------------------------------
+
+    def _name(self, pod: Pod, role: str) -> str:
+        return f"{self.project}-{pod.namespace}-{pod.name}-{role}"
+
+    def _labels(self, pod: Pod, role: str) -> dict[str, str]:
+        return {
+            LABEL_PROJECT: self.project,
+            LABEL_NAMESPACE: pod.namespace,
+            LABEL_POD: pod.name,
+            LABEL_NODE: pod.node,
+            LABEL_ROLE: role,
+        }
+
+    def _pause(self, pod: Pod, ip: str, ports: dict[str, Any] | None = None) -> str:
+        """The pod's network namespace: its IP on the node network and the node's routes."""
+        node_ip = addresses.NODE_IPS[pod.node]
+        routes = [f"ip route replace {addresses.SERVICE_CIDR} via {node_ip}"]
+        routes += [
+            f"ip route replace {cidr} via {node_ip}"
+            for node, cidr in addresses.POD_CIDRS.items()
+            if node != pod.node
+        ]
+        script = " && ".join(routes) + " && exec sleep infinity"
+        network = self.node_networks[pod.node]
+        api = self.client.api
+        created = api.create_container(
+            self.image,
+            command=["sh", "-c", script],
+            name=self._name(pod, "pause"),
+            hostname=pod.name,
+            labels=self._labels(pod, "pause"),
+            user="0",
+            ports=list(ports or {}),
+            host_config=api.create_host_config(
+                cap_add=["NET_ADMIN"],
+                mem_limit=PAUSE_MEMORY,
+                port_bindings=ports or None,
+            ),
+            networking_config=api.create_networking_config(
+                {network: api.create_endpoint_config(ipv4_address=ip)}
+            ),
+        )
+        api.start(created["Id"])
+        return str(created["Id"])
+
+    def _join(
+        self,
+        pod: Pod,
+        role: str,
+        pause_id: str,
+        command: list[str],
+        env: dict[str, str],
+        memory: str,
+    ) -> None:
+        self.client.containers.run(
+            self.image,
+            command=command,
+            name=self._name(pod, role),
+            labels=self._labels(pod, role),
+            environment=env,
+            network_mode=f"container:{pause_id}",
+            user="10001",
+            mem_limit=memory,
+            detach=True,
+        )
+
+    def otlp_for(self, node: str) -> str:
+        """Where a pod on ``node`` sends OTLP: ``{node_ip}`` / ``{node_net}`` in the configured
+        endpoint are filled in, so pods need no DNS (Podman's CNI networks have none)."""
+        node_ip = addresses.NODE_IPS[node]
+        return self.otlp_endpoint.format(node_ip=node_ip, node_net=node_ip.rsplit(".", 1)[0])
+
+    def start_pod(self, pod: Pod, state: ClusterState) -> None:
+        from mesh.envoy import envoy_flags, render_sidecar
+
+        self.stop_pod(pod)  # a half-started earlier attempt
+        pause = self._pause(pod, pod.ip)
+        if pod.has_sidecar:
+            config = render_sidecar(pod, state, otlp_endpoint=self.otlp_for(pod.node))
+            argv = [
+                "envoy",
+                "--config-yaml",
+                json.dumps(config),
+                *envoy_flags(pod.name, pod.owner_name),
+            ]
+            self._join(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
+        for container in pod.containers:
+            self._join(
+                pod,
+                container.name,
+                pause,
+                self._argv(container),
+                self._container_env(pod, container),
+                APP_MEMORY,
+            )
+
+    def _argv(self, container: Container) -> list[str]:
+        argv = [*container.command, *container.args]
+        if not argv:
+            raise RuntimeError(f"container {container.name!r} has no command")
+        return argv
+
+    def _container_env(self, pod: Pod, container: Container) -> dict[str, str]:
+        env = super()._container_env(pod, container)
+        for key in ("PATH", "HOME", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR"):
+            env.pop(key, None)  # the image's own
+        env["HOPSCOPE_ADDRESS_PLAN"] = addresses.PLAN
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_for(pod.node)
+        return env
+
+    def stop_pod(self, pod: Pod) -> None:
+        roles = [c.name for c in pod.containers] + ["envoy", "pause"]
+        for role in roles:
+            try:
+                container = self.client.containers.get(self._name(pod, role))
+            except Exception:
+                continue
+            try:
+                container.stop(timeout=2 if role != "pause" else 1)
+                container.remove(force=True)
+            except Exception as exc:
+                log.warning(
+                    "could not remove container", extra={"name": container.name, "error": str(exc)}
+                )
+
+    def pod_processes(self, pod: Pod) -> list[Any]:
+        names = [self._name(pod, c.name) for c in pod.containers]
+        if pod.has_sidecar:
+            names.append(self._name(pod, "envoy"))
+        return [ContainerProc(n, self) for n in names]
+
+    def restart(self, name: str) -> None:
+        if self.processes.get(name) is not None:
+            super().restart(name)
+            return
+        try:
+            self.client.containers.get(name).restart(timeout=2)
+        except Exception as exc:
+            log.warning("could not restart container", extra={"name": name, "error": str(exc)})
+
+    # -- system components -----------------------------------------------------------------
+
+    def start_internet(self) -> SystemComponent:
+        """payments.example.net is a compose service on the external network."""
+        host = addresses.EXTERNAL_HOSTS["payments.example.net."]
+        return SystemComponent(
+            "payments.example.net", "internet", f"http://{host}:8080/health", "external"
+        )
+
+    def start_ingress(self, state: ClusterState) -> SystemComponent:
+        """The ingress controller pod: Envoy on the ingress address, published on 127.0.0.1."""
+        from mesh.envoy import envoy_flags, render_ingress
+
+        pod = Pod(
+            "ingress-envoy",
+            "hopscope-system",
+            {"app": "ingress"},
+            "node-a",
+            addresses.INGRESS_IP,
+            [],
+        )
+        self.stop_pod(pod)
+        publish = os.environ.get("HOPSCOPE_INGRESS_PUBLISH", "127.0.0.1:8080")
+        host_ip, _, host_port = publish.rpartition(":")
+        pause = self._pause(
+            pod,
+            addresses.INGRESS_IP,
+            {f"{addresses.INGRESS_PORT}/tcp": (host_ip or "127.0.0.1", int(host_port))},
+        )
+        config = render_ingress(state, otlp_endpoint=self.otlp_for("node-a"))
+        argv = [
+            "envoy",
+            "--config-yaml",
+            json.dumps(config),
+            *envoy_flags("ingress-envoy", "ingress"),
+        ]
+        self._join(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
+        url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
+        return SystemComponent("ingress-envoy", "ingress", url, "external")
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.remove_leftovers()

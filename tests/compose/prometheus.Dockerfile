@@ -1,0 +1,8 @@
+# Prometheus from Debian's package, for engines that cannot pull prom/prometheus.
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends prometheus \
+ && rm -rf /var/lib/apt/lists/*
+USER nobody
+ENTRYPOINT ["/usr/bin/prometheus"]
