@@ -158,9 +158,9 @@ if PLAN == "compose":
 DNS_METRICS_IP = NODE_IPS["node-a"] if PLAN == "compose" else DNS_SERVICE_IP
 """Where cluster DNS serves /metrics (a node address in compose, reachable by Prometheus)."""
 
-RESERVED_POD_IPS: set[str] = (
-    {f"10.244.{n}.{host}" for n in (1, 2) for host in range(250, 255)} if PLAN == "compose" else set()
-)
+RESERVED_POD_IPS: set[str] = set()
+if PLAN == "compose":
+    RESERVED_POD_IPS = {f"10.244.{n}.{host}" for n in (1, 2) for host in range(250, 255)}
 """Pod-network addresses IPAM never hands out: in compose, .250-.254 of each node network
 hold the node (control plane), the ingress, the Collector and Prometheus."""
 
