@@ -345,3 +345,117 @@ def test_hop_explorer_in_headless_chromium(cluster: dict[str, str], tmp_path: Pa
         f"{API}/traces/{trace_id}",
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "le",
+    "inf",
+}
+
+
+def _promql_parts(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) a PromQL expression uses."""
+    import re
+
+    labels: set[str] = set()
+    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        labels |= {g.strip() for g in group.split(",") if g.strip()}
+    for matchers in re.findall(r"\{([^}]*)\}", expr):
+        labels |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", matchers))
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"|\b(?:by|without)\s*\([^)]*\)", " ", expr)
+    names = {
+        m.group(1)
+        for m in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\()?", bare)
+        if not m.group(2) and m.group(1).lower() not in PROMQL_WORDS
+    }
+    return names, labels - {"le"}
+
+
+def _scrape_everything() -> dict[str, set[str]]:
+    """Every sample name the running cluster exposes, with the label names seen on it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    target_labels = {"job", "instance"}
+    urls = [
+        (f"{API}/metrics", target_labels),
+        ("http://127.10.0.1:10249/metrics", target_labels),
+        ("http://127.96.0.10:9153/metrics", target_labels),
+        ("http://127.10.0.1:9091/metrics", target_labels),
+    ]
+    for target in api_get("/api/v1/sd/prometheus"):
+        path = target["labels"].get("__metrics_path__", "/metrics")
+        # labels Prometheus attaches to every series of a discovered target
+        attached = target_labels | {k for k in target["labels"] if not k.startswith("__")}
+        urls += [(f"http://{t}{path}", attached) for t in target["targets"]]
+    seen: dict[str, set[str]] = {}
+    for url, attached in urls:
+        text = requests.get(url, timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                # the parser appends _total to counters; Prometheus keeps the exposed name
+                for name in {sample.name, family.name}:
+                    seen.setdefault(name, set()).update(sample.labels, attached)
+    return seen
+
+
+def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
+    cluster: dict[str, str],
+) -> None:
+    """What every dashboard panel and recording rule queries, the cluster really emits."""
+    import json
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "compose" / "config"
+    exprs = [
+        r["expr"]
+        for g in yaml.safe_load((root / "rules.yml").read_text())["groups"]
+        for r in g["rules"]
+    ]
+    for board in (root / "grafana" / "dashboards").glob("*.json"):
+        for panel in json.loads(board.read_text())["panels"]:
+            if panel["datasource"]["uid"] == "prometheus":
+                exprs += [t["expr"] for t in panel["targets"]]
+    # Make the rarer series exist: a NetworkPolicy deny, an NXDOMAIN, a kube-proxy REJECT.
+    state = api_get("/api/v1/state")
+    catalog = next(p for p in state["pods"] if p["name"].startswith("catalog"))
+    frontend = next(p for p in state["pods"] if p["name"].startswith("frontend"))
+    hopscope(
+        "curl",
+        "--from",
+        f"shop/{catalog['name']}",
+        f"http://{frontend['ip']}:8080/",
+        env=cluster,
+        check=False,
+    )
+    hopscope("dig", "nosuch.shop.svc.cluster.local", env=cluster)
+    hopscope("scale", "shop/catalog", "--replicas", "0", env=cluster)
+    try:
+        poll_until(lambda: _curl(cluster)[0] == 502, timeout=10)
+    finally:
+        hopscope("scale", "shop/catalog", "--replicas", "2", env=cluster)
+    poll_until(lambda: api_get("/api/v1/status")["ready"], timeout=60)
+    poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
+    emitted = _scrape_everything()
+    missing = []
+    for expr in exprs:
+        names, labels = _promql_parts(expr)
+        for name in names:
+            if name not in emitted:
+                missing.append(f"metric {name} (in {expr})")
+        have = set().union(*(emitted.get(n, set()) for n in names)) if names else set()
+        for label in labels:
+            if label not in have:
+                missing.append(f"label {label} on {sorted(names)} (in {expr})")
+    assert not missing, "\n".join(missing)

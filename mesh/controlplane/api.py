@@ -49,6 +49,7 @@ def create_app(
     app.config["SPANS"] = Counter(
         "hopscope_otlp_spans_received_total", "Spans received over OTLP", registry=registry
     )
+    registry.register(_ClusterCollector(cluster))
     app.register_blueprint(bp)
     from mesh.controlplane.explorer import explorer
 
@@ -59,6 +60,39 @@ def create_app(
         return jsonify(error=err.message), err.status
 
     return app
+
+
+class _ClusterCollector:
+    """Cluster state as metrics, like kube-state-metrics: endpoints and their readiness."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        ready = GaugeMetricFamily(
+            "hopscope_endpoint_ready",
+            "1 if the endpoint is ready in its EndpointSlice, 0 if not",
+            labels=["namespace", "service", "pod", "node"],
+        )
+        pods = GaugeMetricFamily(
+            "hopscope_pod_ready",
+            "1 if the pod is ready",
+            labels=["namespace", "pod", "node", "app"],
+        )
+        with self.cluster.lock:
+            state = self.cluster.state
+            for slice_ in state.endpoint_slices:
+                for e in slice_.endpoints:
+                    ready.add_metric(
+                        [slice_.namespace, slice_.service, e.pod, e.node], 1.0 if e.ready else 0.0
+                    )
+            for pod in state.pods:
+                app = pod.labels.get("app", pod.owner_name)
+                pods.add_metric([pod.namespace, pod.name, pod.node, app], 1.0 if pod.ready else 0.0)
+        yield ready
+        yield pods
 
 
 def _float_arg(name: str, default: float) -> float:

@@ -1,0 +1,322 @@
+# ruff: noqa: E501
+"""Write the hopscope Grafana dashboards (JSON) from this compact description.
+
+    python compose/config/grafana/generate.py      # rewrites compose/config/grafana/dashboards/
+
+Every Prometheus query uses only metrics the cluster itself emits (the test suite checks
+that against a running cluster), so no panel is blank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+PROM = {"type": "prometheus", "uid": "prometheus"}
+TEMPO = {"type": "tempo", "uid": "tempo"}
+LOKI = {"type": "loki", "uid": "loki"}
+
+
+def ts(title: str, queries: dict[str, str], unit: str = "short", w: int = 12) -> dict[str, Any]:
+    return {
+        "type": "timeseries",
+        "title": title,
+        "datasource": PROM,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "gridPos": {"w": w, "h": 8},
+        "targets": [
+            {
+                "refId": chr(65 + i),
+                "datasource": PROM,
+                "expr": expr,
+                "legendFormat": legend,
+                "exemplar": True,
+            }
+            for i, (legend, expr) in enumerate(queries.items())
+        ],
+    }
+
+
+def stat(title: str, expr: str, unit: str = "short") -> dict[str, Any]:
+    return {
+        "type": "stat",
+        "title": title,
+        "datasource": PROM,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "gridPos": {"w": 6, "h": 4},
+        "targets": [{"refId": "A", "datasource": PROM, "expr": expr}],
+    }
+
+
+def traces(title: str, traceql: str) -> dict[str, Any]:
+    return {
+        "type": "table",
+        "title": title,
+        "datasource": TEMPO,
+        "gridPos": {"w": 24, "h": 8},
+        "targets": [
+            {
+                "refId": "A",
+                "datasource": TEMPO,
+                "queryType": "traceql",
+                "query": traceql,
+                "limit": 20,
+            }
+        ],
+    }
+
+
+def service_map() -> dict[str, Any]:
+    return {
+        "type": "nodeGraph",
+        "title": "Service map (Tempo service graphs)",
+        "datasource": TEMPO,
+        "gridPos": {"w": 24, "h": 10},
+        "targets": [{"refId": "A", "datasource": TEMPO, "queryType": "serviceMap"}],
+    }
+
+
+def logs(title: str, query: str) -> dict[str, Any]:
+    return {
+        "type": "logs",
+        "title": title,
+        "datasource": LOKI,
+        "gridPos": {"w": 24, "h": 8},
+        "targets": [{"refId": "A", "datasource": LOKI, "expr": query}],
+    }
+
+
+def dashboard(
+    uid: str, title: str, panels: list[dict[str, Any]], links: bool = True
+) -> dict[str, Any]:
+    x = y = 0
+    row_h = 0
+    for i, panel in enumerate(panels, 1):
+        panel["id"] = i
+        w, h = panel["gridPos"]["w"], panel["gridPos"]["h"]
+        if x + w > 24:
+            x, y = 0, y + row_h
+            row_h = 0
+        panel["gridPos"].update({"x": x, "y": y})
+        x += w
+        row_h = max(row_h, h)
+    return {
+        "uid": uid,
+        "title": title,
+        "tags": ["hopscope"],
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-15m", "to": "now"},
+        "timezone": "",
+        "editable": False,
+        "links": [
+            {"type": "dashboards", "tags": ["hopscope"], "asDropdown": True, "title": "hopscope"}
+        ]
+        if links
+        else [],
+        "panels": panels,
+    }
+
+
+DASHBOARDS = {
+    "start-here": dashboard(
+        "hopscope-start",
+        "Start here: the request journey",
+        [
+            ts(
+                "Requests per app and status (the last hop)",
+                {"{{app}} {{code}}": "sum by (app, code) (rate(hopscope_requests_total[1m]))"},
+            ),
+            ts(
+                "App latency p95 per app",
+                {
+                    "{{app}}": "histogram_quantile(0.95, sum by (app, le) "
+                    "(rate(hopscope_request_duration_seconds_bucket[1m])))"
+                },
+                unit="s",
+            ),
+            ts(
+                "kube-proxy: connections DNATed per Service",
+                {
+                    "{{service}}": "sum by (service) (rate(hopscope_kubeproxy_connections_total[1m]))"
+                },
+            ),
+            ts(
+                "Envoy 5xx by hop (pod)",
+                {
+                    "{{pod}}": 'sum by (pod) (rate(envoy_http_downstream_rq_xx{envoy_response_code_class="5"}[1m]))'
+                },
+            ),
+            traces(
+                "Recent requests (open a trace: hops, logs, metrics)",
+                '{ span.hopscope.hop = "client" }',
+            ),
+            service_map(),
+            logs("Logs of failing requests", '{service_name=~".+"} | json | status >= 500'),
+        ],
+    ),
+    "services": dashboard(
+        "hopscope-services",
+        "Services and endpoints",
+        [
+            ts(
+                "Ready endpoints per Service",
+                {
+                    "{{namespace}}/{{service}}": "sum by (namespace, service) (hopscope_endpoint_ready)"
+                },
+            ),
+            ts("Not-ready endpoints", {"{{service}} {{pod}}": "hopscope_endpoint_ready == 0"}),
+            ts(
+                "Endpoint choice per Service (connections per pod)",
+                {
+                    "{{service}} -> {{endpoint_pod}}": "sum by (service, endpoint_pod) (rate(hopscope_kubeproxy_connections_total[1m]))"
+                },
+                w=24,
+            ),
+            ts("Pods ready", {"{{pod}}": "hopscope_pod_ready"}, w=24),
+        ],
+    ),
+    "kube-proxy": dashboard(
+        "hopscope-kube-proxy",
+        "kube-proxy",
+        [
+            ts(
+                "Open connections (conntrack ESTABLISHED)",
+                {"{{service}}": "sum by (service) (hopscope_kubeproxy_active_connections)"},
+            ),
+            ts(
+                "Refused connections by reason",
+                {
+                    "{{service}} {{reason}}": "sum by (service, reason) (rate(hopscope_kubeproxy_rejected_connections_total[1m]))"
+                },
+            ),
+            ts(
+                "Rule sync duration p99",
+                {
+                    "sync": "histogram_quantile(0.99, sum by (le) "
+                    "(rate(kubeproxy_sync_proxy_rules_duration_seconds_bucket[5m])))"
+                },
+                unit="s",
+            ),
+            ts(
+                "Network programming latency p99 (endpoint change to rules)",
+                {
+                    "programming": "histogram_quantile(0.99, sum by (le) "
+                    "(rate(kubeproxy_network_programming_duration_seconds_bucket[5m])))"
+                },
+                unit="s",
+            ),
+            ts(
+                "Bytes through DNAT per endpoint",
+                {
+                    "{{endpoint_pod}} {{direction}}": "sum by (endpoint_pod, direction) (rate(hopscope_kubeproxy_bytes_total[1m]))"
+                },
+                unit="Bps",
+                w=24,
+            ),
+            stat(
+                "Seconds since the last rule sync",
+                "time() - kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                unit="s",
+            ),
+        ],
+    ),
+    "envoy": dashboard(
+        "hopscope-envoy",
+        "Envoy: ingress and sidecars",
+        [
+            ts(
+                "Downstream responses by class and pod",
+                {
+                    "{{pod}} {{envoy_response_code_class}}xx": "sum by (pod, envoy_response_code_class) (rate(envoy_http_downstream_rq_xx[1m]))"
+                },
+                w=24,
+            ),
+            ts(
+                "Upstream timeouts (UT) by cluster",
+                {
+                    "{{pod}} {{envoy_cluster_name}}": "sum by (pod, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_timeout[1m]))"
+                },
+            ),
+            ts(
+                "Upstream connect failures (UF) by cluster",
+                {
+                    "{{pod}} {{envoy_cluster_name}}": "sum by (pod, envoy_cluster_name) (rate(envoy_cluster_upstream_cx_connect_fail[1m]))"
+                },
+            ),
+            ts("Retries", {"{{pod}}": "sum by (pod) (rate(envoy_cluster_upstream_rq_retry[1m]))"}),
+            ts(
+                "Upstream health (healthy members)",
+                {"{{pod}} {{envoy_cluster_name}}": "envoy_cluster_membership_healthy"},
+            ),
+            logs(
+                "Access logs with a response flag",
+                '{service_name=~".+"} | json | response_flags != "-"',
+            ),
+        ],
+    ),
+    "dns": dashboard(
+        "hopscope-dns",
+        "Cluster DNS",
+        [
+            ts(
+                "Queries by type",
+                {"{{type}}": "sum by (type) (rate(coredns_dns_requests_total[1m]))"},
+            ),
+            ts(
+                "Responses by rcode",
+                {"{{rcode}}": "sum by (rcode) (rate(coredns_dns_responses_total[1m]))"},
+            ),
+            ts(
+                "Search-path waste: share of NXDOMAIN answers",
+                {
+                    "NXDOMAIN share": 'sum(rate(coredns_dns_responses_total{rcode="NXDOMAIN"}[5m])) / '
+                    "sum(rate(coredns_dns_responses_total[5m]))"
+                },
+                unit="percentunit",
+            ),
+            ts(
+                "Answer time p99",
+                {
+                    "p99": "histogram_quantile(0.99, sum by (le) "
+                    "(rate(coredns_dns_request_duration_seconds_bucket[5m])))"
+                },
+                unit="s",
+            ),
+        ],
+    ),
+    "netpol": dashboard(
+        "hopscope-netpol",
+        "NetworkPolicy",
+        [
+            ts(
+                "Denied connections by policy and side",
+                {
+                    "{{policy}} ({{side}})": "sum by (policy, side) (rate(hopscope_networkpolicy_denied_connections_total[1m]))"
+                },
+                w=24,
+            ),
+            ts(
+                "Denied connections by destination pod",
+                {
+                    "{{namespace}}/{{pod}}": "sum by (namespace, pod) (increase(hopscope_networkpolicy_denied_connections_total[5m]))"
+                },
+                w=24,
+            ),
+        ],
+    ),
+}
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name, body in DASHBOARDS.items():
+        (OUT / f"{name}.json").write_text(json.dumps(body, indent=2) + "\n")
+    print(f"wrote {len(DASHBOARDS)} dashboards to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
