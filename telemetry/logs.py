@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -48,4 +49,24 @@ def setup_json_logging(static: dict[str, Any] | None = None, level: int = loggin
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if os.environ.get(HOPSCOPE_OTLP_LOGS) == "1" and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        root.addHandler(_otlp_handler(static or {}))
+
+
+HOPSCOPE_OTLP_LOGS = "HOPSCOPE_OTLP_LOGS"
+"""``1``: also ship log records over OTLP (compose: through the Collector to Loki), each
+with the trace and span id of the span it was written in."""
+
+
+def _otlp_handler(static: dict[str, Any]) -> logging.Handler:
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+    from opentelemetry.sdk.resources import Resource
+
+    endpoint = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/logs"
+    name = os.environ.get("OTEL_SERVICE_NAME") or str(static.get("component", "hopscope"))
+    provider = LoggerProvider(resource=Resource.create({"service.name": name}))
+    provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(endpoint=endpoint)))
+    return LoggingHandler(level=logging.INFO, logger_provider=provider)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

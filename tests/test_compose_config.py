@@ -99,9 +99,10 @@ from mesh.envoy import render_ingress, render_sidecar, validate_config
 cluster = Cluster()
 cluster.apply(load_manifests(default_manifest_paths()))
 state = cluster.state
-configs = [render_ingress(state, otlp_endpoint="http://10.244.1.252:4318")]
-otlp = "http://10.244.1.252:4318"
-configs += [render_sidecar(p, state, otlp_endpoint=otlp) for p in state.pods[:3]]
+otlp, logs = "http://10.244.1.252:4318", "10.244.1.252:4317"
+configs = [render_ingress(state, otlp_endpoint=otlp, log_sink=logs)]
+configs += [render_sidecar(p, state, otlp_endpoint=otlp, log_sink=logs) for p in state.pods[:3]]
+assert "envoy.access_loggers.open_telemetry" in json.dumps(configs)
 bad = [msg for ok, msg in map(validate_config, configs) if not ok]
 print(json.dumps({"count": len(configs), "bad": bad}))
 """

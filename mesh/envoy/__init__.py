@@ -153,9 +153,13 @@ def _tracing(service_name: str, otlp_endpoint: str, tags: dict[str, str]) -> dic
     }
 
 
-def _access_log(hop: str) -> list[dict[str, Any]]:
+OTLP_LOGS_CLUSTER = "hopscope_otlp_logs"
+"""gRPC cluster Envoy ships access logs through when logs go over OTLP (compose)."""
+
+
+def _access_log(hop: str, log_sink: str | None = None, service: str = "") -> list[dict[str, Any]]:
     fmt = {**ACCESS_LOG_FORMAT, "hop": hop}
-    return [
+    loggers = [
         {
             "name": "envoy.access_loggers.stdout",
             "typed_config": _any(
@@ -164,6 +168,39 @@ def _access_log(hop: str) -> list[dict[str, Any]]:
             ),
         }
     ]
+    if log_sink:
+        attributes = [
+            {"key": key, "value": {"string_value": value}}
+            for key, value in fmt.items()
+            if key not in ("time", "level")
+        ]
+        loggers.append(
+            {
+                "name": "envoy.access_loggers.open_telemetry",
+                "typed_config": _any(
+                    "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
+                    common_config={
+                        "log_name": f"{hop}-access",
+                        "transport_api_version": "V3",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_LOGS_CLUSTER}},
+                    },
+                    body={
+                        "string_value": "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
+                        "%RESPONSE_FLAGS% %UPSTREAM_HOST%"
+                    },
+                    attributes={"values": attributes},
+                    resource_attributes={
+                        "values": [{"key": "service.name", "value": {"string_value": service}}]
+                    },
+                ),
+            }
+        )
+    return loggers
+
+
+def _otlp_logs_cluster(log_sink: str) -> dict[str, Any]:
+    host, _, port = log_sink.rpartition(":")
+    return _static_cluster(OTLP_LOGS_CLUSTER, host, int(port), http2=True)
 
 
 def _hcm(
@@ -173,6 +210,7 @@ def _hcm(
     service_name: str,
     otlp_endpoint: str,
     tags: dict[str, str],
+    log_sink: str | None = None,
 ) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
@@ -183,7 +221,7 @@ def _hcm(
             generate_request_id=True,
             tracing=_tracing(service_name, otlp_endpoint, {"hopscope.hop": hop, **tags}),
             route_config=route_config,
-            access_log=_access_log(hop),
+            access_log=_access_log(hop, log_sink, service_name),
             http_filters=[
                 {
                     "name": "envoy.filters.http.router",
@@ -246,12 +284,16 @@ def is_grpc_port(pod: Pod, port: int, state: ClusterState) -> bool:
     return False
 
 
-def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[str, Any]:
+def render_sidecar(
+    pod: Pod, state: ClusterState, otlp_endpoint: str, log_sink: str | None = None
+) -> dict[str, Any]:
     """The sidecar of one pod: inbound listener per containerPort, one outbound listener."""
     app = pod.labels.get("app") or pod.owner_name or pod.name
     tags = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace}
     tags["k8s.node.name"] = pod.node
     listeners, clusters = [], [_otlp_cluster(otlp_endpoint)]
+    if log_sink:
+        clusters.append(_otlp_logs_cluster(log_sink))
     inbound_timeout = _duration(pod.annotations.get(SIDECAR_TIMEOUT_ANNOTATION, "15s"))
     for container in pod.containers:
         for cp in container.ports:
@@ -278,7 +320,9 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
                     }
                 ],
             }
-            hcm = _hcm(f"inbound_{port}", "sidecar-inbound", routes, app, otlp_endpoint, tags)
+            hcm = _hcm(
+                f"inbound_{port}", "sidecar-inbound", routes, app, otlp_endpoint, tags, log_sink
+            )
             listeners.append(_listener(f"inbound_{port}", pod.ip, port, "INBOUND", hcm))
     clusters += [
         _original_dst_cluster("outbound|original-dst|http1", pod.ip, http2=False),
@@ -349,7 +393,7 @@ def render_sidecar(pod: Pod, state: ClusterState, otlp_endpoint: str) -> dict[st
             }
         ],
     }
-    hcm = _hcm("outbound", "sidecar-outbound", outbound_routes, app, otlp_endpoint, tags)
+    hcm = _hcm("outbound", "sidecar-outbound", outbound_routes, app, otlp_endpoint, tags, log_sink)
     listeners.append(
         _listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
     )
@@ -401,9 +445,13 @@ def _route_match(path: IngressPath) -> dict[str, Any]:
     return {"path_separated_prefix": path.path.rstrip("/")}
 
 
-def render_ingress(state: ClusterState, otlp_endpoint: str) -> dict[str, Any]:
+def render_ingress(
+    state: ClusterState, otlp_endpoint: str, log_sink: str | None = None
+) -> dict[str, Any]:
     """The ingress controller: one listener, a virtual host per Ingress rule host."""
     clusters: dict[str, dict[str, Any]] = {OTLP_CLUSTER: _otlp_cluster(otlp_endpoint)}
+    if log_sink:
+        clusters[OTLP_LOGS_CLUSTER] = _otlp_logs_cluster(log_sink)
     vhosts: dict[str, list[tuple[IngressPath, str, str]]] = {}
     for ing in state.ingresses:
         if ing.ingress_class not in (None, "hopscope"):
@@ -435,7 +483,7 @@ def render_ingress(state: ClusterState, otlp_endpoint: str) -> dict[str, Any]:
         virtual_hosts.append({"name": host, "domains": domains, "routes": routes})
     route_config = {"name": "ingress", "virtual_hosts": virtual_hosts}
     tags = {"k8s.namespace.name": "hopscope-system", "k8s.pod.name": "ingress-envoy"}
-    hcm = _hcm("ingress", "ingress", route_config, "ingress", otlp_endpoint, tags)
+    hcm = _hcm("ingress", "ingress", route_config, "ingress", otlp_endpoint, tags, log_sink)
     listener = _listener(
         "ingress_http", addresses.INGRESS_IP, addresses.INGRESS_PORT, "INBOUND", hcm
     )

@@ -186,13 +186,27 @@ class DockerRuntime(LocalRuntime):
         node_ip = addresses.NODE_IPS[node]
         return self.otlp_endpoint.format(node_ip=node_ip, node_net=node_ip.rsplit(".", 1)[0])
 
+    def log_sink_for(self, node: str) -> str | None:
+        """Where a pod's Envoy ships access logs over OTLP/gRPC (``HOPSCOPE_ACCESS_LOG_OTLP``,
+        same placeholders as the OTLP endpoint); None keeps them on stdout only."""
+        template = os.environ.get("HOPSCOPE_ACCESS_LOG_OTLP", "")
+        if not template:
+            return None
+        node_ip = addresses.NODE_IPS[node]
+        return template.format(node_ip=node_ip, node_net=node_ip.rsplit(".", 1)[0])
+
     def start_pod(self, pod: Pod, state: ClusterState) -> None:
         from mesh.envoy import envoy_flags, render_sidecar
 
         self.stop_pod(pod)  # a half-started earlier attempt
         pause = self._pause(pod, pod.ip)
         if pod.has_sidecar:
-            config = render_sidecar(pod, state, otlp_endpoint=self.otlp_for(pod.node))
+            config = render_sidecar(
+                pod,
+                state,
+                otlp_endpoint=self.otlp_for(pod.node),
+                log_sink=self.log_sink_for(pod.node),
+            )
             argv = [
                 "envoy",
                 "--config-yaml",
@@ -222,6 +236,8 @@ class DockerRuntime(LocalRuntime):
             env.pop(key, None)  # the image's own
         env["HOPSCOPE_ADDRESS_PLAN"] = addresses.PLAN
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_for(pod.node)
+        if os.environ.get("HOPSCOPE_OTLP_LOGS"):
+            env["HOPSCOPE_OTLP_LOGS"] = os.environ["HOPSCOPE_OTLP_LOGS"]
         return env
 
     def stop_pod(self, pod: Pod) -> None:
@@ -283,7 +299,9 @@ class DockerRuntime(LocalRuntime):
             addresses.INGRESS_IP,
             {f"{addresses.INGRESS_PORT}/tcp": (host_ip or "127.0.0.1", int(host_port))},
         )
-        config = render_ingress(state, otlp_endpoint=self.otlp_for("node-a"))
+        config = render_ingress(
+            state, otlp_endpoint=self.otlp_for("node-a"), log_sink=self.log_sink_for("node-a")
+        )
         argv = [
             "envoy",
             "--config-yaml",
