@@ -238,7 +238,12 @@ def test_prometheus_scraped_apps_and_envoys(stack: Stack) -> None:
     deadline, counts = time.monotonic() + 90, {}
     while time.monotonic() < deadline:
         counts = up_targets()
-        if counts.get("9464", 0) >= 10 and counts.get("15000", 0) >= 10:
+        if (
+            counts.get("9464", 0) >= 10
+            and counts.get("15000", 0) >= 11
+            and counts.get("10249") == 1
+            and counts.get("9153") == 1
+        ):
             break
         time.sleep(2)
     assert counts.get("9464", 0) >= 10, counts  # every app's /metrics
