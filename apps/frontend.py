@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import grpc
 import requests
@@ -46,6 +47,29 @@ def create_app(pod: PodIdentity) -> Flask:
     def healthz() -> ResponseReturnValue:
         return "ok\n"
 
+    def product_reviews_or_error(product: str) -> tuple[dict[str, Any] | None, Any]:
+        """Reviews of ``product`` over gRPC: (fields for the page, None) or (None, error)."""
+        try:
+            reply = grpc_call(
+                resolver,
+                *REVIEWS,
+                lambda md: reviews.GetReviews(
+                    shop_pb2.ReviewsRequest(product_id=product), metadata=md, timeout=5
+                ),
+            )
+        except ResolveError as exc:
+            return None, (jsonify(error=f"reviews: {exc}", served_by=pod.name), 502)
+        except grpc.RpcError as exc:
+            log.error("reviews failed", extra={"code": str(exc.code())})
+            return None, (jsonify(error=f"reviews: {exc.code()} {exc.details()}"), 502)
+        fields = {
+            "reviews": [
+                {"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews
+            ],
+            "reviews_served_by": reply.served_by,
+        }
+        return fields, None
+
     @app.get("/")
     def index() -> ResponseReturnValue:
         try:
@@ -57,49 +81,23 @@ def create_app(pod: PodIdentity) -> Flask:
             log.error("catalog failed", extra={"status": resp.status_code})
             return jsonify(error=f"catalog answered {resp.status_code}", served_by=pod.name), 502
         catalog = resp.json()
-        product = catalog["items"][0]["id"]
-        try:
-            reply = grpc_call(
-                resolver,
-                *REVIEWS,
-                lambda md: reviews.GetReviews(
-                    shop_pb2.ReviewsRequest(product_id=product), metadata=md, timeout=5
-                ),
-            )
-        except ResolveError as exc:
-            return jsonify(error=f"reviews: {exc}", served_by=pod.name), 502
-        except grpc.RpcError as exc:
-            log.error("reviews failed", extra={"code": str(exc.code())})
-            return jsonify(error=f"reviews: {exc.code()} {exc.details()}"), 502
+        fields, error = product_reviews_or_error(catalog["items"][0]["id"])
+        if fields is None:
+            return error  # type: ignore[no-any-return]
         return jsonify(
             served_by=pod.name,
             items=catalog["items"],
             catalog_served_by=catalog.get("served_by"),
-            reviews=[{"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews],
-            reviews_served_by=reply.served_by,
+            **fields,
         )
 
     @app.get("/reviews/<product>")
     def product_reviews(product: str) -> ResponseReturnValue:
         """gRPC only: frontend → reviews → ratings."""
-        try:
-            reply = grpc_call(
-                resolver,
-                *REVIEWS,
-                lambda md: reviews.GetReviews(
-                    shop_pb2.ReviewsRequest(product_id=product), metadata=md, timeout=5
-                ),
-            )
-        except ResolveError as exc:
-            return jsonify(error=f"reviews: {exc}", served_by=pod.name), 502
-        except grpc.RpcError as exc:
-            log.error("reviews failed", extra={"code": str(exc.code())})
-            return jsonify(error=f"reviews: {exc.code()} {exc.details()}"), 502
-        return jsonify(
-            served_by=pod.name,
-            reviews=[{"author": r.author, "text": r.text, "stars": r.stars} for r in reply.reviews],
-            reviews_served_by=reply.served_by,
-        )
+        fields, error = product_reviews_or_error(product)
+        if fields is None:
+            return error  # type: ignore[no-any-return]
+        return jsonify(served_by=pod.name, **fields)
 
     @app.get("/checkout")
     def checkout() -> ResponseReturnValue:

@@ -20,12 +20,9 @@ the cluster, one request per connection, from the pod's own address. The gateway
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
-import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,13 +37,12 @@ from mesh.cni.metrics import POLICY_DENIED
 from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
-from mesh.netutil import bind_source
+from mesh.netutil import open_from, reset
 
 log = logging.getLogger("cni")
 
 HEAD_LIMIT = 65536
 READ_SIZE = 65536
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PROPAGATOR = TraceContextTextMapPropagator()
 TRACE_HEADERS = ("traceparent", "tracestate")
 _STATUS = re.compile(rb"^HTTP/\d\.\d (\d{3})")
@@ -86,14 +82,6 @@ def _error_response(status: int, reason: str, message: str) -> bytes:
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode() + body
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
 
 
 @dataclass
@@ -214,7 +202,7 @@ class NodeGateway:
         verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
         if not verdict.allowed:
             self._deny(request, verdict)
-            _reset(writer)
+            reset(writer)
             return
         dst_node = addresses.node_for_ip(request.host) or self.node
         config = self.view.config
@@ -298,7 +286,7 @@ class NodeGateway:
         verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
         if not verdict.allowed:
             self._deny(request, verdict)
-            _reset(writer)
+            reset(writer)
             return
         span = self.tracer.start_span(
             f"egress-snat {self.node} -> {request.target}",
@@ -349,20 +337,8 @@ class NodeGateway:
 async def _connect(
     host: str, port: int, source: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        bind_source(sock, source)
-        sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 3.0)
-    except (OSError, TimeoutError) as exc:
-        sock.close()
-        raise OSError(str(exc) or type(exc).__name__) from None
-    local = "{}:{}".format(*sock.getsockname()[:2])
-    reader, writer = await asyncio.open_connection(sock=sock)
-    return reader, writer, local
+    reader, writer, local = await open_from(host, port, source, 3.0)
+    return reader, writer, "{}:{}".format(*local)
 
 
 async def _relay(

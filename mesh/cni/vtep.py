@@ -27,14 +27,13 @@ import contextlib
 import ipaddress
 import logging
 import re
-import socket
 import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
 from mesh import addresses
-from mesh.netutil import bind_source
+from mesh.netutil import open_from
 
 log = logging.getLogger("cni")
 
@@ -42,7 +41,6 @@ PREAMBLE_MAGIC = "HOPSCOPE-VXLAN/1"
 PREAMBLE_LIMIT = 512
 READ_SIZE = 65536
 CONNECT_TIMEOUT = 2.0
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 _PREAMBLE = re.compile(
     r"^HOPSCOPE-VXLAN/1 vni=(?P<vni>\d+) src=(?P<src>[\d.]+) dst=(?P<dst>[\d.]+):(?P<port>\d+)"
@@ -115,11 +113,6 @@ class OverlaySettings:
     delay_ms: float = 0.0
 
 
-def _split(hostport: str) -> tuple[str, int]:
-    host, _, port = hostport.rpartition(":")
-    return host, int(port)
-
-
 def _pod_node(ip: str) -> str | None:
     addr = ipaddress.ip_address(ip)
     for node, cidr in addresses.POD_CIDRS.items():
@@ -142,20 +135,11 @@ async def _open(
     ip: str, port: int, source: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
     """Connect from ``source`` (any port) and return the streams and our local ``ip:port``."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        bind_source(sock, source)
-        sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), CONNECT_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        sock.close()
+        reader, writer, local = await open_from(ip, port, source, CONNECT_TIMEOUT, READ_SIZE * 4)
+    except OSError as exc:
         raise OverlayError(f"cannot reach {ip}:{port} from {source}: {exc}") from None
-    local = "{}:{}".format(*sock.getsockname()[:2])
-    reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE * 4)
-    return reader, writer, local
+    return reader, writer, "{}:{}".format(*local)
 
 
 async def open_tunnel(

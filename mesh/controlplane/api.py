@@ -185,9 +185,8 @@ def pod_action(namespace: str, name: str, action: str) -> Response:
     return jsonify(result)
 
 
-@bp.post("/api/v1/apply")
-def apply() -> Response:
-    """Apply manifest documents (``hopscope apply -f``): ``{"source", "documents": [...]}``."""
+def _manifest_objects() -> list[Any]:
+    """The validated objects of a ``{"source", "documents": [...]}`` body."""
     from mesh.model.manifests import ManifestError, load_document
 
     body = request.get_json(silent=True)
@@ -195,7 +194,18 @@ def apply() -> Response:
         raise APIError(400, 'body must be {"source": "...", "documents": [ {...}, ... ]}')
     source = str(body.get("source") or "request")
     try:
-        objects = [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
+        return [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
+    except ManifestError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+@bp.post("/api/v1/apply")
+def apply() -> Response:
+    """Apply manifest documents (``hopscope apply -f``)."""
+    from mesh.model.manifests import ManifestError
+
+    objects = _manifest_objects()
+    try:
         changes = current_app.config["CLUSTER"].apply(objects)
     except ManifestError as exc:
         raise APIError(400, str(exc)) from None
@@ -205,18 +215,7 @@ def apply() -> Response:
 @bp.post("/api/v1/delete")
 def delete() -> Response:
     """Delete the objects manifest documents name (``hopscope delete -f``)."""
-    from mesh.model.manifests import ManifestError, load_document
-
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("documents"), list):
-        raise APIError(400, 'body must be {"source": "...", "documents": [ {...}, ... ]}')
-    source = str(body.get("source") or "request")
-    try:
-        objects = [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
-        changes = current_app.config["CLUSTER"].delete(objects)
-    except ManifestError as exc:
-        raise APIError(400, str(exc)) from None
-    return jsonify(changes=changes)
+    return jsonify(changes=current_app.config["CLUSTER"].delete(_manifest_objects()))
 
 
 @bp.post("/api/v1/scale/<namespace>/<name>")

@@ -18,8 +18,6 @@ import contextlib
 import itertools
 import json
 import logging
-import socket
-import struct
 import time
 from collections import deque
 from typing import Any
@@ -44,7 +42,7 @@ from mesh.kubeproxy.rules import (
 )
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
-from mesh.netutil import bind_source
+from mesh.netutil import open_from, reset
 
 log = logging.getLogger("kube-proxy")
 
@@ -57,8 +55,6 @@ SNIFF_TIMEOUT = 1.0
 CLOSED_KEEP = 512
 """Closed connections kept for ``/conntrack`` (like conntrack's TIME_WAIT entries)."""
 
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-"""Linux socket option (since 4.2): bind the address now, pick the port at connect()."""
 
 ESTABLISHED_TIMEOUT = 432000
 """nf_conntrack_tcp_timeout_established (5 days), in seconds."""
@@ -106,15 +102,6 @@ def _remaining(conn: ConnInfo, now: float) -> int:
     if conn.closed is None:
         return ESTABLISHED_TIMEOUT
     return max(0, TIME_WAIT_TIMEOUT - round(now - conn.closed))
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST (SO_LINGER 0): the client sees 'connection refused/reset' at once."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
 
 
 class Proxier:
@@ -300,7 +287,7 @@ class Proxier:
         rule = self.rules.rules.get((vip, port))
         if rule is None:
             REJECTED.labels("", "", "no-service").inc()
-            _reset(writer)
+            reset(writer)
             return
         decision = decide(rule, client_ip, self.node_ips)
         endpoint, affinity = self._choose(rule, decision.candidates, client_ip)
@@ -324,7 +311,7 @@ class Proxier:
                     REJECT_READ_TIMEOUT,
                     message="rejected",
                 )
-            _reset(writer)
+            reset(writer)
             return
         snat = decision.snat_ip or hairpin_snat(endpoint, client_ip, self.node_ips)
         source = snat or client_ip
@@ -358,7 +345,7 @@ class Proxier:
                     REJECT_READ_TIMEOUT,
                     message="endpoint unreachable",
                 )
-            _reset(writer)
+            reset(writer)
             return
         reason = decision.reason
         if snat and not decision.snat_ip:
@@ -475,7 +462,7 @@ class Proxier:
             await deny_span(self.tracer, conn, reader)
         else:
             log.info("denied by NetworkPolicy", extra={"reason": verdict.reason})
-        _reset(writer)
+        reset(writer)
 
     async def _connect(
         self, endpoint: EndpointTarget, client_ip: str, src_node: str
@@ -503,21 +490,9 @@ class Proxier:
                 raise OSError(f"overlay: {exc}") from None
             host, _, port = info.inner_src.rpartition(":")
             return up_r, up_w, (host, int(port)), info
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            # Choose the source port at connect(), by the whole 4-tuple: bind(ip, 0) alone
-            # must find a port free on that address and crawls once TIME_WAITs pile up.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            bind_source(sock, client_ip)
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, (endpoint.ip, endpoint.port)), 2.0)
-        except (OSError, TimeoutError):
-            sock.close()
-            raise
-        local = sock.getsockname()[:2]
-        up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE * 4)
+        up_reader, up_writer, local = await open_from(
+            endpoint.ip, endpoint.port, client_ip, 2.0, READ_SIZE * 4
+        )
         return up_reader, up_writer, local, None
 
     async def _relay(
