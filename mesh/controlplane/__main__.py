@@ -9,7 +9,15 @@ from pathlib import Path
 
 from mesh.controlplane.server import ControlPlane, StartupError
 from mesh.model.manifests import ManifestError
+from mesh.tracestore.store import DEFAULT_BUDGET_BYTES, TRACE_STORE_BUDGET, parse_size
 from telemetry.logs import setup_json_logging
+
+
+def _budget(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("HOPSCOPE_OTLP_ENDPOINT", ""),
         help="where pods send OTLP (docker runtime; default: the control plane itself)",
     )
+    parser.add_argument(
+        "--trace-store-budget",
+        type=_budget,
+        default=os.environ.get(TRACE_STORE_BUDGET) or str(DEFAULT_BUDGET_BYTES),
+        metavar="SIZE",
+        help=f"memory the trace store may use, e.g. 256MiB (env {TRACE_STORE_BUDGET}; "
+        "default 256MiB); the oldest traces are evicted beyond it",
+    )
     args = parser.parse_args(argv)
     setup_json_logging({"component": "controlplane"})
     args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                 image=args.image,
                 project=args.project,
             )
-        return ControlPlane(args.filename, args.state_dir, args.schema_checked, runtime).run()
+        plane = ControlPlane(
+            args.filename,
+            args.state_dir,
+            args.schema_checked,
+            runtime,
+            trace_store_budget=args.trace_store_budget,
+        )
+        return plane.run()
     except (ManifestError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from flask import Blueprint, abort, current_app, render_template
 from mesh import addresses
 from mesh.model.types import ClusterState
 from mesh.tracestore.hops import build_hops, trace_view, verdict
-from mesh.tracestore.store import TraceStore
+from mesh.tracestore.store import TraceStore, format_size
 
 explorer = Blueprint("explorer", __name__, template_folder="templates", static_folder="static")
 
@@ -47,7 +47,22 @@ def index() -> str:
                 "verdict": outcome,
             }
         )
-    return render_template("traces.html", rows=rows, page="traces")
+    return render_template("traces.html", rows=rows, store=_store_summary(), page="traces")
+
+
+def _store_summary() -> dict[str, Any]:
+    """How far back the store reaches, and how full it is, for the traces page."""
+    stats = _store().stats()
+    oldest = stats["oldest_start_ns"]
+    return {
+        **stats,
+        "size": format_size(stats["bytes"]),
+        "budget": format_size(stats["budget_bytes"]),
+        "percent": 100 * stats["bytes"] / stats["budget_bytes"],
+        "oldest": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(oldest / 1e9))
+        if oldest
+        else "",
+    }
 
 
 @explorer.get("/traces/<trace_id>")
@@ -56,7 +71,7 @@ def journey(trace_id: str) -> str:
     matches = store.find_prefix(trace_id) if len(trace_id) < 32 else [trace_id.lower()]
     spans = store.get(matches[0]) if len(matches) == 1 else []
     if not spans:
-        abort(404, f"trace {trace_id} not found (it may not have arrived yet)")
+        abort(404, store.missing_message(trace_id))
     view = trace_view(matches[0], spans)
     start = min(s.start_ns for s in spans)
     total = max(1.0, (max(s.end_ns for s in spans) - start) / 1e6)

@@ -1,21 +1,28 @@
-"""Decoding OTLP/HTTP trace exports into plain span records.
+"""OTLP trace exports: parsing request bodies, and turning stored spans into plain records.
 
-Both encodings OTLP/HTTP allows are accepted: binary protobuf (what the Python SDK and
-Envoy send) and JSON. Envoy names a few attributes after the older OpenTracing tags
-(``http.status_code``, ``peer.address``, ``upstream_address``); :func:`normalize` adds the
-OpenTelemetry semantic-convention names next to them so every consumer reads one vocabulary.
+Both encodings OTLP/HTTP allows are parsed: binary protobuf (what the Python SDK, Envoy and
+the Collector send) and OTLP/JSON, whose trace and span ids are hex strings rather than the
+base64 that protobuf's own JSON mapping would use. The store keeps spans as protobuf bytes;
+:func:`span_record` decodes one into a :class:`SpanRecord` only when someone reads it.
+
+Envoy names a few attributes after the older OpenTracing tags (``http.status_code``,
+``peer.address``, ``upstream_address``); :func:`normalize` adds the OpenTelemetry
+semantic-convention names next to them so every consumer reads one vocabulary.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 SPAN_KINDS = {
     0: "unspecified",
@@ -27,6 +34,8 @@ SPAN_KINDS = {
 }
 STATUS_CODES = {0: "unset", 1: "ok", 2: "error"}
 
+_HEX_ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
 
 class OTLPDecodeError(ValueError):
     """The request body is not a valid OTLP trace export."""
@@ -34,7 +43,7 @@ class OTLPDecodeError(ValueError):
 
 @dataclass
 class SpanRecord:
-    """One span as stored: ids in lowercase hex, times in Unix nanoseconds."""
+    """One span as read: ids in lowercase hex, times in Unix nanoseconds."""
 
     trace_id: str
     span_id: str
@@ -76,44 +85,97 @@ class SpanRecord:
         return cls(**fields)
 
 
-def decode_export(body: bytes, content_type: str) -> list[SpanRecord]:
-    """Decode one ``/v1/traces`` request body (protobuf or JSON) into span records."""
+def parse_export(body: bytes, json_body: bool) -> ExportTraceServiceRequest:
+    """One ``/v1/traces`` body (already decompressed) as an ``ExportTraceServiceRequest``."""
     request = ExportTraceServiceRequest()
-    try:
-        if "json" in content_type:
-            json_format.Parse(body.decode("utf-8"), request)
-        else:
+    if not json_body:
+        try:
             request.ParseFromString(body)
-    except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
-        raise OTLPDecodeError(f"not an OTLP trace export: {exc}") from exc
+        except DecodeError as exc:
+            raise OTLPDecodeError(f"not an OTLP trace export (protobuf): {exc}") from None
+        return request
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OTLPDecodeError(f"not an OTLP trace export (JSON): {exc}") from None
+    if not isinstance(doc, dict):
+        raise OTLPDecodeError("not an OTLP trace export (JSON): the body must be an object")
+    _hex_ids_to_base64(doc)
+    try:
+        # Receivers must ignore fields they do not know (OTLP/JSON is forward compatible).
+        json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        raise OTLPDecodeError(f"not an OTLP trace export (JSON): {exc}") from None
+    return request
+
+
+def _hex_ids_to_base64(doc: dict[str, Any]) -> None:
+    """OTLP/JSON writes ids as hex; protobuf's JSON parser wants base64 for bytes fields."""
+    for rs in _objects(doc, "resourceSpans", "resource_spans"):
+        for ss in _objects(rs, "scopeSpans", "scope_spans"):
+            for span in _objects(ss, "spans"):
+                _convert_ids(span)
+                for link in _objects(span, "links"):
+                    _convert_ids(link)
+
+
+def _objects(parent: dict[str, Any], *keys: str) -> list[dict[str, Any]]:
+    for key in keys:
+        value = parent.get(key)
+        if isinstance(value, list):
+            return [v for v in value if isinstance(v, dict)]
+    return []
+
+
+def _convert_ids(obj: dict[str, Any]) -> None:
+    for key in _HEX_ID_FIELDS:
+        value = obj.get(key)
+        if isinstance(value, str):
+            try:
+                obj[key] = base64.b64encode(bytes.fromhex(value)).decode("ascii")
+            except ValueError:
+                raise OTLPDecodeError(
+                    f"not an OTLP trace export (JSON): {key} {value!r} is not hex"
+                ) from None
+
+
+def span_record(trace_id: str, span: Span, resource: dict[str, Any]) -> SpanRecord:
+    """A stored span (trace id kept apart, as the store keys it) as a normalized record."""
+    record = SpanRecord(
+        trace_id=trace_id,
+        span_id=span.span_id.hex(),
+        parent_span_id=span.parent_span_id.hex(),
+        name=span.name,
+        kind=SPAN_KINDS.get(span.kind, "unspecified"),
+        start_ns=span.start_time_unix_nano,
+        end_ns=span.end_time_unix_nano,
+        attributes=attributes(span.attributes),
+        resource=dict(resource),
+        status=STATUS_CODES.get(span.status.code, "unset"),
+        status_message=span.status.message,
+        events=[
+            {"name": e.name, "time_ns": e.time_unix_nano, **attributes(e.attributes)}
+            for e in span.events
+        ],
+    )
+    return normalize(record)
+
+
+def decode_export(body: bytes, content_type: str) -> list[SpanRecord]:
+    """Every span of one uncompressed ``/v1/traces`` body, as records (for tools and tests)."""
+    request = parse_export(body, "json" in content_type)
     spans: list[SpanRecord] = []
     for resource_spans in request.resource_spans:
-        resource = _attributes(resource_spans.resource.attributes)
+        resource = attributes(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                record = SpanRecord(
-                    trace_id=span.trace_id.hex(),
-                    span_id=span.span_id.hex(),
-                    parent_span_id=span.parent_span_id.hex(),
-                    name=span.name,
-                    kind=SPAN_KINDS.get(span.kind, "unspecified"),
-                    start_ns=span.start_time_unix_nano,
-                    end_ns=span.end_time_unix_nano,
-                    attributes=_attributes(span.attributes),
-                    resource=resource,
-                    status=STATUS_CODES.get(span.status.code, "unset"),
-                    status_message=span.status.message,
-                    events=[
-                        {"name": e.name, "time_ns": e.time_unix_nano, **_attributes(e.attributes)}
-                        for e in span.events
-                    ],
-                )
-                spans.append(normalize(record))
+                spans.append(span_record(span.trace_id.hex(), span, resource))
     return spans
 
 
-def _attributes(items: Any) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in items if isinstance(kv, KeyValue)}
+def attributes(items: Any) -> dict[str, Any]:
+    """OTLP ``KeyValue`` list as a plain dict."""
+    return {kv.key: _value(kv.value) for kv in items}
 
 
 def _value(value: AnyValue) -> Any:
@@ -149,3 +211,14 @@ def normalize(record: SpanRecord) -> SpanRecord:
         if key not in attrs and key in record.resource:
             attrs[key] = record.resource[key]
     return record
+
+
+__all__ = [
+    "OTLPDecodeError",
+    "SpanRecord",
+    "attributes",
+    "decode_export",
+    "normalize",
+    "parse_export",
+    "span_record",
+]

@@ -1,71 +1,390 @@
-"""The embedded trace store: the last N traces in memory, newest first.
+"""The embedded trace store: recent traces in memory, bounded in bytes.
 
 Local mode has no Tempo, so the control plane keeps recent traces itself; ``hopscope trace``
 and the explorer read them through the control-plane API.
+
+Memory is what bounds the store, not a trace count: a bigger app or longer traces must not
+quietly mean more memory. Each span is kept the way the wire gave it — its protobuf encoding,
+less the trace id the store already keys it by — and decoded into a
+:class:`~mesh.tracestore.otlp.SpanRecord` only when someone reads it. A trace's spans sit in
+one list, interleaved with the (interned, shared) resource they came from, so a span costs
+its encoded size plus a few dozen bytes. When the accounted bytes pass the budget, the
+traces updated longest ago go first; their ids are remembered in a fixed-size ring so a
+reader can be told "evicted" rather than "not found".
 """
 
 from __future__ import annotations
 
+import heapq
+import os
+import re
+import sys
 import threading
+import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
 
-from mesh.tracestore.otlp import SpanRecord
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-DEFAULT_MAX_TRACES = 5000
-"""How many traces the store keeps before evicting the least recently updated."""
+from mesh.tracestore.otlp import SpanRecord, attributes, span_record
+
+TRACE_STORE_BUDGET = "HOPSCOPE_TRACE_STORE_BUDGET"
+"""Env var: the store's memory budget, in bytes or with a unit (``256MiB``, ``64MB``).
+Default: :data:`DEFAULT_BUDGET_BYTES`."""
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+"""256 MiB: about 300,000 spans of the sample shop, an hour of traffic at 3 req/s."""
 
 MAX_SPANS_PER_TRACE = 2000
-"""A runaway trace stops growing here instead of eating memory."""
+"""A runaway trace stops growing here instead of eating the budget."""
+
+SPAN_OVERHEAD = sys.getsizeof(b"") + 8 + 7
+"""Bytes a stored span costs beyond its encoding: the bytes object's header, its list
+slot, and allocator rounding (measured with ``bench/store.py``)."""
+
+TRACE_OVERHEAD = 360
+"""Bytes a stored trace costs besides its spans: its key, its record and list, and its
+entry in the ordered map (measured with ``bench/store.py``)."""
+
+EVICTED_ID_BYTES = 16
+RESOURCE_LIMIT = 4096
+"""Distinct resources (one per process) kept interned; more than this, and new ones are
+stored unshared."""
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 2**10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 2**20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 2**30,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``"256MiB"`` → 268435456; plain numbers are bytes. ValueError with a readable message."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a size: give bytes or a number with a unit "
+            "(KiB, MiB, GiB, KB, MB, GB), e.g. 256MiB"
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r}: a size must be more than 0 bytes")
+    return size
+
+
+def budget_from_env() -> int:
+    """The budget ``HOPSCOPE_TRACE_STORE_BUDGET`` asks for, or the default."""
+    raw = os.environ.get(TRACE_STORE_BUDGET, "").strip()
+    if not raw:
+        return DEFAULT_BUDGET_BYTES
+    try:
+        return parse_size(raw)
+    except ValueError as exc:
+        raise ValueError(f"{TRACE_STORE_BUDGET}: {exc}") from None
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024
+    return f"{n:.1f} GiB".replace(".0 ", " ")
+
+
+class _Resource:
+    """A resource's attributes, decoded once and shared by every span from that process."""
+
+    __slots__ = ("__weakref__", "attributes", "nbytes")
+
+    def __init__(self, resource: Resource, encoded: bytes) -> None:
+        self.attributes = attributes(resource.attributes)
+        self.nbytes = 400 + 3 * len(encoded)
+
+
+class _Trace:
+    """One trace's spans: encoded span bytes, each run preceded by its ``_Resource``."""
+
+    __slots__ = ("first_start", "last_resource", "nbytes", "parts", "spans")
+
+    def __init__(self, start_ns: int) -> None:
+        self.parts: list[bytes | _Resource] = []
+        self.spans = 0
+        self.nbytes = TRACE_OVERHEAD
+        self.first_start = start_ns
+        self.last_resource: _Resource | None = None
 
 
 class TraceStore:
-    """Thread-safe map of trace id → spans, bounded in traces and spans per trace."""
+    """Thread-safe map of trace id → spans, bounded in bytes (and spans per trace)."""
 
-    def __init__(self, max_traces: int = DEFAULT_MAX_TRACES) -> None:
-        self.max_traces = max_traces
-        self._traces: OrderedDict[str, list[SpanRecord]] = OrderedDict()
-        self._first_start: dict[str, int] = {}
+    def __init__(
+        self,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        max_spans_per_trace: int = MAX_SPANS_PER_TRACE,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if budget_bytes <= 0:
+            raise ValueError(f"the trace store budget must be positive, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.max_spans_per_trace = max_spans_per_trace
+        self._traces: OrderedDict[bytes, _Trace] = OrderedDict()
+        self._resources: weakref.WeakValueDictionary[bytes, _Resource] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()
+        self._intern_lock = threading.Lock()
+        self._bytes = 0
+        self._resource_bytes = 0
+        self._spans = 0
+        capacity = min(max(1024, budget_bytes // 4096), 2**20)
+        self._evicted_ids = bytearray()
+        self._evicted_capacity = capacity * EVICTED_ID_BYTES
+        self._evicted_next = 0
+        self.evicted_traces = 0
         self.spans_received = 0
-        self.spans_dropped = 0
+        self.spans_rejected: dict[str, int] = {"invalid_id": 0, "trace_span_limit": 0}
+        self.registry = registry or CollectorRegistry()
+        """Where the store's metrics are registered (its own, unless one was given)."""
+        self.registry.register(_StoreCollector(self))
 
-    def add(self, spans: list[SpanRecord]) -> None:
+    # -- writing ------------------------------------------------------------------------
+
+    def add_export(self, request: ExportTraceServiceRequest) -> tuple[int, dict[str, int]]:
+        """Store every span of an export; returns how many were stored and the rejected
+        ones by reason."""
+        rejected = {"invalid_id": 0, "trace_span_limit": 0}
+        batch: list[tuple[bytes, _Resource, int, bytes]] = []
+        for resource_spans in request.resource_spans:
+            resource = self._intern(resource_spans.resource)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    trace_id = span.trace_id
+                    if len(trace_id) != 16 or len(span.span_id) != 8 or not any(trace_id):
+                        rejected["invalid_id"] += 1
+                        continue
+                    span.ClearField("trace_id")
+                    batch.append(
+                        (trace_id, resource, span.start_time_unix_nano, span.SerializeToString())
+                    )
         with self._lock:
-            for span in spans:
-                self._add_one(span)
+            self.spans_received += len(batch) + rejected["invalid_id"]
+            for trace_id, resource, start_ns, data in batch:
+                if not self._append(trace_id, resource, start_ns, data):
+                    rejected["trace_span_limit"] += 1
+            for reason, n in rejected.items():
+                self.spans_rejected[reason] += n
+            self._evict()
+        return len(batch) - rejected["trace_span_limit"], rejected
 
-    def _add_one(self, span: SpanRecord) -> None:
-        self.spans_received += 1
-        bucket = self._traces.get(span.trace_id)
-        if bucket is None:
-            bucket = self._traces[span.trace_id] = []
-            self._first_start[span.trace_id] = span.start_ns
-        if len(bucket) >= MAX_SPANS_PER_TRACE:
-            self.spans_dropped += 1
+    def _intern(self, resource: Resource) -> _Resource:
+        encoded = resource.SerializeToString(deterministic=True)
+        with self._intern_lock:
+            found = self._resources.get(encoded)
+            if found is None:
+                found = _Resource(resource, encoded)
+                if len(self._resources) < RESOURCE_LIMIT:
+                    self._resources[encoded] = found
+        return found
+
+    def _append(self, trace_id: bytes, resource: _Resource, start_ns: int, data: bytes) -> bool:
+        trace = self._traces.get(trace_id)
+        if trace is None:
+            trace = self._traces[trace_id] = _Trace(start_ns)
+            self._bytes += TRACE_OVERHEAD
+        elif trace.spans >= self.max_spans_per_trace:
+            return False
+        else:
+            self._traces.move_to_end(trace_id)
+            if start_ns < trace.first_start:
+                trace.first_start = start_ns
+        if trace.last_resource is not resource:
+            trace.parts.append(resource)
+            trace.last_resource = resource
+            trace.nbytes += 8
+            self._bytes += 8
+        trace.parts.append(data)
+        cost = len(data) + SPAN_OVERHEAD
+        trace.spans += 1
+        trace.nbytes += cost
+        self._bytes += cost
+        self._spans += 1
+        return True
+
+    def _evict(self) -> None:
+        with self._intern_lock:
+            self._resource_bytes = sum(r.nbytes for r in list(self._resources.values()))
+        while self._total_bytes() > self.budget_bytes and len(self._traces) > 1:
+            trace_id, trace = self._traces.popitem(last=False)
+            self._bytes -= trace.nbytes
+            self._spans -= trace.spans
+            self.evicted_traces += 1
+            self._remember_evicted(trace_id)
+
+    def _remember_evicted(self, trace_id: bytes) -> None:
+        if len(self._evicted_ids) < self._evicted_capacity:
+            self._evicted_ids += trace_id
             return
-        bucket.append(span)
-        self._first_start[span.trace_id] = min(self._first_start[span.trace_id], span.start_ns)
-        self._traces.move_to_end(span.trace_id)
-        while len(self._traces) > self.max_traces:
-            old, _ = self._traces.popitem(last=False)
-            self._first_start.pop(old, None)
+        at = self._evicted_next
+        self._evicted_ids[at : at + EVICTED_ID_BYTES] = trace_id
+        self._evicted_next = (at + EVICTED_ID_BYTES) % self._evicted_capacity
+
+    def _total_bytes(self) -> int:
+        return self._bytes + self._resource_bytes + len(self._evicted_ids)
+
+    # -- reading ------------------------------------------------------------------------
 
     def get(self, trace_id: str) -> list[SpanRecord]:
+        key = _key(trace_id)
         with self._lock:
-            return list(self._traces.get(trace_id.lower(), []))
+            trace = self._traces.get(key) if key else None
+            parts = list(trace.parts) if trace else []
+        return _records(trace_id.lower(), parts)
 
     def find_prefix(self, prefix: str) -> list[str]:
         """Trace ids starting with ``prefix`` (lets users type a short id, like git)."""
         prefix = prefix.lower()
         with self._lock:
-            return [t for t in self._traces if t.startswith(prefix)]
+            keys = list(self._traces)
+        return [h for h in (k.hex() for k in keys) if h.startswith(prefix)]
 
     def recent(self, limit: int = 20) -> list[tuple[str, list[SpanRecord]]]:
         """Most recently *started* traces first."""
         with self._lock:
-            ids = sorted(self._traces, key=lambda t: self._first_start[t], reverse=True)
-            return [(t, list(self._traces[t])) for t in ids[:limit]]
+            newest = heapq.nlargest(limit, self._traces.items(), key=lambda kv: kv[1].first_start)
+            picked = [(k.hex(), list(t.parts)) for k, t in newest]
+        return [(trace_id, _records(trace_id, parts)) for trace_id, parts in picked]
+
+    def was_evicted(self, trace_id: str) -> bool:
+        """Whether a trace with this id (or id prefix) was held and has been evicted."""
+        prefix = trace_id.lower()
+        with self._lock:
+            ring = bytes(self._evicted_ids)
+        if len(prefix) == 32:
+            key = _key(prefix)
+            at = ring.find(key) if key else -1
+            while at != -1 and at % EVICTED_ID_BYTES:
+                at = ring.find(key, at + 1)  # type: ignore[arg-type]
+            return at != -1
+        text = ring.hex()
+        at = text.find(prefix)
+        while at != -1 and at % (2 * EVICTED_ID_BYTES):
+            at = text.find(prefix, at + 1)
+        return bool(prefix) and at != -1
+
+    def missing_message(self, trace_id: str) -> str:
+        """Why a trace is not here, in words: evicted (and how far back the store reaches)
+        or not (yet) received."""
+        if not self.was_evicted(trace_id):
+            return f"trace {trace_id} not found (it may not have arrived yet)"
+        stats = self.stats()
+        reach = (
+            f"the store now reaches back to {_clock(stats['oldest_start_ns'])}"
+            if stats["oldest_start_ns"]
+            else "the store is empty"
+        )
+        return (
+            f"trace {trace_id} was evicted from the store "
+            f"(budget {format_size(self.budget_bytes)}; {reach})"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """What ``/api/v1/status`` shows under ``trace_store``."""
+        with self._lock:
+            oldest = next(iter(self._traces.values()), None)
+            return {
+                "traces": len(self._traces),
+                "spans": self._spans,
+                "bytes": self._total_bytes(),
+                "budget_bytes": self.budget_bytes,
+                "evicted_traces": self.evicted_traces,
+                "oldest_start_ns": oldest.first_start if oldest else None,
+            }
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._traces)
+
+
+def _key(trace_id: str) -> bytes | None:
+    try:
+        key = bytes.fromhex(trace_id)
+    except ValueError:
+        return None
+    return key if len(key) == 16 else None
+
+
+def _records(trace_id: str, parts: list[bytes | _Resource]) -> list[SpanRecord]:
+    out: list[SpanRecord] = []
+    resource: dict[str, Any] = {}
+    for part in parts:
+        if isinstance(part, bytes):
+            out.append(span_record(trace_id, Span.FromString(part), resource))
+        else:
+            resource = part.attributes
+    return out
+
+
+def _clock(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+class _StoreCollector:
+    """The store's size and flow as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, store: TraceStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.store
+        stats = s.stats()
+        yield GaugeMetricFamily(
+            "hopscope_tracestore_traces", "Traces held by the trace store", stats["traces"]
+        )
+        yield GaugeMetricFamily(
+            "hopscope_tracestore_spans", "Spans held by the trace store", stats["spans"]
+        )
+        yield GaugeMetricFamily(
+            "hopscope_tracestore_bytes",
+            "Estimated resident bytes of the trace store",
+            stats["bytes"],
+        )
+        yield GaugeMetricFamily(
+            "hopscope_tracestore_budget_bytes",
+            "Memory budget of the trace store; the oldest traces are evicted beyond it",
+            stats["budget_bytes"],
+        )
+        yield CounterMetricFamily(
+            "hopscope_tracestore_evicted_traces",
+            "Traces evicted to stay within the budget",
+            stats["evicted_traces"],
+        )
+        yield CounterMetricFamily(
+            "hopscope_tracestore_spans_received",
+            "Spans received by the trace store",
+            s.spans_received,
+        )
+        rejected = CounterMetricFamily(
+            "hopscope_tracestore_spans_rejected",
+            "Spans not stored: invalid_id (trace or span id of the wrong length or zero), "
+            "trace_span_limit (the trace already holds the most spans one may hold)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.spans_rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
