@@ -57,7 +57,15 @@ def _validate(paths: list[Path]) -> None:
     show_default=True,
     help="Seconds to wait for the cluster to be ready.",
 )
-def up(paths: tuple[Path, ...], detach: bool, timeout: float) -> None:
+@click.option(
+    "--trace-store-budget",
+    "budget",
+    metavar="SIZE",
+    callback=lambda _ctx, _param, value: _budget(value),
+    help="Memory the embedded trace store may use, e.g. 256MiB or 64MB; the oldest traces "
+    "are evicted beyond it. Default: $HOPSCOPE_TRACE_STORE_BUDGET, else 256MiB.",
+)
+def up(paths: tuple[Path, ...], detach: bool, timeout: float, budget: int | None) -> None:
     """Start the local cluster: pods with Envoy sidecars, ingress, kube-proxy, DNS, trace store."""
     manifests = [p.resolve() for p in paths] or [DEFAULT_MANIFESTS]
     _validate(manifests)
@@ -69,14 +77,28 @@ def up(paths: tuple[Path, ...], detach: bool, timeout: float) -> None:
         )
     home = state_dir()
     if detach:
-        _up_detached(manifests, home, timeout, client)
+        _up_detached(manifests, home, timeout, client, budget)
     else:
-        _up_foreground(manifests, home, timeout)
+        _up_foreground(manifests, home, timeout, budget)
 
 
-def _up_detached(manifests: list[Path], home: Path, timeout: float, client: APIClient) -> None:
+def _budget(value: str | None) -> int | None:
+    """The ``--trace-store-budget`` in bytes (None: the control plane's env or default)."""
+    from mesh.tracestore.store import budget_from_env, parse_size
+
+    try:
+        return parse_size(value) if value else budget_from_env()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _up_detached(
+    manifests: list[Path], home: Path, timeout: float, client: APIClient, budget: int | None
+) -> None:
     log_path = home / "controlplane.log"
     argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home), "--schema-checked"]
+    if budget:
+        argv += ["--trace-store-budget", str(budget)]
     for path in manifests:
         argv += ["-f", str(path)]
     with open(log_path, "ab") as log_file:
@@ -98,7 +120,7 @@ def _up_detached(manifests: list[Path], home: Path, timeout: float, client: APIC
             if status is not None:
                 spinner.update(f"starting the cluster… {status['summary']}")
                 if status["ready"]:
-                    _print_ready(status)
+                    _print_ready(status, home)
                     return
             time.sleep(0.2)
     proc.terminate()
@@ -116,7 +138,7 @@ def _status_or_none(client: APIClient) -> dict[str, Any] | None:
         return None
 
 
-def _up_foreground(manifests: list[Path], home: Path, timeout: float) -> None:
+def _up_foreground(manifests: list[Path], home: Path, timeout: float, budget: int | None) -> None:
     from mesh.controlplane.server import ControlPlane, StartupError
     from telemetry.logs import setup_json_logging
 
@@ -125,7 +147,7 @@ def _up_foreground(manifests: list[Path], home: Path, timeout: float) -> None:
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.getLogger().handlers[0].formatter)
     logging.getLogger().handlers[:] = [handler]
-    plane = ControlPlane(manifests, home, schema_checked=True)
+    plane = ControlPlane(manifests, home, schema_checked=True, trace_store_budget=budget)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -136,7 +158,7 @@ def _up_foreground(manifests: list[Path], home: Path, timeout: float) -> None:
             plane.wait_ready(
                 timeout, progress=lambda m: spinner.update(f"starting the cluster… {m}")
             )
-        _print_ready(plane.status())
+        _print_ready(plane.status(), home)
         console.print("[dim]Ctrl-C stops the cluster.[/]")
         stop.wait()
     except StartupError as exc:
@@ -148,11 +170,16 @@ def _up_foreground(manifests: list[Path], home: Path, timeout: float) -> None:
         console.print("stopped.")
 
 
-def _print_ready(status: dict[str, Any]) -> None:
+def _print_ready(status: dict[str, Any], home: Path) -> None:
+    from mesh.apiclient import read_token
+
     took = (status["ready_at"] or time.time()) - status["started_at"]
     console.print(f"[green]cluster ready[/] in {took:.1f}s: {status['summary']}")
     console.print(f"  ingress     {status['ingress']}  (Host: shop.local)")
-    console.print(f"  explorer    {status['api']}/")
+    token = read_token(home)
+    # like Jupyter: the URL with the token signs the browser in (a same-site session cookie)
+    login = f"login?token={token}" if token else ""
+    console.print(f"  explorer    {status['api']}/{login}", soft_wrap=True)
     console.print("  try         hopscope curl http://shop.local/   then   hopscope trace --last")
 
 
@@ -216,6 +243,24 @@ def status(output: str, as_json: bool) -> None:
         f"cluster: {'[green]ready[/]' if st['ready'] else '[yellow]starting[/]'} — {st['summary']}"
     )
     out.print(table)
-    out.print(f"api {st['api']} · ingress {st['ingress']} · {st['traces']} traces stored")
+    out.print(f"api {st['api']} · ingress {st['ingress']}")
+    if st.get("trace_store"):
+        out.print(_store_line(st["trace_store"]))
     for pod, err in st["pod_errors"].items():
         out.print(f"[red]pod {pod} failed to start:[/] {err}")
+
+
+def _store_line(store: dict[str, Any]) -> str:
+    """``trace store: 1,234 traces (40,120 spans), 31.2 MiB of 256 MiB; back to 14:02:11``."""
+    from mesh.tracestore.store import format_size
+
+    line = (
+        f"trace store: {store['traces']:,} traces ({store['spans']:,} spans), "
+        f"{format_size(store['bytes'])} of {format_size(store['budget_bytes'])}"
+    )
+    if store["oldest_start_ns"]:
+        oldest = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store["oldest_start_ns"] / 1e9))
+        line += f"; reaches back to {oldest}"
+    if store["evicted_traces"]:
+        line += f" ({store['evicted_traces']:,} older traces evicted)"
+    return line

@@ -69,6 +69,12 @@ def apply(paths: tuple[Path, ...]) -> None:
     Services, Deployments/StatefulSets, NetworkPolicies, ConfigMaps hopscope reads
     (kube-system/hopscope-cni, kube-system/coredns) and a KubeProxyConfiguration (e.g.
     `mode: ipvs`) take effect at once. Ingress changes need a restart of the cluster.
+
+    \b
+    Mind what a manifest can do: in local mode every container of a Pod template runs
+    as a process of YOUR user, with the manifest's command and args -- like `docker run`.
+    Apply only manifests you would run yourself. The API takes this request only with the
+    cluster's token (HOPSCOPE_HOME/api-token, readable by the user who ran `hopscope up`).
     """
     _send_manifests(paths, "/api/v1/apply", "applied")
 

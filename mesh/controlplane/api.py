@@ -4,7 +4,8 @@ One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
 
 * ``GET  /api/v1/state[?after=N&timeout=S]`` — the ClusterState; long-polls with ``after``.
 * ``GET  /api/v1/status`` — component and pod readiness (``hopscope status``).
-* ``POST /v1/traces`` — OTLP/HTTP trace export (protobuf or JSON), into the trace store.
+* ``POST /v1/traces`` — OTLP/HTTP trace export (protobuf or JSON, gzip or not), into the
+  trace store.
 * ``GET  /api/v1/traces`` and ``/api/v1/traces/<id>`` — recent traces, one trace's hops.
 * ``GET  /metrics`` — the control plane's own Prometheus metrics.
 """
@@ -17,8 +18,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from mesh.controlplane.guard import Guard
 from mesh.tracestore.hops import build_hops, trace_view, verdict
-from mesh.tracestore.otlp import OTLPDecodeError, decode_export
+from mesh.tracestore.receiver import MAX_BODY_BYTES, PROTOBUF, error_answer, receive
 from mesh.tracestore.store import TraceStore
 
 bp = Blueprint("api", __name__)
@@ -40,9 +42,16 @@ def create_app(
     status: Callable[[], dict[str, Any]],
     actions: Any = None,
     registry: CollectorRegistry | None = None,
+    guard: Guard | None = None,
 ) -> Flask:
-    """Build the API app around a ``Cluster``, a ``TraceStore`` and a status callback."""
+    """Build the API app around a ``Cluster``, a ``TraceStore`` and a status callback.
+
+    ``guard`` decides who may change state (token, Host and Origin checks); the control
+    plane always passes one, tests of the read side may leave it out.
+    """
     app = Flask(__name__)
+    if guard is not None:
+        guard.install(app)
     app.config.update(CLUSTER=cluster, STORE=store, STATUS=status, ACTIONS=actions)
     registry = registry or CollectorRegistry()
     app.config["REGISTRY"] = registry
@@ -122,17 +131,20 @@ def status() -> Response:
 
 @bp.post("/v1/traces")
 def otlp_traces() -> Response:
-    body = request.get_data(cache=False)
-    try:
-        spans = decode_export(body, request.content_type or "application/x-protobuf")
-    except OTLPDecodeError as exc:
-        raise APIError(400, str(exc)) from None
-    current_app.config["STORE"].add(spans)
-    current_app.config["SPANS"].inc(len(spans))
-    if "json" in (request.content_type or ""):
-        return jsonify({})
-    # An empty ExportTraceServiceResponse serializes to zero bytes.
-    return Response(b"", status=200, content_type="application/x-protobuf")
+    """OTLP/HTTP trace export: protobuf or JSON, gzip-compressed or not (see ``receiver``)."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        answer = error_answer(413, "export too large", PROTOBUF)
+    else:
+        body = request.stream.read(MAX_BODY_BYTES + 1)
+        answer = receive(
+            current_app.config["STORE"],
+            body,
+            request.headers.get("Content-Type"),
+            request.headers.get("Content-Encoding"),
+        )
+    if answer.spans:
+        current_app.config["SPANS"].inc(answer.spans)
+    return Response(answer.body, status=answer.status, content_type=answer.content_type)
 
 
 @bp.get("/api/v1/traces")
@@ -164,7 +176,7 @@ def one_trace(trace_id: str) -> Response:
         raise APIError(409, f"trace id prefix {trace_id!r} is ambiguous ({len(matches)} traces)")
     spans = store.get(matches[0]) if matches else []
     if not spans:
-        raise APIError(404, f"trace {trace_id} not found (it may not have arrived yet)")
+        raise APIError(404, store.missing_message(trace_id))
     view = trace_view(matches[0], spans)
     view["spans"] = [s.to_dict() for s in spans]
     return jsonify(view)
@@ -280,6 +292,10 @@ def prometheus_targets() -> Response:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    return Response(
-        generate_latest(current_app.config["REGISTRY"]), content_type=CONTENT_TYPE_LATEST
-    )
+    """The control plane's metrics, then the trace store's (``hopscope_tracestore_*``)."""
+    registry = current_app.config["REGISTRY"]
+    store_registry = current_app.config["STORE"].registry
+    body = generate_latest(registry)
+    if store_registry is not registry:
+        body += generate_latest(store_registry)
+    return Response(body, content_type=CONTENT_TYPE_LATEST)

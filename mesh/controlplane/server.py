@@ -22,11 +22,12 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from mesh import addresses
 from mesh.controlplane.api import create_app
+from mesh.controlplane.guard import Guard, create_tokens
 from mesh.controlplane.kubelet import Kubelet
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
 from mesh.runtime.local import LocalRuntime, SystemComponent
-from mesh.tracestore.store import TraceStore
+from mesh.tracestore.store import TraceStore, budget_from_env
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,13 @@ class ControlPlane:
         state_dir: Path,
         schema_checked: bool = False,
         runtime: LocalRuntime | None = None,
+        trace_store_budget: int | None = None,
     ) -> None:
         self.manifest_paths = manifest_paths
         self.schema_checked = schema_checked
         self.state_dir = state_dir
         self.cluster = Cluster()
-        self.store = TraceStore()
+        self.store = TraceStore(trace_store_budget or budget_from_env())
         self.runtime = runtime or LocalRuntime(state_dir, API_URL, API_URL)
         self.kubelet = Kubelet(self.cluster, self.runtime)
         self.components: list[SystemComponent] = []
@@ -85,7 +87,15 @@ class ControlPlane:
         self.kubelet.start()
 
     def _start_api(self) -> None:
-        app = create_app(self.cluster, self.store, self.status, actions=self)
+        token, otlp_token = create_tokens(self.state_dir)
+        guard = Guard(
+            token,
+            otlp_token,
+            addresses.CONTROL_PLANE_IP,
+            addresses.CONTROL_PLANE_PORT,
+            is_pod_ip=self._is_pod_ip,
+        )
+        app = create_app(self.cluster, self.store, self.status, actions=self, guard=guard)
         try:
             self._server = make_server(
                 addresses.CONTROL_PLANE_IP, addresses.CONTROL_PLANE_PORT, app, threaded=True
@@ -97,6 +107,13 @@ class ControlPlane:
             ) from None
         thread = threading.Thread(target=self._server.serve_forever, name="api", daemon=True)
         thread.start()
+
+    def _is_pod_ip(self, ip: str) -> bool:
+        """A pod's address, or one of the system pods' (the ingress, the playground internet)."""
+        if ip == addresses.INGRESS_IP or ip in addresses.EXTERNAL_HOSTS.values():
+            return True
+        with self.cluster.lock:
+            return self.cluster.state.pod_by_ip(ip) is not None
 
     def wait_ready(self, timeout: float, progress: Callable[[str], None] = lambda _m: None) -> None:
         """Block until every component and pod is ready, or raise StartupError."""
@@ -175,6 +192,7 @@ class ControlPlane:
             "pods": pods,
             "pod_errors": errors,
             "traces": len(self.store),
+            "trace_store": self.store.stats(),
             "state_dir": str(self.state_dir),
         }
 

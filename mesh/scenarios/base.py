@@ -20,7 +20,7 @@ import uvloop
 import yaml
 
 from mesh import addresses
-from mesh.cli._client import API_URL, APIClient
+from mesh.apiclient import API_URL, APIClient, APIClientError
 from mesh.model.types import ClusterState
 from mesh.traffic.engine import Generator, Outcome, Route, Target
 
@@ -57,11 +57,21 @@ def lab_docs(file: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((LAB / file).read_text()) if d]
 
 
+class _ScenarioAPI(APIClient):
+    """The API client whose failures are :class:`ScenarioError` (the run cannot go on)."""
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            return super()._request(method, path, **kwargs)
+        except APIClientError as exc:
+            raise ScenarioError(str(exc)) from exc
+
+
 class Context:
     """The operations a scenario uses: objects, pods, kube-proxy, traffic, traces."""
 
     def __init__(self, progress: Callable[[str], None] = lambda _m: None) -> None:
-        self.api = APIClient(timeout=15)
+        self.api = _ScenarioAPI(timeout=15)
         self.say = progress
         self._tracer: Any = None
 
@@ -179,7 +189,7 @@ class Context:
         while time.monotonic() < deadline:
             try:
                 view = self.api.get(f"/api/v1/traces/{trace_id}")
-            except Exception:
+            except ScenarioError:
                 view = None
             if view is not None and (ready is None or ready(view)):
                 return view
