@@ -1,4 +1,9 @@
-"""``hopscope get``: kubectl-style listings of the cluster model."""
+"""``hopscope get``: kubectl-style listings of the cluster model.
+
+Tables (``-o wide`` adds columns) for people; ``-o json`` and ``-o yaml`` print the objects
+as the API server would return them (:mod:`mesh.model.k8s_objects`): one object when a
+name is given, else a ``kind: List`` like kubectl's.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from mesh.cli._client import APIClient
+from mesh.model.k8s_objects import list_object, ready_containers, to_object
 from mesh.model.types import (
     ClusterState,
     EndpointSlice,
@@ -69,12 +76,8 @@ def _pod_rows(pods: list[Pod], wide: bool) -> tuple[list[str], list[list[str]]]:
         head += ["IP", "NODE"]
     rows = []
     for p in pods:
-        total = len(p.containers) + 1  # + the Envoy sidecar
-        ready = (
-            total
-            if p.ready and p.phase == "Running"
-            else (total - 1 if p.phase == "Running" else 0)
-        )
+        total = len(p.containers) + (1 if p.has_sidecar else 0)
+        ready = ready_containers(p)
         row = [p.namespace, p.name, f"{ready}/{total}", p.phase, str(p.restarts), _age(p.created)]
         if wide:
             row += [p.ip or "<none>", p.node or "<none>"]
@@ -98,7 +101,7 @@ def _svc_rows(
         row = [s.namespace, s.name, s.type, cluster_ip, external, _ports(s)]
         if wide:
             proxied = s.cluster_ip not in (None, "None") and s.type != "ExternalName"
-            affinity = s.session_affinity
+            affinity = str(s.session_affinity)
             if affinity == "ClientIP":
                 affinity += f" {s.affinity_timeout_seconds}s"
             policy = s.external_traffic_policy if s.type in ("NodePort", "LoadBalancer") else "-"
@@ -186,7 +189,13 @@ _LISTERS: dict[str, tuple[str, Lister]] = {
 @click.argument("resource")
 @click.argument("name", required=False)
 @click.option("-n", "--namespace", help="Only this namespace (default: all namespaces).")
-@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "wide", "json", "yaml"]),
+    default="table",
+    help="json/yaml: the objects as the API server returns them (one, or a List).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
 def get(resource: str, name: str | None, namespace: str | None, output: str, as_json: bool) -> None:
     """List pods, svc, endpointslices, ingress or netpol (kubectl-style)."""
@@ -203,9 +212,14 @@ def get(resource: str, name: str | None, namespace: str | None, output: str, as_
         items = [i for i in items if i.name == name]
         if not items:
             raise click.ClickException(f"{kind} {name!r} not found")
-    if as_json or output == "json":
-        data = json.loads(json.dumps({"kind": "List", "items": [_as_dict(i) for i in items]}))
-        out.print_json(json.dumps(data))
+    if as_json or output in ("json", "yaml"):
+        objects = [to_object(i, state) for i in items]
+        doc = objects[0] if name else list_object(objects)
+        doc = json.loads(json.dumps(doc))  # plain types (enum members become strings)
+        if output == "yaml" and not as_json:
+            click.echo(yaml.safe_dump(doc, sort_keys=True, default_flow_style=False), nl=False)
+        else:
+            click.echo(json.dumps(doc, indent=4, sort_keys=True))
         return
     if kind == "services":
         head, rows = _svc_rows(items, output == "wide", state.proxy)
@@ -218,9 +232,3 @@ def get(resource: str, name: str | None, namespace: str | None, output: str, as_
     for row in rows:
         table.add_row(*row)
     out.print(table)
-
-
-def _as_dict(item: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(item)

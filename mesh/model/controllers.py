@@ -33,6 +33,7 @@ from mesh.model.types import (
     NetworkPolicy,
     Node,
     Pod,
+    Protocol,
     ProxyConfig,
     Service,
     ServicePort,
@@ -243,6 +244,8 @@ class Cluster:
     def _replace(self, items: list[Any], obj: Any, kind: str) -> str:
         for i, old in enumerate(items):
             if old.namespace == obj.namespace and old.name == obj.name:
+                if getattr(old, "created", 0):
+                    obj.created = old.created  # an update keeps metadata.creationTimestamp
                 items[i] = obj
                 return f"{kind}/{obj.namespace}/{obj.name} configured"
         items.append(obj)
@@ -616,8 +619,8 @@ def _kube_dns_service() -> Service:
         namespace="kube-system",
         cluster_ip=addresses.DNS_SERVICE_IP,
         ports=[
-            ServicePort(addresses.DNS_PORT, addresses.DNS_PORT, "dns", "UDP"),
-            ServicePort(addresses.DNS_PORT, addresses.DNS_PORT, "dns-tcp", "TCP"),
+            ServicePort(addresses.DNS_PORT, addresses.DNS_PORT, "dns", Protocol.UDP),
+            ServicePort(addresses.DNS_PORT, addresses.DNS_PORT, "dns-tcp", Protocol.TCP),
             ServicePort(addresses.DNS_METRICS_PORT, addresses.DNS_METRICS_PORT, "metrics"),
         ],
         labels={"k8s-app": "kube-dns"},

@@ -1,20 +1,25 @@
 """Load Kubernetes YAML into the cluster model, validating against the official schemas.
 
 Every document is checked with ``kubernetes-validate`` (offline OpenAPI schemas, strict:
-unknown fields are errors) before anything is converted, so ``hopscope up`` refuses a bad
-manifest up front. Errors name the file, the object and the field, for example::
+unknown fields are errors), then its enumerated fields against the values the API accepts
+(:mod:`mesh.model.enum_fields`; the schemas leave enums to prose), before anything is
+converted, so ``hopscope up`` and ``hopscope apply`` refuse a bad manifest up front. Errors
+name the file, the object and the field, for example::
 
     shop.yaml: Service shop/catalog: spec.ports[0].port: 'eighty' is not of type 'integer'
+    shop.yaml: Service shop/x: spec.type: 'NodePortz' is not one of ClusterIP, NodePort, ...
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mesh.model.enum_fields import EnumFieldError, check_enum_fields
 from mesh.model.types import (
     SIDECAR_TIMEOUT_ANNOTATION,
     Container,
@@ -26,11 +31,16 @@ from mesh.model.types import (
     Namespace,
     NetworkConfig,
     NetworkPolicy,
+    PathType,
     PodTemplate,
     Probe,
+    Protocol,
     ProxyConfig,
     Service,
     ServicePort,
+    ServiceType,
+    SessionAffinity,
+    TrafficPolicy,
     Workload,
 )
 
@@ -137,6 +147,10 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
         raise ManifestError(f"{source}: {what}: unsupported apiVersion/kind {key} (known: {known})")
     if schema:
         _validate(doc, f"{source}: {what}")
+    try:
+        check_enum_fields(doc)
+    except EnumFieldError as exc:
+        raise ManifestError(f"{source}: {what}: {exc}") from None
     kind = doc["kind"]
     meta = doc["metadata"]
     if not meta.get("name"):
@@ -164,6 +178,7 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
             namespace=meta.get("namespace", "default"),
             spec=doc.get("spec", {}),
             source=origin,
+            created=time.time(),
         )
     except _FieldError as exc:
         raise ManifestError(f"{origin}: {exc.field}: {exc.message}") from None
@@ -310,7 +325,7 @@ def _service(doc: dict[str, Any], origin: str) -> Service:
                 port=p["port"],
                 target_port=p.get("targetPort", p["port"]),
                 name=p.get("name"),
-                protocol=p.get("protocol", "TCP"),
+                protocol=Protocol(p.get("protocol") or "TCP"),
                 app_protocol=p.get("appProtocol"),
                 node_port=p.get("nodePort"),
             )
@@ -324,19 +339,20 @@ def _service(doc: dict[str, Any], origin: str) -> Service:
     return Service(
         name=meta["name"],
         namespace=meta.get("namespace", "default"),
-        type=spec.get("type", "ClusterIP"),
+        type=ServiceType(spec.get("type") or "ClusterIP"),
         selector=dict(spec.get("selector") or {}),
         ports=ports,
         cluster_ip=spec.get("clusterIP"),
-        session_affinity=spec.get("sessionAffinity", "None"),
+        session_affinity=SessionAffinity(spec.get("sessionAffinity") or "None"),
         affinity_timeout_seconds=timeout,
-        external_traffic_policy=spec.get("externalTrafficPolicy", "Cluster"),
+        external_traffic_policy=TrafficPolicy(spec.get("externalTrafficPolicy") or "Cluster"),
         external_name=spec.get("externalName"),
         load_balancer_ip=spec.get("loadBalancerIP"),
         health_check_node_port=spec.get("healthCheckNodePort"),
         labels=dict(meta.get("labels") or {}),
         annotations=dict(meta.get("annotations") or {}),
         source=origin,
+        created=time.time(),
     )
 
 
@@ -375,7 +391,7 @@ def _container(raw: dict[str, Any], field: str) -> Container:
         args=list(raw.get("args", [])),
         env=env,
         ports=[
-            ContainerPort(p["containerPort"], p.get("name"), p.get("protocol", "TCP"))
+            ContainerPort(p["containerPort"], p.get("name"), Protocol(p.get("protocol") or "TCP"))
             for p in raw.get("ports", [])
         ],
         readiness_probe=_probe(raw.get("readinessProbe"), f"{field}.readinessProbe"),
@@ -428,7 +444,7 @@ def _workload(doc: dict[str, Any], origin: str) -> Workload:
     )
 
 
-def _backend(raw: dict[str, Any], path: str, path_type: str, field: str) -> IngressPath:
+def _backend(raw: dict[str, Any], path: str, path_type: PathType, field: str) -> IngressPath:
     service = raw.get("service")
     if not service:
         raise _FieldError(field, "only service backends are supported")
@@ -447,7 +463,7 @@ def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
             _backend(
                 p["backend"],
                 p.get("path", "/"),
-                p["pathType"],
+                PathType(p["pathType"]),
                 f"spec.rules[{i}].http.paths[{j}].backend",
             )
             for j, p in enumerate(rule.get("http", {}).get("paths", []))
@@ -460,7 +476,8 @@ def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
         rules=rules,
         ingress_class=spec.get("ingressClassName"),
         default_backend=(
-            _backend(default, "/", "Prefix", "spec.defaultBackend") if default else None
+            _backend(default, "/", PathType.PREFIX, "spec.defaultBackend") if default else None
         ),
         source=origin,
+        created=time.time(),
     )

@@ -8,6 +8,7 @@ watch the API server. Field names follow the Kubernetes API in snake_case.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,11 +27,177 @@ APP_PORT_OFFSET = 10000
 """Mirrors ``mesh.addresses.APP_PORT_OFFSET`` (kept here so the model has no imports)."""
 
 
+# -- enumerations ---------------------------------------------------------------------------
+# The values the API server accepts for the fields the model reads. StrEnum members are
+# strings, so comparisons with literals and the JSON form of the state are unchanged.
+
+
+class ServiceType(enum.StrEnum):
+    """``Service.spec.type``."""
+
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_NAME = "ExternalName"
+
+
+class SessionAffinity(enum.StrEnum):
+    """``Service.spec.sessionAffinity``."""
+
+    CLIENT_IP = "ClientIP"
+    NONE = "None"
+
+
+class TrafficPolicy(enum.StrEnum):
+    """``Service.spec.externalTrafficPolicy`` and ``internalTrafficPolicy``."""
+
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+class IPFamilyPolicy(enum.StrEnum):
+    """``Service.spec.ipFamilyPolicy``."""
+
+    SINGLE_STACK = "SingleStack"
+    PREFER_DUAL_STACK = "PreferDualStack"
+    REQUIRE_DUAL_STACK = "RequireDualStack"
+
+
+class IPFamily(enum.StrEnum):
+    """``Service.spec.ipFamilies[]``."""
+
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+
+class Protocol(enum.StrEnum):
+    """Port ``protocol`` of Services, containers, EndpointSlices and NetworkPolicies."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class AddressType(enum.StrEnum):
+    """``EndpointSlice.addressType``."""
+
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+    FQDN = "FQDN"
+
+
+class PathType(enum.StrEnum):
+    """``Ingress.spec.rules[].http.paths[].pathType``."""
+
+    EXACT = "Exact"
+    PREFIX = "Prefix"
+    IMPLEMENTATION_SPECIFIC = "ImplementationSpecific"
+
+
+class PolicyType(enum.StrEnum):
+    """``NetworkPolicy.spec.policyTypes[]``."""
+
+    INGRESS = "Ingress"
+    EGRESS = "Egress"
+
+
+class SelectorOperator(enum.StrEnum):
+    """``matchExpressions[].operator`` of a label selector."""
+
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+class URIScheme(enum.StrEnum):
+    """``httpGet.scheme`` of a probe or lifecycle hook."""
+
+    HTTP = "HTTP"
+    HTTPS = "HTTPS"
+
+
+class PullPolicy(enum.StrEnum):
+    """``containers[].imagePullPolicy``."""
+
+    ALWAYS = "Always"
+    NEVER = "Never"
+    IF_NOT_PRESENT = "IfNotPresent"
+
+
+class RestartPolicy(enum.StrEnum):
+    """``spec.template.spec.restartPolicy`` (a Deployment or StatefulSet allows ``Always``)."""
+
+    ALWAYS = "Always"
+    ON_FAILURE = "OnFailure"
+    NEVER = "Never"
+
+
+class DNSPolicy(enum.StrEnum):
+    """``spec.template.spec.dnsPolicy``."""
+
+    CLUSTER_FIRST_WITH_HOST_NET = "ClusterFirstWithHostNet"
+    CLUSTER_FIRST = "ClusterFirst"
+    DEFAULT = "Default"
+    NONE = "None"
+
+
+class TerminationMessagePolicy(enum.StrEnum):
+    """``containers[].terminationMessagePolicy``."""
+
+    FILE = "File"
+    FALLBACK_TO_LOGS_ON_ERROR = "FallbackToLogsOnError"
+
+
+class DeploymentStrategyType(enum.StrEnum):
+    """``Deployment.spec.strategy.type``."""
+
+    RECREATE = "Recreate"
+    ROLLING_UPDATE = "RollingUpdate"
+
+
+class StatefulSetUpdateStrategyType(enum.StrEnum):
+    """``StatefulSet.spec.updateStrategy.type``."""
+
+    ROLLING_UPDATE = "RollingUpdate"
+    ON_DELETE = "OnDelete"
+
+
+class PodManagementPolicy(enum.StrEnum):
+    """``StatefulSet.spec.podManagementPolicy``."""
+
+    ORDERED_READY = "OrderedReady"
+    PARALLEL = "Parallel"
+
+
+class PVCRetentionPolicy(enum.StrEnum):
+    """``StatefulSet.spec.persistentVolumeClaimRetentionPolicy.whenDeleted|whenScaled``."""
+
+    RETAIN = "Retain"
+    DELETE = "Delete"
+
+
+class TolerationOperator(enum.StrEnum):
+    """``tolerations[].operator``."""
+
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(enum.StrEnum):
+    """``tolerations[].effect``."""
+
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
 @dataclass
 class ContainerPort:
     container_port: int
     name: str | None = None
-    protocol: str = "TCP"
+    protocol: str = Protocol.TCP
+    """A :class:`Protocol` value (a plain ``str`` field: callers pass literals)."""
 
 
 @dataclass
@@ -135,7 +302,7 @@ class ServicePort:
     port: int
     target_port: int | str
     name: str | None = None
-    protocol: str = "TCP"
+    protocol: Protocol = Protocol.TCP
     app_protocol: str | None = None
     node_port: int | None = None
 
@@ -144,14 +311,14 @@ class ServicePort:
 class Service:
     name: str
     namespace: str
-    type: str = "ClusterIP"
+    type: ServiceType = ServiceType.CLUSTER_IP
     selector: dict[str, str] = field(default_factory=dict)
     ports: list[ServicePort] = field(default_factory=list)
     cluster_ip: str | None = None
     """Allocated VIP; ``"None"`` for headless Services, ``None`` before allocation."""
-    session_affinity: str = "None"
+    session_affinity: SessionAffinity = SessionAffinity.NONE
     affinity_timeout_seconds: int = 10800
-    external_traffic_policy: str = "Cluster"
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
     external_name: str | None = None
     load_balancer_ip: str | None = None
     health_check_node_port: int | None = None
@@ -161,6 +328,8 @@ class Service:
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    created: float = 0.0
+    """When the object was first applied (``metadata.creationTimestamp``), 0 if unknown."""
 
     @property
     def headless(self) -> bool:
@@ -186,7 +355,7 @@ class Endpoint:
 class EndpointPort:
     port: int
     name: str | None = None
-    protocol: str = "TCP"
+    protocol: Protocol = Protocol.TCP
     app_protocol: str | None = None
 
 
@@ -197,13 +366,13 @@ class EndpointSlice:
     service: str
     endpoints: list[Endpoint] = field(default_factory=list)
     ports: list[EndpointPort] = field(default_factory=list)
-    address_type: str = "IPv4"
+    address_type: AddressType = AddressType.IPV4
 
 
 @dataclass
 class IngressPath:
     path: str
-    path_type: str
+    path_type: PathType
     service: str
     port: int | str
 
@@ -222,6 +391,8 @@ class Ingress:
     ingress_class: str | None = None
     default_backend: IngressPath | None = None
     source: str = ""
+    created: float = 0.0
+    """When the object was first applied (``metadata.creationTimestamp``), 0 if unknown."""
 
 
 @dataclass
@@ -230,6 +401,8 @@ class NetworkPolicy:
     namespace: str
     spec: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    created: float = 0.0
+    """When the object was first applied (``metadata.creationTimestamp``), 0 if unknown."""
 
 
 @dataclass
@@ -356,6 +529,8 @@ def _convert(tp: Any, value: Any) -> Any:
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return _convert(arg, value)
         return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         return [_convert(item, v) for v in value]
