@@ -1,12 +1,16 @@
 """The compose stack for real, on a Docker-compatible engine (Podman here, Docker on GitHub).
 
-Images cannot be pulled here, so the test builds them: a Debian base by debootstrap, the
-hopscope image from wheels built on the host, Prometheus from Debian's package, and runs
-`docker compose up` with the test override (the Collector, Tempo, Loki and Grafana, which
-have no local build, are left out; the control plane's OTLP receiver stands in for the
-Collector). It sends traffic through the ingress, checks a trace with every hop kind from
-pods that are containers, that Prometheus scraped apps and Envoys, scaling, a crashed
-control plane's leftovers, and that `down` leaves nothing behind.
+Images cannot be pulled here, so the test builds them: a base by debootstrap that mirrors
+python:3.11-slim-bookworm (Debian's minimal base with Python, nothing else — no `ip`, no
+`curl`), the hopscope image from compose/Dockerfile with wheels built on the host,
+Prometheus from Debian's package, and runs `docker compose up --wait` with the test override
+(the Collector, Tempo, Loki and Grafana, which have no local build, are left out; the
+control plane's OTLP receiver stands in for the Collector). It checks that `up --wait`
+returns only when the ingress serves, that the image carries every program hopscope runs,
+a trace with every hop kind from pods that are containers, that Prometheus scraped apps and
+Envoys, that steady traffic fills the trace store while the control plane stays well inside
+its memory limit, scaling, a crashed control plane's leftovers, and that `down` leaves
+nothing behind.
 
 The compose configuration itself (the real file) is validated in tests/test_compose_config.py.
 """
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,8 +91,7 @@ class Stack:
             **os.environ,
             "DOCKER_HOST": f"unix://{socket}",
             "DOCKER_SOCKET": socket,
-            "DOCKER_BUILDKIT": "0",
-            "COMPOSE_BAKE": "false",
+            "DOCKER_BUILDKIT": "0",  # what the README tells Podman users to set
         }
         self.podman = socket == PODMAN_SOCKET
 
@@ -119,6 +124,12 @@ class Stack:
     def networks(self) -> list[str]:
         out = self.engine("network", "ls", "--format", "{{.Name}}")
         return [n for n in out.splitlines() if n.startswith("hopscope-")]
+
+
+def _dotenv() -> dict[str, str]:
+    lines = (COMPOSE_DIR / ".env").read_text().splitlines()
+    pairs = [line.split("=", 1) for line in lines if "=" in line and not line.startswith("#")]
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def _prepare_images(stack: Stack) -> None:
@@ -154,20 +165,23 @@ def stack() -> Iterator[Stack]:
         )
     s = Stack(socket)
     _prepare_images(s)
-    s.compose("down", "--remove-orphans", timeout=180)
-    started = time.monotonic()
-    s.compose("up", "-d", "--build", timeout=1200)
-    status = _wait_ready()
-    s.ready_seconds = time.monotonic() - started  # type: ignore[attr-defined]
-    assert status["ready"]
+    s.compose("down", "--remove-orphans", "--volumes", timeout=180)
+    s.compose("build", timeout=1200)
     try:
+        started = time.monotonic()
+        s.compose("up", "--wait", "--wait-timeout", "600", timeout=900)
+        # ready means serving: the very first request after `up --wait` gets through
+        s.first_request_after_up = _traced_get(s, "/")[0]  # type: ignore[attr-defined]
+        s.ready_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+        assert _wait_ready(10)["ready"]
         yield s
     finally:
-        s.compose("down", "--remove-orphans", timeout=300)
+        s.compose("down", "--remove-orphans", "--volumes", timeout=300)
 
 
-def _traced_get(path: str) -> tuple[int, str]:
-    """A request through the published ingress port with a client span sent over OTLP."""
+def _traced_get(stack: Stack, path: str) -> tuple[int, str]:
+    """A request through the published ingress port with a client span sent over OTLP (from
+    outside the container, so with the OTLP token the control plane keeps in its state)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -176,7 +190,11 @@ def _traced_get(path: str) -> tuple[int, str]:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     provider = TracerProvider(resource=Resource.create({"service.name": "compose-test"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{API}/v1/traces")))
+    token = stack.engine("exec", "hopscope-controlplane-1", "cat", "/var/lib/hopscope/otlp-token")
+    exporter = OTLPSpanExporter(
+        endpoint=f"{API}/v1/traces", headers={"Authorization": f"Bearer {token.strip()}"}
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     span = provider.get_tracer("test").start_span(f"client GET {path}", kind=SpanKind.CLIENT)
     span.set_attributes(
         {"hopscope.hop": "client", "server.address": "127.0.0.1", "server.port": 8080}
@@ -203,18 +221,83 @@ def _hops(trace_id: str, wanted: set[str], timeout: float = 20) -> set[str]:
     return kinds
 
 
+def test_up_wait_returns_when_the_ingress_serves(stack: Stack) -> None:
+    assert stack.first_request_after_up == 200  # type: ignore[attr-defined]
+    health = json.loads(stack.engine("inspect", "hopscope-controlplane-1"))[0]["State"]
+    assert (health.get("Health") or health.get("Healthcheck"))["Status"] == "healthy"
+
+
+# Every program the code and the compose file run inside the image, besides Python itself:
+# `ip` (the control plane's routes, every pause container), `sh` and `sleep` (the pause
+# container), `setpriv` (the process supervisor), `envoy` (sidecars), `hopscope` (exec).
+IMAGE_PROGRAMS = ["python", "ip", "sh", "sleep", "setpriv", "envoy", "hopscope"]
+
+
+def test_the_image_carries_what_it_runs_and_the_base_does_not(stack: Stack) -> None:
+    if not stack.podman:
+        pytest.skip("the debootstrap base is built for Podman only")
+    tool = "podman"
+    check = "; ".join(f"command -v {p} >/dev/null || echo missing {p}" for p in IMAGE_PROGRAMS)
+    image = _dotenv()["HOPSCOPE_IMAGE"]
+    out = subprocess.run(
+        [tool, "run", "--rm", "--network", "none", image, "sh", "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+    # the base mirrors python:3.11-slim-bookworm: had it `ip` or `curl`, a Dockerfile that
+    # forgot them would pass here and fail for users
+    base = "localhost/hopscope/debian-base:bookworm"
+    probe = "for p in ip curl python3; do command -v $p >/dev/null && echo $p; done; true"
+    out = subprocess.run(
+        [tool, "run", "--rm", "--network", "none", base, "sh", "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.split() == ["python3"], out.stdout + out.stderr
+
+
+def _size(files: Iterator[str] | list[str]) -> int:
+    return sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file())
+
+
+def test_the_build_context_holds_only_what_the_image_copies() -> None:
+    """.dockerignore keeps .venv, .git and caches out of the context sent to the engine."""
+    from docker.utils.build import exclude_paths
+
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    files = sorted(exclude_paths(str(ROOT), patterns))
+    size = _size(files)
+    tops = {f.split("/", 1)[0] for f in files}
+    copied = {"compose", "mesh", "apps", "telemetry", "pyproject.toml", "constraints.txt"}
+    assert tops <= copied | {"README.md", ".dockerignore"}, tops
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    assert copied <= tops, copied - tops
+    # compose/wheels/ is empty for users; the offline builds here fill it
+    assert size - _size(f for f in files if f.startswith("compose/wheels/")) < 4 * 2**20, size
+    sources = re.findall(r"^COPY (.+) \S+$", (COMPOSE_DIR / "Dockerfile").read_text(), re.M)
+    for source in " ".join(sources).split():
+        assert any(f == source.rstrip("/") or f.startswith(source) for f in files), source
+
+
 def test_every_hop_of_the_contract_from_pods_as_containers(stack: Stack) -> None:
-    assert _traced_get("/")[0] == 200  # warm the cache shard
+    assert _traced_get(stack, "/")[0] == 200  # warm the cache shard
     seen: set[str] = set()
     for _ in range(12):
-        status, trace_id = _traced_get("/")
+        status, trace_id = _traced_get(stack, "/")
         assert status == 200
         seen |= _hops(
             trace_id, {"client", "ingress", "kube-proxy", "app", "dns", "sidecar-outbound"}
         )
         if "cni-overlay" in seen:
             break
-    status, trace_id = _traced_get("/checkout")
+    status, trace_id = _traced_get(stack, "/checkout")
     assert status == 200
     seen |= _hops(trace_id, {"egress-snat"})
     assert seen >= HOP_CONTRACT, HOP_CONTRACT - seen
@@ -254,6 +337,113 @@ def test_prometheus_scraped_apps_and_envoys(stack: Stack) -> None:
     assert result["data"]["result"], result
 
 
+TEST_STORE_BUDGET = 32 * 2**20
+"""``HOPSCOPE_TRACE_STORE_BUDGET`` of tests/compose/override.yml: small, so traffic fills it."""
+SOAK_SECONDS = 180
+SOAK_RPS = 25
+
+
+def _memory_bytes(stack: Stack, container: str) -> int:
+    """Memory the engine charges the container, as ``docker stats`` shows it (page cache
+    the kernel can drop — inactive files — left out)."""
+    import docker
+
+    client = docker.DockerClient(base_url=f"unix://{stack.socket}", timeout=30)
+    try:
+        mem = client.api.stats(container, stream=False)["memory_stats"]
+    finally:
+        client.close()
+    detail = mem.get("stats") or {}
+    inactive = detail.get("inactive_file", detail.get("total_inactive_file", 0))
+    return int(mem["usage"]) - int(inactive)
+
+
+def _store() -> dict[str, Any]:
+    return requests.get(f"{API}/api/v1/status", timeout=5).json()["trace_store"]  # type: ignore[no-any-return]
+
+
+def test_a_full_trace_store_keeps_the_control_plane_inside_its_memory_limit(
+    stack: Stack,
+) -> None:
+    name = "hopscope-controlplane-1"
+    before = json.loads(stack.engine("inspect", name))[0]
+    limit = int(before["HostConfig"]["Memory"])
+    assert limit > 0, "the control plane has no memory limit"
+    assert _store()["budget_bytes"] == TEST_STORE_BUDGET
+    # steady traffic through the ingress, from inside the container as the README runs it
+    tool = "podman" if stack.podman else "docker"
+    argv = ["hopscope", "traffic", "--rps", str(SOAK_RPS), "--duration", str(SOAK_SECONDS)]
+    result: dict[str, Any] = {}
+
+    def run_traffic() -> None:
+        result["proc"] = subprocess.run(
+            [tool, "exec", name, *argv],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=SOAK_SECONDS + 120,
+        )
+
+    worker = threading.Thread(target=run_traffic)
+    worker.start()
+    samples: list[int] = []
+    while worker.is_alive():
+        samples.append(_memory_bytes(stack, name))
+        worker.join(timeout=3)
+    samples.append(_memory_bytes(stack, name))
+    proc = result["proc"]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    store = _store()
+    # the store really filled: near its budget, and it had to evict to stay there
+    assert store["evicted_traces"] > 0, store
+    assert store["bytes"] >= 0.8 * TEST_STORE_BUDGET, store
+    assert store["bytes"] <= 1.05 * TEST_STORE_BUDGET, store
+    peak = max(samples)
+    assert peak < 0.7 * limit, (
+        f"the control plane used {peak / 2**20:.0f} MiB of its {limit / 2**20:.0f} MiB limit "
+        f"with a full {TEST_STORE_BUDGET / 2**20:.0f} MiB store"
+    )
+    after = json.loads(stack.engine("inspect", name))[0]
+    assert after["State"]["Running"] and not after["State"].get("OOMKilled"), after["State"]
+    assert after["State"]["StartedAt"] == before["State"]["StartedAt"], "it restarted"
+    assert after.get("RestartCount", 0) == before.get("RestartCount", 0)
+
+
+def test_the_test_limit_keeps_the_real_headroom() -> None:
+    """The override shrinks the control plane's limit with its budget, so 70 % of the test
+    limit is no looser than 70 % of the real limit with the real budget: each byte of budget
+    the test leaves out takes 1/0.7 bytes off the limit."""
+    real = _compose_config(["docker-compose.yml"])
+    test = _compose_config(["docker-compose.yml", str(OVERRIDE)])
+    real_limit, test_limit = (int(c["mem_limit"]) for c in (real, test))
+    real_budget = _bytes(real["environment"]["HOPSCOPE_TRACE_STORE_BUDGET"])
+    assert _bytes(test["environment"]["HOPSCOPE_TRACE_STORE_BUDGET"]) == TEST_STORE_BUDGET
+    assert test_limit <= real_limit - (real_budget - TEST_STORE_BUDGET) / 0.7, (
+        real_limit,
+        test_limit,
+    )
+
+
+def _compose_config(files: list[str]) -> dict[str, Any]:
+    args = [a for f in files for a in ("-f", f)]
+    proc = subprocess.run(
+        [_compose_binary(), *args, "config", "--format", "json"],
+        cwd=COMPOSE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DOCKER_SOCKET": "/var/run/docker.sock"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["services"]["controlplane"]  # type: ignore[no-any-return]
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6}
+    number, unit = re.fullmatch(r"(\d+)\s*([KMG]i?B)?", text.strip()).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit or ""]
+
+
 def test_scale_and_kill_work_as_in_local_mode(stack: Stack) -> None:
     def hopscope(*args: str) -> str:
         tool = "podman" if stack.podman else "docker"
@@ -272,7 +462,9 @@ def test_scale_and_kill_work_as_in_local_mode(stack: Stack) -> None:
     catalog = [n for n in stack.pod_containers() if "-catalog-" in n and n.endswith("-catalog")]
     assert len(catalog) == 3, catalog
     pods = json.loads(hopscope("get", "pods", "-o", "json"))["items"]
-    victim = next(p["name"] for p in pods if p["name"].startswith("catalog"))
+    victim = next(
+        p["metadata"]["name"] for p in pods if p["metadata"]["name"].startswith("catalog")
+    )
     hopscope("kill", "pod", f"shop/{victim}")
     hopscope("scale", "shop/catalog", "--replicas", "2")
     _wait_ready(120)
@@ -291,7 +483,7 @@ def test_a_crashed_control_plane_leaves_nothing_on_the_next_up(stack: Stack) -> 
     after = stack.pod_container_ids()
     assert len(after) == len(before)
     assert before.isdisjoint(after), "leftover pod containers were not replaced"
-    assert _traced_get("/")[0] == 200
+    assert _traced_get(stack, "/")[0] == 200
 
 
 def test_down_leaves_no_pod_container_or_network(stack: Stack) -> None:

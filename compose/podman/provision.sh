@@ -56,9 +56,21 @@ CONF
 # node's pods) on the bridge itself and hides the pod's address. Docker does not.
 sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
 
+# Start a daemon with no file descriptor but stdio: run under `flock FILE …` (as the tests
+# are), an inherited lock descriptor would keep that lock held for as long as it runs.
+daemon() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [[ $fd -gt 2 ]] && eval "exec $fd>&-"
+    done
+    exec setsid "$@" </dev/null >/dev/null 2>&1
+  ) &
+}
+
 if ! curl -fsS --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; then
   mkdir -p "$(dirname "$SOCK")"
-  nohup podman system service --time=0 "unix://$SOCK" >/var/log/podman-service.log 2>&1 &
+  daemon sh -c "exec podman system service --time=0 unix://$SOCK >/var/log/podman-service.log 2>&1"
   for _ in $(seq 1 50); do
     curl -fsS --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1 && break
     sleep 0.2
@@ -69,12 +81,12 @@ curl -fsS --unix-socket "$SOCK" http://d/_ping >/dev/null
 # Podman runs healthchecks from systemd timers; without systemd nothing runs them, and
 # `depends_on: condition: service_healthy` would wait forever. Tick them ourselves.
 if ! pgrep -f hopscope-healthcheck-ticker >/dev/null; then
-  nohup bash -c 'exec -a hopscope-healthcheck-ticker bash -c "
+  daemon bash -c 'exec -a hopscope-healthcheck-ticker bash -c "
     while true; do
       for id in \$(podman ps -q --filter health=starting --filter health=unhealthy --filter health=healthy 2>/dev/null); do
         podman healthcheck run \$id >/dev/null 2>&1 || true
       done
       sleep 2
-    done"' >/dev/null 2>&1 &
+    done"'
 fi
 echo "unix://$SOCK"

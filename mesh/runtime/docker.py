@@ -10,14 +10,23 @@ restarted control plane (or ``docker compose down``) finds and removes what is l
 
 Cluster DNS, kube-proxy and the CNI emulator stay processes of the control-plane container
 (inherited from :class:`LocalRuntime`): they are the node's own data path.
+
+``python -m mesh.runtime.docker healthcheck`` is the control-plane container's health: it
+turns healthy only once a request through the ingress has succeeded, so ``docker compose
+up --wait`` returns when the cluster serves, not merely when its API answers.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
+import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +97,11 @@ class DockerRuntime(LocalRuntime):
 
     def _own_routes(self) -> None:
         """The Service range is local to the node (AnyIP), so kube-proxy can bind any VIP."""
+        if shutil.which("ip") is None:
+            raise RuntimeError(
+                "the image has no `ip` (iproute2): the control plane and every pause container "
+                "need it — build the image from compose/Dockerfile"
+            )
         cmd = ["ip", "route", "replace", "local", addresses.SERVICE_CIDR, "dev", "lo"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -315,3 +329,75 @@ class DockerRuntime(LocalRuntime):
     def shutdown(self) -> None:
         super().shutdown()
         self.remove_leftovers()
+
+
+# -- container health ----------------------------------------------------------------------
+
+SERVED_MARK = Path("/tmp/hopscope-served")
+"""Written once a request through the ingress succeeded; holds the start time of the
+container's PID 1, so a restarted container has to serve again before it is healthy."""
+
+
+def _container_start() -> str:
+    """PID 1's start time (clock ticks since boot, field 22 of ``/proc/1/stat``)."""
+    try:
+        stat = Path("/proc/1/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def healthcheck(api_url: str, ingress_host: str, timeout: float = 5.0) -> str | None:
+    """None when healthy, else why not.
+
+    Healthy means: the API answers, and since this container started, a request through
+    the ingress (``GET /`` with ``Host: ingress_host``, the whole request journey) has
+    succeeded once. After that only the API is checked: a scenario that breaks the journey
+    on purpose must not turn the control plane unhealthy."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/api/v1/status", timeout=timeout) as resp:
+            status = json.load(resp)
+    except (OSError, ValueError) as exc:
+        return f"the API at {api_url} does not answer: {exc}"
+    started = _container_start()
+    try:
+        if SERVED_MARK.read_text() == started:
+            return None
+    except OSError:
+        pass
+    if not status.get("ready"):
+        return f"the cluster is not ready: {status.get('summary', '')}"
+    url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_PORT}/"
+    request = urllib.request.Request(
+        url, headers={"Host": ingress_host, "User-Agent": "hopscope-healthcheck"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        return f"the ingress answered {exc.code} for http://{ingress_host}/"
+    except OSError as exc:
+        return f"the ingress at {url} does not answer: {exc}"
+    SERVED_MARK.write_text(started)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mesh.runtime.docker",
+        description="Health of the compose control-plane container.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("healthcheck", help="exit 0 once the ingress has served a request")
+    check.add_argument("--api", default="http://127.0.0.1:8001")
+    check.add_argument("--ingress-host", default="shop.local")
+    args = parser.parse_args(argv)
+    problem = healthcheck(args.api, args.ingress_host)
+    if problem is None:
+        return 0
+    print(problem, file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

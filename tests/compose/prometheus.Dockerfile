@@ -4,5 +4,6 @@ FROM ${BASE_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends prometheus \
  && rm -rf /var/lib/apt/lists/*
+COPY prometheus-debian.sh /usr/local/bin/prometheus-debian
 USER nobody
-ENTRYPOINT ["/usr/bin/prometheus"]
+ENTRYPOINT ["/usr/local/bin/prometheus-debian"]

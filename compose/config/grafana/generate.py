@@ -4,7 +4,11 @@
     python compose/config/grafana/generate.py      # rewrites compose/config/grafana/dashboards/
 
 Every Prometheus query uses only metrics the cluster itself emits (the test suite checks
-that against a running cluster), so no panel is blank.
+that against a running cluster), so no panel is blank. Every LogQL query reads logs as Loki's
+OTLP ingestion stores them: the record's attributes are structured metadata (``log_kind``,
+``response_code``, ``response_flags``, ``grpc_status``…), filtered with label filters, never
+parsed with ``| json`` (the bodies are plain messages). ``compose/verify.py`` runs every
+panel's queries through Grafana against the running stack.
 """
 
 from __future__ import annotations
@@ -88,6 +92,22 @@ def logs(title: str, query: str) -> dict[str, Any]:
     }
 
 
+ALL_LOGS = '{service_name=~".+"}'
+"""Every OTLP log stream (service_name is the label Loki makes of ``service.name``)."""
+
+FAILING_REQUESTS = (
+    ALL_LOGS + ' | (log_kind="access" and (response_code=~"5.." '
+    'or (grpc_status!="" and grpc_status!="0"))) '
+    'or (log_kind="app" and code!="" and code!="OK")'
+)
+"""Envoy access records of 5xx answers or failed gRPC calls (``grpc_status`` set and not 0,
+whatever the HTTP status: a gRPC failure travels in HTTP 200), and app records of failed
+RPCs (``code`` other than OK)."""
+
+RESPONSE_FLAGGED = ALL_LOGS + ' | log_kind="access" | response_flags!="" | response_flags!="-"'
+"""Envoy access records whose response flags say the proxy itself acted (UF, UT, NR, …)."""
+
+
 def dashboard(
     uid: str, title: str, panels: list[dict[str, Any]], links: bool = True
 ) -> dict[str, Any]:
@@ -155,7 +175,30 @@ DASHBOARDS = {
                 '{ span.hopscope.hop = "client" }',
             ),
             service_map(),
-            logs("Logs of failing requests", '{service_name=~".+"} | json | status >= 500'),
+            logs("Logs of failing requests (HTTP 5xx, gRPC errors)", FAILING_REQUESTS),
+            ts(
+                "Trace store: traces and spans held (hopscope trace, explorer)",
+                {
+                    "traces": "sum(hopscope_tracestore_traces)",
+                    "spans": "sum(hopscope_tracestore_spans)",
+                },
+            ),
+            ts(
+                "Trace store: memory vs budget",
+                {
+                    "bytes held": "sum(hopscope_tracestore_bytes)",
+                    "budget": "sum(hopscope_tracestore_budget_bytes)",
+                },
+                unit="bytes",
+            ),
+            ts(
+                "Trace store: traces evicted to stay within budget",
+                {
+                    "evicted/s": "sum(rate(hopscope_tracestore_evicted_traces_total[1m]))",
+                    "spans received/s": "sum(rate(hopscope_tracestore_spans_received_total[1m]))",
+                },
+                w=24,
+            ),
         ],
     ),
     "services": dashboard(
@@ -252,10 +295,7 @@ DASHBOARDS = {
                 "Upstream health (healthy members)",
                 {"{{pod}} {{envoy_cluster_name}}": "envoy_cluster_membership_healthy"},
             ),
-            logs(
-                "Access logs with a response flag",
-                '{service_name=~".+"} | json | response_flags != "-"',
-            ),
+            logs("Access logs with a response flag", RESPONSE_FLAGGED),
         ],
     ),
     "dns": dashboard(
