@@ -33,6 +33,20 @@ LATENCY = Histogram(
 )
 
 
+def observe_latency(app: str, route: str, seconds: float) -> None:
+    """Record a request's duration with the current span's trace id as the exemplar.
+
+    Exemplars are exposed only in the OpenMetrics format, which the metrics endpoint serves
+    to a scraper that asks for it (``Accept: application/openmetrics-text``).
+    """
+    histogram = LATENCY.labels(app, route)
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid and context.trace_flags.sampled:
+        histogram.observe(seconds, {"trace_id": format(context.trace_id, "032x")})
+    else:
+        histogram.observe(seconds)
+
+
 @dataclass(frozen=True)
 class PodIdentity:
     name: str
@@ -178,7 +192,7 @@ def instrument_flask(app: Any, pod: PodIdentity) -> None:
         if route != "/healthz":
             elapsed = time.perf_counter() - g.get("hopscope_start", time.perf_counter())
             REQUESTS.labels(pod.app, route, str(response.status_code)).inc()
-            LATENCY.labels(pod.app, route).observe(elapsed)
+            observe_latency(pod.app, route, elapsed)
             log.info(
                 "request",
                 extra={
@@ -268,7 +282,7 @@ def app_rpc(route: str) -> Any:
             finally:
                 elapsed = time.perf_counter() - start
                 REQUESTS.labels(pod.app, route, code).inc()
-                LATENCY.labels(pod.app, route).observe(elapsed)
+                observe_latency(pod.app, route, elapsed)
                 logging.getLogger(pod.app).info(
                     "rpc",
                     extra={"method": route, "code": code, "duration_ms": round(elapsed * 1000, 3)},

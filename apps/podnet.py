@@ -31,6 +31,9 @@ from requests.adapters import HTTPAdapter
 
 from mesh import addresses
 
+DNS_PEER_SERVICE = "kube-dns"
+"""``peer.service`` of the ``dns`` span: the cluster DNS Service's name."""
+
 DNS_TIMEOUT = 2.0
 """Seconds to wait for one DNS answer over UDP (glibc's default is 5; we are on loopback)."""
 
@@ -131,6 +134,8 @@ class PodResolver:
             span.set_attributes(
                 {
                     "hopscope.hop": "dns",
+                    # Cluster DNS sends no spans: a service graph draws it as a virtual node.
+                    "peer.service": DNS_PEER_SERVICE,
                     "dns.question.name": name,
                     "dns.question.type": "A",
                     "hopscope.dns.queries": result.queries,

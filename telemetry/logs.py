@@ -49,6 +49,9 @@ def setup_json_logging(static: dict[str, Any] | None = None, level: int = loggin
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # werkzeug logs one INFO line per request it serves: probes, API polls, scrapes. The
+    # apps log the requests worth reading themselves (with their trace ids).
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     if os.environ.get(HOPSCOPE_OTLP_LOGS) == "1" and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         root.addHandler(_otlp_handler(static or {}))
 
@@ -66,7 +69,26 @@ def _otlp_handler(static: dict[str, Any]) -> logging.Handler:
 
     endpoint = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/logs"
     name = os.environ.get("OTEL_SERVICE_NAME") or str(static.get("component", "hopscope"))
-    provider = LoggerProvider(resource=Resource.create({"service.name": name}))
+    resource = {"service.name": name}
+    for key, env in (
+        ("k8s.pod.name", "HOPSCOPE_POD_NAME"),
+        ("k8s.namespace.name", "HOPSCOPE_POD_NAMESPACE"),
+        ("k8s.node.name", "HOPSCOPE_NODE_NAME"),
+    ):
+        if os.environ.get(env):
+            resource[key] = os.environ[env]
+    provider = LoggerProvider(resource=Resource.create(resource))
     provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(endpoint=endpoint)))
-    return LoggingHandler(level=logging.INFO, logger_provider=provider)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    handler = LoggingHandler(level=logging.INFO, logger_provider=provider)
+    handler.addFilter(_mark_app_record)
+    return handler
+
+
+LOG_KIND = "app"
+"""``log_kind`` attribute of every record a hopscope process ships (Envoy's are ``access``)."""
+
+
+def _mark_app_record(record: logging.LogRecord) -> bool:
+    """Tag the record ``log_kind="app"`` (an OTLP attribute; Loki structured metadata)."""
+    record.log_kind = LOG_KIND
+    return True

@@ -87,15 +87,14 @@ def _spans_by_id(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["span_id"]: s for s in view["spans"]}
 
 
-def _app_below(span_id: str, spans: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The first app span under a span (depth-first), i.e. the pod that served it."""
-    kids = sorted(
-        (s for s in spans.values() if s["parent_span_id"] == span_id), key=lambda s: s["start_ns"]
-    )
-    for kid in kids:
-        if kid["attributes"].get("hopscope.hop") == "app":
-            return kid
-        found = _app_below(kid["span_id"], spans)
+def _app_below(span_id: str, view: dict[str, Any]) -> dict[str, Any]:
+    """The first app span below a hop in the journey (NAT hops pass the trace context on
+    unchanged, so the journey, not the raw span tree, nests the callee below kube-proxy)."""
+    spans = _spans_by_id(view)
+    for kid in (h for h in view["hops"] if h["parent_hop_id"] == span_id):
+        if kid["hop"] == "app":
+            return spans[kid["span_id"]]
+        found = _app_below(kid["span_id"], view)
         if found:
             return found
     return {}
@@ -139,7 +138,7 @@ def test_kube_proxy_hops_carry_nat_and_point_at_the_serving_pod(cluster: dict[st
         for key in ("original.src", "original.dst", "translated.src", "translated.dst"):
             assert a.get(f"hopscope.nat.{key}"), (key, a)
         assert a["hopscope.nat.original.dst"].split(":")[0] == vips[a["k8s.service.name"]]
-        served_by = _app_below(span["span_id"], spans)["attributes"]["k8s.pod.name"]
+        served_by = _app_below(span["span_id"], view)["attributes"]["k8s.pod.name"]
         assert a["hopscope.endpoint.pod"] == served_by
         assert a["hopscope.nat.translated.dst"].split(":")[0] == pod_ips[served_by]
         # ClusterIP traffic is DNAT only: the source address is kept.
@@ -205,6 +204,79 @@ def test_logs_are_json_with_trace_ids(cluster: dict[str, str]) -> None:
     assert any(not n.endswith("_envoy.log") for n in sources), sources  # app log
 
 
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def _exemplar_trace_ids(url: str, metric: str) -> set[str]:
+    """Scrape ``url`` as Prometheus does with exemplar storage on; the trace ids on
+    ``metric``'s buckets, parsed with prometheus_client's OpenMetrics parser."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    resp = requests.get(url, headers={"Accept": OPENMETRICS}, timeout=5)
+    resp.raise_for_status()
+    assert resp.headers["content-type"].startswith("application/openmetrics-text"), resp.headers
+    ids = set()
+    for family in text_string_to_metric_families(resp.text):
+        if family.name != metric:
+            continue
+        for sample in family.samples:
+            if sample.exemplar is not None:
+                ids.add(sample.exemplar.labels["trace_id"])
+    return ids
+
+
+def test_request_histograms_carry_trace_id_exemplars_of_stored_traces(
+    cluster: dict[str, str],
+) -> None:
+    from mesh import addresses
+
+    for _ in range(3):
+        _complete_trace(_curl(cluster)[1])
+    state = api_get("/api/v1/state")
+    app_ids: set[str] = set()
+    for pod in state["pods"]:
+        if pod["name"].startswith("frontend"):
+            url = f"http://{pod['ip']}:{addresses.APP_METRICS_PORT}/metrics"
+            app_ids |= _exemplar_trace_ids(url, "hopscope_request_duration_seconds")
+    kube_proxy = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
+    proxy_ids = _exemplar_trace_ids(
+        kube_proxy + "/metrics", "hopscope_kubeproxy_request_duration_seconds"
+    )
+    assert app_ids and proxy_ids, (app_ids, proxy_ids)
+    for trace_id in app_ids | proxy_ids:
+        assert len(trace_id) == 32 and int(trace_id, 16) >= 0, trace_id
+        assert trace_json(trace_id)["span_count"] > 0, trace_id  # the store has it
+    # Without the OpenMetrics Accept header the classic text format has no exemplars.
+    plain = requests.get(kube_proxy + "/metrics", timeout=5)
+    assert plain.headers["content-type"].startswith("text/plain"), plain.headers
+    assert "trace_id=" not in plain.text
+
+
+NOISE = ("/healthz", "/readyz", "/metrics", "/api/v1/", "grpc.health.v1")
+
+
+def test_probe_scrape_and_poll_requests_leave_no_log_lines(cluster: dict[str, str]) -> None:
+    """After the cluster has been probed (every pod, every few seconds), scraped and polled,
+    no log file holds a line for those requests — only the requests worth reading."""
+    from mesh import addresses
+
+    state = api_get("/api/v1/state")
+    for pod in state["pods"]:
+        if pod["namespace"] == "shop":
+            requests.get(f"http://{pod['ip']}:{addresses.APP_METRICS_PORT}/metrics", timeout=5)
+    kube_proxy = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
+    requests.get(kube_proxy + "/metrics", timeout=5)
+    requests.get(kube_proxy + "/healthz", timeout=5)
+    _complete_trace(_curl(cluster)[1])  # polls the API, like `hopscope trace` does
+    home = Path(cluster["HOPSCOPE_HOME"])
+    noisy = []
+    for path in [home / "controlplane.log", *sorted((home / "logs").glob("*.log"))]:
+        for line in path.read_text(errors="replace").splitlines():
+            if '"logger": "werkzeug"' in line or any(n in line for n in NOISE):
+                noisy.append(f"{path.name}: {line[:200]}")
+    assert not noisy, "\n".join(noisy[:20])
+
+
 def test_every_component_exposes_prometheus_metrics(cluster: dict[str, str]) -> None:
     state = api_get("/api/v1/state")
     pod = next(p for p in state["pods"] if p["name"].startswith("catalog"))
@@ -221,10 +293,24 @@ def test_every_component_exposes_prometheus_metrics(cluster: dict[str, str]) -> 
     assert "hopscope_otlp_spans_received_total" in requests.get(f"{API}/metrics", timeout=5).text
 
 
+def _pod_summary(item: dict[str, Any]) -> dict[str, Any]:
+    """Namespace, phase, node and readiness of a ``get pods -o json`` item (a v1 Pod)."""
+    if "metadata" not in item:
+        return item
+    conditions = item.get("status", {}).get("conditions", [])
+    return {
+        "namespace": item["metadata"].get("namespace"),
+        "phase": item.get("status", {}).get("phase"),
+        "node": item.get("spec", {}).get("nodeName"),
+        "ready": any(c["type"] == "Ready" and c["status"] == "True" for c in conditions),
+    }
+
+
 def test_cli_get_and_trace(cluster: dict[str, str]) -> None:
     import json
 
-    pods = json.loads(hopscope("get", "pods", "-o", "json", env=cluster).stdout)["items"]
+    items = json.loads(hopscope("get", "pods", "-o", "json", env=cluster).stdout)["items"]
+    pods = [_pod_summary(p) for p in items]
     shop = [p for p in pods if p["namespace"] == "shop"]
     assert len(shop) == 10 and all(p["ready"] and p["phase"] == "Running" for p in shop)
     assert {p["node"] for p in shop} == {"node-a", "node-b"}
@@ -279,7 +365,8 @@ def test_curl_from_a_pod_resolves_through_cluster_dns(cluster: dict[str, str]) -
         view = poll_until(complete, timeout=10)
     except AssertionError:
         raise AssertionError(dump(trace_json(doc["trace_id"])["hops"])) from None
-    dns = next(s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "dns")
+    first_dns = next(h["span_id"] for h in view["hops"] if h["hop"] == "dns")  # journey order
+    dns = _spans_by_id(view)[first_dns]
     assert dns["attributes"]["hopscope.dns.queries"][0] == "catalog.shop.svc.cluster.local."
     kp = next(s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "kube-proxy")
     assert kp["attributes"]["hopscope.nat.original.src"].split(":")[0] == pod["ip"]

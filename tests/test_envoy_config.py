@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
 import pytest
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 
 from mesh import addresses
-from mesh.envoy import render_ingress, render_sidecar, validate_config
+from mesh.envoy import envoy_command, render_ingress, render_sidecar, validate_config
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import default_manifest_paths, load_manifests
 
@@ -63,3 +76,105 @@ def test_ingress_routes_hosts_to_service_vips(cluster: Cluster) -> None:
     frontend = cluster.state.service("shop", "frontend")
     assert frontend is not None
     assert addr["socket_address"]["address"] == frontend.cluster_ip
+
+
+# -- access logs over OTLP ------------------------------------------------------------------
+
+
+class _LogsReceiver(logs_service_pb2_grpc.LogsServiceServicer):
+    """A real OTLP/gRPC logs endpoint: keeps every record it is sent."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[dict[str, str], Any]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            for resource_logs in request.resource_logs:
+                resource = {
+                    kv.key: kv.value.string_value for kv in resource_logs.resource.attributes
+                }
+                for scope in resource_logs.scope_logs:
+                    self.records.extend((resource, record) for record in scope.log_records)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
+class _App(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.e2e
+def test_sidecar_ships_access_logs_over_otlp_with_contract_attributes(cluster: Cluster) -> None:
+    """Run the real Envoy with a rendered sidecar; a gRPC receiver gets the access log."""
+    receiver = _LogsReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    pod = next(p for p in cluster.state.pods if p.labels["app"] == "frontend")
+    container_port = pod.containers[0].ports[0].container_port
+    app = http.server.ThreadingHTTPServer(
+        (pod.ip, container_port + addresses.APP_PORT_OFFSET), _App
+    )
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    config = render_sidecar(pod, cluster.state, OTLP, f"127.0.0.1:{port}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "envoy.json"
+        path.write_text(json.dumps(config))
+        envoy = subprocess.Popen(
+            envoy_command(path, pod.name, "frontend"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            trace_id = "00" + "ab" * 15  # a leading zero byte must survive
+            headers = {"traceparent": f"00-{trace_id}-{'cd' * 8}-01", "host": "frontend"}
+            status = _get_when_up(pod.ip, container_port, "/items?x=1", headers)
+            assert status == 200
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not receiver.records:
+                time.sleep(0.1)
+            time.sleep(1.0)  # the other (gRPC-only) logger must stay silent
+        finally:
+            envoy.terminate()
+            envoy.wait(10)
+            app.shutdown()
+            server.stop(0)
+    assert len(receiver.records) == 1, receiver.records  # one logger per kind of request
+    resource, record = receiver.records[0]
+    attrs = {kv.key: kv.value.string_value for kv in record.attributes}
+    assert attrs["log_kind"] == "access" and attrs["direction"] == "inbound", attrs
+    assert attrs["response_code"] == "200" and attrs["response_flags"] == "-", attrs
+    assert attrs["method"] == "GET" and attrs["path"] == "/items?x=1", attrs
+    assert attrs["authority"] == "frontend", attrs
+    assert attrs["upstream_host"] == f"{pod.ip}:{container_port + addresses.APP_PORT_OFFSET}"
+    assert attrs["upstream_cluster"] == f"inbound|{container_port}", attrs
+    assert float(attrs["duration_ms"]) >= 0, attrs
+    assert attrs["grpc_status"] == "", attrs  # not a gRPC request
+    assert record.trace_id.hex() == trace_id
+    assert len(record.span_id) == 8 and record.span_id != bytes(8), record.span_id
+    assert resource["service.name"] == "frontend" and resource["k8s.pod.name"] == pod.name
+
+
+def _get_when_up(ip: str, port: int, path: str, headers: dict[str, str]) -> int:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            conn = http.client.HTTPConnection(ip, port, timeout=5)
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()  # the whole response, so Envoy logs no downstream reset (DC)
+            conn.close()
+            return resp.status
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

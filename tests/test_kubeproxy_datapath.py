@@ -48,6 +48,7 @@ class _Echo(BaseHTTPRequestHandler):
                 "pod": self.server.pod_name,  # type: ignore[attr-defined]
                 "peer": self.client_address[0],
                 "traceparent": self.headers.get("traceparent"),
+                "via": self.headers.get("x-hopscope-via"),
             }
         ).encode()
         self.send_response(200)
@@ -149,8 +150,11 @@ def test_request_is_dnated_keeps_its_source_and_gets_a_child_span(proxy: _Runnin
     assert a["hopscope.nat.translated.dst"] == f"{BACKENDS[reply['pod']]}:{BACKEND_PORT}"
     assert str(a["hopscope.nat.translated.src"]).startswith(CLIENT_IP + ":")
     assert a["hopscope.lb.mode"] == "iptables" and a["http.response.status_code"] == 200
-    # The pod's request carries the kube-proxy span as its parent.
-    assert reply["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
+    # The pod's request carries the caller's context unchanged (its sidecar pairs with the
+    # caller's CLIENT span) and names the kube-proxy span it came through.
+    assert reply["traceparent"] == PARENT
+    assert reply["via"] == format(span.context.span_id, "016x")
+    assert span.kind.name == "CLIENT" and a["peer.service"] == "web"
 
 
 def test_keep_alive_requests_ride_one_connection_and_one_endpoint(proxy: _Running) -> None:

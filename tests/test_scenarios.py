@@ -51,8 +51,10 @@ def test_scenario_check_finds_the_culprit(cluster: dict[str, str], name: str) ->
     ],
 )
 def test_a_check_blaming_the_wrong_hop_fails(
-    cluster: dict[str, str], name: str, wrong: BlameCheck
+    cluster: dict[str, str], name: str, wrong: BlameCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # in this process, as the cluster's user: the scenario reads the API token from there
+    monkeypatch.setenv("HOPSCOPE_HOME", cluster["HOPSCOPE_HOME"])
     result = run(name, blame=wrong)
     assert not result["ok"], result["verdict"]
     assert "0/" in result["verdict"]

@@ -73,9 +73,10 @@ def render_waterfall(view: dict[str, Any]) -> None:
     table = Table(
         "#", "hop", "where", "src → dst", "NAT / detail", "status", "ms", "timeline", box=None
     )
+    hops = {h["span_id"]: h for h in view["hops"]}
     for i, hop in enumerate(view["hops"], 1):
         span = spans.get(hop["span_id"], {})
-        depth = _depth(hop["span_id"], spans)
+        depth = _depth(hop["span_id"], hops)
         status = hop["status"] + (f" {hop['response_flags']}" if hop["response_flags"] else "")
         style = "red" if _failed(hop) else "green"
         table.add_row(
@@ -108,14 +109,14 @@ def _failed(hop: dict[str, Any]) -> bool:
     return bool(hop["response_flags"]) or hop["status"].startswith("5") or hop["status"] == "error"
 
 
-def _depth(span_id: str, spans: dict[str, dict[str, Any]]) -> int:
+def _depth(span_id: str, hops: dict[str, dict[str, Any]]) -> int:
+    """How many hops the journey passes before this one (NAT hops included)."""
     depth, seen = 0, set()
-    cur = spans.get(span_id)
-    while cur and cur.get("parent_span_id") in spans and cur["span_id"] not in seen:
+    cur = hops.get(span_id)
+    while cur and cur.get("parent_hop_id") in hops and cur["span_id"] not in seen:
         seen.add(cur["span_id"])
-        cur = spans[cur["parent_span_id"]]
-        if cur.get("attributes", {}).get("hopscope.hop"):
-            depth += 1
+        cur = hops[cur["parent_hop_id"]]
+        depth += 1
     return depth
 
 

@@ -29,11 +29,12 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter
 
 from mesh import addresses
 from mesh.cni.metrics import POLICY_DENIED
+from mesh.cni.passthrough import TRACE_HEADERS, forward_headers, parent_context
+from mesh.cni.streams import endpoints, write_eof
 from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
@@ -43,8 +44,6 @@ log = logging.getLogger("cni")
 
 HEAD_LIMIT = 65536
 READ_SIZE = 65536
-PROPAGATOR = TraceContextTextMapPropagator()
-TRACE_HEADERS = ("traceparent", "tracestate")
 _STATUS = re.compile(rb"^HTTP/\d\.\d (\d{3})")
 _POD_NETWORKS = [ipaddress.ip_network(c) for c in addresses.POD_CIDRS.values()]
 
@@ -112,10 +111,14 @@ class _Request:
             "url.path": rest.rsplit(b" ", 1)[0].decode("latin-1"),
         }
 
-    def head(self, carrier: dict[str, str] | None) -> bytes:
+    def head(self, hop_span: Any | None) -> bytes:
+        """The request head to send on: the caller's trace context unchanged, and with a
+        span of ours, ``x-hopscope-via`` naming it (:mod:`mesh.cni.passthrough`)."""
         lines = [self.first_line, *self.lines]
-        if carrier is None:  # no span of ours: pass the caller's context on untouched
+        if hop_span is None:
             carrier = {k: v for k, v in self.headers.items() if k in TRACE_HEADERS}
+        else:
+            carrier = forward_headers(self.headers, hop_span)
         lines += [f"{k}: {v}".encode("latin-1") for k, v in carrier.items()]
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -164,7 +167,11 @@ class NodeGateway:
     async def _read_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> _Request | None:
-        peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
+        ends = endpoints(writer)
+        if ends is None:  # reset by the client before we got to it
+            writer.close()
+            return None
+        peer = "{}:{}".format(*ends[1])
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
@@ -220,7 +227,7 @@ class NodeGateway:
             POD_CONNECTIONS.labels(self.node, "overlay").inc()
             span = self.tracer.start_span(
                 f"cni-overlay {tunnel.src_node} -> {tunnel.dst_node} vni {tunnel.vni}",
-                context=PROPAGATOR.extract(request.headers),
+                context=parent_context(request.headers),
                 kind=SpanKind.INTERNAL,
             )
             attrs = request.base_attributes(self.node)
@@ -238,11 +245,7 @@ class NodeGateway:
                 writer.close()
                 return
             POD_CONNECTIONS.labels(self.node, "local").inc()
-        carrier: dict[str, str] | None = None
-        if span is not None:
-            carrier = {}
-            PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-        up_w.write(request.head(carrier))
+        up_w.write(request.head(span))
         await _relay(reader, writer, up_r, up_w, span)
 
     def _deny(self, request: _Request, verdict: Verdict) -> None:
@@ -255,7 +258,7 @@ class NodeGateway:
         ).inc()
         span = self.tracer.start_span(
             f"network-policy deny {request.peer} -> {request.target}",
-            context=PROPAGATOR.extract(request.headers),
+            context=parent_context(request.headers),
             kind=SpanKind.INTERNAL,
         )
         attrs = request.base_attributes(self.node)
@@ -290,7 +293,7 @@ class NodeGateway:
             return
         span = self.tracer.start_span(
             f"egress-snat {self.node} -> {request.target}",
-            context=PROPAGATOR.extract(request.headers),
+            context=parent_context(request.headers),
             kind=SpanKind.INTERNAL,
         )
         attrs = request.base_attributes(self.node)
@@ -319,8 +322,6 @@ class NodeGateway:
         attrs["hopscope.nat.translated.src"] = local
         span.set_attributes(attrs)
         SNAT_CONNECTIONS.labels(self.node, self.egress_ip, request.target, "ok").inc()
-        carrier: dict[str, str] = {}
-        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
         with trace.use_span(span, end_on_exit=False):
             log.info(
                 "egress snat",
@@ -330,7 +331,7 @@ class NodeGateway:
                     "node": self.node,
                 },
             )
-        up_w.write(request.head(carrier))
+        up_w.write(request.head(span))
         await _relay(reader, writer, up_r, up_w, span)
 
 
@@ -376,7 +377,6 @@ async def _pipe(
                     status.append(int(match.group(1)))
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+        write_eof(writer)
     except (ConnectionError, OSError):
         pass

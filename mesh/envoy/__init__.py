@@ -131,8 +131,22 @@ def _host_port(url: str) -> tuple[str, int]:
     return host, int(port or 80)
 
 
-def _tracing(service_name: str, otlp_endpoint: str, tags: dict[str, str]) -> dict[str, Any]:
-    return {
+VIA_TAG = {"tag": "hopscope.via.span_id", "request_header": {"name": "x-hopscope-via"}}
+"""The NAT hop (kube-proxy, overlay) a request came through, so hopscope can nest this hop
+below it; the trace context itself passes those hops unchanged (``mesh/cni/passthrough.py``)."""
+
+
+def _tracing(
+    service_name: str, otlp_endpoint: str, tags: dict[str, str], upstream_span: bool = False
+) -> dict[str, Any]:
+    """OpenTelemetry tracing for one connection manager.
+
+    ``upstream_span`` (the ingress): the downstream span becomes SERVER and each upstream
+    attempt gets its own CLIENT span, whose context the next hop inherits. That CLIENT span
+    is what a service graph pairs with the frontend sidecar's SERVER span (ingress → frontend).
+    A sidecar keeps one span per listener: SERVER inbound, CLIENT outbound.
+    """
+    config: dict[str, Any] = {
         "provider": {
             "name": "envoy.tracers.opentelemetry",
             "typed_config": _any(
@@ -149,15 +163,21 @@ def _tracing(service_name: str, otlp_endpoint: str, tags: dict[str, str]) -> dic
         },
         "random_sampling": {"value": 100},
         "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()]
-        + [{"tag": k, "value": v} for k, v in SPAN_VALUE_TAGS.items()],
+        + [{"tag": k, "value": v} for k, v in SPAN_VALUE_TAGS.items()]
+        + [VIA_TAG],
     }
+    if upstream_span:
+        config["spawn_upstream_span"] = True
+    return config
 
 
 OTLP_LOGS_CLUSTER = "hopscope_otlp_logs"
 """gRPC cluster Envoy ships access logs through when logs go over OTLP (compose)."""
 
 
-def _access_log(hop: str, log_sink: str | None = None, service: str = "") -> list[dict[str, Any]]:
+def _access_log(
+    hop: str, log_sink: str | None = None, service: str = "", tags: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     fmt = {**ACCESS_LOG_FORMAT, "hop": hop}
     loggers = [
         {
@@ -169,33 +189,85 @@ def _access_log(hop: str, log_sink: str | None = None, service: str = "") -> lis
         }
     ]
     if log_sink:
-        attributes = [
-            {"key": key, "value": {"string_value": value}}
-            for key, value in fmt.items()
-            if key not in ("time", "level")
-        ]
-        loggers.append(
-            {
-                "name": "envoy.access_loggers.open_telemetry",
-                "typed_config": _any(
-                    "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
-                    common_config={
-                        "log_name": f"{hop}-access",
-                        "transport_api_version": "V3",
-                        "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_LOGS_CLUSTER}},
-                    },
-                    body={
-                        "string_value": "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-                        "%RESPONSE_FLAGS% %UPSTREAM_HOST%"
-                    },
-                    attributes={"values": attributes},
-                    resource_attributes={
-                        "values": [{"key": "service.name", "value": {"string_value": service}}]
-                    },
-                ),
-            }
-        )
+        # Two OTLP loggers, one for gRPC requests and one for the rest, so that
+        # ``grpc_status`` is empty (not Envoy's "-") when the request was not gRPC.
+        for grpc in (True, False):
+            attributes = otlp_access_attributes(hop)
+            if not grpc:
+                attributes["grpc_status"] = ""
+            loggers.append(_otlp_access_log(hop, service, tags or {}, attributes, grpc))
     return loggers
+
+
+def _otlp_access_log(
+    hop: str, service: str, tags: dict[str, str], attributes: dict[str, str], grpc: bool
+) -> dict[str, Any]:
+    is_grpc = {
+        "name": "content-type",
+        "string_match": {"prefix": "application/grpc"},
+        "invert_match": not grpc,
+        "treat_missing_header_as_empty": True,
+    }
+    return {
+        "name": "envoy.access_loggers.open_telemetry",
+        "filter": {"header_filter": {"header": is_grpc}},
+        "typed_config": _any(
+            "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
+            common_config={
+                "log_name": f"{hop}-access",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_LOGS_CLUSTER}},
+            },
+            body={
+                "string_value": "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
+                "%RESPONSE_FLAGS% %UPSTREAM_HOST%"
+            },
+            attributes={
+                "values": [
+                    {"key": key, "value": {"string_value": value}}
+                    for key, value in attributes.items()
+                ]
+            },
+            resource_attributes={
+                "values": [
+                    {"key": key, "value": {"string_value": value}}
+                    for key, value in {"service.name": service, **tags}.items()
+                ]
+            },
+        ),
+    }
+
+
+ACCESS_DIRECTIONS = {
+    "ingress": "ingress",
+    "sidecar-inbound": "inbound",
+    "sidecar-outbound": "outbound",
+}
+
+OTLP_ACCESS_ATTRIBUTES = {
+    "response_code": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "duration_ms": "%DURATION%",
+}
+"""Attributes of an access-log record shipped over OTLP (Loki keeps them as structured
+metadata under the same names). Envoy fills the record's own trace_id/span_id from the
+request's span."""
+
+
+def otlp_access_attributes(hop: str) -> dict[str, str]:
+    """Every attribute of one listener's OTLP access-log records, by name."""
+    return {
+        "log_kind": "access",
+        "direction": ACCESS_DIRECTIONS.get(hop, hop),
+        "hop": hop,
+        **OTLP_ACCESS_ATTRIBUTES,
+    }
 
 
 def _otlp_logs_cluster(log_sink: str) -> dict[str, Any]:
@@ -219,9 +291,14 @@ def _hcm(
             stat_prefix=stat_prefix,
             codec_type="AUTO",
             generate_request_id=True,
-            tracing=_tracing(service_name, otlp_endpoint, {"hopscope.hop": hop, **tags}),
+            tracing=_tracing(
+                service_name,
+                otlp_endpoint,
+                {"hopscope.hop": hop, **tags},
+                upstream_span=hop == "ingress",
+            ),
             route_config=route_config,
-            access_log=_access_log(hop, log_sink, service_name),
+            access_log=_access_log(hop, log_sink, service_name, tags),
             http_filters=[
                 {
                     "name": "envoy.filters.http.router",

@@ -5,27 +5,34 @@ Real kube-proxy works per connection, below HTTP. The emulator still decides per
 riding a connection gets its own span in that request's trace, parented to the caller's
 span, with the same NAT tuple and ``hopscope.conntrack.state`` = ``new`` for the request that
 opened the connection and ``established`` for the ones that rode it.
+
+**Trace context passes through unchanged.** kube-proxy rewrites addresses, not requests: it
+forwards the caller's ``traceparent`` as it came, so the callee's sidecar span is the direct
+child of the caller's CLIENT span (the pair a service graph, such as Tempo's, turns into an
+edge). The hop span is a CLIENT span with ``peer.service`` = the Service (a virtual node
+``kube-proxy → <service>``), and the ``x-hopscope-via`` header names it (or its overlay
+child) so the next hop can still be nested below it in hopscope's own views.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import Histogram
 
+from mesh.cni.passthrough import forward_headers, parent_context
 from mesh.cni.vtep import TunnelInfo, overlay_attributes
 from mesh.kubeproxy.rules import EndpointTarget, Selector, ServiceRule
 from mesh.model.policy import Verdict
 
 log = logging.getLogger("kube-proxy")
 
-PROPAGATOR = TraceContextTextMapPropagator()
 
 ROOT_SAMPLE_RATIO = 1.0
 """Share of requests without a sampled caller that start a trace (``--trace-sample-ratio``)."""
@@ -45,7 +52,13 @@ def wants_span(traceparent: bytes | None) -> bool:
     return ROOT_SAMPLE_RATIO >= 1.0 or _rng.random() < ROOT_SAMPLE_RATIO
 
 
-TRACE_HEADERS = ("traceparent", "tracestate")
+REQUEST_DURATION = Histogram(
+    "hopscope_kubeproxy_request_duration_seconds",
+    "Time from a request's head reaching kube-proxy to its response completing, by Service",
+    ["namespace", "service"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+"""Carries a ``trace_id`` exemplar for requests that have a sampled hop span."""
 
 
 @dataclass
@@ -97,6 +110,7 @@ class ConnInfo:
             "hopscope.conntrack.id": self.id,
             "network.peer.address": self.original_src.rsplit(":", 1)[0],
             "network.protocol.name": self.protocol,
+            "peer.service": self.rule.name,
             "server.address": self.rule.vip,
             "server.port": self.rule.port,
             "hopscope.rule.kind": self.rule.kind,
@@ -121,12 +135,27 @@ class ConnInfo:
         )
 
 
-class SpanPair:
-    """The kube-proxy span and its ``cni-overlay`` child, ended together (child first)."""
+class RequestHop:
+    """One request's kube-proxy span (and its ``cni-overlay`` child), timed for
+    ``hopscope_kubeproxy_request_duration_seconds``.
 
-    def __init__(self, outer: Any, inner: Any) -> None:
+    ``inner`` is the overlay span when the connection crosses nodes; both end together
+    (child first). An unsampled request gets a hop with no span (``trace.INVALID_SPAN``): it
+    is still timed, but carries no exemplar.
+    """
+
+    __slots__ = ("inner", "labels", "outer", "started")
+
+    def __init__(self, outer: Any, inner: Any, labels: tuple[str, str]) -> None:
         self.outer = outer
         self.inner = inner
+        self.labels = labels
+        self.started = time.perf_counter()
+
+    @classmethod
+    def untraced(cls, conn: ConnInfo) -> RequestHop:
+        conn.requests += 1
+        return cls(trace.INVALID_SPAN, None, (conn.rule.namespace, conn.rule.name))
 
     def is_recording(self) -> bool:
         return bool(self.outer.is_recording())
@@ -136,36 +165,48 @@ class SpanPair:
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.outer.set_attribute(key, value)
-        if key in ("http.response.status_code", "rpc.grpc.status_code", "error.type"):
+        if self.inner is not None and key in (
+            "http.response.status_code",
+            "rpc.grpc.status_code",
+            "error.type",
+        ):
             self.inner.set_attribute(key, value)
 
     def set_status(self, status: Status) -> None:
-        self.inner.set_status(status)
+        if self.inner is not None:
+            self.inner.set_status(status)
         self.outer.set_status(status)
 
     def end(self) -> None:
-        self.inner.end()
+        elapsed = time.perf_counter() - self.started
+        if self.inner is not None:
+            self.inner.end()
         self.outer.end()
+        histogram = REQUEST_DURATION.labels(*self.labels)
+        context = self.outer.get_span_context()
+        if context.trace_flags.sampled:
+            histogram.observe(elapsed, {"trace_id": format(context.trace_id, "032x")})
+        else:
+            histogram.observe(elapsed)
 
 
 def start_request_span(
     tracer: trace.Tracer, conn: ConnInfo, headers: dict[str, str], name: str
-) -> tuple[Any, dict[str, str]]:
-    """Start the hop span under the caller's context; return it and the headers to forward."""
-    parent: Context = PROPAGATOR.extract(headers)
+) -> tuple[RequestHop, dict[str, str]]:
+    """Start the hop span under the caller's context; return it and the trace headers to send."""
     span: Any = tracer.start_span(
         f"kube-proxy {conn.rule.namespace}/{conn.rule.name} {name}",
-        context=parent,
-        kind=SpanKind.INTERNAL,
+        context=parent_context(headers),
+        kind=SpanKind.CLIENT,
     )
     conn.requests += 1
-    carrier: dict[str, str] = {}
     attrs: dict[str, Any] = {}
     if span.is_recording():
         attrs = conn.attributes()
         attrs["hopscope.conntrack.state"] = "new" if conn.requests == 1 else "established"
         attrs["hopscope.conntrack.request_index"] = conn.requests
         span.set_attributes(attrs)
+    overlay = None
     if conn.tunnel is not None:
         tunnel = conn.tunnel
         overlay = tracer.start_span(
@@ -175,13 +216,11 @@ def start_request_span(
         )
         if overlay.is_recording():
             overlay.set_attributes(conn.overlay_attributes())
-        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(overlay))
-        span = SpanPair(span, overlay)
-    else:
-        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    hop = RequestHop(span, overlay, (conn.rule.namespace, conn.rule.name))
+    carrier = forward_headers(headers, overlay if overlay is not None else span)
     if not span.is_recording():
-        return span, carrier  # unsampled: no attributes, no log line, just the new parent
-    with trace.use_span(getattr(span, "outer", span), end_on_exit=False):
+        return hop, carrier  # unsampled: no attributes, no log line
+    with trace.use_span(span, end_on_exit=False):
         log.info(
             "request",
             extra={
@@ -193,7 +232,7 @@ def start_request_span(
                 "endpoint_pod": conn.endpoint.pod,
             },
         )
-    return span, carrier
+    return hop, carrier
 
 
 def finish_request_span(span: Any, status: int | None, grpc_status: int | None = None) -> None:
@@ -288,7 +327,9 @@ async def refusal_span(
     caller's trace; a client that sends nothing gets a span of its own.
     """
     headers = await _request_headers(reader, read_timeout)
-    span = tracer.start_span(name, context=PROPAGATOR.extract(headers), kind=SpanKind.INTERNAL)
+    span = tracer.start_span(name, context=parent_context(headers), kind=SpanKind.CLIENT)
+    if attrs.get("k8s.service.name"):
+        attrs["peer.service"] = attrs["k8s.service.name"]
     if ":path" in headers:
         attrs["url.path"] = headers[":path"]
     span.set_attributes(attrs)

@@ -19,9 +19,11 @@ from typing import Any
 import hpack
 import httptools
 
+from mesh.cni.passthrough import TRACE_HEADERS
+from mesh.cni.streams import write_eof
 from mesh.kubeproxy.hop import (
-    TRACE_HEADERS,
     ConnInfo,
+    RequestHop,
     fail_request_span,
     finish_request_span,
     start_request_span,
@@ -31,6 +33,7 @@ from mesh.kubeproxy.hop import (
 log = logging.getLogger("kube-proxy")
 
 READ_SIZE = 65536
+_TRACE_HEADER_NAMES = tuple(name.encode() for name in TRACE_HEADERS)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HTTP1_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI", b"CONN", b"TRAC")
 
@@ -59,8 +62,7 @@ async def pipe(
             _count(conn, direction, len(data))
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+        write_eof(writer)
     except (ConnectionError, OSError):
         pass
 
@@ -114,8 +116,8 @@ class HTTP1Relay:
         self.up_r, self.up_w = upstream
         self.requests = httptools.HttpRequestParser(self)
         self.responses = httptools.HttpResponseParser(_ResponseWatcher(self))
-        self.spans: list[Any] = []
-        """One per request awaiting its response; None for an unsampled request."""
+        self.spans: list[RequestHop] = []
+        """One per request awaiting its response (an untraced one for an unsampled request)."""
         self.methods: list[bytes] = []
         self.out = bytearray()
         self.url = bytearray()
@@ -151,8 +153,7 @@ class HTTP1Relay:
             b"%s %s HTTP/%s\r\n" % (method, target, self.requests.get_http_version().encode())
         )
         if not wants_span(traceparent):
-            self.conn.requests += 1
-            self.spans.append(None)
+            self.spans.append(RequestHop.untraced(self.conn))
             for name_b, value_b in self.headers:
                 head += name_b + b": " + value_b + b"\r\n"
             self.out += head + b"\r\n"
@@ -166,7 +167,7 @@ class HTTP1Relay:
             )
         self.spans.append(span)
         for name_b, value_b in self.headers:
-            if name_b.lower() not in (b"traceparent", b"tracestate"):
+            if name_b.lower() not in _TRACE_HEADER_NAMES:
                 head += name_b + b": " + value_b + b"\r\n"
         for key, value in carrier.items():
             head += f"{key}: {value}\r\n".encode("latin-1")
@@ -230,8 +231,7 @@ class HTTP1Relay:
             # The client is done and every response is complete: nothing more can come.
             await _close(self.up_w)
             return
-        if self.up_w.can_write_eof():
-            self.up_w.write_eof()
+        write_eof(self.up_w)
 
     async def _upstream_to_client(self) -> None:
         while data := await self.up_r.read(READ_SIZE):
@@ -246,8 +246,7 @@ class HTTP1Relay:
                     self.upgraded = True
             self.client_w.write(data)
             await self.client_w.drain()
-        if self.client_w.can_write_eof():
-            self.client_w.write_eof()
+        write_eof(self.client_w)
 
     def response_complete(self, status: int) -> None:
         if status < 200 and status != 101:
@@ -388,8 +387,7 @@ class HTTP2Relay:
                 await self.up_w.drain()
             data = await self.client_r.read(READ_SIZE)
             if not data:
-                if self.up_w.can_write_eof():
-                    self.up_w.write_eof()
+                write_eof(self.up_w)
                 return
             self.conn.bytes_in += len(data)
             buf += data

@@ -601,7 +601,13 @@ class CrossNodeLatency(Scenario):
                 crossing_legs += 1
                 if overlay[0]["attributes"].get("hopscope.overlay.delay_ms") != 50:
                     continue
-                inner = kids[overlay[0]["span_id"]]
+                # the pod's sidecar span hangs under the caller's span (its trace context
+                # passes the tunnel untouched) and names the overlay hop it came through
+                inner = [
+                    s
+                    for s in view["spans"]
+                    if s["attributes"].get("hopscope.via.span_id") == overlay[0]["span_id"]
+                ]
                 if inner:
                     # time in the tunnel: the overlay hop minus what the pod behind it took
                     tunnel_ms.append(_ms(overlay[0]) - max(_ms(k) for k in inner))

@@ -2,7 +2,9 @@
 
 A hop is any span carrying ``hopscope.hop``. Hops are ordered by walking the span tree
 depth-first (children by start time), so a request's path reads top to bottom the way the
-packet travelled, even when clocks of different processes disagree slightly.
+packet travelled, even when clocks of different processes disagree slightly. The tree is
+the trace's, except that a hop reached through a NAT hop (kube-proxy, the overlay) is nested
+below it (:func:`logical_parent`): those hops forward the caller's trace context unchanged.
 """
 
 from __future__ import annotations
@@ -28,23 +30,67 @@ HOP_KINDS = (
 )
 
 
+VIA_ATTRIBUTE = "hopscope.via.span_id"
+"""Set by a sidecar from the ``x-hopscope-via`` header: the NAT hop the request came through."""
+
+
+def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
+    """The span this one hangs below in the journey.
+
+    NAT hops (kube-proxy, the overlay) pass the caller's trace context on unchanged, so the
+    callee's sidecar span is the caller's child in the trace (the CLIENT→SERVER pair service
+    graphs need) and a sibling of the NAT hop. The sidecar tags the NAT hop it came through
+    (``hopscope.via.span_id``); the journey nests it there, the way the packet went.
+    """
+    via = span.attributes.get(VIA_ATTRIBUTE)
+    if isinstance(via, str) and via != span.span_id and via in by_id:
+        return via
+    return span.parent_span_id
+
+
+def hop_kind(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
+    """The span's ``hopscope.hop``, or "" when it is not a hop of its own.
+
+    The ingress traces each upstream attempt as a CLIENT span below its SERVER span (the span
+    a service graph pairs with the next workload); both carry the ingress's tags, but the
+    attempt is part of the ingress hop, not a second one.
+    """
+    hop = str(span.attributes.get("hopscope.hop") or "")
+    if hop and span.kind == "client":
+        parent = by_id.get(span.parent_span_id)
+        if (
+            parent is not None
+            and parent.kind == "server"
+            and parent.attributes.get("hopscope.hop") == hop
+        ):
+            return ""
+    return hop
+
+
 def ordered_spans(spans: list[SpanRecord]) -> list[tuple[int, SpanRecord]]:
-    """All spans depth-first from the roots, with their depth."""
+    """All spans depth-first from the roots (over logical parents), with their depth."""
     by_id = {s.span_id: s for s in spans}
     children: dict[str, list[SpanRecord]] = defaultdict(list)
     roots: list[SpanRecord] = []
     for span in spans:
-        if span.parent_span_id and span.parent_span_id in by_id:
-            children[span.parent_span_id].append(span)
+        parent = logical_parent(span, by_id)
+        if parent and parent in by_id:
+            children[parent].append(span)
         else:
             roots.append(span)
     out: list[tuple[int, SpanRecord]] = []
+    seen: set[str] = set()
     stack = [(0, s) for s in sorted(roots, key=lambda s: s.start_ns, reverse=True)]
     while stack:
         depth, span = stack.pop()
+        if span.span_id in seen:
+            continue
+        seen.add(span.span_id)
         out.append((depth, span))
         kids = sorted(children.get(span.span_id, []), key=lambda s: s.start_ns, reverse=True)
         stack.extend((depth + 1, k) for k in kids)
+    # A malformed link (a cycle) must not hide spans: list the unreached ones as roots.
+    out.extend((0, s) for s in sorted(spans, key=lambda s: s.start_ns) if s.span_id not in seen)
     return out
 
 
@@ -133,16 +179,16 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
     def parent_hop(span: SpanRecord) -> str:
         """The nearest ancestor that is a hop (app client spans etc. are skipped)."""
         seen: set[str] = set()
-        cur = by_id.get(span.parent_span_id)
+        cur = by_id.get(logical_parent(span, by_id))
         while cur is not None and cur.span_id not in seen:
-            if cur.attributes.get("hopscope.hop"):
+            if hop_kind(cur, by_id):
                 return cur.span_id
             seen.add(cur.span_id)
-            cur = by_id.get(cur.parent_span_id)
+            cur = by_id.get(logical_parent(cur, by_id))
         return ""
 
     for depth, span in ordered_spans(spans):
-        hop = span.attributes.get("hopscope.hop")
+        hop = hop_kind(span, by_id)
         if not hop:
             continue
         src, dst = _src_dst(span)
@@ -229,6 +275,7 @@ def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
                 "duration_ms",
                 "span_id",
                 "parent_span_id",
+                "parent_hop_id",
             )
         }
         for h in hops
