@@ -231,6 +231,14 @@ DASHBOARDS = {
                 {"{{service}}": "sum by (service) (hopscope_kubeproxy_active_connections)"},
             ),
             ts(
+                "Request duration through kube-proxy p99 (exemplars link to the trace)",
+                {
+                    "{{namespace}}/{{service}}": "histogram_quantile(0.99, sum by (le, namespace, "
+                    "service) (rate(hopscope_kubeproxy_request_duration_seconds_bucket[1m])))"
+                },
+                unit="s",
+            ),
+            ts(
                 "Refused connections by reason",
                 {
                     "{{service}} {{reason}}": "sum by (service, reason) (rate(hopscope_kubeproxy_rejected_connections_total[1m]))"
