@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from mesh import addresses
-from mesh.model.controllers import MAX_ENDPOINTS_PER_SLICE, Cluster
+from mesh.model.controllers import MAX_ENDPOINTS_PER_SLICE, SERVICE_TYPES, Cluster
 from mesh.model.manifests import ManifestError, default_manifest_paths, load_manifests
-from mesh.model.types import ClusterState
+from mesh.model.types import ClusterState, ServiceType
 
 DEPLOYMENT = """\
 apiVersion: v1
@@ -240,3 +240,98 @@ def test_cni_and_coredns_config_maps_are_checked() -> None:
     assert dns_config(".:53 {\n  cache 30\n}\n", "x").ttl is None  # ttl outside the plugin
     with pytest.raises(ManifestError, match="ttl SECONDS"):
         dns_config("kubernetes cluster.local {\n  ttl 99999\n}", "x")
+
+
+# -- Service address allocation ---------------------------------------------------------
+
+
+def _service(tmp_path: Path, name: str, svc_type: str, spec: str = "") -> list:  # type: ignore[type-arg]
+    path = tmp_path / f"{name}-{svc_type}.yaml"
+    path.write_text(
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n"
+        f"spec:\n  type: {svc_type}\n  selector: {{app: web}}\n{spec}"
+        "  ports: [{port: 80, name: http}]\n"
+    )
+    return load_manifests([path])
+
+
+def test_every_service_type_has_one_entry_in_the_type_table() -> None:
+    assert set(SERVICE_TYPES) == set(ServiceType)
+
+
+def test_a_refused_service_leaks_no_address(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    cluster.apply(_service(tmp_path, "first", "NodePort"))
+    first = cluster.state.service("demo", "first")
+    assert first is not None and first.ports[0].node_port == 30000
+    taken = _service(tmp_path, "taken", "NodePort")
+    taken[0].ports[0].node_port = 30000
+    with pytest.raises(ManifestError, match="30000 is already allocated"):
+        cluster.apply(taken)
+    assert cluster.state.service("demo", "taken") is None
+    cluster.apply(_service(tmp_path, "second", "NodePort"))
+    second = cluster.state.service("demo", "second")
+    assert second is not None and first.cluster_ip and second.cluster_ip
+    # the refused Service's ClusterIP and ports went back to the pools
+    assert int(second.cluster_ip.rsplit(".", 1)[1]) == int(first.cluster_ip.rsplit(".", 1)[1]) + 1
+    assert second.ports[0].node_port == 30001
+
+
+def test_a_type_change_gives_back_what_the_old_type_held(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    local = "  externalTrafficPolicy: Local\n"
+    cluster.apply(_service(tmp_path, "lb", "LoadBalancer", local))
+    lb = cluster.state.service("demo", "lb")
+    assert lb is not None and lb.load_balancer_ingress == ["127.200.0.2"]
+    assert (lb.ports[0].node_port, lb.health_check_node_port) == (30000, 30001)
+    cluster.apply(_service(tmp_path, "lb", "LoadBalancer", local))  # an update keeps all
+    again = cluster.state.service("demo", "lb")
+    assert again is not None and again.cluster_ip == lb.cluster_ip
+    assert again.load_balancer_ingress == ["127.200.0.2"]
+    assert (again.ports[0].node_port, again.health_check_node_port) == (30000, 30001)
+    cluster.apply(_service(tmp_path, "lb", "ClusterIP"))
+    plain = cluster.state.service("demo", "lb")
+    assert plain is not None and plain.cluster_ip == lb.cluster_ip
+    assert plain.ports[0].node_port is None and plain.health_check_node_port is None
+    assert plain.load_balancer_ingress == []
+    cluster.apply(_service(tmp_path, "other", "LoadBalancer", local))
+    other = cluster.state.service("demo", "other")
+    assert other is not None and other.load_balancer_ingress == ["127.200.0.2"]
+    assert (other.ports[0].node_port, other.health_check_node_port) == (30000, 30001)
+    cluster.delete(_service(tmp_path, "other", "LoadBalancer"))
+    cluster.apply(_service(tmp_path, "name", "ExternalName", "  externalName: a.example\n"))
+    ext = cluster.state.service("demo", "name")
+    assert (
+        ext is not None and ext.cluster_ip is None and not cluster.state.slices_for("demo", "name")
+    )
+
+
+# -- workloads and apply ------------------------------------------------------------------
+
+
+def test_a_workload_no_node_can_run_is_refused_before_it_is_stored(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path, replicas=1)
+    path = tmp_path / "pinned.yaml"
+    path.write_text(
+        DEPLOYMENT.format(replicas=1)
+        .split("---")[1]
+        .replace("name: web,", "name: pinned,")
+        .replace("      containers:", "      nodeSelector: {disk: ssd}\n      containers:")
+    )
+    with pytest.raises(ManifestError, match="nodeSelector: no node matches"):
+        cluster.apply(load_manifests([path]))
+    assert [w.name for w in cluster.state.workloads] == ["web"]
+    assert "scaled to 2" in cluster.scale("demo", "web", 2)  # reconciling still works
+
+
+def test_objects_before_a_refused_one_are_applied_and_reconciled(tmp_path: Path) -> None:
+    cluster = Cluster()
+    version = cluster.state.resource_version
+    path = tmp_path / "demo.yaml"
+    path.write_text(DEPLOYMENT.format(replicas=2))
+    objects = load_manifests([path]) + _service(tmp_path, "bad", "NodePort")
+    objects[-1].ports[0].node_port = 80  # type: ignore[union-attr]
+    with pytest.raises(ManifestError, match=r"spec.ports\[0\].nodePort: 80 is outside"):
+        cluster.apply(objects)
+    assert len(cluster.state.pods) == 2 and cluster.state.service("demo", "bad") is None
+    assert cluster.state.slices_for("demo", "web") and cluster.state.resource_version > version

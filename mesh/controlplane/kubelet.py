@@ -1,7 +1,9 @@
 """The kubelet loop: start Pending pods, stop Terminating ones, probe, restart crashed ones.
 
-It runs for both nodes (one loop is enough for a two-node playground) and talks to the
-model only through the ``Cluster`` methods a real kubelet's status updates correspond to.
+It runs for both nodes (one loop is enough for a two-node playground), talks to the model
+only through the ``Cluster`` methods a real kubelet's status updates correspond to, and to
+the runtime only through :class:`~mesh.runtime.base.Runtime`. System components are
+restarted like static pods.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+from mesh.model.controllers import Cluster
 from mesh.model.types import Pod
-from mesh.runtime.local import LocalRuntime
+from mesh.runtime.base import ProcessStatus, Runtime, SystemComponent
 from mesh.runtime.probes import ProbeTracker, probe_pod
 
 log = logging.getLogger(__name__)
@@ -27,7 +31,9 @@ RESTART_BACKOFF = 1.0
 class Kubelet:
     """Drives pod lifecycle against the runtime on a background thread."""
 
-    def __init__(self, cluster: Any, runtime: LocalRuntime) -> None:
+    def __init__(
+        self, cluster: Cluster, runtime: Runtime, registry: CollectorRegistry = REGISTRY
+    ) -> None:
         self.cluster = cluster
         self.runtime = runtime
         self.trackers: dict[tuple[str, str], ProbeTracker] = {}
@@ -35,8 +41,24 @@ class Kubelet:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
         self._crashed_at: dict[str, float] = {}
-        self.system_processes: list[str] = []
-        """Add-on processes (DNS, kube-proxy, ingress) restarted like static pods."""
+        self.system_components: list[SystemComponent] = []
+        """Add-ons (DNS, data path, ingress, internet), restarted like static pods."""
+        self.started_pods = Counter(
+            "hopscope_kubelet_started_pods_total", "Pods the runtime started", registry=registry
+        )
+        self.start_errors_total = Counter(
+            "hopscope_kubelet_started_pods_errors_total",
+            "Attempts to start a pod that failed",
+            registry=registry,
+        )
+        self.restarts = Counter(
+            "hopscope_kubelet_restarted_containers_total",
+            "Exited containers and system components the kubelet restarted",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("container", "system"):
+            self.restarts.labels(kind)  # both series exist from the start, at 0
 
     def start(self) -> None:
         self._thread.start()
@@ -59,29 +81,32 @@ class Kubelet:
                 self._start(pod)
         for pod in self.cluster.pods_to_stop():
             self._stop_pod(pod)
-        for pod in self._running_pods():
+        for pod in self.cluster.running_pods():
             self._check_processes(pod)
             self._probe(pod)
         self._check_system()
 
     def _check_system(self) -> None:
-        for name in self.system_processes:
-            proc = self.runtime.processes.get(name)
-            if proc is None or proc.alive():
+        for component in self.system_components:
+            status = self.runtime.component_status(component)
+            if status is None or not self._restart_due(status, RESTART_BACKOFF / 2):
                 continue
-            crashed = self._crashed_at.setdefault(name, time.monotonic())
-            if time.monotonic() - crashed < RESTART_BACKOFF / 2:
-                continue
-            self._crashed_at.pop(name, None)
             log.warning(
                 "system component exited; restarting",
-                extra={"proc": name, "exit_code": proc.exit_code()},
+                extra={"proc": status.name, "exit_code": status.exit_code},
             )
-            self.runtime.processes.restart(name)
+            self.runtime.restart_component(component)
+            self.restarts.labels("system").inc()
 
-    def _running_pods(self) -> list[Pod]:
-        with self.cluster.lock:
-            return [p for p in self.cluster.state.pods if p.phase == "Running"]
+    def _restart_due(self, status: ProcessStatus, backoff: float) -> bool:
+        """Whether an exited container has waited out its back-off (and may restart now)."""
+        if status.running:
+            return False
+        crashed = self._crashed_at.setdefault(status.name, time.monotonic())
+        if time.monotonic() - crashed < backoff:
+            return False
+        self._crashed_at.pop(status.name, None)
+        return True
 
     def _start(self, pod: Pod) -> None:
         key = (pod.namespace, pod.name)
@@ -93,8 +118,10 @@ class Kubelet:
                 if key not in self.start_errors:
                     log.error("pod failed to start", extra={"pod": pod.name, "error": str(exc)})
                 self.start_errors[key] = str(exc)
+                self.start_errors_total.inc()
                 return
         self.start_errors.pop(key, None)
+        self.started_pods.inc()
         self.trackers[key] = ProbeTracker()
         self.cluster.set_pod_running(pod.namespace, pod.name)
         log.info("pod started", extra={"pod": pod.name, "ip": pod.ip, "node": pod.node})
@@ -106,20 +133,16 @@ class Kubelet:
         log.info("pod stopped", extra={"pod": pod.name})
 
     def _check_processes(self, pod: Pod) -> None:
-        for proc in self.runtime.pod_processes(pod):
-            if proc.alive():
+        for status in self.runtime.container_statuses(pod):
+            if not self._restart_due(status, RESTART_BACKOFF):
                 continue
-            crashed = self._crashed_at.setdefault(proc.name, time.monotonic())
-            if time.monotonic() - crashed < RESTART_BACKOFF:
-                continue
-            self._crashed_at.pop(proc.name, None)
             log.warning(
                 "container exited; restarting",
-                extra={"proc": proc.name, "exit_code": proc.exit_code()},
+                extra={"proc": status.name, "exit_code": status.exit_code},
             )
-            self.runtime.restart(proc.name)
-            with self.cluster.lock:
-                pod.restarts += 1
+            self.runtime.restart_container(status.name)
+            self.restarts.labels("container").inc()
+            self.cluster.count_restart(pod.namespace, pod.name)
             self.cluster.set_pod_ready(pod.namespace, pod.name, False)
 
     def _probe(self, pod: Pod) -> None:
@@ -128,7 +151,7 @@ class Kubelet:
         if not tracker.due(probe):
             return
         ok, error = probe_pod(pod)
-        if tracker.record(ok, error, probe) or pod.ready != tracker.ready:
+        if tracker.record(ok, probe) or pod.ready != tracker.ready:
             self.cluster.set_pod_ready(pod.namespace, pod.name, tracker.ready)
             log.info(
                 "pod readiness changed",

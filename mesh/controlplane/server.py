@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from prometheus_client import REGISTRY, CollectorRegistry
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from mesh import addresses
@@ -26,7 +27,8 @@ from mesh.controlplane.guard import Guard, create_tokens
 from mesh.controlplane.kubelet import Kubelet
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
-from mesh.runtime.local import LocalRuntime, SystemComponent
+from mesh.runtime.base import Runtime, SystemComponent
+from mesh.runtime.local import LocalRuntime
 from mesh.tracestore.store import TraceStore, budget_from_env
 
 log = logging.getLogger(__name__)
@@ -39,23 +41,28 @@ class StartupError(RuntimeError):
 
 
 class ControlPlane:
-    """Owns the model, the runtime and the API; one instance per running cluster."""
+    """Owns the model, the runtime and the API; one instance per running cluster.
+
+    Its metrics (API, trace store, kubelet) go on ``registry``, the process's default one
+    unless given."""
 
     def __init__(
         self,
         manifest_paths: list[Path],
         state_dir: Path,
         schema_checked: bool = False,
-        runtime: LocalRuntime | None = None,
+        runtime: Runtime | None = None,
         trace_store_budget: int | None = None,
+        registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.manifest_paths = manifest_paths
         self.schema_checked = schema_checked
         self.state_dir = state_dir
+        self.registry = registry
         self.cluster = Cluster()
-        self.store = TraceStore(trace_store_budget or budget_from_env())
+        self.store = TraceStore(trace_store_budget or budget_from_env(), registry=registry)
         self.runtime = runtime or LocalRuntime(state_dir, API_URL, API_URL)
-        self.kubelet = Kubelet(self.cluster, self.runtime)
+        self.kubelet = Kubelet(self.cluster, self.runtime, registry=registry)
         self.components: list[SystemComponent] = []
         self.ready_at: float | None = None
         self.started_at = time.time()
@@ -69,21 +76,12 @@ class ControlPlane:
         objects = load_manifests(self.manifest_paths, schema=not self.schema_checked)
         self._start_api()
         progress(f"control plane API on {API_URL}")
-        self.components.append(self.runtime.start_cluster_dns())
-        self.components.append(self.runtime.start_kube_proxy())
-        self.components.append(self.runtime.start_cni())
-        self.components.append(self.runtime.start_internet())
+        self.components.extend(self.runtime.start_system_components())
         changes = self.cluster.apply(objects)
         for change in changes:
             progress(change)
         self.components.append(self.runtime.start_ingress(self.cluster.state))
-        self.kubelet.system_processes = [
-            "kube-system/cluster-dns",
-            "kube-system/kube-proxy",
-            "kube-system/cni",
-            "internet/payments",
-            "hopscope-system/ingress-envoy",
-        ]
+        self.kubelet.system_components = list(self.components)
         self.kubelet.start()
 
     def _start_api(self) -> None:
@@ -95,7 +93,9 @@ class ControlPlane:
             addresses.CONTROL_PLANE_PORT,
             is_pod_ip=self._is_pod_ip,
         )
-        app = create_app(self.cluster, self.store, self.status, actions=self, guard=guard)
+        app = create_app(
+            self.cluster, self.store, self.status, actions=self, registry=self.registry, guard=guard
+        )
         try:
             self._server = make_server(
                 addresses.CONTROL_PLANE_IP, addresses.CONTROL_PLANE_PORT, app, threaded=True
@@ -197,14 +197,10 @@ class ControlPlane:
         }
 
     def _component_status(self, comp: SystemComponent) -> dict[str, Any]:
-        proc = (
-            self.runtime.processes.get(comp.process)
-            or self.runtime.processes.get(f"kube-system/{comp.name}")
-            or self.runtime.processes.get(f"hopscope-system/{comp.name}")
-        )
+        proc = self.runtime.component_status(comp)
         ready = False
-        external = comp.process == "external"
-        if (external or (proc is not None and proc.alive())) and comp.ready_url:
+        external = comp.process is None
+        if (external or (proc is not None and proc.running)) and comp.ready_url:
             try:
                 ready = requests.get(comp.ready_url, timeout=0.5).status_code == 200
             except requests.RequestException:
@@ -215,7 +211,7 @@ class ControlPlane:
             "ready": ready,
             "pid": proc.pid if proc else None,
             "restarts": proc.restarts if proc else 0,
-            "log": str(proc.log_path) if proc else None,
+            "log": str(proc.log_path) if proc and proc.log_path else None,
         }
 
     # -- pod actions (``hopscope ready pod``, ``kill pod``, ``scale``) ------------------------

@@ -8,8 +8,9 @@ join that namespace (``network_mode: container:<pause>``), as a kubelet with a C
 Every container carries labels naming its project, namespace, pod, node and role, so a
 restarted control plane (or ``docker compose down``) finds and removes what is left.
 
-Cluster DNS, kube-proxy and the CNI emulator stay processes of the control-plane container
-(inherited from :class:`LocalRuntime`): they are the node's own data path.
+Cluster DNS and the data path (kube-proxy, the CNI emulator) stay processes of the
+control-plane container (:class:`~mesh.runtime.system.SystemProcesses`, as in the local
+runtime): they are the node's own services.
 
 ``python -m mesh.runtime.docker healthcheck`` is the control-plane container's health: it
 turns healthy only once a request through the ingress has succeeded, so ``docker compose
@@ -27,13 +28,16 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesh import addresses
 from mesh.model.types import ClusterState, Container, Pod
-from mesh.runtime.local import LocalRuntime, SystemComponent
+from mesh.runtime.base import ProcessStatus, Runtime, SystemComponent
+from mesh.runtime.datapath import DataPath, UserspaceDataPath
+from mesh.runtime.environment import container_env
+from mesh.runtime.processes import ProcessSupervisor
+from mesh.runtime.system import SystemProcesses
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +52,7 @@ SIDECAR_MEMORY = "96m"
 PAUSE_MEMORY = "16m"
 
 
-@dataclass
-class ContainerProc:
-    """A container seen the way the kubelet sees a process: alive or not, exit code."""
-
-    name: str
-    runtime: DockerRuntime
-
-    def _state(self) -> dict[str, Any]:
-        try:
-            container = self.runtime.client.containers.get(self.name)
-        except Exception:
-            return {"Running": False, "ExitCode": None}
-        return dict(container.attrs.get("State") or {})
-
-    def alive(self) -> bool:
-        return bool(self._state().get("Running"))
-
-    def exit_code(self) -> int | None:
-        code = self._state().get("ExitCode")
-        return int(code) if code is not None else None
-
-
-class DockerRuntime(LocalRuntime):
+class DockerRuntime(Runtime):
     """Pods as containers; system components as processes of the control-plane container."""
 
     def __init__(
@@ -81,11 +63,19 @@ class DockerRuntime(LocalRuntime):
         image: str,
         project: str = "hopscope",
         node_networks: dict[str, str] | None = None,
+        data_path: DataPath | None = None,
     ) -> None:
         import docker
 
-        super().__init__(state_dir, api_url, otlp_endpoint)
-        self.system_otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or api_url
+        self.otlp_endpoint = otlp_endpoint
+        """Where pods send OTLP; ``{node_ip}``/``{node_net}`` are filled in per node."""
+        self.processes = ProcessSupervisor(state_dir / "logs")
+        self.system = SystemProcesses(
+            self.processes,
+            api_url,
+            os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or api_url,
+            data_path or UserspaceDataPath(),
+        )
         self.client = docker.from_env(timeout=60)
         self.image = image
         self.project = project
@@ -245,11 +235,10 @@ class DockerRuntime(LocalRuntime):
         return argv
 
     def _container_env(self, pod: Pod, container: Container) -> dict[str, str]:
-        env = super()._container_env(pod, container)
+        env = container_env(pod, container, self.otlp_for(pod.node))
         for key in ("PATH", "HOME", "VIRTUAL_ENV", "PYTHONPATH", "TMPDIR"):
             env.pop(key, None)  # the image's own
         env["HOPSCOPE_ADDRESS_PLAN"] = addresses.PLAN
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_for(pod.node)
         if os.environ.get("HOPSCOPE_OTLP_LOGS"):
             env["HOPSCOPE_OTLP_LOGS"] = os.environ["HOPSCOPE_OTLP_LOGS"]
         return env
@@ -269,16 +258,23 @@ class DockerRuntime(LocalRuntime):
                     "could not remove container", extra={"name": container.name, "error": str(exc)}
                 )
 
-    def pod_processes(self, pod: Pod) -> list[Any]:
+    def container_statuses(self, pod: Pod) -> list[ProcessStatus]:
         names = [self._name(pod, c.name) for c in pod.containers]
         if pod.has_sidecar:
             names.append(self._name(pod, "envoy"))
-        return [ContainerProc(n, self) for n in names]
+        return [self._container_status(n) for n in names]
 
-    def restart(self, name: str) -> None:
-        if self.processes.get(name) is not None:
-            super().restart(name)
-            return
+    def _container_status(self, name: str) -> ProcessStatus:
+        try:
+            state = self.client.containers.get(name).attrs.get("State") or {}
+        except Exception:
+            state = {}
+        code = state.get("ExitCode")
+        return ProcessStatus(
+            name, bool(state.get("Running")), int(code) if code is not None else None
+        )
+
+    def restart_container(self, name: str) -> None:
         try:
             self.client.containers.get(name).restart(timeout=2)
         except Exception as exc:
@@ -286,12 +282,12 @@ class DockerRuntime(LocalRuntime):
 
     # -- system components -----------------------------------------------------------------
 
-    def start_internet(self) -> SystemComponent:
-        """payments.example.net is a compose service on the external network."""
+    def start_system_components(self) -> list[SystemComponent]:
+        """DNS and the data path as processes; payments.example.net is a compose service on
+        the external network, not ours to start."""
         host = addresses.EXTERNAL_HOSTS["payments.example.net."]
-        return SystemComponent(
-            "payments.example.net", "internet", f"http://{host}:8080/health", "external"
-        )
+        internet = SystemComponent("payments.example.net", "internet", f"http://{host}:8080/health")
+        return [*self.system.start(), internet]
 
     def start_ingress(self, state: ClusterState) -> SystemComponent:
         """The ingress controller pod: Envoy on the ingress address, published on 127.0.0.1."""
@@ -324,10 +320,10 @@ class DockerRuntime(LocalRuntime):
         ]
         self._join(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
         url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
-        return SystemComponent("ingress-envoy", "ingress", url, "external")
+        return SystemComponent("ingress-envoy", "ingress", url)
 
     def shutdown(self) -> None:
-        super().shutdown()
+        self.processes.stop_all()
         self.remove_leftovers()
 
 

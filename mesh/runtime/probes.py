@@ -29,16 +29,14 @@ class ProbeTracker:
     successes: int = 0
     failures: int = 0
     last_probe: float = 0.0
-    last_error: str = ""
     first_ready_at: float | None = None
     started: float = field(default_factory=time.monotonic)
 
-    def record(self, ok: bool, error: str, probe: Probe | None) -> bool:
+    def record(self, ok: bool, probe: Probe | None) -> bool:
         """Record one result; return whether readiness changed."""
         success_threshold = probe.success_threshold if probe else 1
         failure_threshold = probe.failure_threshold if probe else 3
         self.last_probe = time.monotonic()
-        self.last_error = error
         before = self.ready
         if ok:
             self.successes, self.failures = self.successes + 1, 0

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ class ChildProcess:
     env: dict[str, str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
     restarts: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -65,12 +63,10 @@ class ProcessSupervisor:
         self.children: dict[str, ChildProcess] = {}
         self._lock = threading.Lock()
 
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str], labels: dict[str, str] | None = None
-    ) -> ChildProcess:
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> ChildProcess:
         log_path = self.log_dir / f"{name.replace('/', '_')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        child = ChildProcess(name, argv, env, log_path, labels=labels or {})
+        child = ChildProcess(name, argv, env, log_path)
         self._spawn(child)
         with self._lock:
             self.children[name] = child
@@ -89,7 +85,6 @@ class ProcessSupervisor:
                 # which then stops its children in order (apps before sidecars).
                 process_group=0,
             )
-        child.started_at = time.time()
         log.info("started process", extra={"proc": child.name, "pid": child.pid})
 
     def restart(self, name: str) -> ChildProcess | None:
@@ -138,10 +133,6 @@ class ProcessSupervisor:
     def get(self, name: str) -> ChildProcess | None:
         with self._lock:
             return self.children.get(name)
-
-    def all(self) -> list[ChildProcess]:
-        with self._lock:
-            return list(self.children.values())
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -1,0 +1,103 @@
+"""The runtime interface: what the kubelet and the control plane ask of a runtime.
+
+Two runtimes implement :class:`Runtime`: :class:`~mesh.runtime.local.LocalRuntime` (pods
+are processes on loopback addresses) and :class:`~mesh.runtime.docker.DockerRuntime` (pods
+are containers sharing a pause container's network namespace). Neither derives from the
+other; what they share sits in small parts both hold:
+
+* :mod:`mesh.runtime.environment` — the environment a pod's containers get;
+* :mod:`mesh.runtime.system` — cluster DNS and the data path as supervised processes
+  (every runtime has one as ``system``; :class:`Runtime` reports and restarts components
+  through it);
+* :mod:`mesh.runtime.datapath` — the data-path seam: which component starts kube-proxy and
+  the CNI (today the userspace relays).
+
+Containers and system components are reported as :class:`ProcessStatus`, the way a CRI's
+``ContainerStatus`` reports a container, so the kubelet never sees processes or containers.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mesh.model.types import ClusterState, Pod
+
+if TYPE_CHECKING:
+    from mesh.runtime.system import SystemProcesses
+
+
+@dataclass(frozen=True)
+class SystemComponent:
+    """A cluster add-on (DNS, kube-proxy, CNI, ingress, the playground internet) and how to
+    tell it is ready."""
+
+    name: str
+    kind: str
+    ready_url: str | None = None
+    process: str | None = None
+    """Its process's name under the runtime's supervisor; ``None`` when it is not a process
+    of ours (a container, a compose service): then only ``ready_url`` counts."""
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    """A container or system process as the kubelet sees it."""
+
+    name: str
+    """The runtime's name for it; :meth:`Runtime.restart_container` takes this."""
+    running: bool
+    exit_code: int | None = None
+    pid: int | None = None
+    restarts: int = 0
+    log_path: Path | None = None
+
+
+class Runtime(abc.ABC):
+    """Starts and stops pods and the cluster's own components."""
+
+    system: SystemProcesses
+    """The components that run as processes of the control plane (DNS, the data path)."""
+
+    # -- pods ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def start_pod(self, pod: Pod, state: ClusterState) -> None:
+        """Start the pod's containers (and its Envoy sidecar); raise if it cannot start."""
+
+    @abc.abstractmethod
+    def stop_pod(self, pod: Pod) -> None:
+        """Stop and remove the pod's containers; the app goes before its sidecar."""
+
+    @abc.abstractmethod
+    def container_statuses(self, pod: Pod) -> list[ProcessStatus]:
+        """The pod's containers (sidecar included) that the runtime knows of."""
+
+    @abc.abstractmethod
+    def restart_container(self, name: str) -> None:
+        """Restart a container that exited, by its :attr:`ProcessStatus.name`."""
+
+    # -- system components ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def start_system_components(self) -> list[SystemComponent]:
+        """Start cluster DNS, the data path (kube-proxy, CNI) and the servers outside the
+        cluster; return them in that order."""
+
+    @abc.abstractmethod
+    def start_ingress(self, state: ClusterState) -> SystemComponent:
+        """Start the ingress controller's Envoy for the Ingresses in ``state``."""
+
+    def component_status(self, component: SystemComponent) -> ProcessStatus | None:
+        """The component's process; ``None`` when it is not a process of this runtime."""
+        return self.system.status(component)
+
+    def restart_component(self, component: SystemComponent) -> None:
+        """Restart a system component whose process exited."""
+        self.system.restart(component)
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop everything this runtime started."""
