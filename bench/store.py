@@ -7,10 +7,13 @@ and Envoy send them, and replayed with fresh trace ids:
 
 1. **in process** — a store is filled through the receiver's decode path; ``tracemalloc``
    measures what each held span really costs, next to what the store itself accounts.
-2. **receiver process** — a child process serves the control plane's API app (receiver +
-   store, ``--receiver-budget``) on a real socket; protobuf, gzip protobuf and JSON bodies are
-   posted to ``/v1/traces`` and the child's CPU time (from /proc) per span is reported; then
-   the store is filled past its budget and the child's RSS read (empty vs full).
+2. **receiver process** — a child process serves the control plane's receiver + store
+   (``--receiver-budget``) on real sockets, on both of its listeners: the OTLP receiver's
+   own (``mesh.otlp.server``, what the cluster's components send to) and the API app's
+   ``/v1/traces`` (werkzeug + Flask). For each listener, protobuf, gzip protobuf and JSON
+   bodies are posted to ``/v1/traces`` and the child's CPU time (from /proc) per span is
+   reported, for the replayed bodies and for small bodies of 8 spans (the size of a busy
+   Envoy's 200 ms flush); then the store is filled past its budget and the child's RSS read.
 3. **control plane** — while the cluster still runs, its own store (default budget, or
    ``--budget``) is filled the same way and the control plane's steady-state RSS read.
 
@@ -248,12 +251,15 @@ def _tree_rss(pid: int) -> float:
 
 
 def serve(budget: str) -> None:
-    """Child process: the control plane's API app (receiver + store) on an ephemeral port."""
+    """Child process: the control plane's receiver + store: the API app and the OTLP
+    receiver's own listener, each on an ephemeral port (printed: ``api_port otlp_port``)."""
     import logging
 
+    from prometheus_client import CollectorRegistry
     from werkzeug.serving import make_server
 
     from mesh.controlplane.api import create_app
+    from mesh.otlp.pipeline import TelemetryPipeline
     from mesh.tracestore.store import TraceStore, parse_size
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # as in the control plane
@@ -269,9 +275,12 @@ def serve(budget: str) -> None:
     def status() -> dict[str, Any]:
         return {"trace_store": store.stats()}
 
-    app = create_app(_NoCluster(), store, status=status)
+    registry = CollectorRegistry()
+    pipeline = TelemetryPipeline(store, registry, host="127.0.0.1", port=0)
+    pipeline.start()
+    app = create_app(_NoCluster(), store, status=status, registry=registry, pipeline=pipeline)
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    print(server.server_port, flush=True)
+    print(server.server_port, pipeline.server.port, flush=True)
     server.serve_forever()
 
 
@@ -288,45 +297,16 @@ def receiver_process(replay: Replay, budget: str, spans_per_encoding: int) -> di
     )
     try:
         assert child.stdout is not None
-        port = int(child.stdout.readline())
-        base = f"http://127.0.0.1:{port}"
+        api_port, otlp_port = map(int, child.stdout.readline().split())
+        base = f"http://127.0.0.1:{api_port}"
         proc = psutil.Process(child.pid)
         time.sleep(0.5)
         out: dict[str, Any] = {"rss_empty_mib": round(_tree_rss(child.pid) / 2**20, 1)}
-        session = requests.Session()
-        encodings: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
-            "protobuf": ("application/x-protobuf", lambda b: b, ""),
-            "gzip_protobuf": ("application/x-protobuf", gzip.compress, "gzip"),
-            "json": ("application/json", to_otlp_json, ""),
-            "gzip_json": ("application/json", lambda b: gzip.compress(to_otlp_json(b)), "gzip"),
-        }
-        errors = {}
-        for name, (ctype, encode, encoding) in encodings.items():
-            bodies: list[tuple[bytes, int]] = []
-            for round_ in replay.rounds():
-                bodies += [(encode(b), n) for b, n in round_]
-                if sum(n for _, n in bodies) >= spans_per_encoding:
-                    break
-            headers = {"Content-Type": ctype}
-            if encoding:
-                headers["Content-Encoding"] = encoding
-            before = _cpu(proc)
-            spans = 0
-            for body, count in bodies:
-                resp = session.post(f"{base}/v1/traces", data=body, headers=headers, timeout=30)
-                if resp.status_code != 200:
-                    errors[name] = f"{resp.status_code}: {resp.text[:160]!r}"
-                    break
-                spans += count
-            else:
-                out[f"ingest_cpu_us_per_span_{name}"] = round(
-                    (_cpu(proc) - before) / spans * 1e6, 2
-                )
-        empty = ExportTraceServiceRequest().SerializeToString()
-        before = _cpu(proc)
-        for _ in range(200):
-            session.post(f"{base}/v1/traces", data=empty, headers={"Content-Type": PROTOBUF_TYPE})
-        out["cpu_ms_per_request_without_spans"] = round((_cpu(proc) - before) / 200 * 1e3, 3)
+        errors: dict[str, str] = {}
+        for listener, port in (("otlp_listener", otlp_port), ("api", api_port)):
+            out[listener] = _ingest_cpu(
+                proc, f"http://127.0.0.1:{port}", replay, spans_per_encoding, errors
+            )
         out["spans_per_body"] = round(replay.spans / len(replay.bodies), 1)
         sent = fill(base, replay, _full)
         gc.collect()
@@ -351,6 +331,78 @@ def receiver_process(replay: Replay, budget: str, spans_per_encoding: int) -> di
     finally:
         child.terminate()
         child.wait(timeout=10)
+
+
+def _small_bodies(replay: Replay, per_body: int, spans_wanted: int) -> list[tuple[bytes, int]]:
+    """Replayed spans re-cut into bodies of ``per_body`` spans (one resource each)."""
+    out: list[tuple[bytes, int]] = []
+    for round_ in replay.rounds():
+        for body, _n in round_:
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for rs in request.resource_spans:
+                spans = [s for ss in rs.scope_spans for s in ss.spans]
+                for i in range(0, len(spans), per_body):
+                    small = ExportTraceServiceRequest()
+                    part = small.resource_spans.add()
+                    part.resource.CopyFrom(rs.resource)
+                    part.scope_spans.add().spans.extend(spans[i : i + per_body])
+                    out.append((small.SerializeToString(), len(spans[i : i + per_body])))
+        if sum(n for _, n in out) >= spans_wanted:
+            return out
+    return out
+
+
+def _ingest_cpu(
+    proc: psutil.Process, base: str, replay: Replay, spans_per_encoding: int, errors: dict[str, str]
+) -> dict[str, Any]:
+    """Receiver CPU per span on one listener, per encoding and for small bodies."""
+    out: dict[str, Any] = {}
+    session = requests.Session()
+    encodings: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
+        "protobuf": ("application/x-protobuf", lambda b: b, ""),
+        "gzip_protobuf": ("application/x-protobuf", gzip.compress, "gzip"),
+        "json": ("application/json", to_otlp_json, ""),
+        "gzip_json": ("application/json", lambda b: gzip.compress(to_otlp_json(b)), "gzip"),
+    }
+    cases = {
+        name: ([(encode(b), n) for b, n in _first_bodies(replay, spans_per_encoding)], ctype, enc)
+        for name, (ctype, encode, enc) in encodings.items()
+    }
+    cases["protobuf_8_spans_per_body"] = (
+        _small_bodies(replay, 8, spans_per_encoding // 4),
+        PROTOBUF_TYPE,
+        "",
+    )
+    for name, (bodies, ctype, encoding) in cases.items():
+        headers = {"Content-Type": ctype}
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        before = _cpu(proc)
+        spans = 0
+        for body, count in bodies:
+            resp = session.post(f"{base}/v1/traces", data=body, headers=headers, timeout=30)
+            if resp.status_code != 200:
+                errors[f"{base}.{name}"] = f"{resp.status_code}: {resp.text[:160]!r}"
+                break
+            spans += count
+        else:
+            out[f"ingest_cpu_us_per_span_{name}"] = round((_cpu(proc) - before) / spans * 1e6, 2)
+    empty = ExportTraceServiceRequest().SerializeToString()
+    before = _cpu(proc)
+    for _ in range(200):
+        session.post(f"{base}/v1/traces", data=empty, headers={"Content-Type": PROTOBUF_TYPE})
+    out["cpu_ms_per_request_without_spans"] = round((_cpu(proc) - before) / 200 * 1e3, 3)
+    return out
+
+
+def _first_bodies(replay: Replay, spans_wanted: int) -> list[tuple[bytes, int]]:
+    bodies: list[tuple[bytes, int]] = []
+    for round_ in replay.rounds():
+        bodies += round_
+        if sum(n for _, n in bodies) >= spans_wanted:
+            break
+    return bodies
 
 
 # -- in process, with tracemalloc -----------------------------------------------------------
@@ -493,9 +545,15 @@ def main() -> int:
     summary = {
         "bytes_per_span_resident": result.get("in_process", {}).get("bytes_per_span_tracemalloc"),
         "bytes_per_span_rss": result.get("receiver_process", {}).get("bytes_per_span_rss"),
-        "ingest_cpu_us_per_span": result.get("receiver_process", {}).get(
-            "ingest_cpu_us_per_span_protobuf"
-        ),
+        "ingest_cpu_us_per_span": result.get("receiver_process", {})
+        .get("otlp_listener", {})
+        .get("ingest_cpu_us_per_span_protobuf"),
+        "ingest_cpu_us_per_span_8_per_body": result.get("receiver_process", {})
+        .get("otlp_listener", {})
+        .get("ingest_cpu_us_per_span_protobuf_8_spans_per_body"),
+        "ingest_cpu_us_per_span_api_port": result.get("receiver_process", {})
+        .get("api", {})
+        .get("ingest_cpu_us_per_span_protobuf"),
         "control_plane_rss_full_mib": result.get("control_plane", {}).get("rss_full_mib"),
     }
     result["summary"] = summary

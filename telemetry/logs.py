@@ -64,8 +64,9 @@ with the trace and span id of the span it was written in."""
 def _otlp_handler(static: dict[str, Any]) -> logging.Handler:
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
     from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
-    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
     from opentelemetry.sdk.resources import Resource
+
+    from telemetry.export_counts import CountingBatchLogRecordProcessor, default_counters
 
     endpoint = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/logs"
     name = os.environ.get("OTEL_SERVICE_NAME") or str(static.get("component", "hopscope"))
@@ -78,7 +79,10 @@ def _otlp_handler(static: dict[str, Any]) -> logging.Handler:
         if os.environ.get(env):
             resource[key] = os.environ[env]
     provider = LoggerProvider(resource=Resource.create(resource))
-    provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(endpoint=endpoint)))
+    exporter = OTLPLogExporter(endpoint=endpoint, timeout=5)
+    provider.add_log_record_processor(
+        CountingBatchLogRecordProcessor(exporter, default_counters().log_records)
+    )
     handler = LoggingHandler(level=logging.INFO, logger_provider=provider)
     handler.addFilter(_mark_app_record)
     return handler

@@ -7,8 +7,10 @@ import os
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from telemetry.export_counts import CountingBatchSpanProcessor, ExportCounters, default_counters
 
 OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 """Base URL of the OTLP/HTTP receiver; traces go to ``<base>/v1/traces``. Default: unset,
@@ -25,11 +27,14 @@ def setup_tracing(
     processors: list[SpanProcessor] | None = None,
     set_global: bool = True,
     sample_ratio: float | None = None,
+    counters: ExportCounters | None = None,
 ) -> TracerProvider:
     """Build a TracerProvider for one process.
 
     ``exporter`` overrides the OTLP exporter (tests pass an in-memory one). Spans are
-    exported with a short batch delay so ``hopscope trace --last`` finds them quickly.
+    exported with a short batch delay so ``hopscope trace --last`` finds them quickly, and
+    counted by outcome on ``counters`` (default: the process's ``/metrics`` registry) as
+    ``hopscope_otel_exported_spans_total{outcome="sent|failed|dropped"}``.
     """
     resource = Resource.create({"service.name": service_name, **(attributes or {})})
     sampler = None
@@ -43,8 +48,11 @@ def setup_tracing(
         exporter = _otlp_exporter_from_env()
     if exporter is not None:
         delay = int(os.environ.get(HOPSCOPE_EXPORT_DELAY_MS, "200"))
+        counter = (counters or default_counters()).spans
         provider.add_span_processor(
-            BatchSpanProcessor(exporter, schedule_delay_millis=delay, max_export_batch_size=256)
+            CountingBatchSpanProcessor(
+                exporter, counter, schedule_delay_millis=delay, max_export_batch_size=256
+            )
         )
     if set_global:
         trace.set_tracer_provider(provider)

@@ -65,10 +65,26 @@ def _validate(paths: list[Path]) -> None:
     help="Memory the embedded trace store may use, e.g. 256MiB or 64MB; the oldest traces "
     "are evicted beyond it. Default: $HOPSCOPE_TRACE_STORE_BUDGET, else 256MiB.",
 )
-def up(paths: tuple[Path, ...], detach: bool, timeout: float, budget: int | None) -> None:
+@click.option(
+    "--otlp-endpoint",
+    "otlp_endpoint",
+    metavar="URL",
+    default=None,
+    help="Also send every component's traces, logs and metrics to this OTLP/HTTP endpoint "
+    "(e.g. http://127.0.0.1:4318), as well as to the embedded store. "
+    "Default: $OTEL_EXPORTER_OTLP_ENDPOINT; headers from $OTEL_EXPORTER_OTLP_HEADERS.",
+)
+def up(
+    paths: tuple[Path, ...],
+    detach: bool,
+    timeout: float,
+    budget: int | None,
+    otlp_endpoint: str | None,
+) -> None:
     """Start the local cluster: pods with Envoy sidecars, ingress, kube-proxy, DNS, trace store."""
     manifests = [p.resolve() for p in paths] or [DEFAULT_MANIFESTS]
     _validate(manifests)
+    _forwarding_env(otlp_endpoint)
     client = APIClient()
     if client.running():
         raise click.ClickException(
@@ -80,6 +96,31 @@ def up(paths: tuple[Path, ...], detach: bool, timeout: float, budget: int | None
         _up_detached(manifests, home, timeout, client, budget)
     else:
         _up_foreground(manifests, home, timeout, budget)
+
+
+def _forwarding_env(option: str | None) -> None:
+    """Tell the control plane (our child, or this process in the foreground) where to
+    forward: ``--otlp-endpoint``, else the standard ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
+    from mesh.otlp.forward import check_endpoint, parse_headers
+    from mesh.otlp.pipeline import FORWARD_ENDPOINT, FORWARD_HEADERS, LOGS_ENV
+
+    endpoint = option or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    headers = os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", "")
+    if not endpoint.strip():
+        for name in (FORWARD_ENDPOINT, FORWARD_HEADERS, LOGS_ENV):
+            os.environ.pop(name, None)
+        return
+    source = "--otlp-endpoint" if option else "OTEL_EXPORTER_OTLP_ENDPOINT"
+    try:
+        os.environ[FORWARD_ENDPOINT] = check_endpoint(endpoint)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=source) from None
+    try:
+        parse_headers(headers)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="OTEL_EXPORTER_OTLP_HEADERS") from None
+    os.environ[FORWARD_HEADERS] = headers
+    os.environ[LOGS_ENV] = "1"  # components ship their log records to the receiver too
 
 
 def _budget(value: str | None) -> int | None:
@@ -180,6 +221,9 @@ def _print_ready(status: dict[str, Any], home: Path) -> None:
     # like Jupyter: the URL with the token signs the browser in (a same-site session cookie)
     login = f"login?token={token}" if token else ""
     console.print(f"  explorer    {status['api']}/{login}", soft_wrap=True)
+    forward = (status.get("otlp_receiver") or {}).get("forward_endpoint")
+    if forward:
+        console.print(f"  telemetry   also sent to {forward} (traces, logs, metrics)")
     console.print("  try         hopscope curl http://shop.local/   then   hopscope trace --last")
 
 

@@ -5,7 +5,11 @@ One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
 * ``GET  /api/v1/state[?after=N&timeout=S]`` — the ClusterState; long-polls with ``after``.
 * ``GET  /api/v1/status`` — component and pod readiness (``hopscope status``).
 * ``POST /v1/traces`` — OTLP/HTTP trace export (protobuf or JSON, gzip or not), into the
-  trace store.
+  trace store. The cluster's components send to the receiver's own listener
+  (:mod:`mesh.otlp`, port 4318); this path stays for senders outside the cluster that know
+  only the API (the compose stack's Collector).
+* ``GET|POST /api/v1/debug/receiver`` — whether the OTLP receiver runs; ``{"running": false}``
+  stops it alone (to watch telemetry loss being counted), ``true`` starts it again.
 * ``GET  /api/v1/traces`` and ``/api/v1/traces/<id>`` — recent traces, one trace's hops.
 * ``GET  /metrics`` — the control plane's own Prometheus metrics.
 """
@@ -13,15 +17,19 @@ One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from mesh.controlplane.guard import Guard
+from mesh.otlp.intake import Intake
 from mesh.tracestore.hops import build_hops, trace_view, verdict
-from mesh.tracestore.receiver import MAX_BODY_BYTES, PROTOBUF, error_answer, receive
+from mesh.tracestore.receiver import MAX_BODY_BYTES, PROTOBUF, error_answer
 from mesh.tracestore.store import TraceStore
+
+if TYPE_CHECKING:
+    from mesh.otlp.pipeline import TelemetryPipeline
 
 bp = Blueprint("api", __name__)
 
@@ -43,11 +51,13 @@ def create_app(
     actions: Any = None,
     registry: CollectorRegistry | None = None,
     guard: Guard | None = None,
+    pipeline: TelemetryPipeline | None = None,
 ) -> Flask:
     """Build the API app around a ``Cluster``, a ``TraceStore`` and a status callback.
 
     ``guard`` decides who may change state (token, Host and Origin checks); the control
-    plane always passes one, tests of the read side may leave it out.
+    plane always passes one, tests of the read side may leave it out. ``pipeline`` is the
+    OTLP receiver on its own listener; without one, ``/v1/traces`` here is the only way in.
     """
     app = Flask(__name__)
     if guard is not None:
@@ -55,10 +65,9 @@ def create_app(
     app.config.update(CLUSTER=cluster, STORE=store, STATUS=status, ACTIONS=actions)
     registry = registry or CollectorRegistry()
     app.config["REGISTRY"] = registry
-    app.config["SPANS"] = Counter(
-        "hopscope_otlp_spans_received_total", "Spans received over OTLP", registry=registry
-    )
     registry.register(_ClusterCollector(cluster))
+    app.config["PIPELINE"] = pipeline
+    app.config["INTAKE"] = pipeline.intake if pipeline is not None else Intake(store, registry)
     app.register_blueprint(bp)
     from mesh.controlplane.explorer import explorer
 
@@ -136,15 +145,32 @@ def otlp_traces() -> Response:
         answer = error_answer(413, "export too large", PROTOBUF)
     else:
         body = request.stream.read(MAX_BODY_BYTES + 1)
-        answer = receive(
-            current_app.config["STORE"],
+        answer = current_app.config["INTAKE"].handle(
+            "traces",
             body,
             request.headers.get("Content-Type"),
             request.headers.get("Content-Encoding"),
         )
-    if answer.spans:
-        current_app.config["SPANS"].inc(answer.spans)
     return Response(answer.body, status=answer.status, content_type=answer.content_type)
+
+
+@bp.route("/api/v1/debug/receiver", methods=["GET", "POST"])
+def debug_receiver() -> Response:
+    """The OTLP receiver's state; POST ``{"running": false|true}`` stops or starts it alone."""
+    pipeline: TelemetryPipeline | None = current_app.config["PIPELINE"]
+    if pipeline is None:
+        raise APIError(501, "this control plane has no OTLP receiver of its own")
+    if request.method == "POST":
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("running"), bool):
+            raise APIError(400, 'body must be {"running": true|false}')
+        try:
+            pipeline.set_running(body["running"])
+        except OSError as exc:
+            raise APIError(
+                500, f"cannot start the OTLP receiver on {pipeline.url}: {exc}"
+            ) from None
+    return jsonify(pipeline.status())
 
 
 @bp.get("/api/v1/traces")
@@ -248,11 +274,16 @@ def scale(namespace: str, name: str) -> Response:
 @bp.get("/api/v1/sd/prometheus")
 def prometheus_targets() -> Response:
     """Prometheus HTTP service discovery: every app's /metrics and every Envoy's stats."""
+    return jsonify(prometheus_sd_groups(current_app.config["CLUSTER"]))
+
+
+def prometheus_sd_groups(cluster: Any) -> list[dict[str, Any]]:
+    """The cluster's scrape targets as Prometheus HTTP service-discovery groups."""
     from mesh import addresses
     from mesh.model.types import ClusterState
 
-    state = ClusterState.from_dict(current_app.config["CLUSTER"].snapshot())
-    groups = []
+    state = ClusterState.from_dict(cluster.snapshot())
+    groups: list[dict[str, Any]] = []
     for pod in state.pods:
         if pod.phase != "Running" or not pod.ip:
             continue
@@ -287,7 +318,7 @@ def prometheus_targets() -> Response:
             },
         }
     )
-    return jsonify(groups)
+    return groups
 
 
 @bp.get("/metrics")

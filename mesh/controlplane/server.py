@@ -22,11 +22,13 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from mesh import addresses
-from mesh.controlplane.api import create_app
+from mesh.controlplane.api import create_app, prometheus_sd_groups
 from mesh.controlplane.guard import Guard, create_tokens
 from mesh.controlplane.kubelet import Kubelet
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
+from mesh.otlp import OTLP_HTTP_PORT
+from mesh.otlp.pipeline import TelemetryPipeline, guard_access
 from mesh.runtime.base import Runtime, SystemComponent
 from mesh.runtime.local import LocalRuntime
 from mesh.tracestore.store import TraceStore, budget_from_env
@@ -34,6 +36,8 @@ from mesh.tracestore.store import TraceStore, budget_from_env
 log = logging.getLogger(__name__)
 
 API_URL = f"http://{addresses.CONTROL_PLANE_CLIENT_HOST}:{addresses.CONTROL_PLANE_PORT}"
+OTLP_URL = f"http://{addresses.CONTROL_PLANE_CLIENT_HOST}:{OTLP_HTTP_PORT}"
+"""The OTLP receiver's own listener: where every local component sends its telemetry."""
 
 
 class StartupError(RuntimeError):
@@ -61,7 +65,18 @@ class ControlPlane:
         self.registry = registry
         self.cluster = Cluster()
         self.store = TraceStore(trace_store_budget or budget_from_env(), registry=registry)
-        self.runtime = runtime or LocalRuntime(state_dir, API_URL, API_URL)
+        try:
+            self.pipeline = TelemetryPipeline.from_env(
+                self.store,
+                registry,
+                sd_groups=lambda: prometheus_sd_groups(self.cluster),
+                api_url=API_URL,
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.runtime = runtime or LocalRuntime(
+            state_dir, API_URL, OTLP_URL, log_sink=self.pipeline.log_sink
+        )
         self.kubelet = Kubelet(self.cluster, self.runtime, registry=registry)
         self.components: list[SystemComponent] = []
         self.ready_at: float | None = None
@@ -94,7 +109,13 @@ class ControlPlane:
             is_pod_ip=self._is_pod_ip,
         )
         app = create_app(
-            self.cluster, self.store, self.status, actions=self, registry=self.registry, guard=guard
+            self.cluster,
+            self.store,
+            self.status,
+            actions=self,
+            registry=self.registry,
+            guard=guard,
+            pipeline=self.pipeline,
         )
         try:
             self._server = make_server(
@@ -107,6 +128,14 @@ class ControlPlane:
             ) from None
         thread = threading.Thread(target=self._server.serve_forever, name="api", daemon=True)
         thread.start()
+        self.pipeline.server.access = guard_access(guard)
+        try:
+            self.pipeline.start()
+        except OSError as exc:
+            self._server.shutdown()
+            raise StartupError(
+                f"cannot listen on {self.pipeline.url} (OTLP receiver): {exc}"
+            ) from None
 
     def _is_pod_ip(self, ip: str) -> bool:
         """A pod's address, or one of the system pods' (the ingress, the playground internet)."""
@@ -136,6 +165,7 @@ class ControlPlane:
         self._stopping.set()
         self.kubelet.stop()
         self.runtime.shutdown()
+        self.pipeline.stop()
         if self._server is not None:
             self._server.shutdown()
 
@@ -193,6 +223,7 @@ class ControlPlane:
             "pod_errors": errors,
             "traces": len(self.store),
             "trace_store": self.store.stats(),
+            "otlp_receiver": self.pipeline.status(),
             "state_dir": str(self.state_dir),
         }
 

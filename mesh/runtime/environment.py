@@ -20,6 +20,7 @@ INHERITED = (
     "TMPDIR",
     "HOPSCOPE_ADDRESS_PLAN",
     "HOPSCOPE_EXPORT_DELAY_MS",
+    "HOPSCOPE_OTLP_LOGS",
 )
 """Variables a child process inherits from the control plane."""
 

@@ -34,8 +34,12 @@ class LocalRuntime(Runtime):
         api_url: str,
         otlp_endpoint: str,
         data_path: DataPath | None = None,
+        log_sink: str | None = None,
     ) -> None:
         self.otlp_endpoint = otlp_endpoint
+        self.log_sink = log_sink
+        """``host:port`` of an OTLP/gRPC logs service for Envoy's access logs (the control
+        plane's, when it forwards telemetry); None keeps them on stdout only."""
         self.processes = ProcessSupervisor(state_dir / "logs")
         self.system = SystemProcesses(
             self.processes, api_url, otlp_endpoint, data_path or UserspaceDataPath()
@@ -49,7 +53,9 @@ class LocalRuntime(Runtime):
         from mesh.envoy import render_sidecar
 
         if pod.has_sidecar:
-            config = render_sidecar(pod, state, otlp_endpoint=self.otlp_endpoint)
+            config = render_sidecar(
+                pod, state, otlp_endpoint=self.otlp_endpoint, log_sink=self.log_sink
+            )
             self._start_envoy(_sidecar_name(pod), config, pod.name, app_label(pod))
         for container in pod.containers:
             self.processes.start(
@@ -90,7 +96,7 @@ class LocalRuntime(Runtime):
     def start_ingress(self, state: ClusterState) -> SystemComponent:
         from mesh.envoy import render_ingress
 
-        config = render_ingress(state, otlp_endpoint=self.otlp_endpoint)
+        config = render_ingress(state, otlp_endpoint=self.otlp_endpoint, log_sink=self.log_sink)
         self._start_envoy(INGRESS_PROCESS, config, "ingress-envoy", "ingress")
         url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
         return SystemComponent("ingress-envoy", "ingress", url, INGRESS_PROCESS)

@@ -108,6 +108,22 @@ RESPONSE_FLAGGED = ALL_LOGS + ' | log_kind="access" | response_flags!="" | respo
 """Envoy access records whose response flags say the proxy itself acted (UF, UT, NR, …)."""
 
 
+TELEMETRY_LOSS = {
+    "{{job}} spans {{outcome}}/s": 'sum by (job, outcome) (rate(hopscope_otel_exported_spans_total{outcome!="sent"}[1m]))',
+    "{{job}} log records {{outcome}}/s": 'sum by (job, outcome) (rate(hopscope_otel_exported_log_records_total{outcome!="sent"}[1m]))',
+    "Envoy {{pod}} failed span exports/s": 'sum by (pod) (rate(envoy_cluster_upstream_rq_completed{envoy_cluster_name="hopscope_otlp"}[1m])) - sum by (pod) (rate(envoy_cluster_upstream_rq_xx{envoy_cluster_name="hopscope_otlp", envoy_response_code_class="2"}[1m]))',
+    "receiver {{signal}} requests {{outcome}}/s": 'sum by (signal, outcome) (rate(hopscope_otlp_receiver_requests_total{outcome!="accepted"}[1m]))',
+    "forwarded {{signal}} {{outcome}}/s": 'sum by (signal, outcome) (rate(hopscope_otlp_forwarded_items_total{outcome!="sent"}[1m]))',
+}
+"""Telemetry loss, by where it happens. Every hopscope process counts what its OpenTelemetry
+SDK failed to send or dropped (``hopscope_otel_exported_*_total{outcome}``). Envoy's tracer
+counts a span as ``spans_sent`` when it hands it to the exporter, and its ``spans_dropped``
+stays 0 when the export fails: the failure shows only on the OTLP cluster, as export requests
+that did not complete with a 2xx (refused connections are 503s there). The receiver counts
+requests it refused or could not take (stopped), the forwarder items it failed to deliver or
+dropped. Every series exists at 0, so the panel reads 0, not "no data", when nothing is lost."""
+
+
 def dashboard(
     uid: str, title: str, panels: list[dict[str, Any]], links: bool = True
 ) -> dict[str, Any]:
@@ -197,7 +213,10 @@ DASHBOARDS = {
                     "evicted/s": "sum(rate(hopscope_tracestore_evicted_traces_total[1m]))",
                     "spans received/s": "sum(rate(hopscope_tracestore_spans_received_total[1m]))",
                 },
-                w=24,
+            ),
+            ts(
+                "Telemetry loss: what did not reach the receiver or your backend (0 = none)",
+                TELEMETRY_LOSS,
             ),
         ],
     ),
