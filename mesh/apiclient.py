@@ -34,6 +34,21 @@ NOT_RUNNING = (
 )
 
 
+def client_otlp_endpoint() -> str:
+    """Where the CLI's own spans (curl, traffic, scenarios) go so that the cluster sees them.
+
+    Local mode: the cluster's receiver, always; the control plane forwards to the user's
+    backend when ``hopscope up`` was given one, so sending there directly would leave the
+    spans out of ``hopscope trace``. Compose (inside the control-plane container): the
+    Collector the stack names in ``OTEL_EXPORTER_OTLP_ENDPOINT``, which feeds both stores.
+    """
+    from mesh.otlp import OTLP_HTTP_PORT
+
+    if addresses.PLAN == "compose":
+        return os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or API_URL
+    return f"http://{addresses.CONTROL_PLANE_CLIENT_HOST}:{OTLP_HTTP_PORT}"
+
+
 def state_dir(create: bool = True) -> Path:
     """The state directory: ``$HOPSCOPE_HOME`` or ``~/.hopscope``."""
     path = Path(os.environ.get(HOPSCOPE_HOME) or Path.home() / ".hopscope")

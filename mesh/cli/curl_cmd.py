@@ -24,7 +24,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import addresses
-from mesh.cli._client import API_URL, APIClient
+from mesh.apiclient import client_otlp_endpoint
+from mesh.cli._client import APIClient
 from mesh.model.types import ClusterState, Pod
 
 
@@ -115,7 +116,7 @@ def _tracer_provider() -> TracerProvider:
 
     from telemetry.tracing import setup_tracing
 
-    os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", API_URL)
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = client_otlp_endpoint()
     return setup_tracing("hopscope-cli", {"hopscope.client": "curl"}, set_global=False)
 
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mesh import addresses
-from mesh.cli._client import API_URL, APIClient
+from mesh.cli._client import APIClient
 from mesh.model.types import ClusterState
 from mesh.traffic.engine import Generator, Outcome, Stats, Target, summarize
 
@@ -100,14 +100,16 @@ def blame(failures: list[Outcome]) -> dict[str, int]:
 
 
 def _tracer() -> Any:
-    """Client spans go to the cluster's trace store (or OTEL_EXPORTER_OTLP_ENDPOINT if set);
-    with neither, spans are still made (trace ids in the summary) but not exported."""
+    """Client spans go to the running cluster's receiver (see ``client_otlp_endpoint``), or
+    to OTEL_EXPORTER_OTLP_ENDPOINT when no cluster runs; with neither, spans are still made
+    (trace ids in the summary) but not exported."""
     import os
 
+    from mesh.apiclient import client_otlp_endpoint
     from telemetry.tracing import setup_tracing
 
-    if "OTEL_EXPORTER_OTLP_ENDPOINT" not in os.environ and APIClient().running():
-        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = API_URL
+    if APIClient().running():
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = client_otlp_endpoint()
     return setup_tracing("hopscope-traffic", {"hopscope.client": "traffic"}, set_global=False)
 
 

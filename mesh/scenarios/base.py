@@ -20,7 +20,7 @@ import uvloop
 import yaml
 
 from mesh import addresses
-from mesh.apiclient import API_URL, APIClient, APIClientError
+from mesh.apiclient import APIClient, APIClientError, client_otlp_endpoint
 from mesh.model.types import ClusterState
 from mesh.traffic.engine import Generator, Outcome, Route, Target
 
@@ -143,7 +143,7 @@ class Context:
 
             from telemetry.tracing import setup_tracing
 
-            os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", API_URL)
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = client_otlp_endpoint()
             self._tracer = setup_tracing(
                 "hopscope-scenario", {"hopscope.client": "scenario"}, set_global=False
             )
