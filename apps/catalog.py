@@ -17,7 +17,8 @@ from flask.typing import ResponseReturnValue
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
 from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
-from apps.podnet import PodResolver, ResolveError, ServiceHTTPClient
+from apps.podnet import ServiceHTTPClient
+from mesh.dns.resolver import PodResolver, ResolveError
 
 CACHE_SHARDS = 2
 CACHE_PORT = 6380

@@ -15,13 +15,8 @@ from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
 from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
-from apps.podnet import (
-    PodResolver,
-    ResolveError,
-    ServiceHTTPClient,
-    grpc_call,
-    grpc_channel,
-)
+from apps.podnet import ServiceHTTPClient, grpc_call, grpc_channel
+from mesh.dns.resolver import PodResolver, ResolveError
 
 CATALOG_URL = os.environ.get("CATALOG_URL", "http://catalog:8080/items")
 """Overridable from the Deployment's env (the dns-typo scenario misspells it)."""

@@ -9,7 +9,8 @@ from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 
 from apps.common import PodIdentity, app_rpc, serve_grpc, start_telemetry
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
-from apps.podnet import PodResolver, ResolveError, grpc_call, grpc_channel
+from apps.podnet import grpc_call, grpc_channel
+from mesh.dns.resolver import PodResolver, ResolveError
 
 RATINGS = ("ratings", 50051)
 

@@ -85,7 +85,7 @@ def _outside_target(url: str, state: ClusterState) -> Target:
 
 def _pod_target(url: str, pod: Pod, state: ClusterState) -> tuple[Target, Any]:
     """Resolve like the pod's app does (cluster DNS, search path), then go via its sidecar."""
-    from apps.podnet import PodResolver
+    from mesh.dns.resolver import PodResolver
 
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:

@@ -76,7 +76,7 @@ def dig(name: str, rdtype: str, from_pod: str | None, tcp: bool, as_json: bool) 
     `<ns>.svc.cluster.local svc.cluster.local cluster.local` and ndots:5, so a short name
     like `catalog` works and an outside name first costs the search-path NXDOMAINs.
     """
-    from apps.podnet import candidates
+    from mesh.dns.resolver import candidates
 
     rdtype = rdtype.upper()
     source = None
