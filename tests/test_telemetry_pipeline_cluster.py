@@ -30,7 +30,7 @@ from tests.e2e_support import (
 )
 from tests.test_otlp_forward import Backend
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
