@@ -106,3 +106,49 @@ def test_cli_json_summary(server: type[_Slow]) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "--rps" in bad.stderr
+
+
+def _cli_traffic(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "traffic", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_a_lagging_target_is_called_out(server: type[_Slow]) -> None:
+    """One slot and 100 ms a request: at most 10 req/s, asked for 30 — the summary says so."""
+    server.delay = 0.1
+    try:
+        url = f"http://{ADDRESS[0]}:{ADDRESS[1]}/items"
+        lagging = _cli_traffic(
+            "--rps", "30", "--duration", "3", "--concurrency", "1", "--target", url
+        )
+    finally:
+        server.delay = 0.0
+    capacity = lagging["capacity"]
+    assert capacity["kept_up"] is False, lagging
+    assert "not keeping up" in capacity["warning"] and "of 30 req/s" in capacity["warning"]
+    fine = _cli_traffic("--rps", "20", "--duration", "3", "--target", url)
+    assert fine["capacity"]["kept_up"] is True and fine["capacity"]["warning"] is None
+
+
+def test_processes_map_to_cluster_components() -> None:
+    from mesh.envoy import envoy_command
+    from mesh.traffic.capacity import component_of
+
+    python = sys.executable
+    assert component_of([python, "-m", "mesh.kubeproxy", "--node", "node-a"]) == "kube-proxy"
+    assert component_of([python, "-m", "mesh.cni.internet", "--port", "8080"]) == "internet"
+    assert component_of([python, "-m", "mesh.cni"]) == "cni"
+    assert component_of([python, "-m", "mesh.dns"]) == "cluster-dns"
+    assert component_of([python, "-m", "mesh.controlplane", "-f", "x"]) == "control plane"
+    assert component_of([python, "-m", "apps.frontend"]) == "frontend"
+    from pathlib import Path
+
+    argv = envoy_command(Path("/tmp/x.json"), service_node="n", service_cluster="c")
+    assert component_of(argv) == "envoy"

@@ -16,6 +16,7 @@ from rich.table import Table
 from mesh import addresses
 from mesh.cli._client import APIClient
 from mesh.model.types import ClusterState
+from mesh.traffic.capacity import WARMUP_S, CPUWatch, LiveJudge, lag_warning
 from mesh.traffic.engine import Generator, Outcome, Stats, Target, summarize
 
 BLAME_SAMPLE = 30
@@ -164,13 +165,19 @@ def traffic(
         transient=True,
     )
     task = progress.add_task(f"→ {resolved.label}", total=gen.total, detail="")
+    watch = _cluster_cpu_watch()
+    judge = LiveJudge(rps, watch)
 
     def tick(stats: Stats) -> None:
         p99 = stats.histogram.get_value_at_percentile(99) / 1000 if stats.done else 0
+        warning = judge.update(stats.done)
+        if warning and not as_json:
+            progress.console.print(f"[yellow]warning:[/] {warning}")
+        lag = "  [yellow]not keeping up[/]" if judge.warning else ""
         progress.update(
             task,
             completed=stats.done,
-            detail=f"ok {stats.done - stats.failed}  failed {stats.failed}  p99 {p99:.1f} ms",
+            detail=f"ok {stats.done - stats.failed}  failed {stats.failed}  p99 {p99:.1f} ms{lag}",
         )
 
     with progress:
@@ -180,12 +187,38 @@ def traffic(
             interrupted = True
     provider.force_flush()
     summary = summarize(gen, blame, interrupted)
+    summary["capacity"] = _capacity(summary, watch)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
     if interrupted:
         raise SystemExit(130)
+
+
+def _cluster_cpu_watch() -> CPUWatch | None:
+    """CPU per component of the running cluster (its process tree), if we can see it."""
+    client = APIClient(timeout=5)
+    if not client.running():
+        return None
+    try:
+        watch = CPUWatch(int(client.get("/api/v1/status")["pid"]))
+    except (click.ClickException, KeyError, TypeError, ValueError):
+        return None
+    watch.start()
+    return watch
+
+
+def _capacity(summary: dict[str, Any], watch: CPUWatch | None) -> dict[str, Any]:
+    """Did the cluster keep up over the whole run, and what did each component cost?"""
+    cores = watch.whole_run() if watch else {}
+    asked, achieved = summary["requested_rps"], summary["achieved_rps"]
+    warning = lag_warning(asked, achieved, cores) if summary["duration_s"] >= WARMUP_S else None
+    return {
+        "kept_up": warning is None,
+        "warning": warning,
+        "cores_by_component": {k: round(v, 3) for k, v in cores.items()},
+    }
 
 
 def _run(gen: Generator, tick: Any) -> None:
@@ -219,3 +252,9 @@ def print_summary(s: dict[str, Any]) -> None:
     for t in s["failing_traces"][:5]:
         out.print(f"failing: {t['trace_id']}  {t['status']}  {t['route']}")
     out.print(f"generator CPU: {s['generator_cpu_cores']:.2f} cores")
+    capacity = s.get("capacity") or {}
+    if capacity.get("warning"):
+        out.print(f"[yellow]warning:[/] {capacity['warning']}")
+    busiest = list((capacity.get("cores_by_component") or {}).items())[:4]
+    if busiest:
+        out.print("cluster CPU: " + " · ".join(f"{k} {v:.2f} cores" for k, v in busiest))
