@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import dns.message
 import dns.rcode
 import pytest
 
-from apps.podnet import PodResolver, ResolveError, candidates
 from mesh.dns.__main__ import DNSServer, serve
+from mesh.dns.resolver import PodResolver, ResolveError, candidates
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import default_manifest_paths, load_manifests
 
@@ -126,6 +127,9 @@ def test_headless_service_answers_ready_endpoints_only(rich: tuple[Cluster, DNSS
     srv_reply = _udp("_cache._tcp.cache.shop.svc.cluster.local.", "SRV")
     assert _texts(srv_reply) == ["0 100 6380 cache-0.cache.shop.svc.cluster.local."]
     assert [r.to_text() for r in srv_reply.additional[0]] == [pods[0].ip]
+    # The bare name answers SRV too, one record per ready endpoint and port (CoreDNS).
+    bare = _udp("cache.shop.svc.cluster.local.", "SRV")
+    assert _texts(bare) == ["0 100 6380 cache-0.cache.shop.svc.cluster.local."]
 
 
 def test_srv_for_a_cluster_ip_service_points_at_the_service(
@@ -134,6 +138,35 @@ def test_srv_for_a_cluster_ip_service_points_at_the_service(
     reply = _udp("_grpc._tcp.reviews.shop.svc.cluster.local.", "SRV")
     assert _texts(reply) == ["0 100 50051 reviews.shop.svc.cluster.local."]
     assert _udp("_nope._tcp.reviews.shop.svc.cluster.local.", "SRV").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_srv_for_a_bare_service_name_lists_every_port_like_coredns(
+    rich: tuple[Cluster, DNSServer], tmp_path: Path
+) -> None:
+    """CoreDNS's kubernetes plugin treats missing port and protocol labels as wildcards:
+    one SRV per Service port (named or not, any protocol), weights splitting 100."""
+    reply = _udp("reviews.shop.svc.cluster.local.", "SRV")
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert _texts(reply) == ["0 100 50051 reviews.shop.svc.cluster.local."]
+    cluster, srv = rich
+    manifest = tmp_path / "two-ports.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: two, namespace: shop}\n"
+        "spec:\n  selector: {app: frontend}\n  ports:\n"
+        "    - {name: http, port: 8080, targetPort: 8080}\n"
+        "    - {name: dns, port: 53, targetPort: 53, protocol: UDP}\n"
+    )
+    cluster.apply(load_manifests([manifest]))
+    srv.set_state(cluster.state)
+    two = _udp("two.shop.svc.cluster.local.", "SRV")
+    assert _texts(two) == [
+        "0 50 53 two.shop.svc.cluster.local.",
+        "0 50 8080 two.shop.svc.cluster.local.",
+    ]
+    vip = cluster.state.service("shop", "two")
+    assert vip is not None
+    assert [r.to_text() for r in two.additional[0]] == [vip.cluster_ip]  # glue A
+    assert _texts(_udp("two.shop.svc.cluster.local.")) == [vip.cluster_ip]  # A unchanged
 
 
 def test_ptr_for_cluster_ips_and_pods(rich: tuple[Cluster, DNSServer]) -> None:

@@ -546,3 +546,43 @@ def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
             if label not in have:
                 missing.append(f"label {label} on {sorted(names)} (in {expr})")
     assert not missing, "\n".join(missing)
+
+
+INGRESS_EXTRA = """\
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: extra, namespace: shop}
+spec:
+  rules:
+    - host: extra.local
+      http:
+        paths:
+          - path: /
+            pathType: Prefix
+            backend: {service: {name: frontend, port: {number: 8080}}}
+"""
+
+
+def test_ingress_applied_and_deleted_through_the_cli_is_live(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """`hopscope apply -f` of an Ingress is served within a second; `delete` takes it away."""
+    import time
+
+    from mesh import addresses
+
+    manifest = tmp_path / "extra.yaml"
+    manifest.write_text(INGRESS_EXTRA)
+    url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_PORT}/"
+
+    def status() -> int:
+        return requests.get(url, headers={"Host": "extra.local"}, timeout=5).status_code
+
+    assert status() == 404
+    hopscope("apply", "-f", str(manifest), env=cluster)
+    started = time.monotonic()
+    poll_until(lambda: status() == 200, timeout=1.0, interval=0.02)
+    served_after = time.monotonic() - started
+    hopscope("delete", "-f", str(manifest), env=cluster)
+    poll_until(lambda: status() == 404, timeout=1.0, interval=0.02)
+    assert served_after < 1.0

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from mesh import addresses
 from tests.e2e_support import (
@@ -131,17 +132,19 @@ def test_client_ip_affinity_sticks_and_spreads_again_when_switched_off(
     assert spread
 
 
-def test_service_without_ready_endpoints_refuses_at_once(cluster: dict[str, str]) -> None:
+def test_service_without_ready_endpoints_refuses_connect_at_once(cluster: dict[str, str]) -> None:
+    """Like kube-proxy's REJECT rule: ``connect()`` itself fails, no handshake then reset."""
     vip = _service("echo-empty")["cluster_ip"]
+    sock = socket.socket()
+    sock.settimeout(2)
+    sock.bind((CLIENT, 0))
     start = time.monotonic()
-    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
-        conn = http.client.HTTPConnection(vip, 8080, timeout=5, source_address=(CLIENT, 0))
-        try:
-            conn.request("GET", "/")
-            conn.getresponse()
-        finally:
-            conn.close()
-    assert time.monotonic() - start < 0.5
+    with pytest.raises(ConnectionRefusedError):
+        sock.connect((vip, 8080))
+    sock.close()
+    assert time.monotonic() - start < 0.1
+    health = requests.get(f"http://{NODE_A}:{addresses.KUBE_PROXY_METRICS_PORT}/healthz", timeout=5)
+    assert f"{vip}:8080 (echo/echo-empty)" in health.json()["rejecting"]
 
 
 def test_ipvs_round_robin_via_kube_proxy_configuration(
@@ -234,3 +237,96 @@ def test_connection_refused_is_fast_for_closed_node_ports(cluster: dict[str, str
     with pytest.raises(ConnectionRefusedError):
         sock.connect((NODE_A, 32000))
     sock.close()
+
+
+# -- the packet walk starts at the client's own packet ---------------------------------------
+
+
+def _raw_get(ip: str, port: int, host: str, trace_id: str, extra: int = 0) -> tuple[int, str]:
+    """A plain client (no hopscope curl): one HTTP/1.1 request from a socket bound to
+    ``CLIENT``; returns the status and the client's own ``ip:port``."""
+    sock = socket.create_connection((ip, port), timeout=5, source_address=(CLIENT, 0))
+    try:
+        me = "{}:{}".format(*sock.getsockname())
+        lines = [
+            "GET / HTTP/1.1",
+            f"Host: {host}",
+            f"traceparent: 00-{trace_id}-{'ab' * 8}-01",
+            "Connection: close",
+            *(f"X-Extra-{i}: {i}" for i in range(extra)),
+        ]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        return int(head.split(b" ", 2)[1]), me
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("entry", ["node-port", "load-balancer", "ingress"])
+def test_packet_walk_starts_with_a_plain_clients_packet_as_sent(
+    cluster: dict[str, str], entry: str
+) -> None:
+    (lb_ip,) = _service("echo-lb")["load_balancer_ingress"]
+    ip, port, host = {
+        "node-port": (NODE_A, 30080, "echo"),
+        "load-balancer": (lb_ip, 8080, "echo"),
+        "ingress": (addresses.INGRESS_IP, addresses.INGRESS_PORT, "shop.local"),
+    }[entry]
+    trace_id = os.urandom(16).hex()
+    status, me = _raw_get(ip, port, host, trace_id)
+    assert status == 200
+    first_hop = {"node-port": "kube-proxy", "load-balancer": "load-balancer"}.get(entry, entry)
+
+    seen: list[dict[str, Any]] = []
+
+    def walk() -> list[dict[str, str]] | None:
+        """The walk once the trace is whole: every exporter has flushed (same span count
+        a second apart) and it holds the entry hop."""
+        view = trace_json(trace_id)
+        stable = bool(seen) and seen[-1]["span_count"] == view["span_count"]
+        seen[:] = [view]
+        rows = view["packet_walk"]
+        whole = stable and any(h["hop"] == first_hop for h in view["hops"])
+        return rows if whole and rows[-1]["stage"] == "reply received" else None
+
+    try:
+        rows = poll_until(walk, timeout=20, interval=1.0)
+    except AssertionError:
+        raise AssertionError(dump([(v["hops"], v["packet_walk"]) for v in seen])) from None
+    first, last = rows[0], rows[-1]
+    assert first["stage"] == "request sent", dump(rows)
+    assert (first["src"], first["dst"]) == (me, f"{ip}:{port}"), dump(rows)  # address AND port
+    assert last["stage"] == "reply received", dump(rows)
+    assert (last["src"], last["dst"]) == (f"{ip}:{port}", me), dump(rows)
+    assert any(r["stage"] == "served" for r in rows), dump(rows)
+    assert len(rows) >= 4, dump(rows)  # at least one rewrite between sending and serving
+
+
+def test_trace_shows_the_kube_proxy_hops_conntrack_state(cluster: dict[str, str]) -> None:
+    trace_id = os.urandom(16).hex()
+    assert _raw_get(NODE_A, 30080, "echo", trace_id)[0] == 200
+    view = poll_until(lambda: (v := trace_json(trace_id)) and len(v["hops"]) >= 2 and v)
+    kube_proxy = next(h for h in view["hops"] if h["hop"] == "kube-proxy")
+    assert kube_proxy["conntrack"] == "new", dump(view["hops"])
+    text = hopscope("trace", trace_id, env=cluster).stdout
+    assert "conntrack new" in text, text
+    as_json = json.loads(hopscope("trace", trace_id, "--json", env=cluster).stdout)
+    assert {h["conntrack"] for h in as_json["hops"] if h["hop"] == "kube-proxy"} == {"new"}
+
+
+def test_too_many_headers_get_431_from_the_ingress_not_the_app(cluster: dict[str, str]) -> None:
+    # 98 request headers: the ingress (the edge) refuses them itself.
+    status, _ = _raw_get(
+        addresses.INGRESS_IP, addresses.INGRESS_PORT, "shop.local", "0" * 31 + "1", 95
+    )
+    assert status == 431
+    # As many as the ingress admits (80 with Host, traceparent, Connection) still fit
+    # the app's limit after every proxy on the way added its own headers.
+    trace_id = os.urandom(16).hex()
+    status, _ = _raw_get(addresses.INGRESS_IP, addresses.INGRESS_PORT, "shop.local", trace_id, 77)
+    assert status == 200

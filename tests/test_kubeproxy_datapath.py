@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
+import random
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -92,6 +96,9 @@ def backends() -> Iterator[None]:
 class _Running:
     def __init__(self, exporter: InMemorySpanExporter, proxier: Proxier, loop: Any) -> None:
         self.exporter, self.proxier, self.loop = exporter, proxier, loop
+        self.errors: list[str] = []
+        """What reached the event loop's exception handler (unhandled task errors)."""
+        loop.set_exception_handler(lambda _loop, ctx: self.errors.append(str(ctx)))
 
     def sync(self, state: ClusterState) -> None:
         asyncio.run_coroutine_threadsafe(self.proxier.sync(state), self.loop).result(5)
@@ -180,16 +187,59 @@ def test_new_connections_spread_over_ready_endpoints(proxy: _Running) -> None:
         conn.close()
 
 
-def test_no_ready_endpoints_refuses_at_once(proxy: _Running) -> None:
+def _connect_error() -> tuple[type[BaseException] | None, float]:
+    """What a plain ``connect()`` to the VIP gets, and how long it took."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(2)
+    sock.bind((CLIENT_IP, 0))
+    started = time.perf_counter()
+    try:
+        sock.connect((VIP, PORT))
+    except OSError as exc:
+        return type(exc), time.perf_counter() - started
+    finally:
+        sock.close()
+    return None, time.perf_counter() - started
+
+
+def test_no_ready_endpoints_refuses_connect_at_once_like_reject(proxy: _Running) -> None:
     proxy.sync(_state({"pod-a": False, "pod-b": False}))
-    with pytest.raises((ConnectionResetError, ConnectionRefusedError, BrokenPipeError)):
-        sock = socket.create_connection((VIP, PORT), timeout=2, source_address=(CLIENT_IP, 0))
-        try:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            if not sock.recv(10):
-                raise ConnectionResetError("closed without an answer")
-        finally:
-            sock.close()
+    error, took = _connect_error()
+    assert error is ConnectionRefusedError, error  # not accepted, then reset
+    assert took < 0.05
+    assert proxy.proxier.rejecting() == [f"{VIP}:{PORT} (demo/web)"]
+    # The first ready endpoint opens the address again.
+    proxy.sync(_state({"pod-a": True, "pod-b": False}))
+    conn = _conn()
+    assert _get(conn)["pod"] == "pod-a"
+    conn.close()
+    assert proxy.proxier.rejecting() == []
+
+
+def test_clients_that_reset_at_once_or_mid_stream_leave_no_traceback(
+    proxy: _Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(7)
+    for i in range(60):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((CLIENT_IP, 0))
+        sock.connect((VIP, PORT))
+        if i % 3 == 1:
+            sock.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))
+        elif i % 3 == 2:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            if i % 2:
+                time.sleep(0.01)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+    time.sleep(0.3)
+    conn = _conn()
+    assert _get(conn)["pod"] in BACKENDS
+    conn.close()
+    failures = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures]
+    errors = [e for e in proxy.errors if e]
+    assert not errors, errors
 
 
 def test_malformed_http_gets_400_and_the_proxy_keeps_serving(proxy: _Running) -> None:

@@ -60,7 +60,10 @@ def test_a_check_blaming_the_wrong_hop_fails(
     assert "0/" in result["verdict"]
 
 
-def test_run_exits_non_zero_and_reset_restores(cluster: dict[str, str]) -> None:
+def test_run_exits_non_zero_and_reset_restores(
+    cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOPSCOPE_HOME", cluster["HOPSCOPE_HOME"])  # reset() runs in-process
     bad = hopscope("scenario", "run", "no-such-thing", env=cluster, check=False)
     assert bad.returncode != 0 and "unknown scenario" in bad.stderr
     done = reset()

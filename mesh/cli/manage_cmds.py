@@ -68,7 +68,10 @@ def apply(paths: tuple[Path, ...]) -> None:
 
     Services, Deployments/StatefulSets, NetworkPolicies, ConfigMaps hopscope reads
     (kube-system/hopscope-cni, kube-system/coredns) and a KubeProxyConfiguration (e.g.
-    `mode: ipvs`) take effect at once. Ingress changes need a restart of the cluster.
+    `mode: ipvs`) take effect at once. Ingresses too, within a second: the ingress
+    controller rewrites the ingress Envoy's routes without restarting it (a new host is
+    served, a deleted one answers 404). In the compose (docker) runtime the ingress keeps
+    the routes it started with until the cluster is restarted.
 
     \b
     Mind what a manifest can do: in local mode every container of a Pod template runs

@@ -84,7 +84,7 @@ def render_waterfall(view: dict[str, Any]) -> None:
             Text("  " * min(depth, 8) + hop["hop"], style=HOP_STYLES.get(hop["hop"], "")),
             hop["where"],
             f"{hop['src']} → {hop['dst']}",
-            hop["nat"],
+            _detail(hop),
             Text(status, style=style),
             f"{hop['duration_ms']:.1f}",
             _bar(span.get("start_ns", 0) / 1e6, hop["duration_ms"], t0, total),
@@ -105,8 +105,20 @@ def render_waterfall(view: dict[str, Any]) -> None:
         out.print(f"[red]verdict: failed at {v['origin']} (produced by {who})[/] — {v['reason']}")
 
 
+def _detail(hop: dict[str, Any]) -> str:
+    """NAT / detail column: the rewrite, the conntrack state of a kube-proxy hop, and a mark
+    on hops read from another hop's span (a REJECT kube-proxy never saw)."""
+    parts = [hop["nat"]] if hop["nat"] else []
+    if hop.get("conntrack"):
+        parts.append(f"conntrack {hop['conntrack']}")
+    if hop.get("derived"):
+        parts.append("(from the caller's span)")
+    return " · ".join(parts)
+
+
 def _failed(hop: dict[str, Any]) -> bool:
-    return bool(hop["response_flags"]) or hop["status"].startswith("5") or hop["status"] == "error"
+    status = hop["status"]
+    return bool(hop["response_flags"]) or status.startswith("5") or status in ("error", "refused")
 
 
 def _depth(span_id: str, hops: dict[str, dict[str, Any]]) -> int:

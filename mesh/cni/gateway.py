@@ -34,7 +34,7 @@ from prometheus_client import Counter
 from mesh import addresses
 from mesh.cni.metrics import POLICY_DENIED
 from mesh.cni.passthrough import TRACE_HEADERS, forward_headers, parent_context
-from mesh.cni.streams import endpoints, write_eof
+from mesh.cni.streams import connection_handler, endpoints, write_eof
 from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
@@ -148,6 +148,7 @@ class NodeGateway:
         if self.server is not None:
             self.server.close()
 
+    @connection_handler
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from mesh import addresses
+from mesh.cni.streams import connection_handler, write, write_eof
 from mesh.netutil import open_from
 
 log = logging.getLogger("cni")
@@ -190,6 +191,7 @@ class Vtep:
         if self.server is not None:
             self.server.close()
 
+    @connection_handler
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -208,10 +210,9 @@ class Vtep:
                 await self._encapsulate(match, reader, writer)
             else:
                 await self._decapsulate(match, reader, writer)
-        except OverlayError as exc:
+        except (OverlayError, ValueError, OverflowError) as exc:  # bad addresses or ports too
             log.warning("tunnel refused", extra={"node": self.node, "error": str(exc)})
-            with contextlib.suppress(OSError):
-                writer.write(f"ERR {exc}\n".encode())
+            write(writer, f"ERR {exc}\n".encode())
             writer.close()
         except (ConnectionError, OSError):
             writer.close()
@@ -302,8 +303,7 @@ class Vtep:
                     await asyncio.sleep(wait)
                 writer.write(data)
                 await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
+            write_eof(writer)
 
         send = asyncio.ensure_future(sender())
         try:

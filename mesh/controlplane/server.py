@@ -24,6 +24,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from mesh import addresses
 from mesh.controlplane.api import create_app, prometheus_sd_groups
 from mesh.controlplane.guard import Guard, create_tokens
+from mesh.controlplane.ingress import IngressController
 from mesh.controlplane.kubelet import Kubelet
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
@@ -83,6 +84,7 @@ class ControlPlane:
         self.started_at = time.time()
         self._server: BaseWSGIServer | None = None
         self._stopping = threading.Event()
+        self.ingress: IngressController | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -95,6 +97,11 @@ class ControlPlane:
         changes = self.cluster.apply(objects)
         for change in changes:
             progress(change)
+        # the ingress controller: routes follow Ingress objects live (where the runtime's
+        # ingress Envoy can read the files it writes; else they are rendered at start only)
+        self.ingress = IngressController.for_runtime(self.cluster, self.runtime)
+        if self.ingress is not None:
+            self.ingress.start()
         self.components.append(self.runtime.start_ingress(self.cluster.state))
         self.kubelet.system_components = list(self.components)
         self.kubelet.start()
@@ -163,6 +170,8 @@ class ControlPlane:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self.ingress is not None:
+            self.ingress.stop()
         self.kubelet.stop()
         self.runtime.shutdown()
         self.pipeline.stop()

@@ -22,6 +22,7 @@ import dns.rdatatype
 from prometheus_client import Counter, Histogram, start_http_server
 
 from mesh import addresses
+from mesh.cni.streams import connection_handler
 from mesh.dns.zone import DEFAULT_TTL, answer
 from mesh.model.policy import PolicyEngine
 from mesh.model.types import ClusterState, Container, ContainerPort, Pod
@@ -160,10 +161,15 @@ class _UDP(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
+@connection_handler
 async def _tcp_client(
     server: DNSServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    client_ip = writer.get_extra_info("peername")[0]
+    peer = writer.get_extra_info("peername")
+    if not peer:  # reset before we got to it
+        writer.close()
+        return
+    client_ip = str(peer[0])
     try:
         while True:
             header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
@@ -178,7 +184,7 @@ async def _tcp_client(
                 break
             writer.write(struct.pack("!H", len(reply)) + reply)
             await writer.drain()
-    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+    except (asyncio.IncompleteReadError, TimeoutError, OSError):
         pass
     finally:
         writer.close()

@@ -6,7 +6,8 @@ reply. It never raises on odd input. Records served:
 * ``<svc>.<ns>.svc.cluster.local``  A: the ClusterIP, or one A per *ready* endpoint of a
   headless Service (NXDOMAIN when none is ready); CNAME for ExternalName Services
 * ``<hostname>.<svc>.<ns>.svc.cluster.local`` A: StatefulSet pods behind a headless Service
-* ``_<port>._<proto>.<svc>.<ns>.svc.cluster.local`` SRV for named ports
+* ``_<port>._<proto>.<svc>.<ns>.svc.cluster.local`` SRV for named ports, and SRV for every
+  port on the bare ``<svc>.<ns>.svc.cluster.local`` (what CoreDNS answers there)
 * ``a-b-c-d.<ns>.pod.cluster.local`` A, and PTR (``in-addr.arpa``) for ClusterIPs and pods
 * names of the playground's "internet" (:data:`mesh.addresses.EXTERNAL_HOSTS`), answered as
   an upstream resolver would; any other name is NXDOMAIN, as on the public internet.
@@ -26,7 +27,7 @@ import dns.rdatatype
 import dns.rrset
 
 from mesh import addresses
-from mesh.model.types import ClusterState, Service
+from mesh.model.types import ClusterState, Service, ServicePort
 
 ZONE = dns.name.from_text("cluster.local.")
 REVERSE = dns.name.from_text("in-addr.arpa.")
@@ -87,10 +88,19 @@ def _service_records(state: ClusterState, labels: list[str]) -> Records | None:
             return None
         if svc.type == "ExternalName" and svc.external_name:
             return Records(cname=svc.external_name.rstrip(".") + ".")
+        # SRV for the bare name: every port, as CoreDNS answers (its port and protocol
+        # labels are then wildcards), next to the A records.
+        srv = _srv_records(state, svc, svc.ports)
         if not svc.headless:
-            return Records(a=[svc.cluster_ip]) if svc.cluster_ip else None
+            return (
+                Records(a=[svc.cluster_ip], srv=srv.srv, additional=srv.additional)
+                if svc.cluster_ip
+                else None
+            )
         ready = _ready_endpoints(state, svc)
-        return Records(a=[ip for ip, _ in ready]) if ready else None
+        if not ready:
+            return None
+        return Records(a=[ip for ip, _ in ready], srv=srv.srv, additional=srv.additional)
     if len(labels) == 3:
         svc = state.service(labels[2], labels[1])
         if svc is None or not svc.headless:
@@ -107,24 +117,35 @@ def _service_records(state: ClusterState, labels: list[str]) -> Records | None:
         port = next((p for p in svc.ports if p.name == port_name and p.protocol == proto), None)
         if port is None:
             return None
-        if not svc.headless:
-            target = f"{svc.name}.{svc.namespace}.svc.cluster.local."
-            glue = {target: [svc.cluster_ip]} if svc.cluster_ip else {}
-            return Records(srv=[(0, 100, port.port, target)], additional=glue)
-        records = Records()
-        targets = {}
-        for eps in state.slices_for(svc.namespace, svc.name):
-            ep_port = next((p.port for p in eps.ports if p.name == port.name), None)
-            for ep in eps.endpoints:
-                if ep.ready and ep_port:
-                    for ip in ep.addresses:
-                        host = _endpoint_host(svc, ip, ep.hostname)
-                        targets[host] = (ep_port, ip)
-        for host, (ep_port, ip) in sorted(targets.items()):
-            records.srv.append((0, 100, ep_port, host))
-            records.additional[host] = [ip]
+        records = _srv_records(state, svc, [port])
         return records if records.srv else None
     return None
+
+
+def _srv_records(state: ClusterState, svc: Service, ports: list[ServicePort]) -> Records:
+    """SRV records of ``ports``: the Service name and port for a ClusterIP Service, each ready
+    endpoint's name and port for a headless one; glue A records for the targets. Weights
+    split 100 between the records, as CoreDNS does (all have priority 0)."""
+    found: list[tuple[int, str, str]] = []  # (port, target, ip)
+    if not svc.headless:
+        if svc.cluster_ip:
+            target = f"{svc.name}.{svc.namespace}.svc.cluster.local."
+            found = [(p.port, target, svc.cluster_ip) for p in ports]
+    else:
+        names = {p.name for p in ports}
+        for eps in state.slices_for(svc.namespace, svc.name):
+            ep_ports = [p.port for p in eps.ports if p.name in names and p.port]
+            for ep in eps.endpoints:
+                if ep.ready:
+                    for ip in ep.addresses:
+                        host = _endpoint_host(svc, ip, ep.hostname)
+                        found.extend((ep_port, host, ip) for ep_port in ep_ports)
+    found = sorted(set(found), key=lambda f: (f[1], f[0]))
+    records = Records()
+    for port, target, ip in found:
+        records.srv.append((0, 100 // len(found), port, target))
+        records.additional[target] = [ip]
+    return records
 
 
 def reverse_lookup(state: ClusterState, qname: dns.name.Name) -> Records | None:

@@ -57,8 +57,27 @@ SPAN_VALUE_TAGS = {
     "hopscope.upstream.address": "%UPSTREAM_HOST%",
     "hopscope.upstream.local_address": "%UPSTREAM_LOCAL_ADDRESS%",
     "hopscope.downstream.local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    # The client's packet as sent (address and port), for the packet walk's first row.
+    "hopscope.downstream.remote_address": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%",
+    # Why an upstream connection failed ("delayed connect error: Connection refused"): a
+    # refused connect to a Service address is kube-proxy's REJECT (no ready endpoints).
+    "hopscope.upstream.failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
 }
 """Span tags filled from request/connection data (Envoy >= 1.37 ``CustomTag.value``)."""
+
+HEADER_LIMITS = {
+    # hop: (max_headers_count, max_request_headers_kb)
+    "ingress": (80, 32),
+    "sidecar-inbound": (100, 60),
+    "sidecar-outbound": (100, 60),
+}
+"""Request header limits per proxy, lowest at the edge so the ingress is the one to answer
+431. Envoy's defaults are 100 headers and 60 KiB; the apps' HTTP server (Python's
+``http.server``) refuses more than 100 header lines. Each proxy on the way adds its own
+(``x-request-id``, ``x-forwarded-*``, ``x-envoy-*``, ``traceparent``, ``x-hopscope-via``), so
+a request the ingress admits must still fit the app's limit after them: the ingress admits
+80 headers and 32 KiB (nginx's ingress default of 4 buffers of 8 KiB comes to the same
+size), the sidecars Envoy's defaults."""
 
 MAX_DOWNSTREAM_CONNECTIONS = 50000
 """Envoy warns without a global connection limit; this is far above playground traffic."""
@@ -297,7 +316,9 @@ def _hcm(
                 {"hopscope.hop": hop, **tags},
                 upstream_span=hop == "ingress",
             ),
-            route_config=route_config,
+            **_routes_field(route_config),
+            max_request_headers_kb=HEADER_LIMITS[hop][1],
+            common_http_protocol_options={"max_headers_count": HEADER_LIMITS[hop][0]},
             access_log=_access_log(hop, log_sink, service_name, tags),
             http_filters=[
                 {
@@ -307,6 +328,13 @@ def _hcm(
             ],
         ),
     }
+
+
+def _routes_field(route_config: dict[str, Any]) -> dict[str, Any]:
+    """Inline routes, or ``{"rds": ...}`` when the routes come from a file (the live ingress)."""
+    if "rds" in route_config:
+        return {"rds": route_config["rds"]}
+    return {"route_config": route_config}
 
 
 def _listener(name: str, ip: str, port: int, direction: str, hcm: dict[str, Any]) -> dict[str, Any]:
@@ -522,13 +550,12 @@ def _route_match(path: IngressPath) -> dict[str, Any]:
     return {"path_separated_prefix": path.path.rstrip("/")}
 
 
-def render_ingress(
-    state: ClusterState, otlp_endpoint: str, log_sink: str | None = None
-) -> dict[str, Any]:
-    """The ingress controller: one listener, a virtual host per Ingress rule host."""
-    clusters: dict[str, dict[str, Any]] = {OTLP_CLUSTER: _otlp_cluster(otlp_endpoint)}
-    if log_sink:
-        clusters[OTLP_LOGS_CLUSTER] = _otlp_logs_cluster(log_sink)
+def ingress_resources(
+    state: ClusterState,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ingress controller's routes (one virtual host per Ingress rule host) and the
+    clusters they send to (one per Service port), from the Ingresses in ``state``."""
+    clusters: dict[str, dict[str, Any]] = {}
     vhosts: dict[str, list[tuple[IngressPath, str, str]]] = {}
     for ing in state.ingresses:
         if ing.ingress_class not in (None, "hopscope"):
@@ -542,7 +569,7 @@ def render_ingress(
             cluster = _ingress_cluster(state, ing.namespace, ing.default_backend, clusters)
             vhosts.setdefault("*", []).append((ing.default_backend, cluster, ing.name))
     virtual_hosts = []
-    for host, entries in sorted(vhosts.items(), key=lambda kv: kv[0] == "*"):
+    for host, entries in sorted(vhosts.items(), key=lambda kv: (kv[0] == "*", kv[0])):
         entries.sort(key=lambda e: (e[0].path_type != "Exact", -len(e[0].path)))
         routes: list[dict[str, Any]] = []
         for path, cluster, name in entries:
@@ -558,14 +585,55 @@ def render_ingress(
             routes.append(route)
         domains = ["*"] if host == "*" else [host, f"{host}:*"]
         virtual_hosts.append({"name": host, "domains": domains, "routes": routes})
-    route_config = {"name": "ingress", "virtual_hosts": virtual_hosts}
+    route_config = {"name": INGRESS_ROUTES, "virtual_hosts": virtual_hosts}
+    return route_config, [clusters[name] for name in sorted(clusters)]
+
+
+INGRESS_ROUTES = "ingress"
+"""Name of the ingress's route configuration (RDS resource name when served from a file)."""
+
+
+def render_ingress(
+    state: ClusterState,
+    otlp_endpoint: str,
+    log_sink: str | None = None,
+    xds_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The ingress controller's Envoy bootstrap: one listener, routes from the Ingresses.
+
+    With ``xds_dir`` (default: the directory an ingress controller of this process serves
+    from, :func:`mesh.envoy.xds_files.serve_ingress_from`) routes and clusters are Envoy
+    file-based xDS resources in that directory, rewritten by
+    :class:`mesh.controlplane.ingress.IngressController` whenever an Ingress or a Service it
+    names changes; Envoy picks them up without a restart. Files already there are the
+    controller's (newer than ``state``) and are left alone. Without a directory, routes and
+    clusters are inline, fixed for the life of the process.
+    """
+    from mesh.envoy.xds_files import IngressXds, live_ingress_directory
+
+    if xds_dir is None:
+        xds_dir = live_ingress_directory()
+
+    static: dict[str, dict[str, Any]] = {OTLP_CLUSTER: _otlp_cluster(otlp_endpoint)}
+    if log_sink:
+        static[OTLP_LOGS_CLUSTER] = _otlp_logs_cluster(log_sink)
+    route_config, service_clusters = ingress_resources(state)
     tags = {"k8s.namespace.name": "hopscope-system", "k8s.pod.name": "ingress-envoy"}
-    hcm = _hcm("ingress", "ingress", route_config, "ingress", otlp_endpoint, tags, log_sink)
+    xds = IngressXds(xds_dir) if xds_dir is not None else None
+    routes = xds.rds_source() if xds is not None else route_config
+    hcm = _hcm("ingress", "ingress", routes, "ingress", otlp_endpoint, tags, log_sink)
     listener = _listener(
         "ingress_http", addresses.INGRESS_IP, addresses.INGRESS_PORT, "INBOUND", hcm
     )
-    config = _bootstrap(addresses.INGRESS_IP, [listener], list(clusters.values()))
+    clusters = list(static.values())
+    if xds is None:
+        clusters += service_clusters
+    config = _bootstrap(addresses.INGRESS_IP, [listener], clusters)
     config["admin"]["address"] = _socket(addresses.INGRESS_IP, addresses.INGRESS_ADMIN_PORT)
+    if xds is not None:
+        if not xds.exists():
+            xds.write(route_config, service_clusters)
+        config["dynamic_resources"] = {"cds_config": xds.cds_source()}
     return config
 
 

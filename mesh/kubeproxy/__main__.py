@@ -64,6 +64,7 @@ def admin_app(proxier: Proxier) -> Callable[..., Iterable[bytes]]:
                 "healthy": ok and not proxier.paused,
                 "syncPaused": proxier.paused,
                 "bindErrors": proxier.bind_errors,
+                "rejecting": proxier.rejecting(),
             }
             status = "200 OK" if ok else "503 Service Unavailable"
             return _json(start_response, status, body)

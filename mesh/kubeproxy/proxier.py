@@ -8,7 +8,10 @@ assignment, so a connection always sees one consistent rule set.
 A new connection is "DNATed" at accept time, before any byte is read — like the first SYN
 hitting the nat table: the endpoint is chosen among *ready* endpoints, and the upstream
 socket is bound to the client's own address (ClusterIP traffic keeps its source; DNAT only).
-A VIP with no ready endpoint resets the connection at once, like kube-proxy's REJECT rule.
+A Service port with no ready endpoint has no listener at all, so ``connect()`` fails at once
+with "connection refused" — what kube-proxy's REJECT rule gives a client. The listener comes
+back with the first ready endpoint; a connection accepted just before the last endpoint went
+away is still reset, with a REJECT span in the caller's trace.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mesh import addresses
 from mesh.cni.metrics import POLICY_DENIED
+from mesh.cni.streams import connection_handler, endpoints
 from mesh.cni.vtep import OverlayError, OverlaySettings, TunnelInfo, open_tunnel
 from mesh.kubeproxy.hop import ConnInfo, deny_span, refusal_span
 from mesh.kubeproxy.relays import READ_SIZE, HTTP1Relay, HTTP2Relay, relay_tcp, sniff
@@ -77,6 +81,11 @@ LAST_SYNC = Gauge(
     "The last time proxy rules were successfully synced",
 )
 RULES = Gauge("hopscope_kubeproxy_service_ports", "Proxied Service VIP:port pairs")
+REJECTING = Gauge(
+    "hopscope_kubeproxy_rejecting_service_ports",
+    "Service addresses refusing connections (listener closed: no ready endpoint, like REJECT)",
+    ["namespace", "service", "kind"],
+)
 CONNECTIONS = Counter(
     "hopscope_kubeproxy_connections",
     "Connections DNATed to an endpoint",
@@ -141,6 +150,7 @@ class Proxier:
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync = 0.0
         self.bind_errors: dict[str, str] = {}
+        self._rejecting_labels: set[tuple[str, str, str]] = set()
         self.paused = False
 
     # -- sync ------------------------------------------------------------------------------
@@ -187,11 +197,14 @@ class Proxier:
         if not self.fixed_selector and new.proxy != self.rules.proxy:
             self.selector = make_selector(new.proxy, self._active)
             self.min_sync_period = new.proxy.min_sync_period
-        for key in [k for k in self.listeners if k not in new.rules]:
+        # A rule without a ready endpoint is a REJECT: no listener, so connect() is refused.
+        serving = {k: r for k, r in new.rules.items() if r.ready_endpoints}
+        for key in [k for k in self.listeners if k not in serving]:
             self.listeners.pop(key).close()
-        for key, rule in new.rules.items():
+        for key, rule in serving.items():
             if key not in self.listeners:
                 await self._listen(rule)
+        self._count_rejecting(new)
         for key in [k for k in self.health_listeners if k not in new.health_checks]:
             self.health_listeners.pop(key).close()
         for key in new.health_checks:
@@ -214,6 +227,29 @@ class Proxier:
                 "service_ports": len(new.rules),
                 "duration_ms": round((time.perf_counter() - start) * 1000, 3),
             },
+        )
+
+    def _count_rejecting(self, rules: RuleSet) -> None:
+        counts: dict[tuple[str, str, str], int] = {}
+        for rule in rules.rules.values():
+            key = (rule.namespace, rule.name, rule.kind)
+            counts[key] = counts.get(key, 0) + (0 if rule.ready_endpoints else 1)
+        for labels, count in counts.items():
+            REJECTING.labels(*labels).set(count)
+            if count:
+                # The kernel refuses these connections now, uncounted; the series exists
+                # (at its last value) so panels on rejections are not blank.
+                REJECTED.labels(labels[0], labels[1], "no-ready-endpoints")
+        for gone in self._rejecting_labels - counts.keys():
+            REJECTING.remove(*gone)
+        self._rejecting_labels = set(counts)
+
+    def rejecting(self) -> list[str]:
+        """``VIP:port (ns/name)`` of every Service address refusing connections."""
+        return sorted(
+            f"{r.vip}:{r.port} ({r.namespace}/{r.name})"
+            for r in self.rules.rules.values()
+            if not r.ready_endpoints
         )
 
     async def _listen(self, rule: ServiceRule) -> None:
@@ -243,9 +279,14 @@ class Proxier:
             return
         self.health_listeners[key] = server
 
+    @connection_handler
     async def _health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """``healthCheckNodePort``: 200 with the local endpoint count, 503 when there are none."""
-        key = tuple(writer.get_extra_info("sockname")[:2])
+        ends = endpoints(writer)
+        if ends is None:  # reset before we got to it
+            writer.close()
+            return
+        key = ends[0]
         try:
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
@@ -275,6 +316,7 @@ class Proxier:
 
     # -- connections -------------------------------------------------------------------------
 
+    @connection_handler
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # asyncio's stream protocol drops its reference to this task when the client goes
         # away; without our own, a relay still finishing upstream could be collected mid-way.
@@ -282,8 +324,11 @@ class Proxier:
         if task is not None:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
-        vip, port = writer.get_extra_info("sockname")[:2]
-        client_ip, client_port = writer.get_extra_info("peername")[:2]
+        ends = endpoints(writer)
+        if ends is None:  # the client reset before we got to it: nothing left to NAT
+            writer.close()
+            return
+        (vip, port), (client_ip, client_port) = ends
         rule = self.rules.rules.get((vip, port))
         if rule is None:
             REJECTED.labels("", "", "no-service").inc()
@@ -317,7 +362,9 @@ class Proxier:
         source = snat or client_ip
         verdict = self.policy.check(client_ip, endpoint.ip, endpoint.port, seen_src_ip=source)
         if not verdict.allowed:
-            await self._deny(rule, endpoint, decision.reason, verdict, reader, writer, source)
+            await self._deny(
+                rule, endpoint, decision.reason, verdict, (reader, writer), source, ends
+            )
             return
         src_node = addresses.node_for_ip(source) or rule.node or addresses.INGRESS_NODE
         try:
@@ -427,13 +474,13 @@ class Proxier:
         endpoint: EndpointTarget,
         reason: str,
         verdict: Verdict,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         source: str,
+        ends: tuple[tuple[str, int], tuple[str, int]],
     ) -> None:
         """NetworkPolicy said no: record it in the caller's trace, count it, reset."""
-        vip, port = writer.get_extra_info("sockname")[:2]
-        client_ip, client_port = writer.get_extra_info("peername")[:2]
+        reader, writer = client
+        (vip, port), (client_ip, client_port) = ends
         POLICY_DENIED.labels(
             rule.namespace,
             endpoint.pod,

@@ -46,11 +46,16 @@ def sniff(first: bytes) -> str:
     return "tcp"
 
 
+CLOSE_WAIT_SECONDS = 1.0
+"""Longest wait for a closed stream's transport to go away (a peer that reset while we were
+not reading may never be noticed otherwise)."""
+
+
 async def _close(writer: asyncio.StreamWriter) -> None:
     try:
         writer.close()
-        await writer.wait_closed()
-    except (ConnectionError, OSError):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT_SECONDS)
+    except (ConnectionError, OSError, TimeoutError):
         pass
 
 
@@ -356,8 +361,8 @@ class HTTP2Relay:
         self.conn.bytes_in += len(first)
         while len(buf) < len(H2_PREFACE):
             data = await self.client_r.read(READ_SIZE)
-            if not data:
-                return
+            if not data:  # gone inside the preface: nothing was sent on, end both sides
+                raise ValueError("connection closed inside the HTTP/2 connection preface")
             self.conn.bytes_in += len(data)
             buf += data
         if bytes(buf[: len(H2_PREFACE)]) != H2_PREFACE:

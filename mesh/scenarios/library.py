@@ -161,14 +161,15 @@ class NoEndpoints(Scenario):
     story = (
         "The catalog Deployment is scaled to zero. Its Service and ClusterIP still exist and "
         "DNS still answers, but the EndpointSlice is empty: kube-proxy rejects every "
-        "connection to the VIP (like iptables' REJECT rule) and the caller's sidecar turns "
-        "that into a 503, which the frontend reports as a 502."
+        "connection to the VIP (like iptables' REJECT rule: connect() is refused at once) and "
+        "the caller's sidecar turns that into a 503 UF, which the frontend reports as a 502."
     )
     breaks = "scales Deployment shop/catalog to 0"
     traffic = "10 requests to http://shop.local/"
     look_for = (
-        "the trace verdict: kube-proxy rejected the connection, Service has no ready endpoints",
-        'metric hopscope_kubeproxy_rejected_connections_total{reason="no-ready-endpoints"}',
+        "the trace verdict: kube-proxy rejected the connection, Service has no ready endpoints "
+        "(the REJECT hop is read from the caller's sidecar span: connection refused)",
+        'metric hopscope_kubeproxy_rejecting_service_ports{service="catalog"} is 1',
         "`hopscope get endpointslices`: catalog has no endpoints",
     )
     dashboard = "Services and endpoints"

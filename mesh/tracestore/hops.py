@@ -9,9 +9,11 @@ below it (:func:`logical_parent`): those hops forward the caller's trace context
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict
 from typing import Any
 
+from mesh import addresses
 from mesh.tracestore.otlp import SpanRecord
 from mesh.tracestore.verdict import packet_walk, verdict
 
@@ -45,7 +47,36 @@ def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
     via = span.attributes.get(VIA_ATTRIBUTE)
     if isinstance(via, str) and via != span.span_id and via in by_id:
         return via
+    parent = by_id.get(span.parent_span_id)
+    behind_sidecar = parent is not None and parent.attributes.get("hopscope.hop") == (
+        "sidecar-inbound"
+    )
+    if span.attributes.get("hopscope.hop") == "app" and not behind_sidecar:
+        nat = _nat_hop_to(span, by_id)
+        if nat:
+            return nat
     return span.parent_span_id
+
+
+NAT_HOPS = ("kube-proxy", "load-balancer", "cni-overlay")
+
+
+def _nat_hop_to(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
+    """For an app without a sidecar (nothing reads ``x-hopscope-via``): the last NAT hop
+    that sent a packet to its address before it started, as conntrack would pair them."""
+    a = span.attributes
+    address = f"{a.get('server.address', '')}:{a.get('server.port', '')}"
+    best: SpanRecord | None = None
+    for other in by_id.values():
+        o = other.attributes
+        if (
+            o.get("hopscope.hop") in NAT_HOPS
+            and o.get("hopscope.nat.translated.dst") == address
+            and other.start_ns <= span.start_ns
+            and (best is None or other.start_ns > best.start_ns)
+        ):
+            best = other
+    return best.span_id if best is not None else ""
 
 
 def hop_kind(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
@@ -220,9 +251,120 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
                     if span.attributes.get("k8s.service.name")
                     else ""
                 ),
+                "conntrack": str(span.attributes.get("hopscope.conntrack.state", "") or ""),
+                "downstream": _downstream(span),
+                "upstream_failure": str(span.attributes.get(UPSTREAM_FAILURE, "") or ""),
+                "upstream_cluster": str(span.attributes.get("upstream_cluster", "") or ""),
+                "derived": False,
             }
         )
-    return hops
+    return _with_refusals(hops, spans)
+
+
+UPSTREAM_FAILURE = "hopscope.upstream.failure"
+"""Envoy's ``%UPSTREAM_TRANSPORT_FAILURE_REASON%`` on a proxy's span (``... refused``)."""
+
+
+def _downstream(span: SpanRecord) -> dict[str, str]:
+    """The connection a proxy accepted: the peer's ``ip:port`` and its own."""
+    a = span.attributes
+    remote = str(a.get("hopscope.downstream.remote_address", "") or "")
+    local = str(a.get("hopscope.downstream.local_address", "") or "")
+    return {"remote": remote, "local": local} if remote or local else {}
+
+
+def _is_service_address(address: str) -> bool:
+    """A ClusterIP (or a node's NodePort / the load balancer's address) that kube-proxy owns."""
+    ip = address.rsplit(":", 1)[0]
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr in ipaddress.ip_network(addresses.SERVICE_CIDR):
+        return True
+    if ip in addresses.NODE_IPS.values():
+        return True
+    return addr in ipaddress.ip_network(addresses.LB_POOL_CIDR) and ip != addresses.INGRESS_IP
+
+
+def _service_name(address: str, hop: dict[str, Any], spans: list[SpanRecord]) -> str:
+    """``ns/name`` of the Service at ``address``, from what the trace itself says: the
+    ingress's cluster (``ingress|ns|name|port``) or the caller's DNS answer."""
+    parts = hop.get("upstream_cluster", "").split("|")
+    if len(parts) == 4 and parts[0] == "ingress":
+        return f"{parts[1]}/{parts[2]}"
+    ip = address.rsplit(":", 1)[0]
+    for span in spans:
+        a = span.attributes
+        answers = [str(x) for x in a.get("hopscope.dns.answer") or []]
+        if a.get("hopscope.hop") != "dns" or ip not in answers:
+            continue
+        # The query that answered is the last one tried (the search path goes in order).
+        queries = [str(q) for q in a.get("hopscope.dns.queries") or []]
+        name = queries[-1] if queries else str(a.get("dns.question.name", ""))
+        labels = name.rstrip(".").split(".")
+        if len(labels) >= 3 and labels[2] == "svc":
+            return f"{labels[1]}/{labels[0]}"
+    return ""
+
+
+def _with_refusals(hops: list[dict[str, Any]], spans: list[SpanRecord]) -> list[dict[str, Any]]:
+    """Add the kube-proxy REJECT a caller met but kube-proxy never saw.
+
+    A Service port with no ready endpoints has no listener (like the REJECT rule), so the
+    caller's ``connect()`` is refused by the kernel and no kube-proxy span exists. The
+    caller's proxy span says it: upstream connection failure (UF/URX) with "connection
+    refused" towards a Service address. That hop is derived from the caller's span
+    (``derived: true``), never invented without it.
+    """
+    out: list[dict[str, Any]] = []
+    children = {h["parent_hop_id"] for h in hops}
+    for hop in hops:
+        out.append(hop)
+        flags = set(hop["response_flags"].split(","))
+        refused = "refused" in hop["upstream_failure"].lower()
+        if (
+            hop["hop"] not in ("ingress", "sidecar-outbound")
+            or not flags & {"UF", "URX"}
+            or not refused
+            or not _is_service_address(hop["dst"])
+            or hop["span_id"] in children
+        ):
+            continue
+        service = _service_name(hop["dst"], hop, spans)
+        named = f"Service {service}" if service else f"the Service at {hop['dst']}"
+        out.append(
+            {
+                **{k: "" for k in hop},
+                "hop": "kube-proxy",
+                "name": f"kube-proxy REJECT {hop['dst']} (connection refused)",
+                "where": f"svc {service or hop['dst']} (no endpoint)",
+                "src": "",
+                "dst": hop["dst"],
+                "nat": "REJECT: no listener, connect() refused",
+                "status": "refused",
+                "response_flags": "",
+                "duration_ms": 0.0,
+                "span_id": f"{hop['span_id']}-reject",
+                "parent_span_id": hop["span_id"],
+                "depth": hop["depth"] + 1,
+                "start_ns": hop["start_ns"],
+                "error": True,
+                "error_type": "no-ready-endpoints",
+                "message": (
+                    f"{named} has no ready endpoints (connect() to {hop['dst']} was refused "
+                    "at once: kube-proxy keeps no listener for it, like its REJECT rule)"
+                ),
+                "app": "kube-proxy",
+                "nat_tuple": {"original_dst": hop["dst"]},
+                "parent_hop_id": hop["span_id"],
+                "service": service,
+                "conntrack": "",
+                "downstream": {},
+                "derived": True,
+            }
+        )
+    return out
 
 
 def _nat_tuple(span: SpanRecord) -> dict[str, str]:
@@ -276,6 +418,8 @@ def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
                 "span_id",
                 "parent_span_id",
                 "parent_hop_id",
+                "conntrack",
+                "derived",
             )
         }
         for h in hops

@@ -157,7 +157,7 @@ def packet_walk(hops: list[dict[str, Any]], view_verdict: dict[str, Any]) -> lis
     if not view_verdict.get("ok") and view_verdict.get("origin_span_id"):
         target = next(h for h in hops if h["span_id"] == view_verdict["origin_span_id"])
     else:
-        target = next((h for h in hops if h["hop"] == "app"), hops[-1])
+        target = _first_app(hops) or hops[-1]
     rows: list[dict[str, str]] = []
     replies: list[dict[str, str]] = []
 
@@ -165,16 +165,19 @@ def packet_walk(hops: list[dict[str, Any]], view_verdict: dict[str, Any]) -> lis
         rows.append({"stage": stage, "at": at, "src": src, "dst": dst, "change": change})
 
     path = _path_to(hops, target)
+    sent = _as_sent(path)
+    if sent is not None:
+        row("request sent", *sent)
     for i, hop in enumerate(path):
         kind, nat = hop["hop"], hop.get("nat_tuple") or {}
         nxt = path[i + 1] if i + 1 < len(path) else None
         if kind == "client":
-            row("request sent", "client", hop["src"], hop["dst"], "-")
-        elif kind in ("ingress", "sidecar-outbound"):
+            continue  # the "request sent" row above
+        if kind in ("ingress", "sidecar-outbound"):
             upstream = hop["dst"]
             if nxt is not None and nxt.get("nat_tuple", {}).get("original_dst"):
                 upstream = nxt["nat_tuple"]["original_dst"]
-            src = nxt["nat_tuple"]["original_src"] if nxt and nxt.get("nat_tuple") else hop["src"]
+            src = ((nxt or {}).get("nat_tuple") or {}).get("original_src") or hop["src"]
             row(
                 "proxied",
                 hop["where"],
@@ -186,7 +189,7 @@ def packet_walk(hops: list[dict[str, Any]], view_verdict: dict[str, Any]) -> lis
             osrc, odst = nat.get("original_src", ""), nat.get("original_dst", "")
             tsrc, tdst = nat.get("translated_src", ""), nat.get("translated_dst", "")
             if not tdst:
-                row("rejected", hop["where"], osrc, odst, hop.get("message") or "refused")
+                row("rejected", hop["where"], osrc or "-", odst, hop.get("message") or "refused")
                 continue
             changes = [f"DNAT {odst} → {tdst}"]
             if _ip(osrc) != _ip(tsrc):
@@ -237,4 +240,70 @@ def packet_walk(hops: list[dict[str, Any]], view_verdict: dict[str, Any]) -> lis
             )
         elif kind == "app":
             row("served", hop["where"], hop["src"], hop["dst"], f"status {hop['status']}")
+    if sent is not None and (view_verdict.get("ok") or rows[-1]["stage"] == "served"):
+        at, src, dst, _change = sent
+        replies.insert(
+            0,
+            {
+                "stage": "reply received",
+                "at": at,
+                "src": dst,
+                "dst": src,
+                "change": "the client sees the reply come from the address it sent to",
+            },
+        )
     return rows + list(reversed(replies))
+
+
+ENTRY_HOPS = ("client", "ingress", "load-balancer", "kube-proxy", "sidecar-outbound")
+"""Hops a request can enter the journey at (the first one to see the client's packet)."""
+
+
+def _first_app(hops: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The app the client's own request reached: below the earliest entry hop, shallowest.
+
+    Calls an app makes further down hang below that app; one whose parent span is missing
+    (not exported yet, or dropped) starts a second tree, which must not be taken for the
+    client's request."""
+
+    def rank(app: dict[str, Any]) -> tuple[bool, int, int]:
+        head = _path_to(hops, app)[0]
+        return head["hop"] not in ENTRY_HOPS, int(head.get("start_ns") or 0), app["depth"]
+
+    apps = [h for h in hops if h["hop"] == "app"]
+    return min(apps, key=rank) if apps else None
+
+
+def _as_sent(path: list[dict[str, Any]]) -> tuple[str, str, str, str] | None:
+    """``(at, src, dst, change)`` of the client's packet as it left the client.
+
+    Whatever the client — ``hopscope curl`` (a ``client`` span), curl or a load tool (no
+    span: the first hop saw its packet), or a pod's app (its sidecar captured the packet) —
+    the row has the client's address *and* port, as the first hop that saw it recorded.
+    """
+    if not path:
+        return None
+    first = path[0]
+    seen_by = path[1] if first["hop"] == "client" and len(path) > 1 else first
+    kind, nat = seen_by["hop"], seen_by.get("nat_tuple") or {}
+    downstream = seen_by.get("downstream") or {}
+    if kind in ("kube-proxy", "load-balancer") and nat.get("original_src"):
+        src, dst = nat["original_src"], nat.get("original_dst", "")
+    elif kind in ("ingress", "sidecar-outbound") and downstream.get("remote"):
+        src, dst = downstream["remote"], downstream.get("local", "")
+        if kind == "sidecar-outbound":
+            # The app addressed the Service; its sidecar's outbound listener took the packet.
+            nxt = path[path.index(seen_by) + 1] if seen_by is not path[-1] else None
+            target = (nxt or {}).get("nat_tuple", {}).get("original_dst") or seen_by["dst"]
+            return (
+                seen_by["where"],
+                src,
+                target,
+                f"captured by the pod's sidecar (outbound listener {dst})",
+            )
+    elif first["hop"] == "client":
+        src, dst = first["src"], first["dst"]
+    else:
+        return None
+    at = "client" if first["hop"] == "client" else f"client {_ip(src)}"
+    return at, src, dst, "-"
