@@ -19,6 +19,7 @@ from mesh import addresses
 from mesh.apiclient import OTLP_TOKEN_FILE, TOKEN_FILE
 from mesh.controlplane.api import create_app
 from mesh.controlplane.guard import SESSION_COOKIE, Guard, create_tokens
+from mesh.model.types import ClusterState
 from mesh.tracestore.store import TraceStore
 from tests.e2e_support import API, cluster_env, cluster_processes, hopscope, poll_until
 
@@ -28,11 +29,12 @@ HOST = f"{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
 class _Cluster:
     """Enough of a Cluster for the API's state-changing endpoints to answer."""
 
-    lock = threading.Lock()
-    state = None
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = ClusterState()
 
     def apply(self, objects: list[Any]) -> list[str]:
-        return [f"{o.kind} applied" for o in objects]
+        return [f"{type(o).__name__} applied" for o in objects]
 
 
 @pytest.fixture
@@ -205,3 +207,43 @@ def test_real_cluster_obeys_its_user(cluster: tuple[dict[str, str], Path]) -> No
     session = requests.Session()
     resp = session.get(f"{API}/login", params={"token": token}, timeout=5)
     assert resp.status_code == 200 and session.cookies.get(SESSION_COOKIE)
+
+
+class _ComposePlane:
+    """The compose control plane as the API sees it: no ingress controller follows Ingresses."""
+
+    ingress = None
+
+
+def test_ingress_is_refused_where_routes_are_fixed_at_start(tmp_path: Path) -> None:
+    token, otlp_token = create_tokens(tmp_path)
+    app = create_app(
+        _Cluster(),
+        TraceStore(),
+        status=dict,
+        actions=_ComposePlane(),
+        guard=Guard(token, otlp_token, "127.10.0.254"),
+    )
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": "extra", "namespace": "shop"},
+        "spec": {"defaultBackend": {"service": {"name": "frontend", "port": {"number": 8080}}}},
+    }
+
+    def apply(doc: dict[str, Any]) -> Any:
+        return app.test_client().post(
+            "/api/v1/apply",
+            json={"source": "extra.yaml", "documents": [doc]},
+            headers={"Host": HOST, "Authorization": f"Bearer {token}"},
+        )
+
+    resp = apply(ingress)
+    assert resp.status_code == 400
+    message = resp.get_json()["error"]
+    assert "Ingress shop/extra" in message and "nothing applied" in message
+    # re-applying the Ingress the cluster started with changes nothing, so it passes
+    from mesh.model.manifests import load_document
+
+    app.config["CLUSTER"].state.ingresses.append(load_document(ingress, "shop.yaml", 0))
+    assert apply(ingress).status_code == 200

@@ -70,8 +70,8 @@ def apply(paths: tuple[Path, ...]) -> None:
     (kube-system/hopscope-cni, kube-system/coredns) and a KubeProxyConfiguration (e.g.
     `mode: ipvs`) take effect at once. Ingresses too, within a second: the ingress
     controller rewrites the ingress Envoy's routes without restarting it (a new host is
-    served, a deleted one answers 404). In the compose (docker) runtime the ingress keeps
-    the routes it started with until the cluster is restarted.
+    served, a deleted one answers 404). In the compose (docker) runtime the ingress takes
+    its routes at start only, so an Ingress is refused there with the reason.
 
     \b
     Mind what a manifest can do: in local mode every container of a Pod template runs

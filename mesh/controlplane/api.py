@@ -232,9 +232,40 @@ def _manifest_objects() -> list[Any]:
         raise APIError(400, 'body must be {"source": "...", "documents": [ {...}, ... ]}')
     source = str(body.get("source") or "request")
     try:
-        return [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
+        objects = [load_document(doc, source, i) for i, doc in enumerate(body["documents"])]
     except ManifestError as exc:
         raise APIError(400, str(exc)) from None
+    _refuse_ingress_if_not_live(objects)
+    return objects
+
+
+def _refuse_ingress_if_not_live(objects: list[Any]) -> None:
+    """Where no ingress controller follows Ingress objects (the compose stack's ingress
+    container reads its config at start), refuse them instead of storing what nobody serves."""
+    from mesh.model.types import Ingress
+
+    actions = current_app.config["ACTIONS"]
+    if actions is None or getattr(actions, "ingress", None) is not None:
+        return
+    cluster = current_app.config["CLUSTER"]
+    with cluster.lock:
+        live = {(i.namespace, i.name): i for i in cluster.state.ingresses}
+    for obj in objects:
+        if not isinstance(obj, Ingress):
+            continue
+        old = live.get((obj.namespace, obj.name))
+        # re-applying what runs (scenario reset re-applies the shipped manifests) is no change
+        if old is None or (obj.rules, obj.default_backend, obj.ingress_class) != (
+            old.rules,
+            old.default_backend,
+            old.ingress_class,
+        ):
+            raise APIError(
+                400,
+                f"Ingress {obj.namespace}/{obj.name}: this cluster's ingress takes its routes "
+                "at start only (compose); nothing applied. Add the Ingress to the manifests "
+                "and restart the stack (`docker compose down && docker compose up -d`)",
+            )
 
 
 @bp.post("/api/v1/apply")
