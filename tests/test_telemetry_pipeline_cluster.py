@@ -121,7 +121,8 @@ def _scrape(url: str, name: str, **labels: str) -> float:
     return total
 
 
-def _loss_readings(frontend_ip: str) -> dict[str, float]:
+def _loss_readings(frontend_ips: list[str]) -> dict[str, float]:
+    """Loss counters; the frontend's summed over its replicas (any of them may serve)."""
     node = addresses.NODE_IPS["node-a"]
     ingress_stats = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/stats/prometheus"
     failed = {"outcome": "failed"}
@@ -136,13 +137,17 @@ def _loss_readings(frontend_ip: str) -> dict[str, float]:
         envoy_response_code_class="2",
     )
     return {
-        "frontend": _scrape(
-            f"http://{frontend_ip}:{addresses.APP_METRICS_PORT}/metrics", spans, **failed
+        "frontend": sum(
+            _scrape(f"http://{ip}:{addresses.APP_METRICS_PORT}/metrics", spans, **failed)
+            for ip in frontend_ips
         ),
-        "frontend_logs": _scrape(
-            f"http://{frontend_ip}:{addresses.APP_METRICS_PORT}/metrics",
-            "hopscope_otel_exported_log_records_total",
-            **failed,
+        "frontend_logs": sum(
+            _scrape(
+                f"http://{ip}:{addresses.APP_METRICS_PORT}/metrics",
+                "hopscope_otel_exported_log_records_total",
+                **failed,
+            )
+            for ip in frontend_ips
         ),
         "kube-proxy": _scrape(
             f"http://{node}:{addresses.KUBE_PROXY_METRICS_PORT}/metrics", spans, **failed
@@ -160,8 +165,9 @@ def test_stopping_the_receiver_makes_every_exporter_count_its_loss(
     env, _backend = forwarding_cluster
     home_token = read_token(Path(env["HOPSCOPE_HOME"]))
     auth = {"Authorization": f"Bearer {home_token}"}
-    frontend = next(p for p in api_get("/api/v1/state")["pods"] if p["name"].startswith("frontend"))
-    before = _loss_readings(frontend["ip"])
+    pods = api_get("/api/v1/state")["pods"]
+    frontends = [p["ip"] for p in pods if p["name"].startswith("frontend")]
+    before = _loss_readings(frontends)
     assert (
         requests.post(
             f"{API}/api/v1/debug/receiver", json={"running": False}, timeout=5
@@ -175,11 +181,20 @@ def test_stopping_the_receiver_makes_every_exporter_count_its_loss(
     try:
         for _ in range(3):
             hopscope("curl", "http://shop.local/", env=env)
+        # a sender still on the API port's /v1/traces (the compose Collector's path) is told
+        # the receiver is down, and the refusal is counted
+        down = requests.post(
+            f"{API}/v1/traces",
+            data=b"",
+            headers={"Content-Type": "application/x-protobuf"},
+            timeout=5,
+        )
+        assert down.status_code == 503, down.text
         # the SDK exporters retry for their 5 s timeout before a batch counts as failed
         keys = ("frontend", "frontend_logs", "kube-proxy", "ingress-envoy", "receiver-unavailable")
         deadline = time.monotonic() + 30
         while True:
-            after = _loss_readings(frontend["ip"])
+            after = _loss_readings(frontends)
             rose = {k: after[k] > before[k] for k in keys}
             if all(rose.values()) or time.monotonic() > deadline:
                 break
