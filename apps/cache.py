@@ -13,7 +13,7 @@ import time
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
+from apps.common import PodIdentity, instrument_flask, run_http_app
 
 PORT = 6380
 
@@ -48,9 +48,7 @@ def create_app(pod: PodIdentity) -> Flask:
 
 
 def main() -> None:
-    pod = PodIdentity.from_env("cache")
-    start_telemetry(pod)
-    serve_flask(create_app(pod), pod)
+    run_http_app("cache", create_app)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from flask import Flask, abort, jsonify
 from flask.typing import ResponseReturnValue
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
-from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
+from apps.common import PodIdentity, instrument_flask, run_http_app
 from apps.podnet import ServiceHTTPClient
-from mesh.dns.resolver import PodResolver, ResolveError
+from mesh.dns.resolver import ResolveError
 
 CACHE_SHARDS = 2
 CACHE_PORT = 6380
@@ -44,9 +44,7 @@ def create_app(pod: PodIdentity) -> Flask:
     app = Flask("catalog")
     instrument_flask(app, pod)
     RequestsInstrumentor().instrument()
-    resolver = PodResolver(
-        pod.dns_server, pod.dns_search, pod.ndots, pod.name, pod.namespace, pod.ip
-    )
+    resolver = pod.resolver()
     http = ServiceHTTPClient(resolver, pod.sidecar_outbound, pod.ip)
 
     def cached_items() -> str:
@@ -83,9 +81,7 @@ def create_app(pod: PodIdentity) -> Flask:
 
 
 def main() -> None:
-    pod = PodIdentity.from_env("catalog")
-    start_telemetry(pod)
-    serve_flask(create_app(pod), pod)
+    run_http_app("catalog", create_app)
 
 
 if __name__ == "__main__":

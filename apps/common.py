@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from opentelemetry import trace
 from prometheus_client import Counter, Histogram, start_http_server
 
 from mesh import addresses
+from mesh.dns.resolver import PodResolver
 from telemetry.logs import setup_json_logging
 from telemetry.tracing import setup_tracing
 
@@ -90,6 +92,12 @@ class PodIdentity:
             dns_server=(dns_host, int(dns_port)),
             dns_search=env.get("HOPSCOPE_DNS_SEARCH", default_search).split(),
             ndots=int(env.get("HOPSCOPE_DNS_NDOTS", "5")),
+        )
+
+    def resolver(self) -> PodResolver:
+        """The pod's stub resolver, as its resolv.conf would configure glibc."""
+        return PodResolver(
+            self.dns_server, self.dns_search, self.ndots, self.name, self.namespace, self.ip
         )
 
     def k8s_attributes(self) -> dict[str, str]:
@@ -206,21 +214,52 @@ def instrument_flask(app: Any, pod: PodIdentity) -> None:
         return response
 
 
+def run_http_app(app: str, create_app: Callable[[PodIdentity], Any]) -> None:
+    """An HTTP app's process: its pod identity from the env, telemetry, then serve."""
+    pod = PodIdentity.from_env(app)
+    start_telemetry(pod)
+    serve_flask(create_app(pod), pod)
+
+
+def run_grpc_app(app: str, register: Callable[[Any, PodIdentity], None]) -> None:
+    """A gRPC app's process: ``register(server, pod)`` adds its servicers."""
+    pod = PodIdentity.from_env(app)
+    start_telemetry(pod)
+    serve_grpc(lambda server: register(server, pod), pod)
+
+
+APP_SERVER_THREADS = 32
+"""Worker threads of an app's HTTP server: requests beyond this many at once queue, as on a
+real app server with a bounded pool."""
+
+
 def serve_flask(app: Any, pod: PodIdentity) -> None:
-    """Serve until SIGTERM, threaded, on the pod's app port."""
+    """Serve on the pod's app port with waitress until SIGTERM.
+
+    waitress speaks HTTP/1.1 with keep-alive, so the sidecar reuses its connections to the
+    app instead of opening one per request (the cost the development server had).
+    """
     import signal
 
-    from werkzeug.serving import make_server
+    from waitress import create_server
 
-    server = make_server(pod.ip, pod.listen_port, app, threaded=True)
-    signal.signal(signal.SIGTERM, lambda *_: _shutdown(server))
-    server.serve_forever()
+    server = create_server(
+        app,
+        host=pod.ip,
+        port=pod.listen_port,
+        threads=APP_SERVER_THREADS,
+        ident=pod.app,
+        # The sidecar may hold idle keep-alive connections; they are local and cheap.
+        connection_limit=1000,
+        clear_untrusted_proxy_headers=False,
+    )
+    signal.signal(signal.SIGTERM, _stop_serving)
+    server.run()
 
 
-def _shutdown(server: Any) -> None:
-    import threading
-
-    threading.Thread(target=server.shutdown, daemon=True).start()
+def _stop_serving(*_: Any) -> None:
+    # waitress's loop ends on SystemExit and drains its worker threads.
+    raise SystemExit(0)
 
 
 def serve_grpc(register: Any, pod: PodIdentity) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
+from apps.common import PodIdentity, instrument_flask, run_http_app
 
 
 def create_app(pod: PodIdentity) -> Flask:
@@ -37,9 +37,7 @@ def create_app(pod: PodIdentity) -> Flask:
 
 
 def main() -> None:
-    pod = PodIdentity.from_env("echo")
-    start_telemetry(pod)
-    serve_flask(create_app(pod), pod)
+    run_http_app("echo", create_app)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from flask.typing import ResponseReturnValue
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
-from apps.common import PodIdentity, instrument_flask, serve_flask, start_telemetry
+from apps.common import PodIdentity, instrument_flask, run_http_app
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
 from apps.podnet import ServiceHTTPClient, grpc_call, grpc_channel
-from mesh.dns.resolver import PodResolver, ResolveError
+from mesh.dns.resolver import ResolveError
 
 CATALOG_URL = os.environ.get("CATALOG_URL", "http://catalog:8080/items")
 """Overridable from the Deployment's env (the dns-typo scenario misspells it)."""
@@ -31,9 +31,7 @@ def create_app(pod: PodIdentity) -> Flask:
     app = Flask("frontend")
     instrument_flask(app, pod)
     RequestsInstrumentor().instrument()
-    resolver = PodResolver(
-        pod.dns_server, pod.dns_search, pod.ndots, pod.name, pod.namespace, pod.ip
-    )
+    resolver = pod.resolver()
     http = ServiceHTTPClient(resolver, pod.sidecar_outbound, pod.ip)
     channel = grpc_channel(pod.sidecar_outbound, f"{REVIEWS[0]}:{REVIEWS[1]}")
     reviews = shop_pb2_grpc.ReviewsStub(grpcext.intercept_channel(channel, client_interceptor()))
@@ -110,9 +108,7 @@ def create_app(pod: PodIdentity) -> Flask:
 
 
 def main() -> None:
-    pod = PodIdentity.from_env("frontend")
-    start_telemetry(pod)
-    serve_flask(create_app(pod), pod)
+    run_http_app("frontend", create_app)
 
 
 if __name__ == "__main__":

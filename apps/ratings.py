@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from apps.common import PodIdentity, app_rpc, serve_grpc, start_telemetry
+from apps.common import PodIdentity, app_rpc, run_grpc_app
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
 
 
@@ -25,13 +25,10 @@ class Ratings(shop_pb2_grpc.RatingsServicer):
 
 
 def main() -> None:
-    pod = PodIdentity.from_env("ratings")
-    start_telemetry(pod)
-
-    def register(server: Any) -> None:
-        shop_pb2_grpc.add_RatingsServicer_to_server(Ratings(pod), server)
-
-    serve_grpc(register, pod)
+    run_grpc_app(
+        "ratings",
+        lambda server, pod: shop_pb2_grpc.add_RatingsServicer_to_server(Ratings(pod), server),
+    )
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 
-from apps.common import PodIdentity, app_rpc, serve_grpc, start_telemetry
+from apps.common import PodIdentity, app_rpc, run_grpc_app
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
 from apps.podnet import grpc_call, grpc_channel
-from mesh.dns.resolver import PodResolver, ResolveError
+from mesh.dns.resolver import ResolveError
 
 RATINGS = ("ratings", 50051)
 
@@ -18,9 +18,7 @@ RATINGS = ("ratings", 50051)
 class Reviews(shop_pb2_grpc.ReviewsServicer):
     def __init__(self, pod: PodIdentity) -> None:
         self.pod = pod
-        self.resolver = PodResolver(
-            pod.dns_server, pod.dns_search, pod.ndots, pod.name, pod.namespace, pod.ip
-        )
+        self.resolver = pod.resolver()
         channel = grpc_channel(pod.sidecar_outbound, f"{RATINGS[0]}:{RATINGS[1]}")
         self.ratings = shop_pb2_grpc.RatingsStub(
             grpcext.intercept_channel(channel, client_interceptor())
@@ -54,13 +52,10 @@ class Reviews(shop_pb2_grpc.ReviewsServicer):
 
 
 def main() -> None:
-    pod = PodIdentity.from_env("reviews")
-    start_telemetry(pod)
-
-    def register(server: Any) -> None:
-        shop_pb2_grpc.add_ReviewsServicer_to_server(Reviews(pod), server)
-
-    serve_grpc(register, pod)
+    run_grpc_app(
+        "reviews",
+        lambda server, pod: shop_pb2_grpc.add_ReviewsServicer_to_server(Reviews(pod), server),
+    )
 
 
 if __name__ == "__main__":

@@ -312,6 +312,27 @@ def self_times(view: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
+def emulation_costs(view: dict[str, Any]) -> dict[str, list[float]]:
+    """Per NAT hop kind, the emulator's own share each hop reports (``emulation_ms``)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for hop in view.get("hops", []):
+        if hop["hop"] in NAT_HOPS and hop.get("emulation_ms") is not None:
+            out[hop["hop"]].append(float(hop["emulation_ms"]))
+    return out
+
+
+def summary(values: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {
+        kind: {
+            "median": round(statistics.median(v), 3),
+            "p90": round(sorted(v)[int(len(v) * 0.9)], 3),
+            "hops": len(v),
+        }
+        for kind, v in sorted(values.items())
+        if v
+    }
+
+
 # -- the cluster -------------------------------------------------------------------------
 
 
@@ -461,24 +482,20 @@ def read_traces(
         raise BenchError(f"none of the {len(chosen)} sampled traces could be read")
     reasons = Counter(v for v in verdicts.values() if v)
     selfs: dict[str, list[float]] = defaultdict(list)
+    emulation: dict[str, list[float]] = defaultdict(list)
     for view in views.values():
         for kind, values in self_times(view).items():
             selfs[kind].extend(values)
+        for kind, values in emulation_costs(view).items():
+            emulation[kind].extend(values)
     complete = len(chosen) - sum(reasons.values())
     return {
         "sampled": len(chosen),
         "complete": complete,
         "complete_share": round(complete / len(chosen), 4),
         "incomplete_reasons": dict(reasons.most_common(8)),
-        "self_time_ms": {
-            kind: {
-                "median": round(statistics.median(v), 3),
-                "p90": round(sorted(v)[int(len(v) * 0.9)], 3),
-                "hops": len(v),
-            }
-            for kind, v in sorted(selfs.items())
-            if v
-        },
+        "self_time_ms": summary(selfs),
+        "emulation_ms": summary(emulation),
     }
 
 
@@ -522,6 +539,7 @@ def run_step(cluster: Cluster, cfg: StepConfig, provider: Any) -> dict[str, Any]
         "waited_for_slot": stats.waited_for_slot,
         **{k: traces[k] for k in ("sampled", "complete_share", "incomplete_reasons")},
         "self_time_ms": traces["self_time_ms"],
+        "emulation_ms": traces["emulation_ms"],
         "cpu_ms_per_request": round(cluster_ms, 3),
         "cpu_ms_per_request_by_component": by_component(used, stats.done),
         "kernel_share_by_component": {
@@ -604,11 +622,12 @@ def measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
         for kind in NAT_HOPS:
             # Headline from the unloaded step (the hop's own cost, no queueing behind it).
             name = kind.replace("-", "_")
-            for key, step in (
-                (f"{name}_self_ms_median", unloaded),
-                (f"{name}_self_ms_at_50", fixed),
+            for key, field, step in (
+                (f"{name}_self_ms_median", "self_time_ms", unloaded),
+                (f"{name}_self_ms_at_50", "self_time_ms", fixed),
+                (f"{name}_emulation_ms_median", "emulation_ms", unloaded),
             ):
-                st = step["self_time_ms"].get(kind)
+                st = step[field].get(kind)
                 result[key] = st["median"] if st else None
         ok = [s["asked_rps"] for s in steps if sustained(s)]
         result["max_sustained_rps"] = max(ok) if ok else None
@@ -690,8 +709,10 @@ def print_table(result: dict[str, Any]) -> None:
     log(
         f"max_sustained_rps {result['max_sustained_rps']}  cpu_ms_per_request "
         f"{result['cpu_ms_per_request']}  unloaded_p50_ms {result['unloaded_p50_ms']}  "
-        f"kube-proxy self {result['kube_proxy_self_ms_median']} ms  "
-        f"cni-overlay self {result['cni_overlay_self_ms_median']} ms"
+        f"kube-proxy self {result['kube_proxy_self_ms_median']} ms "
+        f"(emulation {result['kube_proxy_emulation_ms_median']})  "
+        f"cni-overlay self {result['cni_overlay_self_ms_median']} ms "
+        f"(emulation {result['cni_overlay_emulation_ms_median']})"
     )
 
 

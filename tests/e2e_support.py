@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +22,9 @@ T = TypeVar("T")
 
 API = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
 HOPSCOPE = [sys.executable, "-m", "mesh.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_MANIFESTS = ROOT / "apps" / "manifests"
+TEST_MANIFESTS = ROOT / "tests" / "manifests"
 
 
 def hopscope(
@@ -84,3 +89,117 @@ def trace_json(trace_id: str) -> dict[str, Any]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1)[:4000]
+
+
+# -- a local cluster a test module starts, shares and gives back --------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How a local cluster is started: ``hopscope up -f`` manifests (none: the sample shop),
+    extra ``up`` options, and environment variables set (``None``: removed) for the CLI."""
+
+    manifests: tuple[Path, ...] = ()
+    up_args: tuple[str, ...] = ()
+    env: Mapping[str, str | None] = field(default_factory=dict)
+
+
+SHARED_SPEC = ClusterSpec(manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS))
+"""The cluster most e2e modules share: the sample shop plus the echo Services of
+``tests/manifests`` (their own namespace, so the shop is exactly as shipped)."""
+
+
+class LocalCluster:
+    """One ``hopscope up --detach`` cluster in its own state directory."""
+
+    def __init__(self, home: Path, spec: ClusterSpec) -> None:
+        self.home = home
+        self.spec = spec
+        self.env = cluster_env(home)
+        for name, value in spec.env.items():
+            if value is None:
+                self.env.pop(name, None)
+            else:
+                self.env[name] = value
+        self.up_output = ""
+        self.procs: list[psutil.Process] = []
+
+    def start(self) -> None:
+        files = [arg for path in self.spec.manifests for arg in ("-f", str(path))]
+        up = hopscope(
+            "up",
+            "--detach",
+            *files,
+            "--timeout",
+            "120",
+            *self.spec.up_args,
+            env=self.env,
+            timeout=180,
+        )
+        self.up_output = up.stdout + up.stderr
+        self.procs = cluster_processes()
+
+    def alive(self) -> bool:
+        """The control plane this object started still answers."""
+        try:
+            return bool(self.procs) and api_get("/api/v1/status")["pid"] == self.procs[0].pid
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """``hopscope down``; every process of the cluster must be gone (also after a test
+        stopped it itself)."""
+        hopscope("down", env=self.env, check=False)
+        assert_all_gone(self.procs)
+        self.procs = []
+
+    def restore(self) -> None:
+        """Back to the state :meth:`start` left, after a module that changed it: ``hopscope
+        scenario reset`` (kube-proxy sync resumed, readiness overrides cleared, the break-it
+        lab removed, the shipped manifests applied again: replicas, policies, CNI and DNS
+        config), the spec's other manifests applied again, then every pod and component
+        ready."""
+        hopscope("scenario", "reset", env=self.env, timeout=180)
+        extra = [p for p in self.spec.manifests if p != SAMPLE_MANIFESTS]
+        if extra:
+            hopscope("apply", *(a for p in extra for a in ("-f", str(p))), env=self.env)
+        poll_until(lambda: api_get("/api/v1/status")["ready"], timeout=60, interval=0.25)
+
+
+class ClusterPool:
+    """At most one running local cluster, handed from module to module."""
+
+    def __init__(self, mktemp: Callable[[str], Path]) -> None:
+        self._mktemp = mktemp
+        self.current: LocalCluster | None = None
+        self._user = ""
+
+    def acquire(self, spec: ClusterSpec, user: str) -> LocalCluster:
+        """The running cluster if it was started with ``spec`` (restored if another module
+        had it), else a new one."""
+        current = self.current
+        if current is not None and (current.spec != spec or not current.alive()):
+            self.release()
+            current = None
+        if current is None:
+            current = LocalCluster(self._mktemp("hopscope-home"), spec)
+            self.current = current
+            current.start()
+        elif user != self._user:
+            current.restore()
+        self._user = user
+        return current
+
+    def release(self) -> None:
+        current, self.current, self._user = self.current, None, ""
+        if current is not None:
+            current.stop()
+
+    @contextmanager
+    def exclusive(self, spec: ClusterSpec, user: str) -> Iterator[LocalCluster]:
+        """A cluster started with ``spec`` for this block only."""
+        self.release()
+        try:
+            yield self.acquire(spec, user)
+        finally:
+            self.release()

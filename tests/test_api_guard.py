@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from mesh.controlplane.api import create_app
 from mesh.controlplane.guard import SESSION_COOKIE, Guard, create_tokens
 from mesh.model.types import ClusterState
 from mesh.tracestore.store import TraceStore
-from tests.e2e_support import API, cluster_env, cluster_processes, hopscope, poll_until
+from tests.e2e_support import API, LocalCluster, hopscope, poll_until
 
 HOST = f"{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
 
@@ -135,26 +134,9 @@ def test_otlp_receiver_open_to_the_cluster_only(tmp_path: Path) -> None:
 # -- against a real cluster --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path]]:
-    home = tmp_path_factory.mktemp("hopscope-home")
-    env = cluster_env(home)
-    up = hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
-    out = up.stdout + up.stderr
-    procs = cluster_processes()
-    (home / "up.out").write_text(out)
-    try:
-        yield env, home
-    finally:
-        hopscope("down", env=env, check=False)
-        import psutil
-
-        psutil.wait_procs(procs, timeout=15)
-
-
 @pytest.mark.e2e
-def test_real_cluster_refuses_strangers(cluster: tuple[dict[str, str], Path]) -> None:
-    _env, home = cluster
+def test_real_cluster_refuses_strangers(local_cluster: LocalCluster) -> None:
+    home = local_cluster.home
     token_file = home / TOKEN_FILE
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     state = requests.get(f"{API}/api/v1/state", timeout=5).json()
@@ -183,8 +165,8 @@ def test_real_cluster_refuses_strangers(cluster: tuple[dict[str, str], Path]) ->
 
 
 @pytest.mark.e2e
-def test_real_cluster_obeys_its_user(cluster: tuple[dict[str, str], Path]) -> None:
-    env, home = cluster
+def test_real_cluster_obeys_its_user(local_cluster: LocalCluster) -> None:
+    env, home = local_cluster.env, local_cluster.home
     out = hopscope("scale", "shop/catalog", "--replicas", "3", env=env).stdout
     assert "3" in out
 
@@ -202,7 +184,7 @@ def test_real_cluster_obeys_its_user(cluster: tuple[dict[str, str], Path]) -> No
     # the explorer is readable without a token; the printed URL logs a browser in
     assert requests.get(f"{API}/", timeout=5).status_code == 200
     token = (home / TOKEN_FILE).read_text().strip()
-    printed = (home / "up.out").read_text()
+    printed = local_cluster.up_output
     assert f"{API}/login?token={token}" in printed, printed
     session = requests.Session()
     resp = session.get(f"{API}/login", params={"token": token}, timeout=5)

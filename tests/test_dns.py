@@ -10,9 +10,10 @@ from pathlib import Path
 import dns.message
 import dns.rcode
 import pytest
+from prometheus_client import CollectorRegistry
 
-from mesh.dns.__main__ import DNSServer, serve
 from mesh.dns.resolver import PodResolver, ResolveError, candidates
+from mesh.dns.server import DnsMetrics, DNSServer, serve
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import default_manifest_paths, load_manifests
 
@@ -57,6 +58,25 @@ def test_garbage_gets_formerr_or_nothing(server: DNSServer) -> None:
     assert reply is not None and reply[:2] == b"\x12\x34" and reply[3] & 0x0F == dns.rcode.FORMERR
     assert server.handle(b"\x01", "udp") is None
     assert _ask(server, "catalog.shop.svc.cluster.local.").rcode() == dns.rcode.NOERROR
+
+
+def test_queries_are_counted_under_coredns_names_on_the_registry_given() -> None:
+    registry = CollectorRegistry()
+    srv = DNSServer(DNS_IP, DNS_PORT, ttl=5, metrics=DnsMetrics(registry))
+    srv.handle(dns.message.make_query("nope.shop.svc.cluster.local.", "A").to_wire(), "udp")
+    srv.handle(b"\x12\x34" + b"\xff" * 20, "tcp")
+    server = f"dns://{DNS_IP}:{DNS_PORT}"
+    zone = {"server": server, "zone": "cluster.local."}
+    assert (
+        registry.get_sample_value(
+            "coredns_dns_requests_total", {**zone, "proto": "udp", "family": "1", "type": "A"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value("coredns_dns_responses_total", {**zone, "rcode": "NXDOMAIN"}) == 1
+    )
+    assert registry.get_sample_value("hopscope_dns_malformed_queries_total", {"proto": "tcp"}) == 1
 
 
 def test_glibc_search_order_with_ndots_5() -> None:
@@ -242,3 +262,19 @@ def test_dns_egress_policy_is_enforced(rich: tuple[Cluster, DNSServer]) -> None:
     finally:
         cluster.state.network_policies.append(allow_dns)
         srv.set_state(cluster.state)
+
+
+def test_a_repeated_query_gets_the_same_answer_under_its_own_id(
+    rich: tuple[Cluster, DNSServer],
+) -> None:
+    first, second = (
+        _udp("frontend.shop.svc.cluster.local."),
+        _udp("frontend.shop.svc.cluster.local."),
+    )
+    assert _texts(first) == _texts(second) and len(_texts(first)) == 1
+    query = dns.message.make_query("frontend.shop.svc.cluster.local.", "A")
+    query.id = 4242
+    wire = rich[1].handle(query.to_wire(), "udp")
+    assert wire is not None
+    reply = dns.message.from_wire(wire)
+    assert reply.id == 4242 and _texts(reply) == _texts(first)

@@ -106,6 +106,7 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Ingress]:
     runtime.start_ingress(cluster.state)
     bootstrap = json.loads((runtime.config_dir / "hopscope-system_ingress-envoy.json").read_text())
     assert "cds_config" in bootstrap["dynamic_resources"]  # routes and clusters from files
+    assert controller.xds.directory == runtime.ingress_xds_dir  # the files Envoy reads
     ready = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
     try:
         poll_until(lambda: requests.get(ready, timeout=1).status_code == 200, timeout=20)
@@ -116,7 +117,12 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Ingress]:
         backend.shutdown()
         backend.server_close()
         api.shutdown()
-    assert render_ingress(cluster.state, otlp).get("dynamic_resources") is None  # inline again
+    # No state outlives the controller: a bootstrap reads files only from a directory passed
+    # to it, and rendered without one its routes are inline.
+    assert render_ingress(cluster.state, otlp).get("dynamic_resources") is None
+    assert runtime.ingress_xds_dir is not None
+    from_files = render_ingress(cluster.state, otlp, xds_dir=runtime.ingress_xds_dir)
+    assert "cds_config" in from_files["dynamic_resources"]
 
 
 def _manifest(tmp_path: Path) -> list[Any]:

@@ -5,13 +5,12 @@ Address plan (local mode, see mesh/addresses.py):
   → frontend pod 127.244.{1,2}.n:8080 (sidecar) → app :18080 → DNS 127.96.0.10:10053
   → sidecar outbound :15001 → catalog / reviews VIP → … → ratings.
 
-The cluster is started once for the module with `hopscope up --detach` and stopped with
-`hopscope down`, which must leave no process behind.
+The cluster is the one the e2e modules share (tests/conftest.py): started with `hopscope up
+--detach` and stopped with `hopscope down`, which must leave no process behind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ import requests
 from tests.e2e_support import (
     API,
     api_get,
-    assert_all_gone,
-    cluster_env,
     cluster_processes,
     dump,
     hop_names,
@@ -51,17 +48,11 @@ EXPECTED_SERVICES = ["frontend", "catalog", "reviews", "ratings"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = cluster_env(tmp_path_factory.mktemp("hopscope-home"))
-    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    # Warm the cache shard: the first request also stores the list (a PUT in its trace).
-    hopscope("curl", "http://shop.local/", env=env)
-    try:
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
+def cluster(cluster: dict[str, str]) -> dict[str, str]:
+    """The shared cluster (tests/conftest.py), its cache shard warm: the first request also
+    stores the list (a PUT in its trace)."""
+    hopscope("curl", "http://shop.local/", env=cluster)
+    return cluster
 
 
 def _curl(env: dict[str, str]) -> tuple[int, str]:

@@ -1,13 +1,13 @@
 """End to end: cluster DNS, the overlay between nodes, egress SNAT and NetworkPolicy.
 
-One sample cluster for the module. Tests that change policy or CNI settings put the
-shipped manifests back before they finish, so they do not leak into each other.
+The sample cluster the e2e modules share (tests/conftest.py). Tests that change policy or
+CNI settings put the shipped manifests back before they finish, so they do not leak into
+each other.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,6 @@ import yaml
 from mesh import addresses
 from tests.e2e_support import (
     api_get,
-    assert_all_gone,
-    cluster_env,
-    cluster_processes,
     dump,
     hopscope,
     poll_until,
@@ -32,18 +29,6 @@ pytestmark = pytest.mark.e2e
 MANIFESTS = Path(__file__).resolve().parents[1] / "apps" / "manifests"
 KUBE_PROXY_METRICS = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
 CNI_METRICS = f"http://{addresses.NODE_IPS['node-a']}:{addresses.CNI_METRICS_PORT}/metrics"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = cluster_env(tmp_path_factory.mktemp("hopscope-home"))
-    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    try:
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
 
 
 def _curl(env: dict[str, str], path: str = "/") -> tuple[int, str]:
@@ -63,6 +48,16 @@ def _spans(trace_id: str, wanted: set[str], timeout: float = 15) -> list[dict[st
         return poll_until(ready, timeout=timeout)
     except AssertionError:
         raise AssertionError(dump(trace_json(trace_id)["hops"])) from None
+
+
+def _spans_with(trace_id: str, attribute: str, value: str) -> list[dict[str, Any]]:
+    """The trace's spans whose ``attribute`` is ``value``, once there is one (10 s at most)."""
+
+    def matching() -> list[dict[str, Any]]:
+        spans = trace_json(trace_id)["spans"]
+        return [s for s in spans if s["attributes"].get(attribute) == value]
+
+    return poll_until(matching, timeout=10)
 
 
 def _apply(env: dict[str, str], tmp_path: Path, docs: list[dict[str, Any]]) -> None:
@@ -242,14 +237,7 @@ def test_policy_deny_through_a_service_is_in_the_trace_metrics_and_logs(
         status, trace_id = _curl(cluster)
         assert status == 502
         spans = _spans(trace_id, {"kube-proxy", "sidecar-outbound"})
-        denied = poll_until(
-            lambda: [
-                s
-                for s in trace_json(trace_id)["spans"]
-                if s["attributes"].get("hopscope.policy.verdict") == "deny"
-            ],
-            timeout=10,
-        )
+        denied = _spans_with(trace_id, "hopscope.policy.verdict", "deny")
         a = denied[0]["attributes"]
         assert a["hopscope.hop"] == "kube-proxy" and a["k8s.service.name"] == "catalog"
         assert a["hopscope.policy.side"] == "ingress"
@@ -283,14 +271,7 @@ def test_policy_deny_of_direct_pod_traffic(cluster: dict[str, str], tmp_path: Pa
     _apply(cluster, tmp_path, [locked])
     try:
         _status, trace_id = _curl(cluster)  # the catalog serves without its cache
-        denied = poll_until(
-            lambda: [
-                s
-                for s in trace_json(trace_id)["spans"]
-                if s["attributes"].get("hopscope.hop") == "network-policy"
-            ],
-            timeout=10,
-        )
+        denied = _spans_with(trace_id, "hopscope.hop", "network-policy")
         a = denied[0]["attributes"]
         assert a["hopscope.policy.verdict"] == "deny" and a["hopscope.policy.side"] == "ingress"
         assert a["hopscope.endpoint.pod"].startswith("cache-")
@@ -325,14 +306,7 @@ def test_direct_pod_ip_traffic_is_checked_on_both_sides(cluster: dict[str, str])
     )
     doc = json.loads(denied.stdout)
     assert doc["status"] == 503, doc
-    spans = poll_until(
-        lambda: [
-            s
-            for s in trace_json(doc["trace_id"])["spans"]
-            if s["attributes"].get("hopscope.hop") == "network-policy"
-        ],
-        timeout=10,
-    )
+    spans = _spans_with(doc["trace_id"], "hopscope.hop", "network-policy")
     a = spans[0]["attributes"]
     assert a["hopscope.policy.side"] == "egress" and "shop/catalog" in a["hopscope.policy.names"]
     assert a["hopscope.nat.original.src"].split(":")[0] == catalog["ip"]

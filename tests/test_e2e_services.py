@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,6 @@ import requests
 from mesh import addresses
 from tests.e2e_support import (
     api_get,
-    assert_all_gone,
-    cluster_env,
-    cluster_processes,
     dump,
     hop_names,
     hopscope,
@@ -36,22 +32,8 @@ from tests.e2e_support import (
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
 NODE_A, NODE_B = addresses.NODE_IPS["node-a"], addresses.NODE_IPS["node-b"]
 CLIENT = "127.100.0.7"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = cluster_env(tmp_path_factory.mktemp("hopscope-services"))
-    manifests = ["-f", str(ROOT / "apps" / "manifests"), "-f", str(ROOT / "tests" / "manifests")]
-    hopscope("up", "--detach", *manifests, "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    try:
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
 
 
 def _echo(ip: str, port: int, client: str = CLIENT) -> dict[str, Any]:

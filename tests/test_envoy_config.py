@@ -56,6 +56,25 @@ def test_sidecar_config_validates_and_owns_the_pod_ports(cluster: Cluster, app: 
     assert grpc == (app == "reviews")
 
 
+def test_ingress_reads_routes_and_clusters_only_from_the_directory_it_is_given(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    inline = render_ingress(cluster.state, OTLP)
+    assert "dynamic_resources" not in inline
+    config = render_ingress(cluster.state, OTLP, xds_dir=tmp_path)
+    ok, output = validate_config(config, node=("ingress-envoy", "ingress"))
+    assert ok, output
+    cds = config["dynamic_resources"]["cds_config"]["path_config_source"]["path"]
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    rds = hcm["typed_config"]["rds"]["config_source"]["path_config_source"]["path"]
+    assert {Path(cds), Path(rds)} == {tmp_path / "cds.json", tmp_path / "rds.json"}
+    routes = json.loads((tmp_path / "rds.json").read_text())["resources"][0]
+    assert any("shop.local" in vh["domains"] for vh in routes["virtual_hosts"])
+    clusters = json.loads((tmp_path / "cds.json").read_text())["resources"]
+    inline_clusters = inline["static_resources"]["clusters"]
+    assert {c["name"] for c in clusters} < {c["name"] for c in inline_clusters}
+
+
 def test_ingress_routes_hosts_to_service_vips(cluster: Cluster) -> None:
     config = render_ingress(cluster.state, OTLP)
     ok, output = validate_config(config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from mesh.cli.get_cmds import _pod_rows
 from mesh.model.controllers import Cluster
 from mesh.model.k8s_objects import list_object, to_object
 from mesh.model.manifests import KUBERNETES_VERSION, default_manifest_paths, load_manifests
-from tests.e2e_support import api_get, assert_all_gone, cluster_env, cluster_processes, hopscope
+from tests.e2e_support import api_get, hopscope
 
 ROOT = Path(__file__).resolve().parents[1]
 ECHO = ROOT / "tests" / "manifests" / "echo.yaml"
@@ -182,19 +181,6 @@ def test_ready_column_counts_the_real_containers(model: Cluster) -> None:
 
 
 # -- the real CLI against a running cluster ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = cluster_env(tmp_path_factory.mktemp("hopscope-home"))
-    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    try:
-        hopscope("apply", "-f", str(ECHO), env=env)
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
 
 
 def _get(env: dict[str, str], *args: str) -> str:

@@ -24,7 +24,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+from werkzeug.test import Client
 
+from mesh.kubeproxy.daemon import admin_app
 from mesh.kubeproxy.proxier import Proxier
 from mesh.kubeproxy.rules import IptablesRandom
 from mesh.model.types import (
@@ -32,9 +35,12 @@ from mesh.model.types import (
     Endpoint,
     EndpointPort,
     EndpointSlice,
+    NetworkPolicy,
+    Pod,
     Service,
     ServicePort,
 )
+from mesh.policy_metrics import PolicyEnforcementMetrics
 
 VIP, PORT = "127.96.250.1", 18081
 BACKENDS = {"pod-a": "127.244.250.2", "pod-b": "127.244.250.3"}
@@ -94,8 +100,16 @@ def backends() -> Iterator[None]:
 
 
 class _Running:
-    def __init__(self, exporter: InMemorySpanExporter, proxier: Proxier, loop: Any) -> None:
+    def __init__(
+        self,
+        exporter: InMemorySpanExporter,
+        proxier: Proxier,
+        loop: Any,
+        registry: CollectorRegistry,
+    ) -> None:
         self.exporter, self.proxier, self.loop = exporter, proxier, loop
+        self.registry = registry
+        """Where the proxier's NetworkPolicy metrics are registered."""
         self.errors: list[str] = []
         """What reached the event loop's exception handler (unhandled task errors)."""
         loop.set_exception_handler(lambda _loop, ctx: self.errors.append(str(ctx)))
@@ -109,11 +123,16 @@ def proxy(backends: None) -> Iterator[_Running]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    proxier = Proxier(provider.get_tracer("test"), IptablesRandom())
+    registry = CollectorRegistry()
+    proxier = Proxier(
+        provider.get_tracer("test"),
+        IptablesRandom(),
+        policy_metrics=PolicyEnforcementMetrics(registry),
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    running = _Running(exporter, proxier, loop)
+    running = _Running(exporter, proxier, loop, registry)
     running.sync(_state({"pod-a": True, "pod-b": True}))
     yield running
     asyncio.run_coroutine_threadsafe(_stop(proxier), loop).result(5)
@@ -250,3 +269,60 @@ def test_malformed_http_gets_400_and_the_proxy_keeps_serving(proxy: _Running) ->
     conn = _conn()
     assert _get(conn)["pod"] in BACKENDS
     conn.close()
+
+
+def test_connection_denied_by_network_policy_is_reset_and_counted(proxy: _Running) -> None:
+    state = _state({"pod-a": True, "pod-b": True})
+    state.pods = [
+        Pod(pod, "demo", {"app": "web"}, "node-a", ip, [], phase="Running", ready=True)
+        for pod, ip in BACKENDS.items()
+    ]
+    state.network_policies = [
+        NetworkPolicy("deny-web", "demo", {"podSelector": {"matchLabels": {"app": "web"}}})
+    ]
+    proxy.sync(state)
+    conn = _conn()
+    with pytest.raises((ConnectionResetError, http.client.RemoteDisconnected)):
+        _get(conn)
+    conn.close()
+    counted = {
+        pod: proxy.registry.get_sample_value(
+            "hopscope_networkpolicy_denied_connections_total",
+            {"namespace": "demo", "pod": pod, "policy": "demo/deny-web", "side": "ingress"},
+        )
+        for pod in BACKENDS
+    }
+    assert sum(v or 0 for v in counted.values()) == 1, counted
+
+
+def test_hop_spans_carry_the_emulators_own_share_of_their_time(proxy: _Running) -> None:
+    """``hopscope.emulation.cost_us``: the relay's own work, within the span's duration;
+    the request that opened the connection starts at the accept and carries its set-up."""
+    conn = _conn()
+    for _ in range(3):
+        _get(conn, {"traceparent": PARENT})
+    conn.close()
+    spans = sorted(proxy.exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert [(s.attributes or {})["hopscope.conntrack.state"] for s in spans] == [
+        "new",
+        "established",
+        "established",
+    ]
+    for span in spans:
+        cost_us = (span.attributes or {})["hopscope.emulation.cost_us"]
+        duration_us = ((span.end_time or 0) - (span.start_time or 0)) / 1000
+        assert isinstance(cost_us, int) and 0 < cost_us <= duration_us, (cost_us, duration_us)
+
+
+def test_admin_metrics_serve_the_registry_the_policy_metrics_are_on() -> None:
+    registry = CollectorRegistry()
+    proxier = Proxier(
+        TracerProvider().get_tracer("test"), policy_metrics=PolicyEnforcementMetrics(registry)
+    )
+    client = Client(admin_app(proxier, registry))
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "# TYPE hopscope_networkpolicy_denied_connections_total counter" in metrics
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json is not None  # no rules synced yet
+    assert health.json["healthy"] is False
+    assert client.get("/nope").status_code == 404

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from mesh.model.manifests import load_document
 from mesh.model.policy import PolicyEngine
@@ -19,6 +20,7 @@ from mesh.model.types import (
     NetworkPolicy,
     Pod,
 )
+from mesh.policy_metrics import DENIED_CONNECTIONS, PolicyEnforcementMetrics
 
 POLICIES = """
 # The documentation's "test-network-policy", on loopback addresses.
@@ -221,6 +223,23 @@ def test_verdict_attributes_name_the_policy_and_side() -> None:
     allowed = _engine().check(FRONTEND, DB, 6379)
     assert allowed.attributes()["hopscope.policy.verdict"] == "allow"
     assert _engine().check(FRONTEND, OTHER_FE, 8080).attributes() == {}
+
+
+def test_denials_are_counted_by_policy_and_side_on_the_registry_given() -> None:
+    registry = CollectorRegistry()
+    metrics = PolicyEnforcementMetrics(registry)
+    denied = _engine().check(FRONTEND, DB, 80)
+    metrics.count_denied("default", "db", denied)
+    metrics.count_denied("default", "db", denied)
+    labels = {
+        "namespace": "default",
+        "pod": "db",
+        "policy": "default/test-network-policy",
+        "side": "ingress",
+    }
+    assert registry.get_sample_value(f"{DENIED_CONNECTIONS}_total", labels) == 2
+    assert DENIED_CONNECTIONS == "hopscope_networkpolicy_denied_connections"  # dashboards
+    PolicyEnforcementMetrics(CollectorRegistry())  # a second component's own registry: no clash
 
 
 def test_policy_types_default_from_the_spec() -> None:

@@ -25,18 +25,16 @@ import http.client
 import random
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mesh import addresses
-from tests.e2e_support import api_get, assert_all_gone, cluster_env, cluster_processes, hopscope
+from tests.e2e_support import api_get, hopscope
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
 NODE_A, NODE_B = addresses.NODE_IPS["node-a"], addresses.NODE_IPS["node-b"]
 CLIENT = "127.100.0.9"
 LOG_MARKERS = (
@@ -47,20 +45,6 @@ LOG_MARKERS = (
     "Unhandled exception",
 )
 """What an unhandled exception leaves in a log (Python's own words, asyncio's, the loop's)."""
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("hopscope-robust")
-    env = cluster_env(home)
-    manifests = ["-f", str(ROOT / "apps" / "manifests"), "-f", str(ROOT / "tests" / "manifests")]
-    hopscope("up", "--detach", *manifests, "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    try:
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
 
 
 # -- what a bad client sends ----------------------------------------------------------------
@@ -200,8 +184,9 @@ def _get(ip: str, port: int, host: str | None = None) -> int:
 
 
 def test_malformed_and_reset_connections_leave_every_component_up_and_no_traceback(
-    cluster: dict[str, str],
+    cluster_to_stop: dict[str, str],
 ) -> None:
+    cluster = cluster_to_stop  # the shared cluster (this test stops it at the end)
     home = Path(cluster["HOPSCOPE_HOME"])
     before = _components()
     assert all(pid for pid, _ in before.values()), before

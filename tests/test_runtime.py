@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mesh.controlplane.ingress import IngressController
 from mesh.controlplane.kubelet import Kubelet
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
@@ -58,6 +59,18 @@ def test_both_runtimes_implement_the_interface_and_neither_derives_from_the_othe
         assert issubclass(cls, Runtime) and not cls.__abstractmethods__
     assert not issubclass(DockerRuntime, LocalRuntime)
     assert not issubclass(LocalRuntime, DockerRuntime)
+
+
+def test_local_ingress_reads_fresh_xds_files_and_docker_reads_none(tmp_path: Path) -> None:
+    leftover = tmp_path / "envoy" / "ingress-xds" / "rds.json"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("{}")  # a previous cluster's routes
+    local = LocalRuntime(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    assert local.ingress_xds_dir == leftover.parent
+    assert not leftover.exists()
+    controller = IngressController.for_runtime(Cluster(), local)
+    assert controller is not None and controller.xds.directory == local.ingress_xds_dir
+    assert DockerRuntime.ingress_xds_dir is None  # its Envoy gets the routes inline
 
 
 def test_kubelet_restarts_an_exited_container_and_counts_it(

@@ -4,26 +4,13 @@ check that blames the wrong hop for the same fault must fail."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from mesh.scenarios import SCENARIOS, BlameCheck, reset, run
-from tests.e2e_support import assert_all_gone, cluster_env, cluster_processes, hopscope
+from tests.e2e_support import hopscope
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = cluster_env(tmp_path_factory.mktemp("hopscope-home"))
-    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    try:
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
 
 
 def test_list_describes_every_scenario(cluster: dict[str, str]) -> None:

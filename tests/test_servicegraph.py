@@ -22,15 +22,11 @@ running cluster's trace store.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.e2e_support import (
-    assert_all_gone,
-    cluster_env,
-    cluster_processes,
     hop_names,
     hopscope,
     poll_until,
@@ -151,18 +147,6 @@ KUBE_PROXY_EDGES = {
     ("kube-proxy", "reviews"),
     ("kube-proxy", "ratings"),
 }
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    env = cluster_env(tmp_path_factory.mktemp("hopscope-servicegraph"))
-    hopscope("up", "--detach", "--timeout", "120", env=env, timeout=180)
-    procs = cluster_processes()
-    try:
-        yield env
-    finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
 
 
 def _journey(env: dict[str, str]) -> dict[str, Any]:

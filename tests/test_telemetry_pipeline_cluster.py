@@ -21,10 +21,9 @@ from mesh import addresses
 from mesh.apiclient import read_token
 from tests.e2e_support import (
     API,
+    ClusterPool,
+    ClusterSpec,
     api_get,
-    assert_all_gone,
-    cluster_env,
-    cluster_processes,
     hopscope,
     poll_until,
 )
@@ -34,26 +33,21 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
-def forwarding_cluster(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[dict[str, str], Backend]]:
+def forwarding_cluster(cluster_pool: ClusterPool) -> Iterator[tuple[dict[str, str], Backend]]:
+    """A cluster of its own (tests/conftest.py): it forwards to ``backend``."""
     backend = Backend()
-    home = tmp_path_factory.mktemp("hopscope-home")
-    env = {
-        **cluster_env(home),
-        "OTEL_EXPORTER_OTLP_HEADERS": "x-hopscope-test=yes",
-        "OTEL_METRIC_EXPORT_INTERVAL": "2000",
-    }
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    hopscope(
-        "up", "--detach", "--timeout", "120", "--otlp-endpoint", backend.url, env=env, timeout=180
+    spec = ClusterSpec(
+        up_args=("--otlp-endpoint", backend.url),
+        env={
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-hopscope-test=yes",
+            "OTEL_METRIC_EXPORT_INTERVAL": "2000",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": None,
+        },
     )
-    procs = cluster_processes()
     try:
-        yield env, backend
+        with cluster_pool.exclusive(spec, __name__) as cluster:
+            yield cluster.env, backend
     finally:
-        hopscope("down", env=env, check=False)
-        assert_all_gone(procs)
         backend.close()
 
 

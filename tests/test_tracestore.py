@@ -191,3 +191,60 @@ def test_overlay_and_policy_hops_read_in_words() -> None:
     assert view["verdict"]["origin"] == "network-policy"
     assert "NetworkPolicy denied" in view["verdict"]["reason"]
     assert "shop/default-deny" in view["verdict"]["reason"]
+
+
+def test_explorer_shows_the_emulation_share_hatched_with_an_explanation(
+    api: tuple[str, TraceStore],
+) -> None:
+    base, _ = api
+    tracer = _provider(base, "ingress-abc").get_tracer("t")
+    with tracer.start_as_current_span("ingress", kind=SpanKind.SERVER) as ingress:
+        ingress.set_attributes({"hopscope.hop": "ingress", "http.response.status_code": 200})
+        with tracer.start_as_current_span("kube-proxy", kind=SpanKind.CLIENT) as kp:
+            kp.set_attributes(
+                {
+                    "hopscope.hop": "kube-proxy",
+                    "k8s.service.name": "catalog",
+                    "k8s.namespace.name": "shop",
+                    "hopscope.nat.original.src": "127.100.0.1:40000",
+                    "hopscope.nat.original.dst": "127.96.0.12:80",
+                    "hopscope.nat.translated.src": "127.10.0.1:40000",
+                    "hopscope.nat.translated.dst": "127.244.2.3:8080",
+                    "hopscope.emulation.cost_us": 1734,
+                }
+            )
+        trace_id = format(ingress.get_span_context().trace_id, "032x")
+    page = requests.get(f"{base}/traces/{trace_id}", timeout=5)
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert 'class="hop hop-kube-proxy emulated"' in html
+    assert "1.7 of it emulation" in html and 'class="emu-share"' in html
+    assert 'id="emulation"' in html and "not Kubernetes" in html
+    assert ".hop-kube-proxy { background: #fff3d6; }" in html
+    doc = requests.get(f"{base}/api/v1/traces/{trace_id}", timeout=5).json()
+    assert {h["hop"]: h["emulation_ms"] for h in doc["hops"]} == {
+        "ingress": None,
+        "kube-proxy": 1.73,
+    }
+
+
+def test_explorer_draws_a_reject_derived_from_the_callers_span(api: tuple[str, TraceStore]) -> None:
+    """The REJECT hop kube-proxy never saw has no span of its own; the page still renders."""
+    base, _ = api
+    tracer = _provider(base, "frontend-abc").get_tracer("t")
+    with tracer.start_as_current_span("outbound", kind=SpanKind.CLIENT) as out:
+        out.set_attributes(
+            {
+                "hopscope.hop": "sidecar-outbound",
+                "http.response.status_code": 503,
+                "response_flags": "UF,URX",
+                "hopscope.upstream.failure": "delayed connect error: 111, Connection refused",
+                "hopscope.upstream.address": "127.96.0.14:80",
+            }
+        )
+        out.set_status(Status(StatusCode.ERROR))
+        trace_id = format(out.get_span_context().trace_id, "032x")
+    page = requests.get(f"{base}/traces/{trace_id}", timeout=5)
+    assert page.status_code == 200, page.text
+    assert 'data-hop="kube-proxy"' in page.text and "REJECT" in page.text
+    assert "emulation" not in page.text.replace("emulates", "")

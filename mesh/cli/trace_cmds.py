@@ -13,23 +13,17 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.cli._client import APIClient
+from mesh.tracestore.hopkinds import kind_of
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
-HOP_STYLES = {
-    "client": "white",
-    "dns": "magenta",
-    "ingress": "cyan",
-    "kube-proxy": "yellow",
-    "load-balancer": "yellow",
-    "sidecar-outbound": "blue",
-    "sidecar-inbound": "blue",
-    "cni-overlay": "green",
-    "egress-snat": "green",
-    "app": "bold white",
-}
-
 BAR_WIDTH = 24
+
+EMULATION_NOTE = (
+    "(n emulation) = the part of the hop's time that hopscope's userspace stand-in for kernel "
+    "work (kube-proxy's DNAT, the overlay's encapsulation) spent; a real node does this work "
+    "in microseconds, so read it as the playground's cost, not Kubernetes'"
+)
 
 
 def fetch_trace(client: APIClient, trace_id: str | None, settle: float) -> dict[str, Any]:
@@ -52,13 +46,27 @@ def fetch_trace(client: APIClient, trace_id: str | None, settle: float) -> dict[
     return view  # type: ignore[no-any-return]
 
 
-def _bar(start: float, dur: float, t0: float, total: float) -> Text:
+def _bar(start: float, dur: float, t0: float, total: float, emulation: float = 0.0) -> Text:
+    """The hop's place on the timeline; its emulation share (if any) drawn light at the end."""
     if total <= 0:
         return Text("")
     left = int((start - t0) / total * BAR_WIDTH)
     width = max(1, int(dur / total * BAR_WIDTH))
     left = min(left, BAR_WIDTH - 1)
-    return Text(" " * left + "█" * min(width, BAR_WIDTH - left), style="cyan")
+    width = min(width, BAR_WIDTH - left)
+    emulated = min(width, round(width * emulation / dur)) if dur > 0 and emulation > 0 else 0
+    bar = Text(" " * left + "█" * (width - emulated), style="cyan")
+    bar.append("░" * emulated, style="dim cyan")
+    return bar
+
+
+def _timing(hop: dict[str, Any]) -> Text:
+    """``1.9``, with ``(1.7 emulation)`` below it when the emulator's share is known."""
+    timing = Text(f"{hop['duration_ms']:.1f}")
+    emulation = hop.get("emulation_ms")
+    if emulation is not None:
+        timing.append(f"\n({emulation:.1f} emulation)", style="dim")
+    return timing
 
 
 def render_waterfall(view: dict[str, Any]) -> None:
@@ -81,15 +89,23 @@ def render_waterfall(view: dict[str, Any]) -> None:
         style = "red" if _failed(hop) else "green"
         table.add_row(
             str(i),
-            Text("  " * min(depth, 8) + hop["hop"], style=HOP_STYLES.get(hop["hop"], "")),
+            Text("  " * min(depth, 8) + hop["hop"], style=kind_of(hop["hop"]).style),
             hop["where"],
             f"{hop['src']} → {hop['dst']}",
             _detail(hop),
             Text(status, style=style),
-            f"{hop['duration_ms']:.1f}",
-            _bar(span.get("start_ns", 0) / 1e6, hop["duration_ms"], t0, total),
+            _timing(hop),
+            _bar(
+                span.get("start_ns", 0) / 1e6,
+                hop["duration_ms"],
+                t0,
+                total,
+                hop.get("emulation_ms") or 0.0,
+            ),
         )
     out.print(table)
+    if any(hop.get("emulation_ms") is not None for hop in view["hops"]):
+        out.print(f"[dim]{EMULATION_NOTE}[/]")
     walk = view.get("packet_walk") or []
     if walk:
         out.print("packet walk:")

@@ -32,13 +32,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter
 
 from mesh import addresses
-from mesh.cni.metrics import POLICY_DENIED
 from mesh.cni.passthrough import TRACE_HEADERS, forward_headers, parent_context
 from mesh.cni.streams import connection_handler, endpoints, write_eof
 from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
 from mesh.netutil import open_from, reset
+from mesh.policy_metrics import PolicyEnforcementMetrics
 
 log = logging.getLogger("cni")
 
@@ -126,14 +126,21 @@ class _Request:
 class NodeGateway:
     """The pod-network gateway of one node (direct pod traffic and egress SNAT)."""
 
-    def __init__(self, node: str, egress_ip: str, tracer: Any, view: NetworkView) -> None:
+    def __init__(
+        self,
+        node: str,
+        egress_ip: str,
+        tracer: Any,
+        view: NetworkView,
+        policy_metrics: PolicyEnforcementMetrics,
+    ) -> None:
         self.node = node
         self.ip = addresses.NODE_IPS[node]
         self.egress_ip = egress_ip
         self.tracer = tracer
         self.view = view
+        self.policy_metrics = policy_metrics
         self.server: asyncio.Server | None = None
-        self._tasks: set[Any] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(
@@ -150,10 +157,6 @@ class NodeGateway:
 
     @connection_handler
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         try:
             request = await self._read_request(reader, writer)
             if request is None:
@@ -202,15 +205,23 @@ class NodeGateway:
             return None
         return _Request(peer, target, host, int(port_text), lines[0], kept, headers)
 
+    def _admitted(self, request: _Request, writer: asyncio.StreamWriter) -> Verdict | None:
+        """NetworkPolicy's verdict on an allowed connection; a denied one is recorded and
+        reset (None)."""
+        verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
+        if verdict.allowed:
+            return verdict
+        self._deny(request, verdict)
+        reset(writer)
+        return None
+
     # -- pod to pod ------------------------------------------------------------------------
 
     async def _to_pod(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
-        if not verdict.allowed:
-            self._deny(request, verdict)
-            reset(writer)
+        verdict = self._admitted(request, writer)
+        if verdict is None:
             return
         dst_node = addresses.node_for_ip(request.host) or self.node
         config = self.view.config
@@ -251,12 +262,9 @@ class NodeGateway:
 
     def _deny(self, request: _Request, verdict: Verdict) -> None:
         dst = self.view.policy.pods_by_ip.get(request.host)
-        POLICY_DENIED.labels(
-            dst.namespace if dst else "",
-            dst.name if dst else request.host,
-            verdict.policies[0] if verdict.policies else "",
-            verdict.side,
-        ).inc()
+        self.policy_metrics.count_denied(
+            dst.namespace if dst else "", dst.name if dst else request.host, verdict
+        )
         span = self.tracer.start_span(
             f"network-policy deny {request.peer} -> {request.target}",
             context=parent_context(request.headers),
@@ -287,10 +295,8 @@ class NodeGateway:
     async def _egress(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        verdict = self.view.policy.check(request.peer_ip, request.host, request.port)
-        if not verdict.allowed:
-            self._deny(request, verdict)
-            reset(writer)
+        verdict = self._admitted(request, writer)
+        if verdict is None:
             return
         span = self.tracer.start_span(
             f"egress-snat {self.node} -> {request.target}",

@@ -49,6 +49,11 @@ def write(writer: asyncio.StreamWriter, data: bytes) -> bool:
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[None]])
 
+_RUNNING: set[asyncio.Task[Any]] = set()
+"""Connection handlers still running. asyncio's stream protocol drops its reference to a
+handler's task when the client goes away; without this one, a relay still finishing
+upstream could be garbage-collected mid-way."""
+
 
 def connection_handler(handler: _Handler) -> _Handler:
     """Wrap a ``start_server`` callback so a peer that vanished ends it quietly.
@@ -60,10 +65,15 @@ def connection_handler(handler: _Handler) -> _Handler:
     and writes after the reset raise ``RuntimeError`` under uvloop. Both mean "this
     connection is over". So does a cancellation of the task itself (the process shutting
     down): nothing awaits a connection's handler, so ending it quietly loses nothing.
+    The handler's task is referenced until it ends (:data:`_RUNNING`).
     """
 
     @functools.wraps(handler)
     async def run(*args: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            _RUNNING.add(task)
+            task.add_done_callback(_RUNNING.discard)
         try:
             await handler(*args)
         except (asyncio.CancelledError, ConnectionError, OSError):

@@ -80,6 +80,11 @@ class TunnelInfo:
     outer_dst: str
     src_node: str
     dst_node: str
+    started_ns: int = 0
+    """Wall clock when the sender began to open the tunnel, in ns."""
+    setup_seconds: float = 0.0
+    """From the sender's connect to the VTEP until the far end's answer came back: three
+    connects and two preamble round trips that a kernel VXLAN device does not make."""
 
 
 def overlay_attributes(
@@ -148,6 +153,7 @@ async def open_tunnel(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, TunnelInfo]:
     """Sender side: reach ``dst_ip:dst_port`` through ``src_node``'s VTEP."""
     vtep = addresses.NODE_IPS[src_node]
+    started_ns, started = time.time_ns(), time.perf_counter()
     reader, writer, _local = await _open(vtep, settings.port, source)
     writer.write(
         f"{PREAMBLE_MAGIC} vni={settings.vni} src={source} dst={dst_ip}:{dst_port}\n".encode()
@@ -168,6 +174,8 @@ async def open_tunnel(
         outer_dst=match["odst"],
         src_node=src_node,
         dst_node=_pod_node(dst_ip) or "",
+        started_ns=started_ns,
+        setup_seconds=time.perf_counter() - started,
     )
     return reader, writer, info
 
@@ -180,7 +188,6 @@ class Vtep:
         self.ip = addresses.NODE_IPS[node]
         self.settings = settings
         self.server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(
@@ -193,10 +200,6 @@ class Vtep:
 
     @connection_handler
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
-            task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
         try:
             line = await _read_line(reader)
             match = _PREAMBLE.match(line)
@@ -252,14 +255,9 @@ class Vtep:
         )
         ACTIVE_TUNNELS.inc()
         try:
-            await asyncio.gather(
-                self._pipe(reader, up_w, dst_node, delayed=True),
-                self._pipe(up_r, writer, dst_node, delayed=False),
-            )
+            await self._splice((reader, writer), (up_r, up_w), dst_node, delay_outward=True)
         finally:
             ACTIVE_TUNNELS.dec()
-            up_w.close()
-            writer.close()
 
     async def _decapsulate(
         self, match: re.Match[str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -270,14 +268,25 @@ class Vtep:
         pod_r, pod_w, inner = await _open(match["dst"], int(match["port"]), match["src"])
         writer.write(f"OK vni={self.settings.vni} inner={inner}\n".encode())
         src_node = _pod_node(match["src"]) or addresses.node_for_ip(match["src"]) or ""
+        await self._splice((reader, writer), (pod_r, pod_w), src_node, delay_outward=False)
+
+    async def _splice(
+        self,
+        near: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        far: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        node: str,
+        delay_outward: bool,
+    ) -> None:
+        """Carry bytes both ways until both are done; the overlay's delay applies once per
+        direction, on the sending node (``delay_outward``: near → far is the sending side)."""
         try:
             await asyncio.gather(
-                self._pipe(reader, pod_w, src_node, delayed=False),
-                self._pipe(pod_r, writer, src_node, delayed=True),
+                self._pipe(near[0], far[1], node, delayed=delay_outward),
+                self._pipe(far[0], near[1], node, delayed=not delay_outward),
             )
         finally:
-            pod_w.close()
-            writer.close()
+            far[1].close()
+            near[1].close()
 
     async def _pipe(
         self,

@@ -16,12 +16,21 @@ from flask import Blueprint, abort, current_app, render_template
 
 from mesh import addresses
 from mesh.model.types import ClusterState
+from mesh.tracestore.hopkinds import CLIENT, badge_css, kind_of
 from mesh.tracestore.hops import build_hops, trace_view, verdict
 from mesh.tracestore.store import TraceStore, format_size
 
 explorer = Blueprint("explorer", __name__, template_folder="templates", static_folder="static")
 
 KUBE_PROXY_ADMIN = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
+
+HOP_BADGE_CSS = badge_css()
+"""Each hop kind's badge colour (``.hop-<kind>``), from the hop-kind table; put inline."""
+
+
+@explorer.context_processor
+def _hop_kinds() -> dict[str, Any]:
+    return {"hop_badge_css": HOP_BADGE_CSS}
 
 
 def _store() -> TraceStore:
@@ -35,7 +44,7 @@ def index() -> str:
         hops = build_hops(spans)
         root = min(spans, key=lambda s: s.start_ns)
         outcome = verdict(hops)
-        root_status = next((h["status"] for h in hops if h["hop"] == "client"), "")
+        root_status = next((h["status"] for h in hops if h["hop"] == CLIENT.name), "")
         rows.append(
             {
                 "trace_id": trace_id,
@@ -75,19 +84,30 @@ def journey(trace_id: str) -> str:
     view = trace_view(matches[0], spans)
     start = min(s.start_ns for s in spans)
     total = max(1.0, (max(s.end_ns for s in spans) - start) / 1e6)
-    by_id = {s.span_id: s for s in spans}
-    hops = []
-    for hop in build_hops(spans):
-        span = by_id[hop["span_id"]]
-        hops.append(
-            {
-                **hop,
-                "offset_pct": 100 * (span.start_ns - start) / 1e6 / total,
-                "width_pct": max(0.5, 100 * hop["duration_ms"] / total),
-                "failed": hop["error"],
-            }
-        )
-    return render_template("journey.html", view=view, hops=hops, total_ms=total, page="traces")
+    hops = [_timeline(hop, start, total) for hop in build_hops(spans)]
+    return render_template(
+        "journey.html",
+        view=view,
+        hops=hops,
+        total_ms=total,
+        emulated=any(h["emulation_ms"] is not None for h in hops),
+        page="traces",
+    )
+
+
+def _timeline(hop: dict[str, Any], start_ns: int, total_ms: float) -> dict[str, Any]:
+    """A hop row with its kind and its bar: offset and width, and the emulator's share of
+    the width (drawn hatched). A hop derived from its caller's span starts with it."""
+    emulation = hop["emulation_ms"] or 0.0
+    share = min(1.0, emulation / hop["duration_ms"]) if hop["duration_ms"] > 0 else 0.0
+    return {
+        **hop,
+        "kind": kind_of(hop["hop"]),
+        "offset_pct": 100 * (hop["start_ns"] - start_ns) / 1e6 / total_ms,
+        "width_pct": max(0.5, 100 * hop["duration_ms"] / total_ms),
+        "emulation_pct": 100 * share,
+        "failed": hop["error"],
+    }
 
 
 @explorer.get("/services")

@@ -13,9 +13,11 @@ It runs on a thread of the control plane, reading the cluster state in-process. 
     if (ingress := IngressController.for_runtime(self.cluster, self.runtime)) is not None:
         ingress.start()
 
-``for_runtime`` gives None where the ingress Envoy cannot read the control plane's files (the
-docker runtime hands Envoy its bootstrap inline, in another container): there the routes stay
-those of the bootstrap. It can also watch over the API, as a separate component would
+The runtime says where its ingress Envoy reads the files (``Runtime.ingress_xds_dir``, also
+what it renders the bootstrap with), so the controller and the Envoy agree without shared
+state. ``for_runtime`` gives None where the ingress Envoy cannot read the control plane's
+files (the docker runtime hands Envoy its bootstrap inline, in another container): there the
+routes stay those of the bootstrap. It can also watch over the API, as a separate component would
 (:meth:`IngressController.over_api`).
 """
 
@@ -30,17 +32,15 @@ from typing import Any
 import requests
 
 from mesh.envoy import ingress_resources
-from mesh.envoy.xds_files import IngressXds, serve_ingress_from
+from mesh.envoy.xds_files import IngressXds
 from mesh.model.types import ClusterState
 from mesh.model.watch import fetch_state
+from mesh.runtime.base import Runtime
 
 log = logging.getLogger("ingress-controller")
 
 WAIT_SECONDS = 5.0
 """Longest wait for a state change before asking again (a long poll, like a watch)."""
-
-INGRESS_XDS_DIR = "ingress-xds"
-"""Directory of the resource files, under the runtime's Envoy config directory."""
 
 
 class IngressController:
@@ -69,16 +69,12 @@ class IngressController:
         return cls(next_state, xds_dir)
 
     @classmethod
-    def for_runtime(cls, cluster: Any, runtime: Any) -> IngressController | None:
-        """The controller for the control plane's runtime, or None if its ingress Envoy
-        cannot read files the control plane writes (then routes stay inline).
-
-        The local runtime runs Envoy as a process with its configs under ``config_dir``."""
-        from mesh.runtime.local import LocalRuntime
-
-        if not isinstance(runtime, LocalRuntime):
+    def for_runtime(cls, cluster: Any, runtime: Runtime) -> IngressController | None:
+        """The controller for the files the runtime's ingress Envoy reads
+        (:attr:`Runtime.ingress_xds_dir`), or None if it reads none (routes stay inline)."""
+        if runtime.ingress_xds_dir is None:
             return None
-        return cls.in_process(cluster, Path(runtime.config_dir) / INGRESS_XDS_DIR)
+        return cls.in_process(cluster, runtime.ingress_xds_dir)
 
     @classmethod
     def over_api(cls, api: str, xds_dir: Path) -> IngressController:
@@ -94,18 +90,15 @@ class IngressController:
         return cls(next_state, xds_dir)
 
     def start(self) -> None:
-        """Publish the current routes, point :func:`mesh.envoy.render_ingress` at them, and
-        follow every change from a daemon thread."""
+        """Publish the current routes and follow every change from a daemon thread."""
         state = self.next_state(-1, 0.0)
         if state is not None:
             self.version = state.resource_version
             self.sync(state)
-        serve_ingress_from(self.xds.directory)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        serve_ingress_from(None)
 
     def sync(self, state: ClusterState) -> bool:
         """Publish the routes and clusters of ``state``; True if anything changed."""

@@ -10,12 +10,16 @@ The sample apps resolve with it, and so do ``hopscope curl --from POD`` and ``ho
 from __future__ import annotations
 
 import ipaddress
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import dns.exception
 import dns.flags
 import dns.message
-import dns.query
 import dns.rcode
 import dns.rdatatype
 from opentelemetry import trace
@@ -58,8 +62,27 @@ def candidates(name: str, search: list[str], ndots: int) -> list[str]:
     return [*with_search, absolute]
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What a lookup keeps of one reply."""
+
+    rcode: str
+    records: tuple[str, ...]
+    ttl: int | None
+
+
+REPLY_CACHE_SIZE = 512
+"""Parsed replies kept per resolver, by their bytes (ID aside) — a parse cache, not a DNS
+cache: every lookup still asks the server, as glibc does."""
+
+
 class PodResolver:
-    """A stub resolver with a pod's resolv.conf: nameserver, search path, ndots."""
+    """A stub resolver with a pod's resolv.conf: nameserver, search path, ndots.
+
+    Each lookup sends real queries over UDP from the pod's address. What costs CPU and not
+    packets is kept: each query's wire form (only its ID changes), one socket per thread,
+    and the parsed form of each distinct reply (an identical reply is not parsed again).
+    """
 
     def __init__(
         self,
@@ -78,37 +101,95 @@ class PodResolver:
         self.namespace = namespace
         self.source_ip = source_ip
         self.tracer = tracer or trace.get_tracer("hopscope.resolver")
+        self._queries: dict[tuple[str, str], bytes] = {}
+        self._replies: OrderedDict[tuple[bytes, bytes], _Answer] = OrderedDict()
+        """Parsed replies by (query, reply) bytes after the ID."""
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def lookup(self, name: str, rdtype: str = "A") -> Lookup:
         """Walk the search path; return every query tried and the answer (maybe empty)."""
         result = Lookup(name)
         for qname in candidates(name, self.search, self.ndots):
             result.queries.append(qname)
-            query = dns.message.make_query(qname, rdtype)
-            query.flags |= dns.flags.RD
             try:
-                reply = dns.query.udp(
-                    query,
-                    self.server[0],
-                    port=self.server[1],
-                    timeout=DNS_TIMEOUT,
-                    source=self.source_ip,
-                )
+                answer = self._ask(qname, rdtype)
             except dns.exception.Timeout:
                 result.rcodes.append("TIMEOUT")
                 continue
-            rcode = dns.rcode.to_text(reply.rcode())
-            result.rcodes.append(rcode)
-            if reply.rcode() != dns.rcode.NOERROR:
-                continue
+            result.rcodes.append(answer.rcode)
+            if answer.records:
+                result.answer.extend(answer.records)
+                result.ttl = answer.ttl
+                return result
+        return result
+
+    def _ask(self, qname: str, rdtype: str) -> _Answer:
+        """One query and its reply; raise ``dns.exception.Timeout``."""
+        template = self._queries.get((qname, rdtype))
+        if template is None:
+            query = dns.message.make_query(qname, rdtype)
+            query.flags |= dns.flags.RD
+            template = query.to_wire()
+            self._queries[(qname, rdtype)] = template
+        qid = secrets.randbits(16)
+        sock = self._socket()
+        sock.sendto(qid.to_bytes(2, "big") + template[2:], self.server)
+        deadline = time.monotonic() + DNS_TIMEOUT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise dns.exception.Timeout
+            sock.settimeout(remaining)
+            try:
+                wire, peer = sock.recvfrom(65535)
+            except TimeoutError:
+                raise dns.exception.Timeout from None
+            # A late reply to an earlier query, or a stranger's packet: not ours.
+            if peer[:2] == self.server and wire[:2] == qid.to_bytes(2, "big"):
+                answer = self._parse(template, wire, rdtype)
+                if answer is not None:
+                    return answer
+
+    def _parse(self, template: bytes, wire: bytes, rdtype: str) -> _Answer | None:
+        key = (template[2:], wire[2:])
+        with self._lock:
+            cached = self._replies.get(key)
+            if cached is not None:
+                self._replies.move_to_end(key)
+                return cached
+        try:
+            reply = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None  # garbage on our port: keep waiting for the real answer
+        if (
+            not reply.flags & dns.flags.QR
+            or reply.question != dns.message.from_wire(template).question
+        ):
+            return None
+        records: list[str] = []
+        ttl: int | None = None
+        if reply.rcode() == dns.rcode.NOERROR:
             wanted = dns.rdatatype.from_text(rdtype)
             for rrset in reply.answer:
                 if rrset.rdtype == wanted:
-                    result.answer.extend(r.to_text() for r in rrset)
-                    result.ttl = rrset.ttl
-            if result.answer:
-                return result
-        return result
+                    records.extend(r.to_text() for r in rrset)
+                    ttl = rrset.ttl
+        answer = _Answer(dns.rcode.to_text(reply.rcode()), tuple(records), ttl)
+        with self._lock:
+            self._replies[key] = answer
+            if len(self._replies) > REPLY_CACHE_SIZE:
+                self._replies.popitem(last=False)
+        return answer
+
+    def _socket(self) -> socket.socket:
+        sock: socket.socket | None = getattr(self._local, "socket", None)
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            if self.source_ip:
+                sock.bind((self.source_ip, 0))
+            self._local.socket = sock
+        return sock
 
     def resolve(self, name: str) -> list[str]:
         """IPv4 addresses for ``name``, as a ``dns`` hop span; raise ResolveError.

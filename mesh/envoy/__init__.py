@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import addresses
+from mesh.hopattributes import VIA
 from mesh.model.types import SIDECAR_TIMEOUT_ANNOTATION, ClusterState, IngressPath, Pod, Service
 
 OTLP_CLUSTER = "hopscope_otlp"
@@ -47,9 +48,11 @@ ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","
 """Envoy's own log lines as JSON too, so every line of a pod's logs parses."""
 
 RUNTIME = {
-    # Export spans promptly: a learner runs `hopscope trace --last` right after a request.
+    # Export spans promptly — a learner runs `hopscope trace --last` right after a request —
+    # but in batches: the tracer flushes on this timer, or as soon as this many spans wait.
+    # One export per span (min_flush_spans 1) cost a request to the receiver for every span.
     "tracing.opentelemetry.flush_interval_ms": 200,
-    "tracing.opentelemetry.min_flush_spans": 1,
+    "tracing.opentelemetry.min_flush_spans": 128,
 }
 
 SPAN_VALUE_TAGS = {
@@ -150,7 +153,7 @@ def _host_port(url: str) -> tuple[str, int]:
     return host, int(port or 80)
 
 
-VIA_TAG = {"tag": "hopscope.via.span_id", "request_header": {"name": "x-hopscope-via"}}
+VIA_TAG = {"tag": VIA, "request_header": {"name": "x-hopscope-via"}}
 """The NAT hop (kube-proxy, overlay) a request came through, so hopscope can nest this hop
 below it; the trace context itself passes those hops unchanged (``mesh/cni/passthrough.py``)."""
 
@@ -601,18 +604,14 @@ def render_ingress(
 ) -> dict[str, Any]:
     """The ingress controller's Envoy bootstrap: one listener, routes from the Ingresses.
 
-    With ``xds_dir`` (default: the directory an ingress controller of this process serves
-    from, :func:`mesh.envoy.xds_files.serve_ingress_from`) routes and clusters are Envoy
-    file-based xDS resources in that directory, rewritten by
+    With ``xds_dir`` (the runtime's :attr:`~mesh.runtime.base.Runtime.ingress_xds_dir`)
+    routes and clusters are Envoy file-based xDS resources in that directory, rewritten by
     :class:`mesh.controlplane.ingress.IngressController` whenever an Ingress or a Service it
     names changes; Envoy picks them up without a restart. Files already there are the
     controller's (newer than ``state``) and are left alone. Without a directory, routes and
     clusters are inline, fixed for the life of the process.
     """
-    from mesh.envoy.xds_files import IngressXds, live_ingress_directory
-
-    if xds_dir is None:
-        xds_dir = live_ingress_directory()
+    from mesh.envoy.xds_files import IngressXds
 
     static: dict[str, dict[str, Any]] = {OTLP_CLUSTER: _otlp_cluster(otlp_endpoint)}
     if log_sink:
@@ -694,14 +693,20 @@ def envoy_flags(service_node: str, service_cluster: str) -> list[str]:
     ]
 
 
-def validate_config(config: dict[str, Any]) -> tuple[bool, str]:
-    """Run ``envoy --mode validate`` on a rendered config; ``(ok, output)``."""
+def validate_config(
+    config: dict[str, Any], node: tuple[str, str] | None = None
+) -> tuple[bool, str]:
+    """Run ``envoy --mode validate`` on a rendered config; ``(ok, output)``.
+
+    ``node`` is the ``(service node, service cluster)`` Envoy is started with; a config with
+    xDS subscriptions (the ingress's, from files) is only valid with one."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(config, fh)
         path = fh.name
+    flags = ["--service-node", node[0], "--service-cluster", node[1]] if node else []
     try:
         proc = subprocess.run(
-            [envoy_binary(), "--mode", "validate", "-c", path, "--log-level", "error"],
+            [envoy_binary(), "--mode", "validate", "-c", path, "--log-level", "error", *flags],
             capture_output=True,
             text=True,
             timeout=60,

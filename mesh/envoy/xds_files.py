@@ -24,23 +24,6 @@ from typing import Any
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
-_live_directory: Path | None = None
-
-
-def serve_ingress_from(directory: Path | None) -> None:
-    """Make :func:`mesh.envoy.render_ingress` read routes from ``directory`` from now on.
-
-    Called by the ingress controller of this process when it takes the routes over, so the
-    ingress Envoy's bootstrap (written by the runtime) points at the files it keeps current.
-    None turns it back to routes inline in the bootstrap (no controller to update them)."""
-    global _live_directory
-    _live_directory = directory
-
-
-def live_ingress_directory() -> Path | None:
-    """The directory set by :func:`serve_ingress_from`, if any."""
-    return _live_directory
-
 
 class IngressXds:
     """The two resource files of the ingress in ``directory``: ``rds.json`` and ``cds.json``."""

@@ -28,6 +28,7 @@ from prometheus_client import Histogram
 
 from mesh.cni.passthrough import forward_headers, parent_context
 from mesh.cni.vtep import TunnelInfo, overlay_attributes
+from mesh.hopattributes import EMULATION_COST
 from mesh.kubeproxy.rules import EndpointTarget, Selector, ServiceRule
 from mesh.model.policy import Verdict
 
@@ -87,6 +88,10 @@ class ConnInfo:
     """Set when the connection crosses nodes through the overlay."""
     policy: Verdict | None = None
     overlay_delay_ms: float = 0.0
+    accepted_at: float = 0.0
+    """``time.perf_counter()`` when kube-proxy accepted the connection (0: unknown)."""
+    accepted_ns: int = 0
+    """Wall clock of the accept, in ns: the first request's hop span starts there."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, Any]:
@@ -142,20 +147,70 @@ class RequestHop:
     ``inner`` is the overlay span when the connection crosses nodes; both end together
     (child first). An unsampled request gets a hop with no span (``trace.INVALID_SPAN``): it
     is still timed, but carries no exemplar.
+
+    The emulator's own share of the hop is summed as it happens: from ``origin`` (the accept,
+    for the request that opened the connection; otherwise the arrival of the bytes holding
+    the request's head) to the rewritten head leaving for the endpoint, plus the time the
+    response's completing bytes spent in the relay. A tunnel's set-up is the overlay's
+    share, not kube-proxy's. Both go on the spans as :data:`EMULATION_COST`.
     """
 
-    __slots__ = ("inner", "labels", "outer", "started")
+    __slots__ = (
+        "cost",
+        "forwarded_at",
+        "inner",
+        "inner_cost",
+        "labels",
+        "modeled_delay",
+        "origin",
+        "outer",
+        "started",
+    )
 
-    def __init__(self, outer: Any, inner: Any, labels: tuple[str, str]) -> None:
+    def __init__(
+        self, outer: Any, inner: Any, labels: tuple[str, str], origin: float | None = None
+    ) -> None:
         self.outer = outer
         self.inner = inner
         self.labels = labels
         self.started = time.perf_counter()
+        self.origin = self.started if origin is None else origin
+        self.cost = 0.0
+        self.inner_cost = 0.0
+        self.forwarded_at: float | None = None
+        self.modeled_delay = 0.0
+        """The overlay's configured delay, both ways: the modelled network, not the cost."""
 
     @classmethod
     def untraced(cls, conn: ConnInfo) -> RequestHop:
         conn.requests += 1
         return cls(trace.INVALID_SPAN, None, (conn.rule.namespace, conn.rule.name))
+
+    def forwarded(self) -> None:
+        """The request's head has been handed to the endpoint's connection."""
+        self.forwarded_at = time.perf_counter()
+        self.cost += max(self.forwarded_at - self.origin - self.inner_cost, 0.0)
+
+    def response_head(self, arrived: float, service_time: str | None) -> None:
+        """The response's head came back (read at ``arrived``).
+
+        Through the overlay, the time since the request left, less what the callee says it
+        spent (``x-envoy-upstream-service-time``, set by its sidecar), is the round trip
+        through the two tunnel endpoints: the overlay's share, less the delay the overlay is
+        configured to add (the network it models). Without that header (no sidecar) the
+        callee's time is unknown and nothing is charged.
+        """
+        if self.inner is None or self.forwarded_at is None or not service_time:
+            return
+        try:
+            service_s = int(service_time) / 1000
+        except ValueError:
+            return
+        transit = arrived - self.forwarded_at - service_s - self.modeled_delay
+        self.inner_cost += max(transit, 0.0)
+
+    def charge(self, seconds: float) -> None:
+        self.cost += max(seconds, 0.0)
 
     def is_recording(self) -> bool:
         return bool(self.outer.is_recording())
@@ -180,7 +235,11 @@ class RequestHop:
     def end(self) -> None:
         elapsed = time.perf_counter() - self.started
         if self.inner is not None:
+            if self.inner.is_recording():
+                self.inner.set_attribute(EMULATION_COST, round(self.inner_cost * 1e6))
             self.inner.end()
+        if self.outer.is_recording():
+            self.outer.set_attribute(EMULATION_COST, round(self.cost * 1e6))
         self.outer.end()
         histogram = REQUEST_DURATION.labels(*self.labels)
         context = self.outer.get_span_context()
@@ -191,13 +250,24 @@ class RequestHop:
 
 
 def start_request_span(
-    tracer: trace.Tracer, conn: ConnInfo, headers: dict[str, str], name: str
+    tracer: trace.Tracer,
+    conn: ConnInfo,
+    headers: dict[str, str],
+    name: str,
+    arrived: float | None = None,
 ) -> tuple[RequestHop, dict[str, str]]:
-    """Start the hop span under the caller's context; return it and the trace headers to send."""
+    """Start the hop span under the caller's context; return it and the trace headers to send.
+
+    The request that opened the connection starts its span at the accept (and its overlay
+    span when the tunnel began to open): that is when the packet reached the node.
+    ``arrived`` is when the bytes holding a later request's head were read.
+    """
+    opening = conn.requests == 0 and conn.accepted_ns > 0
     span: Any = tracer.start_span(
         f"kube-proxy {conn.rule.namespace}/{conn.rule.name} {name}",
         context=parent_context(headers),
         kind=SpanKind.CLIENT,
+        start_time=conn.accepted_ns if opening else None,
     )
     conn.requests += 1
     attrs: dict[str, Any] = {}
@@ -213,10 +283,16 @@ def start_request_span(
             f"cni-overlay {tunnel.src_node} -> {tunnel.dst_node} vni {tunnel.vni}",
             context=trace.set_span_in_context(span),
             kind=SpanKind.INTERNAL,
+            start_time=tunnel.started_ns if opening and tunnel.started_ns else None,
         )
         if overlay.is_recording():
             overlay.set_attributes(conn.overlay_attributes())
-    hop = RequestHop(span, overlay, (conn.rule.namespace, conn.rule.name))
+    origin = conn.accepted_at if opening and conn.accepted_at else arrived
+    hop = RequestHop(span, overlay, (conn.rule.namespace, conn.rule.name), origin)
+    if conn.tunnel is not None:
+        hop.modeled_delay = 2 * conn.overlay_delay_ms / 1000
+        if opening:
+            hop.inner_cost = conn.tunnel.setup_seconds
     carrier = forward_headers(headers, overlay if overlay is not None else span)
     if not span.is_recording():
         return hop, carrier  # unsampled: no attributes, no log line

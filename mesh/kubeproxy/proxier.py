@@ -25,10 +25,9 @@ import time
 from collections import deque
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mesh import addresses
-from mesh.cni.metrics import POLICY_DENIED
 from mesh.cni.streams import connection_handler, endpoints
 from mesh.cni.vtep import OverlayError, OverlaySettings, TunnelInfo, open_tunnel
 from mesh.kubeproxy.hop import ConnInfo, deny_span, refusal_span
@@ -47,6 +46,7 @@ from mesh.kubeproxy.rules import (
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
 from mesh.netutil import open_from, reset
+from mesh.policy_metrics import PolicyEnforcementMetrics
 
 log = logging.getLogger("kube-proxy")
 
@@ -122,8 +122,10 @@ class Proxier:
         node_ips: dict[str, str] | None = None,
         telemetry: bool = True,
         overlay: bool = True,
+        policy_metrics: PolicyEnforcementMetrics | None = None,
     ) -> None:
         self.tracer = tracer
+        self.policy_metrics = policy_metrics or PolicyEnforcementMetrics(CollectorRegistry())
         self.overlay = overlay
         """Route cross-node connections through the nodes' VTEPs (the CNI emulator)."""
         self.network = NetworkConfig()
@@ -138,7 +140,6 @@ class Proxier:
         self.node_ips = node_ips or dict(addresses.NODE_IPS)
         self.affinity: dict[tuple[str, str, str | None, str], tuple[str, float]] = {}
         self.health_listeners: dict[tuple[str, int], asyncio.Server] = {}
-        self._handlers: set[asyncio.Task[Any]] = set()
         self.rules = RuleSet()
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.conntrack: dict[int, ConnInfo] = {}
@@ -318,12 +319,7 @@ class Proxier:
 
     @connection_handler
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # asyncio's stream protocol drops its reference to this task when the client goes
-        # away; without our own, a relay still finishing upstream could be collected mid-way.
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+        accepted_at, accepted_ns = time.perf_counter(), time.time_ns()
         ends = endpoints(writer)
         if ends is None:  # the client reset before we got to it: nothing left to NAT
             writer.close()
@@ -397,22 +393,18 @@ class Proxier:
         reason = decision.reason
         if snat and not decision.snat_ip:
             reason = "hairpin: the pod reached itself, masqueraded to its node IP"
-        conn = ConnInfo(
-            id=next(self._ids),
-            rule=rule,
-            endpoint=endpoint,
-            selector=self.selector,
-            original_src=f"{client_ip}:{client_port}",
-            original_dst=f"{vip}:{port}",
-            translated_src=f"{local[0]}:{local[1]}",
-            translated_dst=endpoint.address,
-            node=rule.node or addresses.node_for_ip(client_ip) or "node-a",
-            reason=reason,
+        conn = self._conn_info(
+            rule,
+            endpoint,
+            ends,
+            f"{local[0]}:{local[1]}",
+            reason,
             affinity=affinity,
-            opened=time.time(),
             tunnel=tunnel,
             policy=verdict if verdict.policies else None,
             overlay_delay_ms=self.network.overlay_delay_ms,
+            accepted_at=accepted_at,
+            accepted_ns=accepted_ns,
         )
         self.conntrack[conn.id] = conn
         self.active[endpoint.address] = self.active.get(endpoint.address, 0) + 1
@@ -480,28 +472,11 @@ class Proxier:
     ) -> None:
         """NetworkPolicy said no: record it in the caller's trace, count it, reset."""
         reader, writer = client
-        (vip, port), (client_ip, client_port) = ends
-        POLICY_DENIED.labels(
-            rule.namespace,
-            endpoint.pod,
-            verdict.policies[0] if verdict.policies else "",
-            verdict.side,
-        ).inc()
+        client_port = ends[1][1]
+        self.policy_metrics.count_denied(rule.namespace, endpoint.pod, verdict)
         REJECTED.labels(rule.namespace, rule.name, "network-policy").inc()
-        conn = ConnInfo(
-            id=next(self._ids),
-            rule=rule,
-            endpoint=endpoint,
-            selector=self.selector,
-            original_src=f"{client_ip}:{client_port}",
-            original_dst=f"{vip}:{port}",
-            translated_src=f"{source}:{client_port}",
-            translated_dst=endpoint.address,
-            node=rule.node or addresses.node_for_ip(client_ip) or addresses.INGRESS_NODE,
-            reason=reason,
-            opened=time.time(),
-            policy=verdict,
-            state="DENIED",
+        conn = self._conn_info(
+            rule, endpoint, ends, f"{source}:{client_port}", reason, policy=verdict, state="DENIED"
         )
         conn.closed = time.time()
         self.closed.append(conn)
@@ -510,6 +485,32 @@ class Proxier:
         else:
             log.info("denied by NetworkPolicy", extra={"reason": verdict.reason})
         reset(writer)
+
+    def _conn_info(
+        self,
+        rule: ServiceRule,
+        endpoint: EndpointTarget,
+        ends: tuple[tuple[str, int], tuple[str, int]],
+        translated_src: str,
+        reason: str,
+        **extra: Any,
+    ) -> ConnInfo:
+        """The conntrack entry of a connection to ``endpoint``, numbered and opened now."""
+        (vip, port), (client_ip, client_port) = ends
+        return ConnInfo(
+            id=next(self._ids),
+            rule=rule,
+            endpoint=endpoint,
+            selector=self.selector,
+            original_src=f"{client_ip}:{client_port}",
+            original_dst=f"{vip}:{port}",
+            translated_src=translated_src,
+            translated_dst=endpoint.address,
+            node=rule.node or addresses.node_for_ip(client_ip) or addresses.INGRESS_NODE,
+            reason=reason,
+            opened=time.time(),
+            **extra,
+        )
 
     async def _connect(
         self, endpoint: EndpointTarget, client_ip: str, src_node: str

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from typing import Any
 
 import hpack
@@ -97,16 +98,14 @@ async def relay_tcp(
 # -- HTTP/1.1 -------------------------------------------------------------------------------
 
 
-class HTTP1Relay:
-    """HTTP/1.1 through llhttp (httptools), one hop span per request.
+SERVICE_TIME_HEADER = b"x-envoy-upstream-service-time"
+"""What the callee's sidecar says its app took, in ms (Envoy's router sets it)."""
+SERVICE_TIME_HEADER_STR = SERVICE_TIME_HEADER.decode()
 
-    Requests are re-framed: the head is rebuilt from the parsed method, target, version and
-    headers (original order and case) with the hop's ``traceparent``; the body follows as
-    parsed (re-chunked when the request was chunked). Responses pass through byte for byte;
-    a response parser only watches them to close each request's span with its status, before
-    the bytes that complete the response are relayed. An upgrade (e.g. WebSocket) turns the
-    rest of the connection into an opaque TCP splice.
-    """
+
+class _HopRelay:
+    """What both HTTP relays keep: the connection's two ends and the timing of each
+    request's emulation share (:class:`~mesh.kubeproxy.hop.RequestHop`)."""
 
     def __init__(
         self,
@@ -119,6 +118,43 @@ class HTTP1Relay:
         self.conn = conn
         self.client_r, self.client_w = client
         self.up_r, self.up_w = upstream
+        self.fresh: list[RequestHop] = []
+        """Hops whose request head is parsed but not yet handed to the endpoint."""
+        self.arrived = time.perf_counter()
+        """When the last bytes from the client were read."""
+        self.response_arrived = self.arrived
+        """When the last bytes from the endpoint were read."""
+        self.setup()
+
+    def setup(self) -> None:
+        """The protocol's own parsers and bookkeeping."""
+
+    def handed_over(self) -> None:
+        """The heads parsed so far are on their way to the endpoint."""
+        for hop in self.fresh:
+            hop.forwarded()
+        self.fresh.clear()
+
+    def response_head(self, hop: RequestHop, service_time: str | None) -> None:
+        hop.response_head(self.response_arrived, service_time)
+
+    def finish(self, hop: RequestHop, status: int | None) -> None:
+        hop.charge(time.perf_counter() - self.response_arrived)
+        finish_request_span(hop, status)
+
+
+class HTTP1Relay(_HopRelay):
+    """HTTP/1.1 through llhttp (httptools), one hop span per request.
+
+    Requests are re-framed: the head is rebuilt from the parsed method, target, version and
+    headers (original order and case) with the hop's ``traceparent``; the body follows as
+    parsed (re-chunked when the request was chunked). Responses pass through byte for byte;
+    a response parser only watches them to close each request's span with its status, before
+    the bytes that complete the response are relayed. An upgrade (e.g. WebSocket) turns the
+    rest of the connection into an opaque TCP splice.
+    """
+
+    def setup(self) -> None:
         self.requests = httptools.HttpRequestParser(self)
         self.responses = httptools.HttpResponseParser(_ResponseWatcher(self))
         self.spans: list[RequestHop] = []
@@ -165,12 +201,13 @@ class HTTP1Relay:
             return
         name = f"{method.decode()} {target.decode('latin-1')[:80]}"
         carrier_in = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.headers}
-        span, carrier = start_request_span(self.tracer, self.conn, carrier_in, name)
+        span, carrier = start_request_span(self.tracer, self.conn, carrier_in, name, self.arrived)
         if span.is_recording():
             span.set_attributes(
                 {"http.request.method": method.decode(), "url.path": target.decode("latin-1")}
             )
         self.spans.append(span)
+        self.fresh.append(span)
         for name_b, value_b in self.headers:
             if name_b.lower() not in _TRACE_HEADER_NAMES:
                 head += name_b + b": " + value_b + b"\r\n"
@@ -230,8 +267,10 @@ class HTTP1Relay:
                 if self.out:
                     self.up_w.write(bytes(self.out))
                     self.out.clear()
+                    self.handed_over()
             await self.up_w.drain()
             data = await self.client_r.read(READ_SIZE)
+            self.arrived = time.perf_counter()
         if not self.upgraded and not self.spans:
             # The client is done and every response is complete: nothing more can come.
             await _close(self.up_w)
@@ -240,6 +279,7 @@ class HTTP1Relay:
 
     async def _upstream_to_client(self) -> None:
         while data := await self.up_r.read(READ_SIZE):
+            self.response_arrived = time.perf_counter()
             self.conn.bytes_out += len(data)
             if not self.upgraded:
                 try:
@@ -259,7 +299,7 @@ class HTTP1Relay:
         if self.spans:
             span = self.spans.pop(0)
             if span is not None:
-                finish_request_span(span, status)
+                self.finish(span, status)
         if self.methods and self.methods.pop(0) == b"HEAD":
             # A response to HEAD has no body whatever its headers say; the parser cannot
             # be told, so the rest of this connection is relayed without per-request spans.
@@ -272,12 +312,23 @@ class _ResponseWatcher:
     def __init__(self, relay: HTTP1Relay) -> None:
         self.relay = relay
         self.status = 0
+        self.service_time: str | None = None
 
     def on_status(self, status: bytes) -> None:
         pass
 
+    def on_message_begin(self) -> None:
+        self.service_time = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == SERVICE_TIME_HEADER:
+            self.service_time = value.decode("latin-1")
+
     def on_headers_complete(self) -> None:
         self.status = self.relay.responses.get_status_code()
+        spans = self.relay.spans
+        if spans and spans[0] is not None and self.status >= 200:
+            self.relay.response_head(spans[0], self.service_time)
         if self.relay.methods and self.relay.methods[0] == b"HEAD":
             self.relay.response_complete(self.status)
 
@@ -323,20 +374,10 @@ def _header_fragment(flags: int, payload: bytes) -> bytes:
     return payload[start:end]
 
 
-class HTTP2Relay:
+class HTTP2Relay(_HopRelay):
     """Per-stream hop spans on an HTTP/2 (gRPC) connection."""
 
-    def __init__(
-        self,
-        tracer: Any,
-        conn: ConnInfo,
-        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    ) -> None:
-        self.tracer = tracer
-        self.conn = conn
-        self.client_r, self.client_w = client
-        self.up_r, self.up_w = upstream
+    def setup(self) -> None:
         self.decoder_in = hpack.Decoder()
         self.encoder_in = hpack.Encoder()
         self.decoder_out = hpack.Decoder()
@@ -389,8 +430,10 @@ class HTTP2Relay:
                     pending = None
             if out:
                 self.up_w.write(bytes(out))
+                self.handed_over()
                 await self.up_w.drain()
             data = await self.client_r.read(READ_SIZE)
+            self.arrived = time.perf_counter()
             if not data:
                 write_eof(self.up_w)
                 return
@@ -403,7 +446,8 @@ class HTTP2Relay:
         if ":method" in names:
             as_dict = dict(headers)
             name = f"{as_dict.get(':method', '')} {as_dict.get(':path', '')[:80]}"
-            span, carrier = start_request_span(self.tracer, self.conn, as_dict, name)
+            span, carrier = start_request_span(self.tracer, self.conn, as_dict, name, self.arrived)
+            self.fresh.append(span)
             span.set_attributes(
                 {
                     "http.request.method": as_dict.get(":method", ""),
@@ -436,6 +480,7 @@ class HTTP2Relay:
             if not data:
                 await _close(self.client_w)
                 return
+            self.response_arrived = time.perf_counter()
             self.conn.bytes_out += len(data)
             buf += data
             for ftype, flags, stream, payload, _raw in _frames(buf):
@@ -467,10 +512,12 @@ class HTTP2Relay:
         headers = {str(k): str(v) for k, v in self.decoder_out.decode(block, raw=False)}
         if ":status" in headers:
             self.statuses[stream] = int(headers[":status"])
+            if stream in self.spans:
+                self.response_head(self.spans[stream], headers.get(SERVICE_TIME_HEADER_STR))
         if "grpc-status" in headers and stream in self.spans:
             self.spans[stream].set_attribute("rpc.grpc.status_code", int(headers["grpc-status"]))
 
     def _end_stream(self, stream: int) -> None:
         span = self.spans.pop(stream, None)
         if span is not None:
-            finish_request_span(span, self.statuses.pop(stream, None))
+            self.finish(span, self.statuses.pop(stream, None))

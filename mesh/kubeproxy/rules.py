@@ -1,9 +1,10 @@
 """From the cluster model to proxy rules: which address:port goes to which endpoints, and how.
 
-This is the emulator's "change tracker → sync" step, shaped like kube-proxy's
-``pkg/proxy``: :func:`build_rules` turns Services and EndpointSlices into an immutable
-:class:`RuleSet`, and the proxier swaps the whole rule set atomically. There is one
-:class:`ServiceRule` per address the kernel would match on:
+There is no change tracker here: each sync recomputes everything. :func:`build_rules`
+turns the whole cluster state (Services, their EndpointSlices, the kube-proxy settings)
+into a new, immutable :class:`RuleSet`; the proxier keeps only the latest state that
+arrived while it waited (so a burst of changes costs one sync) and swaps the whole rule set
+in one assignment. There is one :class:`ServiceRule` per address the kernel would match on:
 
 * ``cluster-ip``   — ClusterIP:port (every Service with a VIP)
 * ``node-port``    — nodeIP:nodePort on *each* node (NodePort and LoadBalancer Services)

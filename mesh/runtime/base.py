@@ -61,6 +61,12 @@ class Runtime(abc.ABC):
     system: SystemProcesses
     """The components that run as processes of the control plane (DNS, the data path)."""
 
+    ingress_xds_dir: Path | None = None
+    """Where the ingress Envoy this runtime starts reads its routes and clusters from (Envoy
+    file-based xDS, kept current by :class:`~mesh.controlplane.ingress.IngressController`);
+    ``None`` when that Envoy cannot read files the control plane writes; its routes are then
+    those rendered into its bootstrap at start."""
+
     # -- pods ----------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -88,7 +94,8 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def start_ingress(self, state: ClusterState) -> SystemComponent:
-        """Start the ingress controller's Envoy for the Ingresses in ``state``."""
+        """Start the ingress controller's Envoy for the Ingresses in ``state``; with an
+        :attr:`ingress_xds_dir`, its routes come from the files there."""
 
     def component_status(self, component: SystemComponent) -> ProcessStatus | None:
         """The component's process; ``None`` when it is not a process of this runtime."""

@@ -55,6 +55,10 @@ PAUSE_MEMORY = "16m"
 class DockerRuntime(Runtime):
     """Pods as containers; system components as processes of the control-plane container."""
 
+    ingress_xds_dir = None
+    """The ingress Envoy runs in a container of its own with its bootstrap given inline: it
+    cannot read the control plane's files, so its routes are fixed at start."""
+
     def __init__(
         self,
         state_dir: Path,
@@ -310,7 +314,10 @@ class DockerRuntime(Runtime):
             {f"{addresses.INGRESS_PORT}/tcp": (host_ip or "127.0.0.1", int(host_port))},
         )
         config = render_ingress(
-            state, otlp_endpoint=self.otlp_for("node-a"), log_sink=self.log_sink_for("node-a")
+            state,
+            otlp_endpoint=self.otlp_for("node-a"),
+            log_sink=self.log_sink_for("node-a"),
+            xds_dir=self.ingress_xds_dir,
         )
         argv = [
             "envoy",

@@ -10,6 +10,7 @@ playground internet) are processes too. Nothing here needs root or Docker.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from mesh.runtime.processes import ProcessSupervisor
 from mesh.runtime.system import SystemProcesses, process_status
 
 INGRESS_PROCESS = "hopscope-system/ingress-envoy"
+INGRESS_XDS_DIR = "ingress-xds"
+"""Directory of the ingress's xDS resource files, under the Envoy config directory."""
 INTERNET_PROCESS = "internet/payments"
 
 
@@ -46,6 +49,9 @@ class LocalRuntime(Runtime):
         )
         self.config_dir = state_dir / "envoy"
         self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.ingress_xds_dir = self.config_dir / INGRESS_XDS_DIR
+        # Routes a previous cluster left must not be served before this one publishes its own.
+        shutil.rmtree(self.ingress_xds_dir, ignore_errors=True)
 
     # -- pods ---------------------------------------------------------------------------
 
@@ -96,7 +102,12 @@ class LocalRuntime(Runtime):
     def start_ingress(self, state: ClusterState) -> SystemComponent:
         from mesh.envoy import render_ingress
 
-        config = render_ingress(state, otlp_endpoint=self.otlp_endpoint, log_sink=self.log_sink)
+        config = render_ingress(
+            state,
+            otlp_endpoint=self.otlp_endpoint,
+            log_sink=self.log_sink,
+            xds_dir=self.ingress_xds_dir,
+        )
         self._start_envoy(INGRESS_PROCESS, config, "ingress-envoy", "ingress")
         url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
         return SystemComponent("ingress-envoy", "ingress", url, INGRESS_PROCESS)

@@ -8,11 +8,11 @@ the trace store with noise. A pod is ready when its app probe passes *and* its s
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 from dataclasses import dataclass, field
-
-import requests
+from urllib.parse import urlsplit
 
 from mesh import addresses
 from mesh.model.types import Pod, Probe
@@ -89,14 +89,28 @@ def run_probe(probe: Probe, ip: str, port: int) -> tuple[bool, str]:
     return _tcp_ok(ip, port)
 
 
+PROBE_USER_AGENT = "kube-probe/1.31"
+"""What the kubelet's HTTP prober sends as User-Agent (its minor version)."""
+
+
 def _http_ok(url: str) -> tuple[bool, str]:
+    """One GET on a fresh connection, closed after the answer, as the kubelet probes."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=PROBE_TIMEOUT)
     try:
-        resp = requests.get(url, timeout=PROBE_TIMEOUT)
-    except requests.RequestException as exc:
+        conn.request(
+            "GET",
+            (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            headers={"User-Agent": PROBE_USER_AGENT, "Connection": "close"},
+        )
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
         return False, type(exc).__name__
-    if 200 <= resp.status_code < 400:
+    finally:
+        conn.close()
+    if 200 <= status < 400:
         return True, ""
-    return False, f"HTTP {resp.status_code}"
+    return False, f"HTTP {status}"
 
 
 def _tcp_ok(ip: str, port: int) -> tuple[bool, str]:

@@ -158,8 +158,10 @@ class Context:
         connect: tuple[str, int] = (addresses.INGRESS_IP, addresses.INGRESS_PORT),
         source_ip: str = addresses.EXTERNAL_CLIENT_IP,
         concurrency: int = 16,
+        new_connections: bool = False,
     ) -> list[Outcome]:
-        """``count`` traced requests at ``rps``, through the ingress unless told otherwise."""
+        """``count`` traced requests at ``rps``, through the ingress unless told otherwise;
+        ``new_connections``: each on a connection of its own, as curl in a loop."""
         target = Target(connect[0], connect[1], host, source_ip, host, fixed_path=path)
         provider = self.tracer()
         gen = Generator(
@@ -171,6 +173,7 @@ class Context:
             mix=(Route(1, "GET", path, "scenario"),),
             timeout=20,
             keep_outcomes=True,
+            reuse_connections=not new_connections,
         )
         self.say(f"sending {count} requests to http://{host}{path} at {rps:g}/s")
         uvloop.run(gen.run())

@@ -32,7 +32,8 @@ class Scenario:
     traffic = ""
     look_for: tuple[str, ...] = ()
     dashboard = ""
-    """The Grafana dashboard to open in the compose stack."""
+    """Title of the Grafana dashboard to open in the compose stack (one of those
+    ``compose/config/grafana/generate.py`` writes)."""
     blame: BlameCheck | None = None
     """For scenarios whose requests fail: who the traces must blame."""
     failure = staticmethod(failed)
@@ -273,7 +274,7 @@ class DnsTypo(Scenario):
         'metric coredns_dns_responses_total{rcode="NXDOMAIN"}',
         "`hopscope dig catalgo --from shop/<frontend pod>`",
     )
-    dashboard = "DNS"
+    dashboard = "Cluster DNS"
     blame = BlameCheck("dns", "dns", ("NXDOMAIN", "catalgo"))
 
     def inject(self, ctx: Context) -> None:
@@ -305,7 +306,7 @@ class IngressNoRoute(Scenario):
         "the ingress span: 404 with response_flags NR",
         "Envoy metric envoy_http_rq_total / no_route on the ingress",
     )
-    dashboard = "Envoy"
+    dashboard = "Envoy: ingress and sidecars"
     blame = BlameCheck("ingress", "proxy", ("404 NR",))
     failure = staticmethod(not_ok)
 
@@ -332,7 +333,7 @@ class UpstreamTimeout(Scenario):
         "the catalog app span under it still ends with 200, later",
         "Envoy metric envoy_cluster_upstream_rq_timeout_total",
     )
-    dashboard = "Envoy"
+    dashboard = "Envoy: ingress and sidecars"
     blame = BlameCheck("sidecar-inbound", "proxy", ("504 UT",))
 
     def inject(self, ctx: Context) -> None:
@@ -362,7 +363,7 @@ class AppError(Scenario):
         "the catalog app span: 500, and no response flags on the sidecars above it",
         'metric hopscope_requests_total{app="catalog",code="500"}',
     )
-    dashboard = "Request journey"
+    dashboard = "Start here: the request journey"
     blame = BlameCheck("app", "app", ("catalog", "500"))
 
     def inject(self, ctx: Context) -> None:
@@ -518,7 +519,10 @@ class SessionAffinity(_Lab):
         "different pods — stickiness by source IP, not by cookie."
     )
     breaks = "deploys the lab: echo-sticky (3 pods) behind NodePort 30091 with ClientIP affinity"
-    traffic = "8 requests each from 127.100.0.1, 127.100.0.2 and 127.100.0.3"
+    traffic = (
+        "8 requests each from 127.100.0.1, 127.100.0.2 and 127.100.0.3, a new connection "
+        "each (affinity is decided per connection)"
+    )
     look_for = (
         "kube-proxy spans: hopscope.lb.affinity = ClientIP (new), then ClientIP (sticky)",
         "`hopscope get svc -n lab -o wide`: affinity column",
@@ -529,7 +533,14 @@ class SessionAffinity(_Lab):
         ip = addresses.NODE_IPS["node-a"]
         out = []
         for client in ("127.100.0.1", "127.100.0.2", "127.100.0.3"):
-            out += ctx.send("/", 8, host=f"{ip}:30091", connect=(ip, 30091), source_ip=client)
+            out += ctx.send(
+                "/",
+                8,
+                host=f"{ip}:30091",
+                connect=(ip, 30091),
+                source_ip=client,
+                new_connections=True,
+            )
         return out
 
     def check(self, ctx: Context, outcomes: list[Outcome]) -> Finding:
@@ -569,7 +580,7 @@ class CrossNodeLatency(Scenario):
         "kube-proxy legs with a cni-overlay child vs without",
         "metric hopscope_cni_overlay_delay_seconds",
     )
-    dashboard = "Request journey"
+    dashboard = "Start here: the request journey"
 
     def inject(self, ctx: Context) -> None:
         doc = copy.deepcopy(shipped_docs("cni.yaml", "ConfigMap", "hopscope-cni")[0])

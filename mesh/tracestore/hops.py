@@ -5,6 +5,8 @@ depth-first (children by start time), so a request's path reads top to bottom th
 packet travelled, even when clocks of different processes disagree slightly. The tree is
 the trace's, except that a hop reached through a NAT hop (kube-proxy, the overlay) is nested
 below it (:func:`logical_parent`): those hops forward the caller's trace context unchanged.
+What each kind of hop shows (src → dst, NAT, where, status) comes from its entry in
+:mod:`mesh.tracestore.hopkinds`.
 """
 
 from __future__ import annotations
@@ -14,26 +16,10 @@ from collections import defaultdict
 from typing import Any
 
 from mesh import addresses
+from mesh.hopattributes import EMULATION_COST, VIA
+from mesh.tracestore.hopkinds import DNS, KUBE_PROXY, HopKind, Trait, kind_of
 from mesh.tracestore.otlp import SpanRecord
 from mesh.tracestore.verdict import packet_walk, verdict
-
-HOP_KINDS = (
-    "client",
-    "dns",
-    "ingress",
-    "sidecar-outbound",
-    "sidecar-inbound",
-    "kube-proxy",
-    "load-balancer",
-    "cni-overlay",
-    "egress-snat",
-    "network-policy",
-    "app",
-)
-
-
-VIA_ATTRIBUTE = "hopscope.via.span_id"
-"""Set by a sidecar from the ``x-hopscope-via`` header: the NAT hop the request came through."""
 
 
 def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
@@ -44,21 +30,16 @@ def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
     graphs need) and a sibling of the NAT hop. The sidecar tags the NAT hop it came through
     (``hopscope.via.span_id``); the journey nests it there, the way the packet went.
     """
-    via = span.attributes.get(VIA_ATTRIBUTE)
+    via = span.attributes.get(VIA)
     if isinstance(via, str) and via != span.span_id and via in by_id:
         return via
     parent = by_id.get(span.parent_span_id)
-    behind_sidecar = parent is not None and parent.attributes.get("hopscope.hop") == (
-        "sidecar-inbound"
-    )
-    if span.attributes.get("hopscope.hop") == "app" and not behind_sidecar:
+    in_pod = parent is not None and Trait.DELIVERS_IN_POD in _kind(parent).traits
+    if Trait.CONNTRACK_PAIRED in _kind(span).traits and not in_pod:
         nat = _nat_hop_to(span, by_id)
         if nat:
             return nat
     return span.parent_span_id
-
-
-NAT_HOPS = ("kube-proxy", "load-balancer", "cni-overlay")
 
 
 def _nat_hop_to(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
@@ -70,7 +51,7 @@ def _nat_hop_to(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
     for other in by_id.values():
         o = other.attributes
         if (
-            o.get("hopscope.hop") in NAT_HOPS
+            Trait.FORWARDS_CONTEXT in _kind(other).traits
             and o.get("hopscope.nat.translated.dst") == address
             and other.start_ns <= span.start_ns
             and (best is None or other.start_ns > best.start_ns)
@@ -136,70 +117,11 @@ def hop_status(span: SpanRecord) -> str:
         return str(http)
     if grpc_status is not None:
         return f"grpc={grpc_status}"
-    if attrs.get("hopscope.hop") == "dns":
-        rcodes = attrs.get("hopscope.dns.rcodes") or []
-        return str(rcodes[-1]) if rcodes else ("ERROR" if span.status == "error" else "NOERROR")
-    return "error" if span.status == "error" else "ok"
+    return _kind(span).fallback_status(span)
 
 
-def _src_dst(span: SpanRecord) -> tuple[str, str]:
-    a = span.attributes
-    hop = a.get("hopscope.hop")
-    if hop in ("kube-proxy", "load-balancer", "cni-overlay", "egress-snat", "network-policy"):
-        return str(a.get("hopscope.nat.original.src", "")), str(
-            a.get("hopscope.nat.original.dst", "")
-        )
-    if hop == "dns":
-        server = f"{a.get('server.address', '')}:{a.get('server.port', '')}"
-        return str(a.get("hopscope.pod.ip", a.get("k8s.pod.name", ""))), server
-    src = a.get("network.peer.address") or a.get("client.address") or ""
-    if hop == "app":
-        dst = f"{a.get('server.address', '')}:{a.get('server.port', '')}".strip(":")
-    else:
-        dst = a.get("hopscope.upstream.address") or a.get("server.address") or ""
-        if hop == "client" and a.get("server.port"):
-            dst = f"{dst}:{a.get('server.port')}"
-    return str(src), str(dst)
-
-
-def _nat(span: SpanRecord) -> str:
-    a = span.attributes
-    if a.get("hopscope.hop") == "dns":
-        answer = a.get("hopscope.dns.answer") or []
-        queries = a.get("hopscope.dns.queries") or []
-        answered = ", ".join(map(str, answer)) or "-"
-        noun = "query" if len(queries) == 1 else "queries"
-        return f"{a.get('dns.question.name', '')} → {answered} ({len(queries)} {noun})"
-    if a.get("hopscope.hop") == "cni-overlay":
-        return (
-            f"encap vni {a.get('hopscope.overlay.vni')}: outer "
-            f"{a.get('hopscope.overlay.outer.src')} → {a.get('hopscope.overlay.outer.dst')}"
-        )
-    if a.get("hopscope.policy.verdict") == "deny":
-        side, names = a.get("hopscope.policy.side"), a.get("hopscope.policy.names")
-        return f"NetworkPolicy deny ({side}: {names})"
-    orig_dst, new_dst = a.get("hopscope.nat.original.dst"), a.get("hopscope.nat.translated.dst")
-    orig_src, new_src = a.get("hopscope.nat.original.src"), a.get("hopscope.nat.translated.src")
-    parts = []
-    if orig_dst and new_dst and orig_dst != new_dst:
-        parts.append(f"DNAT {orig_dst} → {new_dst}")
-    if orig_src and new_src and str(orig_src).split(":")[0] != str(new_src).split(":")[0]:
-        parts.append(f"SNAT {orig_src} → {new_src}")
-    return "; ".join(parts)
-
-
-def _where(span: SpanRecord) -> str:
-    a = span.attributes
-    if a.get("hopscope.hop") == "load-balancer":
-        return f"cloud LB for svc {a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
-    if a.get("hopscope.hop") in ("cni-overlay", "egress-snat", "network-policy"):
-        return f"{a.get('k8s.node.name', '')} ({a.get('hopscope.hop')})"
-    if a.get("hopscope.hop") == "kube-proxy":
-        service = f"{a.get('k8s.namespace.name', '')}/{a.get('k8s.service.name', '')}"
-        pod = a.get("hopscope.endpoint.pod")
-        return f"svc {service} → {pod}" if pod else f"svc {service} (no endpoint)"
-    pod = a.get("k8s.pod.name") or span.resource.get("k8s.pod.name")
-    return str(pod or span.resource.get("service.name", ""))
+def _kind(span: SpanRecord) -> HopKind:
+    return kind_of(span.attributes.get("hopscope.hop"))
 
 
 def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
@@ -222,18 +144,20 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
         hop = hop_kind(span, by_id)
         if not hop:
             continue
-        src, dst = _src_dst(span)
+        kind = kind_of(hop)
+        src, dst = kind.endpoints(span)
         hops.append(
             {
                 "hop": hop,
                 "name": span.name,
-                "where": _where(span),
+                "where": kind.where(span),
                 "src": src,
                 "dst": dst,
-                "nat": _nat(span),
+                "nat": kind.detail(span),
                 "status": hop_status(span),
                 "response_flags": _flags(span),
                 "duration_ms": round(span.duration_ms, 3),
+                "emulation_ms": emulation_ms(span),
                 "span_id": span.span_id,
                 "parent_span_id": span.parent_span_id,
                 "depth": depth,
@@ -259,6 +183,14 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
             }
         )
     return _with_refusals(hops, spans)
+
+
+def emulation_ms(span: SpanRecord) -> float | None:
+    """The hop's emulation cost in milliseconds (2 decimals), or None when it has none."""
+    cost = span.attributes.get(EMULATION_COST)
+    if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+        return None
+    return round(cost / 1000, 2)
 
 
 UPSTREAM_FAILURE = "hopscope.upstream.failure"
@@ -297,7 +229,7 @@ def _service_name(address: str, hop: dict[str, Any], spans: list[SpanRecord]) ->
     for span in spans:
         a = span.attributes
         answers = [str(x) for x in a.get("hopscope.dns.answer") or []]
-        if a.get("hopscope.hop") != "dns" or ip not in answers:
+        if a.get("hopscope.hop") != DNS.name or ip not in answers:
             continue
         # The query that answered is the last one tried (the search path goes in order).
         queries = [str(q) for q in a.get("hopscope.dns.queries") or []]
@@ -324,7 +256,7 @@ def _with_refusals(hops: list[dict[str, Any]], spans: list[SpanRecord]) -> list[
         flags = set(hop["response_flags"].split(","))
         refused = "refused" in hop["upstream_failure"].lower()
         if (
-            hop["hop"] not in ("ingress", "sidecar-outbound")
+            Trait.DIALS_SERVICES not in kind_of(hop["hop"]).traits
             or not flags & {"UF", "URX"}
             or not refused
             or not _is_service_address(hop["dst"])
@@ -336,7 +268,7 @@ def _with_refusals(hops: list[dict[str, Any]], spans: list[SpanRecord]) -> list[
         out.append(
             {
                 **{k: "" for k in hop},
-                "hop": "kube-proxy",
+                "hop": KUBE_PROXY.name,
                 "name": f"kube-proxy REJECT {hop['dst']} (connection refused)",
                 "where": f"svc {service or hop['dst']} (no endpoint)",
                 "src": "",
@@ -345,6 +277,7 @@ def _with_refusals(hops: list[dict[str, Any]], spans: list[SpanRecord]) -> list[
                 "status": "refused",
                 "response_flags": "",
                 "duration_ms": 0.0,
+                "emulation_ms": None,
                 "span_id": f"{hop['span_id']}-reject",
                 "parent_span_id": hop["span_id"],
                 "depth": hop["depth"] + 1,
@@ -415,6 +348,7 @@ def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
                 "status",
                 "response_flags",
                 "duration_ms",
+                "emulation_ms",
                 "span_id",
                 "parent_span_id",
                 "parent_hop_id",

@@ -15,6 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh.tracestore.hopkinds import (
+    APP,
+    CLIENT,
+    KINDS,
+    NETWORK_POLICY,
+    Trait,
+    explained_error,
+    kind_of,
+)
+from mesh.tracestore.hoprender import Hop, PacketWalk, SentPacket, ip_of
+
 ENVOY_FLAG_MEANINGS = {
     "UH": "no healthy upstream (no ready endpoint to send to)",
     "UF": "upstream connection failure",
@@ -35,70 +46,60 @@ ENVOY_FLAG_MEANINGS = {
     "DT": "request exceeded max duration",
 }
 
-PROXY_HOPS = ("ingress", "sidecar-outbound", "sidecar-inbound")
-
 
 def _flag_words(flags: str) -> str:
     return ", ".join(ENVOY_FLAG_MEANINGS.get(f, f) for f in flags.split(","))
 
 
+def template_fields(hop: dict[str, Any]) -> dict[str, Any]:
+    """What a :class:`~mesh.tracestore.hopkinds.HopKind`'s text templates may name."""
+    where, nat = hop["where"], hop["nat"]
+    dns_name, _, dns_rest = nat.partition(" → ")
+    out = {
+        "kind": hop["hop"],
+        "where": where,
+        "app": hop.get("app") or where,
+        "status": hop["status"],
+        "flags": hop["response_flags"],
+        "message": hop.get("message") or "",
+        "error_type": hop.get("error_type") or "",
+        "service": hop.get("service") or where,
+        "policy": hop.get("policy") or "",
+        "policy_side": (hop.get("policy") or "").split(":")[0],
+        "dns_name": dns_name,
+        "dns_tried": dns_rest.rpartition("(")[2].rstrip(")") or "queries",
+    }
+    out["label"] = kind_of(hop["hop"]).label.format(**out)
+    return out
+
+
 def _label(hop: dict[str, Any]) -> str:
     """``the frontend-x sidecar (outbound)``, ``the ingress``, ``kube-proxy (svc shop/a)``."""
-    kind, where = hop["hop"], hop["where"]
-    if kind == "sidecar-outbound":
-        return f"the {where} sidecar (outbound)"
-    if kind == "sidecar-inbound":
-        return f"the {where} sidecar (inbound)"
-    if kind == "ingress":
-        return "the ingress"
-    if kind == "app":
-        return f"the {hop.get('app') or where} app in pod {where}"
-    if kind in ("kube-proxy", "load-balancer"):
-        return f"{kind} ({where})"
-    return f"the {kind} hop at {where}"
+    return str(template_fields(hop)["label"])
 
 
 def _group(hop: dict[str, Any], produced_by: str) -> str:
-    """A pod-free label to group many failures by (``hopscope traffic``'s summary)."""
-    kind, status, flags = hop["hop"], hop["status"], hop["response_flags"]
-    if produced_by == "app":
-        return f"app {hop.get('app') or hop['where']} answered {status}"
-    if produced_by == "network-policy":
-        return f"NetworkPolicy deny ({hop.get('policy', '').split(':')[0]})"
-    if produced_by == "kube-proxy":
-        return f"kube-proxy {hop.get('error_type')} ({hop.get('service') or hop['where']})"
-    if produced_by == "dns":
-        return f"dns {status} ({hop['nat'].split(' → ')[0]})"
-    label = "ingress" if kind == "ingress" else f"{hop.get('app') or hop['where']} {kind}"
-    return f"{label} {status} {flags}".strip()
+    """A pod-free label to group many failures by (``hopscope traffic``'s summary): the
+    template of the kind that produced the failure, else of the hop's own kind."""
+    kind = KINDS.get(produced_by) or kind_of(hop["hop"])
+    return kind.group.format(**template_fields(hop)).strip()
 
 
 def _cause(hop: dict[str, Any]) -> tuple[str, str]:
     """(who produced it, why) for the hop where the failure originated."""
-    kind, status, flags = hop["hop"], hop["status"], hop["response_flags"]
-    error_type, message = hop.get("error_type") or "", hop.get("message") or ""
+    kind, fill = kind_of(hop["hop"]), template_fields(hop)
     if hop.get("policy"):
-        return "network-policy", f"NetworkPolicy denied the connection ({hop['policy']})"
-    if kind == "dns":
-        name, _, rest = hop["nat"].partition(" → ")
-        tried = rest.rpartition("(")[2].rstrip(")") or "queries"
-        return "dns", (
-            f"pod {hop['where']} could not resolve {name!r}: {status} after {tried} "
-            "(the whole search path)"
-        )
-    if error_type in ("no-ready-endpoints", "no-local-endpoints"):
-        return "kube-proxy", f"kube-proxy rejected the connection: {message}"
-    if error_type == "endpoint-unreachable":
-        return "kube-proxy", (
-            f"kube-proxy sent it to an endpoint that did not answer ({message}); "
-            "its rules may be stale or the pod just went away"
-        )
-    if kind == "app":
-        return "app", f"{_label(hop)} answered {status} itself"
-    if flags:
-        return "proxy", f"{_label(hop)} returned {status} {flags}: {_flag_words(flags)}"
-    detail = message or status
-    return kind, f"{_label(hop)} failed: {detail}"
+        return NETWORK_POLICY.name, f"NetworkPolicy denied the connection ({hop['policy']})"
+    explained = explained_error(fill["error_type"])
+    if explained is not None:
+        producer, why = explained
+        return producer, why.format(**fill)
+    if kind.explains:
+        return kind.name, kind.explains.format(**fill)
+    if fill["flags"]:
+        flags = fill["flags"]
+        return "proxy", f"{fill['label']} returned {fill['status']} {flags}: {_flag_words(flags)}"
+    return hop["hop"], f"{fill['label']} failed: {fill['message'] or fill['status']}"
 
 
 def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
@@ -112,11 +113,11 @@ def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
     # The proxy whose status the caller saw: the nearest ancestor that set response flags.
     reporter, cur = None, by_id.get(origin.get("parent_hop_id") or "")
     while cur is not None:
-        if cur["hop"] in PROXY_HOPS and cur["response_flags"]:
+        if Trait.REPORTS_FLAGS in kind_of(cur["hop"]).traits and cur["response_flags"]:
             reporter = cur
             break
         cur = by_id.get(cur.get("parent_hop_id") or "")
-    if produced_by == "app":
+    if produced_by == APP.name:
         reason = f"{cause}; the proxies above passed it through"
     elif reporter is not None and reporter is not origin:
         reason = (
@@ -146,11 +147,7 @@ def _path_to(hops: list[dict[str, Any]], target: dict[str, Any]) -> list[dict[st
     return list(reversed(path))
 
 
-def _ip(address: str) -> str:
-    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
-
-
-def packet_walk(hops: list[dict[str, Any]], view_verdict: dict[str, Any]) -> list[dict[str, str]]:
+def packet_walk(hops: list[Hop], view_verdict: dict[str, Any]) -> list[dict[str, str]]:
     """Stages of the first request to reach an app (or of the failing one)."""
     if not hops:
         return []
@@ -158,105 +155,22 @@ def packet_walk(hops: list[dict[str, Any]], view_verdict: dict[str, Any]) -> lis
         target = next(h for h in hops if h["span_id"] == view_verdict["origin_span_id"])
     else:
         target = _first_app(hops) or hops[-1]
-    rows: list[dict[str, str]] = []
-    replies: list[dict[str, str]] = []
-
-    def row(stage: str, at: str, src: str, dst: str, change: str) -> None:
-        rows.append({"stage": stage, "at": at, "src": src, "dst": dst, "change": change})
-
+    walk = PacketWalk()
     path = _path_to(hops, target)
     sent = _as_sent(path)
     if sent is not None:
-        row("request sent", *sent)
+        walk.row("request sent", *sent)
     for i, hop in enumerate(path):
-        kind, nat = hop["hop"], hop.get("nat_tuple") or {}
-        nxt = path[i + 1] if i + 1 < len(path) else None
-        if kind == "client":
-            continue  # the "request sent" row above
-        if kind in ("ingress", "sidecar-outbound"):
-            upstream = hop["dst"]
-            if nxt is not None and nxt.get("nat_tuple", {}).get("original_dst"):
-                upstream = nxt["nat_tuple"]["original_dst"]
-            src = ((nxt or {}).get("nat_tuple") or {}).get("original_src") or hop["src"]
-            row(
-                "proxied",
-                hop["where"],
-                src,
-                upstream,
-                f"{kind} ends the client's connection and opens its own to {upstream}",
-            )
-        elif kind in ("kube-proxy", "load-balancer"):
-            osrc, odst = nat.get("original_src", ""), nat.get("original_dst", "")
-            tsrc, tdst = nat.get("translated_src", ""), nat.get("translated_dst", "")
-            if not tdst:
-                row("rejected", hop["where"], osrc or "-", odst, hop.get("message") or "refused")
-                continue
-            changes = [f"DNAT {odst} → {tdst}"]
-            if _ip(osrc) != _ip(tsrc):
-                changes.append(f"SNAT {_ip(osrc)} → {_ip(tsrc)}")
-            row("after " + kind, hop["where"], tsrc, tdst, ", ".join(changes))
-            replies.append(
-                {
-                    "stage": "reply after conntrack",
-                    "at": hop["where"],
-                    "src": odst,
-                    "dst": osrc,
-                    "change": f"reply from {tdst} rewritten back to come from {odst}",
-                }
-            )
-        elif kind == "cni-overlay":
-            row(
-                "encapsulated",
-                hop["where"],
-                nat.get("translated_src", ""),
-                nat.get("translated_dst", ""),
-                f"{hop['nat']} (inner {nat.get('original_src', '')} → "
-                f"{nat.get('original_dst', '')})",
-            )
-            row(
-                "decapsulated",
-                "remote node",
-                nat.get("original_src", ""),
-                nat.get("original_dst", ""),
-                "outer header removed; the pod sees the inner source",
-            )
-        elif kind == "egress-snat":
-            row(
-                "left the cluster",
-                hop["where"],
-                nat.get("translated_src", ""),
-                nat.get("translated_dst", ""),
-                f"SNAT {nat.get('original_src', '')} → {nat.get('translated_src', '')}",
-            )
-        elif kind == "network-policy":
-            row("dropped", hop["where"], hop["src"], hop["dst"], hop.get("policy") or "denied")
-        elif kind == "sidecar-inbound":
-            row(
-                "to the app",
-                hop["where"],
-                _ip(hop["src"]),
-                hop["dst"],
-                "the sidecar hands the request to the app's port in the same pod",
-            )
-        elif kind == "app":
-            row("served", hop["where"], hop["src"], hop["dst"], f"status {hop['status']}")
-    if sent is not None and (view_verdict.get("ok") or rows[-1]["stage"] == "served"):
+        add_rows = kind_of(hop["hop"]).walk
+        if add_rows is not None:
+            add_rows(hop, path[i + 1] if i + 1 < len(path) else None, walk)
+    if sent is not None and (view_verdict.get("ok") or walk.rows[-1]["stage"] == "served"):
         at, src, dst, _change = sent
-        replies.insert(
-            0,
-            {
-                "stage": "reply received",
-                "at": at,
-                "src": dst,
-                "dst": src,
-                "change": "the client sees the reply come from the address it sent to",
-            },
+        change = "the client sees the reply come from the address it sent to"
+        walk.replies.insert(
+            0, {"stage": "reply received", "at": at, "src": dst, "dst": src, "change": change}
         )
-    return rows + list(reversed(replies))
-
-
-ENTRY_HOPS = ("client", "ingress", "load-balancer", "kube-proxy", "sidecar-outbound")
-"""Hops a request can enter the journey at (the first one to see the client's packet)."""
+    return walk.rows + list(reversed(walk.replies))
 
 
 def _first_app(hops: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -268,13 +182,17 @@ def _first_app(hops: list[dict[str, Any]]) -> dict[str, Any] | None:
 
     def rank(app: dict[str, Any]) -> tuple[bool, int, int]:
         head = _path_to(hops, app)[0]
-        return head["hop"] not in ENTRY_HOPS, int(head.get("start_ns") or 0), app["depth"]
+        return (
+            Trait.ENTRY not in kind_of(head["hop"]).traits,
+            int(head.get("start_ns") or 0),
+            app["depth"],
+        )
 
-    apps = [h for h in hops if h["hop"] == "app"]
+    apps = [h for h in hops if h["hop"] == APP.name]
     return min(apps, key=rank) if apps else None
 
 
-def _as_sent(path: list[dict[str, Any]]) -> tuple[str, str, str, str] | None:
+def _as_sent(path: list[Hop]) -> tuple[str, str, str, str] | None:
     """``(at, src, dst, change)`` of the client's packet as it left the client.
 
     Whatever the client — ``hopscope curl`` (a ``client`` span), curl or a load tool (no
@@ -284,26 +202,17 @@ def _as_sent(path: list[dict[str, Any]]) -> tuple[str, str, str, str] | None:
     if not path:
         return None
     first = path[0]
-    seen_by = path[1] if first["hop"] == "client" and len(path) > 1 else first
-    kind, nat = seen_by["hop"], seen_by.get("nat_tuple") or {}
-    downstream = seen_by.get("downstream") or {}
-    if kind in ("kube-proxy", "load-balancer") and nat.get("original_src"):
-        src, dst = nat["original_src"], nat.get("original_dst", "")
-    elif kind in ("ingress", "sidecar-outbound") and downstream.get("remote"):
-        src, dst = downstream["remote"], downstream.get("local", "")
-        if kind == "sidecar-outbound":
-            # The app addressed the Service; its sidecar's outbound listener took the packet.
-            nxt = path[path.index(seen_by) + 1] if seen_by is not path[-1] else None
-            target = (nxt or {}).get("nat_tuple", {}).get("original_dst") or seen_by["dst"]
-            return (
-                seen_by["where"],
-                src,
-                target,
-                f"captured by the pod's sidecar (outbound listener {dst})",
-            )
-    elif first["hop"] == "client":
-        src, dst = first["src"], first["dst"]
-    else:
+    from_client = first["hop"] == CLIENT.name
+    seen_by = path[1] if from_client and len(path) > 1 else first
+    seen_as = kind_of(seen_by["hop"]).client_packet
+    sent = seen_as(seen_by, path) if seen_as is not None else None
+    if sent is None and from_client:
+        sent = SentPacket(first["src"], first["dst"])
+    if sent is None:
         return None
-    at = "client" if first["hop"] == "client" else f"client {_ip(src)}"
-    return at, src, dst, "-"
+    at = (
+        sent.at
+        if sent.at is not None
+        else ("client" if from_client else f"client {ip_of(sent.src)}")
+    )
+    return at, sent.src, sent.dst, sent.change

@@ -119,6 +119,7 @@ class Generator:
         timeout: float = 30.0,
         seed: int | None = None,
         keep_outcomes: bool = False,
+        reuse_connections: bool = True,
     ) -> None:
         if rps <= 0 or duration <= 0 or concurrency <= 0:
             raise ValueError("rps, duration and concurrency must be positive")
@@ -131,6 +132,9 @@ class Generator:
         self.timeout = timeout
         self.rng = random.Random(seed)
         self.stats = Stats(outcomes=[] if keep_outcomes else None)
+        self.reuse_connections = reuse_connections
+        """False: a new connection for every request (``Connection: close``), as curl in a
+        loop — what per-connection balancing and session affinity are about."""
         self.started: float | None = None
         self.finished: float | None = None
         self._cpu_start = 0.0
@@ -148,7 +152,7 @@ class Generator:
         connector = aiohttp.TCPConnector(
             limit=self.concurrency,
             local_addr=(self.target.source_ip, 0),
-            force_close=False,
+            force_close=not self.reuse_connections,
             ttl_dns_cache=None,
         )
         timeout = aiohttp.ClientTimeout(total=self.timeout)
