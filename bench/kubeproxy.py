@@ -553,6 +553,8 @@ def _measure_paths(args: argparse.Namespace) -> dict[str, Any]:
         paths = measure_paths(args.seconds, args.connections, args.rounds)
     finally:
         rig.stop()
+    # The logs are kept only when the measurement failed (the exception leaves them).
+    shutil.rmtree(workdir, ignore_errors=True)
     on, envoy, direct = (
         paths["kube_proxy_telemetry_on"],
         paths["envoy_tcp_proxy"],

@@ -374,7 +374,6 @@ def test_no_stray_processes_are_listening_outside_the_plan(cluster: dict[str, st
 
 def _chromium(*args: str) -> str:
     import shutil
-    import subprocess
 
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
@@ -383,7 +382,15 @@ def _chromium(*args: str) -> str:
         )
     import tempfile
 
-    profile = tempfile.mkdtemp(prefix="hopscope-chromium-")
+    with tempfile.TemporaryDirectory(
+        prefix="hopscope-chromium-", ignore_cleanup_errors=True
+    ) as profile:
+        return _run_chromium(binary, profile, args)
+
+
+def _run_chromium(binary: str, profile: str, args: tuple[str, ...]) -> str:
+    import subprocess
+
     flags = [
         "--headless",
         "--no-sandbox",
