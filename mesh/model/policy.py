@@ -117,52 +117,46 @@ class PolicyEngine:
         dst = self.pods_by_ip.get(dst_ip)
         allowed_by: list[str] = []
         if src is not None:
-            isolating = [
-                p for p in self.policies if "Egress" in policy_types(p) and selects(p, src)
-            ]
-            if isolating:
-                ok = [
-                    _name(p)
-                    for p in isolating
-                    if any(
-                        self._rule_matches(rule, "to", p, dst_ip, dst, port, protocol)
-                        for rule in p.spec.get("egress") or []
-                    )
-                ]
-                if not ok:
-                    return Verdict(
-                        False,
-                        "egress",
-                        tuple(_name(p) for p in isolating),
-                        f"no egress rule of {_names(isolating)} allows {src.namespace}/"
-                        f"{src.name} to reach {_describe(dst_ip, dst)}:{port}/{protocol}",
-                    )
-                allowed_by += ok
+            isolating, ok = self._judge("egress", src, (dst_ip, dst, port, protocol))
+            if isolating and not ok:
+                return Verdict(
+                    False,
+                    "egress",
+                    tuple(_name(p) for p in isolating),
+                    f"no egress rule of {_names(isolating)} allows {src.namespace}/"
+                    f"{src.name} to reach {_describe(dst_ip, dst)}:{port}/{protocol}",
+                )
+            allowed_by += ok
         if seen_src_ip is not None and seen_src_ip != src_ip:
             src_ip, src = seen_src_ip, self.pods_by_ip.get(seen_src_ip)
         if dst is not None:
-            isolating = [
-                p for p in self.policies if "Ingress" in policy_types(p) and selects(p, dst)
-            ]
-            if isolating:
-                ok = [
-                    _name(p)
-                    for p in isolating
-                    if any(
-                        self._rule_matches(rule, "from", p, src_ip, src, port, protocol, dst)
-                        for rule in p.spec.get("ingress") or []
-                    )
-                ]
-                if not ok:
-                    return Verdict(
-                        False,
-                        "ingress",
-                        tuple(_name(p) for p in isolating),
-                        f"no ingress rule of {_names(isolating)} lets {_describe(src_ip, src)} "
-                        f"reach {dst.namespace}/{dst.name} on {port}/{protocol}",
-                    )
-                allowed_by += ok
+            isolating, ok = self._judge("ingress", dst, (src_ip, src, port, protocol, dst))
+            if isolating and not ok:
+                return Verdict(
+                    False,
+                    "ingress",
+                    tuple(_name(p) for p in isolating),
+                    f"no ingress rule of {_names(isolating)} lets {_describe(src_ip, src)} "
+                    f"reach {dst.namespace}/{dst.name} on {port}/{protocol}",
+                )
+            allowed_by += ok
         return Verdict(True, "", tuple(dict.fromkeys(allowed_by)))
+
+    def _judge(self, side: str, subject: Pod, peer: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
+        """The policies of ``side`` ("egress" or "ingress") that select ``subject``, and the
+        names of those with a rule admitting ``peer`` (``_rule_matches``' arguments after
+        the rule, its peers key and the policy)."""
+        policy_type = side.capitalize()
+        peers_key = "to" if side == "egress" else "from"
+        isolating = [
+            p for p in self.policies if policy_type in policy_types(p) and selects(p, subject)
+        ]
+        ok = [
+            _name(p)
+            for p in isolating
+            if any(self._rule_matches(rule, peers_key, p, *peer) for rule in p.spec.get(side) or [])
+        ]
+        return isolating, ok
 
     def _rule_matches(
         self,
