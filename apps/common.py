@@ -249,8 +249,11 @@ def serve_flask(app: Any, pod: PodIdentity) -> None:
         port=pod.listen_port,
         threads=APP_SERVER_THREADS,
         ident=pod.app,
-        # The sidecar may hold idle keep-alive connections; they are local and cheap.
+        # The sidecar may hold idle keep-alive connections; they are local and cheap. It
+        # drops them after 60 s idle, before this server would (no request meets a close).
         connection_limit=1000,
+        channel_timeout=300,
+        asyncore_use_poll=True,
         clear_untrusted_proxy_headers=False,
     )
     signal.signal(signal.SIGTERM, _stop_serving)

@@ -199,3 +199,38 @@ def test_trace_cli_without_emulation_shows_plain_durations(
     monkeypatch.setattr(trace_cmds, "out", Console(file=buf, width=250, highlight=False))
     trace_cmds.render_waterfall(view)
     assert "emulation" not in buf.getvalue() and "░" not in buf.getvalue()
+
+
+def test_malformed_attributes_and_looping_links_still_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A foreign span's scalars where arrays belong, an infinite cost and spans naming each
+    other as the hop they came through: the view, the verdict and the table still render."""
+    spans = [
+        _span("client", "", {"hopscope.hop": "client"}, 0, 900, status="error"),
+        _span(
+            "dns",
+            "client",
+            {"hopscope.hop": "dns", "hopscope.dns.answer": 5, "hopscope.dns.rcodes": 7},
+            10,
+            20,
+            status="error",
+        ),
+        _span(
+            "a",
+            "client",
+            {**KUBE_PROXY, EMULATION_COST: float("inf"), "hopscope.via.span_id": "b"},
+            30,
+            800,
+            status="error",
+        ),
+        _span("b", "a", {**OVERLAY, "hopscope.via.span_id": "a"}, 40, 700, status="error"),
+    ]
+    view = {**trace_view(TRACE, spans), "spans": [s.to_dict() for s in spans]}
+    assert {h["hop"] for h in view["hops"]} >= {"client", "dns", "kube-proxy", "cni-overlay"}
+    assert all(h["emulation_ms"] is None for h in view["hops"])
+    assert view["verdict"]["ok"] is False
+    buf = io.StringIO()
+    monkeypatch.setattr(trace_cmds, "out", Console(file=buf, width=250, highlight=False))
+    trace_cmds.render_waterfall(view)
+    assert "kube-proxy" in buf.getvalue()

@@ -47,6 +47,9 @@ ACCESS_LOG_FORMAT = {
 ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","msg":"%j"}'
 """Envoy's own log lines as JSON too, so every line of a pod's logs parses."""
 
+INBOUND_IDLE_TIMEOUT = "60s"
+"""How long a sidecar keeps an idle connection to its app."""
+
 RUNTIME = {
     # Export spans promptly — a learner runs `hopscope trace --last` right after a request —
     # but in batches: the tracer flushes on this timer, or as soon as this many spans wait.
@@ -101,6 +104,7 @@ def _static_cluster(
     http2: bool = False,
     one_request_per_connection: bool = False,
     bind_ip: str | None = None,
+    idle_timeout: str | None = None,
 ) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
@@ -112,14 +116,16 @@ def _static_cluster(
         },
     }
     cluster["typed_extension_protocol_options"] = _protocol_options(
-        http2, one_request_per_connection
+        http2, one_request_per_connection, idle_timeout
     )
     if bind_ip:
         cluster["upstream_bind_config"] = {"source_address": _socket(bind_ip, 0)["socket_address"]}
     return cluster
 
 
-def _protocol_options(http2: bool, one_request_per_connection: bool) -> dict[str, Any]:
+def _protocol_options(
+    http2: bool, one_request_per_connection: bool, idle_timeout: str | None = None
+) -> dict[str, Any]:
     options: dict[str, Any] = {
         "explicit_http_config": {"http2_protocol_options": {}}
         if http2
@@ -129,6 +135,8 @@ def _protocol_options(http2: bool, one_request_per_connection: bool) -> dict[str
         # kube-proxy balances connections, not requests: a fresh connection per request
         # lets every request be balanced (docs/design.md, "connection reuse").
         options["common_http_protocol_options"] = {"max_requests_per_connection": 1}
+    elif idle_timeout:
+        options["common_http_protocol_options"] = {"idle_timeout": idle_timeout}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **options
@@ -410,7 +418,14 @@ def render_sidecar(
             cluster = f"inbound|{port}"
             clusters.append(
                 _static_cluster(
-                    cluster, pod.ip, port + addresses.APP_PORT_OFFSET, http2=grpc, bind_ip=pod.ip
+                    cluster,
+                    pod.ip,
+                    port + addresses.APP_PORT_OFFSET,
+                    http2=grpc,
+                    bind_ip=pod.ip,
+                    # Below the app server's own idle close (waitress: 300 s), so the
+                    # sidecar never sends on a connection the app is closing.
+                    idle_timeout=INBOUND_IDLE_TIMEOUT,
                 )
             )
             routes = {

@@ -15,12 +15,15 @@ and each pod's own key and certificate are handed out.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -156,7 +159,7 @@ class CertificateAuthority:
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise IdentityError(f"cannot load the cluster CA from {directory}: {exc}") from None
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
@@ -206,7 +209,7 @@ class CertificateAuthority:
                 x509.KeyUsage(
                     digital_signature=True,
                     content_commitment=False,
-                    key_encipherment=True,
+                    key_encipherment=False,
                     data_encipherment=False,
                     key_agreement=False,
                     key_cert_sign=False,
@@ -241,7 +244,10 @@ class CertificateAuthority:
 
 def peer_identity(cert_der: bytes) -> str | None:
     """The SPIFFE ID in a peer certificate's URI SAN, or None."""
-    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        return None
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -251,14 +257,23 @@ def peer_identity(cert_der: bytes) -> str | None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` in one rename, so a watcher never reads half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Replace ``path`` with ``data`` in one rename, so a watcher never reads half a file.
+
+    The data goes to a new private file in the same directory (created with ``mode``, never
+    following a link), is flushed to disk, then renamed over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fchmod(fd, mode)
-    finally:
+        os.fsync(fd)
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -92,6 +92,8 @@ class ConnInfo:
     """``time.perf_counter()`` when kube-proxy accepted the connection (0: unknown)."""
     accepted_ns: int = 0
     """Wall clock of the accept, in ns: the first request's hop span starts there."""
+    client_wait: float = 0.0
+    """Seconds the client let pass before sending its first bytes: its time, not ours."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def attributes(self) -> dict[str, Any]:
@@ -287,7 +289,7 @@ def start_request_span(
         )
         if overlay.is_recording():
             overlay.set_attributes(conn.overlay_attributes())
-    origin = conn.accepted_at if opening and conn.accepted_at else arrived
+    origin = conn.accepted_at + conn.client_wait if opening and conn.accepted_at else arrived
     hop = RequestHop(span, overlay, (conn.rule.namespace, conn.rule.name), origin)
     if conn.tunnel is not None:
         hop.modeled_delay = 2 * conn.overlay_delay_ms / 1000

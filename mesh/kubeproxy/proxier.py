@@ -549,8 +549,10 @@ class Proxier:
         client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     ) -> None:
+        waiting = time.perf_counter()
         try:
             first = await asyncio.wait_for(client[0].read(READ_SIZE), SNIFF_TIMEOUT)
+            conn.client_wait = time.perf_counter() - waiting
         except TimeoutError:
             first = b""
         except (ConnectionError, OSError):

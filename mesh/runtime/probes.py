@@ -12,7 +12,7 @@ import http.client
 import socket
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote
 
 from mesh import addresses
 from mesh.model.types import Pod, Probe
@@ -64,8 +64,7 @@ class ProbeTracker:
 def probe_pod(pod: Pod) -> tuple[bool, str]:
     """Run the pod's readiness probe(s) and its sidecar check; ``(ok, error)``."""
     if pod.has_sidecar:
-        sidecar = f"http://{pod.ip}:{addresses.SIDECAR_ADMIN_PORT}/ready"
-        ok, error = _http_ok(sidecar)
+        ok, error = _http_ok(pod.ip, addresses.SIDECAR_ADMIN_PORT, "/ready")
         if not ok:
             return False, f"sidecar not ready: {error}"
     for container in pod.containers:
@@ -83,7 +82,7 @@ def probe_pod(pod: Pod) -> tuple[bool, str]:
 
 def run_probe(probe: Probe, ip: str, port: int) -> tuple[bool, str]:
     if probe.kind == "http":
-        return _http_ok(f"http://{ip}:{port}{probe.path}")
+        return _http_ok(ip, port, probe.path)
     if probe.kind == "grpc":
         return _grpc_ok(ip, port)
     return _tcp_ok(ip, port)
@@ -93,21 +92,22 @@ PROBE_USER_AGENT = "kube-probe/1.31"
 """What the kubelet's HTTP prober sends as User-Agent (its minor version)."""
 
 
-def _http_ok(url: str) -> tuple[bool, str]:
-    """One GET on a fresh connection, closed after the answer, as the kubelet probes."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=PROBE_TIMEOUT)
+def _http_ok(host: str, port: int, path: str) -> tuple[bool, str]:
+    """One GET on a fresh connection, closed after the answer, as the kubelet probes.
+
+    A path without a leading ``/`` gets one, and characters a request line cannot carry are
+    percent-encoded (the kubelet builds its probe URL the same way)."""
+    target = quote(path if path.startswith("/") else f"/{path}", safe="/:@!$&'()*+,;=?%~")
+    conn = None
     try:
-        conn.request(
-            "GET",
-            (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-            headers={"User-Agent": PROBE_USER_AGENT, "Connection": "close"},
-        )
+        conn = http.client.HTTPConnection(host, port, timeout=PROBE_TIMEOUT)
+        conn.request("GET", target, headers={"User-Agent": PROBE_USER_AGENT, "Connection": "close"})
         status = conn.getresponse().status
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         return False, type(exc).__name__
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
     if 200 <= status < 400:
         return True, ""
     return False, f"HTTP {status}"

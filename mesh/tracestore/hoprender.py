@@ -99,10 +99,15 @@ def policy_or_rewrites(span: SpanRecord) -> str:
     return "; ".join(parts)
 
 
+def string_list(value: object) -> list[str]:
+    """An array attribute as strings; anything else (a foreign span's scalar) as empty."""
+    return [str(x) for x in value] if isinstance(value, list | tuple) else []
+
+
 def dns_detail(span: SpanRecord) -> str:
     a = span.attributes
-    answer = a.get("hopscope.dns.answer") or []
-    queries = a.get("hopscope.dns.queries") or []
+    answer = string_list(a.get("hopscope.dns.answer"))
+    queries = string_list(a.get("hopscope.dns.queries"))
     answered = ", ".join(map(str, answer)) or "-"
     noun = "query" if len(queries) == 1 else "queries"
     return f"{a.get('dns.question.name', '')} → {answered} ({len(queries)} {noun})"
@@ -145,8 +150,8 @@ def ok_or_error(span: SpanRecord) -> str:
 
 
 def dns_rcode(span: SpanRecord) -> str:
-    rcodes = span.attributes.get("hopscope.dns.rcodes") or []
-    return str(rcodes[-1]) if rcodes else ("ERROR" if span.status == "error" else "NOERROR")
+    rcodes = string_list(span.attributes.get("hopscope.dns.rcodes"))
+    return rcodes[-1] if rcodes else ("ERROR" if span.status == "error" else "NOERROR")
 
 
 # -- packet-walk rows ----------------------------------------------------------------------

@@ -12,12 +12,14 @@ What each kind of hop shows (src → dst, NAT, where, status) comes from its ent
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections import defaultdict
 from typing import Any
 
 from mesh import addresses
 from mesh.hopattributes import EMULATION_COST, VIA
 from mesh.tracestore.hopkinds import DNS, KUBE_PROXY, HopKind, Trait, kind_of
+from mesh.tracestore.hoprender import string_list
 from mesh.tracestore.otlp import SpanRecord
 from mesh.tracestore.verdict import packet_walk, verdict
 
@@ -188,7 +190,12 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
 def emulation_ms(span: SpanRecord) -> float | None:
     """The hop's emulation cost in milliseconds (2 decimals), or None when it has none."""
     cost = span.attributes.get(EMULATION_COST)
-    if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+    if (
+        isinstance(cost, bool)
+        or not isinstance(cost, int | float)
+        or not math.isfinite(cost)
+        or cost < 0
+    ):
         return None
     return round(cost / 1000, 2)
 
@@ -228,11 +235,11 @@ def _service_name(address: str, hop: dict[str, Any], spans: list[SpanRecord]) ->
     ip = address.rsplit(":", 1)[0]
     for span in spans:
         a = span.attributes
-        answers = [str(x) for x in a.get("hopscope.dns.answer") or []]
+        answers = string_list(a.get("hopscope.dns.answer"))
         if a.get("hopscope.hop") != DNS.name or ip not in answers:
             continue
         # The query that answered is the last one tried (the search path goes in order).
-        queries = [str(q) for q in a.get("hopscope.dns.queries") or []]
+        queries = string_list(a.get("hopscope.dns.queries"))
         name = queries[-1] if queries else str(a.get("dns.question.name", ""))
         labels = name.rstrip(".").split(".")
         if len(labels) >= 3 and labels[2] == "svc":

@@ -111,12 +111,11 @@ def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
     produced_by, cause = _cause(origin)
     by_id = {h["span_id"]: h for h in hops}
     # The proxy whose status the caller saw: the nearest ancestor that set response flags.
-    reporter, cur = None, by_id.get(origin.get("parent_hop_id") or "")
-    while cur is not None:
+    reporter = None
+    for cur in _ancestors(by_id, origin):
         if Trait.REPORTS_FLAGS in kind_of(cur["hop"]).traits and cur["response_flags"]:
             reporter = cur
             break
-        cur = by_id.get(cur.get("parent_hop_id") or "")
     if produced_by == APP.name:
         reason = f"{cause}; the proxies above passed it through"
     elif reporter is not None and reporter is not origin:
@@ -137,14 +136,21 @@ def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _ancestors(by_id: dict[str, dict[str, Any]], hop: dict[str, Any]) -> list[dict[str, Any]]:
+    """``hop``'s parent, grandparent, … (a cycle in malformed links ends the walk)."""
+    out: list[dict[str, Any]] = []
+    seen = {hop["span_id"]}
+    cur = by_id.get(hop.get("parent_hop_id") or "")
+    while cur is not None and cur["span_id"] not in seen:
+        seen.add(cur["span_id"])
+        out.append(cur)
+        cur = by_id.get(cur.get("parent_hop_id") or "")
+    return out
+
+
 def _path_to(hops: list[dict[str, Any]], target: dict[str, Any]) -> list[dict[str, Any]]:
     by_id = {h["span_id"]: h for h in hops}
-    path: list[dict[str, Any]] = []
-    cur: dict[str, Any] | None = target
-    while cur is not None:
-        path.append(cur)
-        cur = by_id.get(cur.get("parent_hop_id") or "")
-    return list(reversed(path))
+    return [*reversed(_ancestors(by_id, target)), target]
 
 
 def packet_walk(hops: list[Hop], view_verdict: dict[str, Any]) -> list[dict[str, str]]:
