@@ -6,6 +6,7 @@ own loopback address and binds its real port numbers without root.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 
@@ -114,8 +115,10 @@ ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
 """Header carrying the ``ip:port`` the app resolved; stands in for SO_ORIGINAL_DST."""
 
 
+@functools.lru_cache(maxsize=4096)
 def node_for_ip(ip: str) -> str | None:
-    """The node whose pod CIDR or node IP holds ``ip``, if any."""
+    """The node whose pod CIDR or node IP holds ``ip``, if any (kube-proxy asks for every
+    connection; the plan is fixed at import)."""
     addr = ipaddress.ip_address(ip)
     for node, cidr in POD_CIDRS.items():
         if addr in ipaddress.ip_network(cidr):

@@ -47,7 +47,8 @@ async def open_from(
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         bind_source(sock, source)
         sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        async with asyncio.timeout(timeout):  # no task per connect, unlike wait_for
+            await loop.sock_connect(sock, (host, port))
     except (OSError, TimeoutError) as exc:
         sock.close()
         if isinstance(exc, OSError):

@@ -129,7 +129,8 @@ def _pod_node(ip: str) -> str | None:
 
 async def _read_line(reader: asyncio.StreamReader) -> str:
     try:
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            line = await reader.readuntil(b"\n")
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
         raise OverlayError(f"no tunnel preamble ({type(exc).__name__})") from None
     if len(line) > PREAMBLE_LIMIT:

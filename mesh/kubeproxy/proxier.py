@@ -551,7 +551,8 @@ class Proxier:
     ) -> None:
         waiting = time.perf_counter()
         try:
-            first = await asyncio.wait_for(client[0].read(READ_SIZE), SNIFF_TIMEOUT)
+            async with asyncio.timeout(SNIFF_TIMEOUT):
+                first = await client[0].read(READ_SIZE)
             conn.client_wait = time.perf_counter() - waiting
         except TimeoutError:
             first = b""

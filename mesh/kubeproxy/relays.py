@@ -55,7 +55,8 @@ not reading may never be noticed otherwise)."""
 async def _close(writer: asyncio.StreamWriter) -> None:
     try:
         writer.close()
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT_SECONDS)
+        async with asyncio.timeout(CLOSE_WAIT_SECONDS):
+            await writer.wait_closed()
     except (ConnectionError, OSError, TimeoutError):
         pass
 
