@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,19 @@ HOPSCOPE = [sys.executable, "-m", "mesh.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_MANIFESTS = ROOT / "apps" / "manifests"
 TEST_MANIFESTS = ROOT / "tests" / "manifests"
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test backend's request handler: :meth:`answer` sends a body; nothing is logged."""
+
+    def answer(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 def hopscope(

@@ -32,7 +32,7 @@ from mesh.model.controllers import Cluster
 from mesh.model.manifests import default_manifest_paths, load_manifests
 from mesh.runtime.local import LocalRuntime
 from mesh.tracestore.store import TraceStore
-from tests.e2e_support import poll_until
+from tests.e2e_support import QuietHandler, poll_until
 
 pytestmark = pytest.mark.e2e
 
@@ -53,18 +53,11 @@ spec:
 """
 
 
-class _Backend(http.server.BaseHTTPRequestHandler):
+class _Backend(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = f"served {self.headers.get('Host')}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.answer(f"served {self.headers.get('Host')}".encode())
 
 
 class _Ingress:

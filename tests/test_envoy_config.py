@@ -21,6 +21,7 @@ from mesh import addresses
 from mesh.envoy import envoy_command, render_ingress, render_sidecar, validate_config
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import default_manifest_paths, load_manifests
+from tests.e2e_support import QuietHandler
 
 OTLP = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
 
@@ -118,16 +119,9 @@ class _LogsReceiver(logs_service_pb2_grpc.LogsServiceServicer):
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
-class _App(http.server.BaseHTTPRequestHandler):
+class _App(QuietHandler):
     def do_GET(self) -> None:
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.answer(b"ok\n")
 
 
 @pytest.mark.e2e

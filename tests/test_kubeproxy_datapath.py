@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -41,6 +41,7 @@ from mesh.model.types import (
     ServicePort,
 )
 from mesh.policy_metrics import PolicyEnforcementMetrics
+from tests.e2e_support import QuietHandler
 
 VIP, PORT = "127.96.250.1", 18081
 BACKENDS = {"pod-a": "127.244.250.2", "pod-b": "127.244.250.3"}
@@ -49,7 +50,7 @@ CLIENT_IP = "127.100.250.1"
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-class _Echo(BaseHTTPRequestHandler):
+class _Echo(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
@@ -61,13 +62,7 @@ class _Echo(BaseHTTPRequestHandler):
                 "via": self.headers.get("x-hopscope-via"),
             }
         ).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.answer(body)
 
 
 def _state(ready: dict[str, bool]) -> ClusterState:

@@ -157,7 +157,10 @@ class HTTP1Relay(_HopRelay):
 
     def setup(self) -> None:
         self.requests = httptools.HttpRequestParser(self)
-        self.responses = httptools.HttpResponseParser(_ResponseWatcher(self))
+        # Only a tunnelled request needs the callee's service time (the overlay's share):
+        # without a tunnel no Python callback runs for each response header.
+        watcher = _TunnelResponseWatcher if self.conn.tunnel is not None else _ResponseWatcher
+        self.responses = httptools.HttpResponseParser(watcher(self))
         self.spans: list[RequestHop] = []
         """One per request awaiting its response (an untraced one for an unsampled request)."""
         self.methods: list[bytes] = []
@@ -318,13 +321,6 @@ class _ResponseWatcher:
     def on_status(self, status: bytes) -> None:
         pass
 
-    def on_message_begin(self) -> None:
-        self.service_time = None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == SERVICE_TIME_HEADER:
-            self.service_time = value.decode("latin-1")
-
     def on_headers_complete(self) -> None:
         self.status = self.relay.responses.get_status_code()
         spans = self.relay.spans
@@ -336,6 +332,17 @@ class _ResponseWatcher:
     def on_message_complete(self) -> None:
         if not (self.relay.methods and self.relay.methods[0] == b"HEAD"):
             self.relay.response_complete(self.status)
+
+
+class _TunnelResponseWatcher(_ResponseWatcher):
+    """Also reads the callee sidecar's ``x-envoy-upstream-service-time``."""
+
+    def on_message_begin(self) -> None:
+        self.service_time = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == SERVICE_TIME_HEADER:
+            self.service_time = value.decode("latin-1")
 
 
 # -- HTTP/2 ---------------------------------------------------------------------------------
