@@ -12,6 +12,7 @@ name the file, the object and the field, for example::
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from mesh.model.crds import CUSTOM_KINDS, load_custom
 from mesh.model.enum_fields import EnumFieldError, check_enum_fields
 from mesh.model.types import (
     SIDECAR_TIMEOUT_ANNOTATION,
+    ApiObject,
     Container,
     ContainerPort,
     DnsConfig,
@@ -36,6 +39,7 @@ from mesh.model.types import (
     Probe,
     Protocol,
     ProxyConfig,
+    Secret,
     Service,
     ServicePort,
     ServiceType,
@@ -55,6 +59,7 @@ SUPPORTED_KINDS = {
     ("apps/v1", "StatefulSet"),
     ("networking.k8s.io/v1", "Ingress"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("v1", "Secret"),
 }
 
 PROXY_CONFIG_KIND = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
@@ -69,6 +74,8 @@ COREDNS_CONFIG_MAP = ("kube-system", "coredns")
 
 ManifestObject = (
     Workload
+    | Secret
+    | ApiObject
     | Service
     | Ingress
     | NetworkPolicy
@@ -142,8 +149,16 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
     key = (doc.get("apiVersion"), doc.get("kind"))
     if key == PROXY_CONFIG_KIND:
         return proxy_config(doc, f"{source}: KubeProxyConfiguration")
+    if key in CUSTOM_KINDS:
+        if not (doc.get("metadata") or {}).get("name"):
+            raise ManifestError(f"{source}: {what}: metadata.name: required")
+        try:
+            return load_custom(doc, f"{source}: {what}")
+        except ValueError as exc:
+            raise ManifestError(f"{source}: {what}: {exc}") from None
     if key not in SUPPORTED_KINDS:
-        known = ", ".join(f"{v} {k}" for v, k in sorted(SUPPORTED_KINDS))
+        kinds = SUPPORTED_KINDS | set(CUSTOM_KINDS)
+        known = ", ".join(f"{v} {k}" for v, k in sorted(kinds))
         raise ManifestError(f"{source}: {what}: unsupported apiVersion/kind {key} (known: {known})")
     if schema:
         _validate(doc, f"{source}: {what}")
@@ -173,6 +188,8 @@ def load_document(doc: Any, source: str, index: int = 0, schema: bool = True) ->
             return _workload(doc, origin)
         if kind == "Ingress":
             return _ingress(doc, origin)
+        if kind == "Secret":
+            return _secret(doc, origin)
         return NetworkPolicy(
             name=meta["name"],
             namespace=meta.get("namespace", "default"),
@@ -438,6 +455,7 @@ def _workload(doc: dict[str, Any], origin: str) -> Workload:
             containers=containers,
             node_selector=dict(pod_spec.get("nodeSelector") or {}),
             annotations=annotations,
+            service_account=str(pod_spec.get("serviceAccountName") or "default"),
         ),
         service_name=spec.get("serviceName"),
         source=origin,
@@ -478,6 +496,32 @@ def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
         default_backend=(
             _backend(default, "/", PathType.PREFIX, "spec.defaultBackend") if default else None
         ),
+        source=origin,
+        created=time.time(),
+    )
+
+
+def _secret(doc: dict[str, Any], origin: str) -> Secret:
+    """A Secret, ``stringData`` folded into ``data`` (base64) as the API server does."""
+    meta = doc["metadata"]
+    data = {str(k): str(v) for k, v in (doc.get("data") or {}).items()}
+    for key, value in (doc.get("stringData") or {}).items():
+        data[str(key)] = base64.b64encode(str(value).encode()).decode()
+    for key, value in data.items():
+        try:
+            base64.b64decode(value, validate=True)
+        except ValueError:
+            raise _FieldError(f"data.{key}", "not valid base64") from None
+    secret_type = str(doc.get("type") or "Opaque")
+    if secret_type == "kubernetes.io/tls":
+        for key in ("tls.crt", "tls.key"):
+            if key not in data:
+                raise _FieldError(f"data[{key}]", "required for type kubernetes.io/tls")
+    return Secret(
+        name=meta["name"],
+        namespace=meta.get("namespace", "default"),
+        type=secret_type,
+        data=data,
         source=origin,
         created=time.time(),
     )

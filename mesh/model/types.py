@@ -241,6 +241,12 @@ class PodTemplate:
     containers: list[Container]
     node_selector: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    service_account: str = "default"
+    """``spec.serviceAccountName``: the workload identity its pods' certificates name."""
+
+    @property
+    def has_sidecar(self) -> bool:
+        return self.annotations.get(SIDECAR_INJECT_ANNOTATION, "true").lower() != "false"
 
 
 @dataclass
@@ -277,6 +283,7 @@ class Pod:
     hostname: str | None = None
     subdomain: str | None = None
     annotations: dict[str, str] = field(default_factory=dict)
+    service_account: str = "default"
 
     @property
     def has_sidecar(self) -> bool:
@@ -384,15 +391,80 @@ class IngressRule:
 
 
 @dataclass
+class IngressTLS:
+    """One ``spec.tls`` entry: the hosts a ``kubernetes.io/tls`` Secret's certificate serves."""
+
+    hosts: list[str] = field(default_factory=list)
+    secret_name: str | None = None
+
+
+@dataclass
 class Ingress:
     name: str
     namespace: str
     rules: list[IngressRule] = field(default_factory=list)
     ingress_class: str | None = None
     default_backend: IngressPath | None = None
+    tls: list[IngressTLS] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
     source: str = ""
     created: float = 0.0
     """When the object was first applied (``metadata.creationTimestamp``), 0 if unknown."""
+
+
+@dataclass
+class Secret:
+    name: str
+    namespace: str
+    type: str = "Opaque"
+    data: dict[str, str] = field(default_factory=dict)
+    """Key → base64 value, as the API keeps it (``stringData`` is folded in at load)."""
+    source: str = ""
+    created: float = 0.0
+
+
+@dataclass
+class ApiObject:
+    """An object hopscope keeps as its spec, interpreted where it is used: the mesh's
+    policies (Istio-shaped ``PeerAuthentication``, ``DestinationRule``) and the Gateway API.
+    Each kind is validated at load against a schema of its own (:mod:`mesh.model.crds`)."""
+
+    name: str
+    namespace: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    created: float = 0.0
+
+
+@dataclass
+class PeerAuthentication(ApiObject):
+    """``security.istio.io/v1``: which connections a workload's sidecar accepts (mTLS mode)."""
+
+
+@dataclass
+class DestinationRule(ApiObject):
+    """``networking.istio.io/v1``: how callers' sidecars talk to one Service (TLS, limits)."""
+
+
+@dataclass
+class Gateway(ApiObject):
+    """``gateway.networking.k8s.io/v1`` Gateway."""
+
+
+@dataclass
+class HTTPRoute(ApiObject):
+    """``gateway.networking.k8s.io/v1`` HTTPRoute."""
+
+
+@dataclass
+class GRPCRoute(ApiObject):
+    """``gateway.networking.k8s.io/v1`` GRPCRoute."""
+
+
+@dataclass
+class TLSRoute(ApiObject):
+    """``gateway.networking.k8s.io/v1alpha2`` TLSRoute (passthrough by SNI)."""
 
 
 @dataclass
@@ -476,6 +548,13 @@ class ClusterState:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     namespaces: list[Namespace] = field(default_factory=list)
+    secrets: list[Secret] = field(default_factory=list)
+    peer_authentications: list[PeerAuthentication] = field(default_factory=list)
+    destination_rules: list[DestinationRule] = field(default_factory=list)
+    gateways: list[Gateway] = field(default_factory=list)
+    http_routes: list[HTTPRoute] = field(default_factory=list)
+    grpc_routes: list[GRPCRoute] = field(default_factory=list)
+    tls_routes: list[TLSRoute] = field(default_factory=list)
 
     def namespace_labels(self, name: str) -> dict[str, str]:
         for ns in self.namespaces:
@@ -506,6 +585,12 @@ class ClusterState:
         for pod in self.pods:
             if pod.ip == ip:
                 return pod
+        return None
+
+    def secret(self, namespace: str, name: str) -> Secret | None:
+        for secret in self.secrets:
+            if secret.namespace == namespace and secret.name == name:
+                return secret
         return None
 
     def slices_for(self, namespace: str, service: str) -> list[EndpointSlice]:

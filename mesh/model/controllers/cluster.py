@@ -19,17 +19,25 @@ from mesh.model.controllers.services import ServiceRegistry
 from mesh.model.controllers.store import ObjectStore
 from mesh.model.controllers.workloads import WorkloadController
 from mesh.model.manifests import ManifestError, ManifestObject
+from mesh.model.meshpolicy import MESH_ROOT_NAMESPACE
 from mesh.model.types import (
     ClusterState,
+    DestinationRule,
     DnsConfig,
+    Gateway,
+    GRPCRoute,
+    HTTPRoute,
     Ingress,
     Namespace,
     NetworkConfig,
     NetworkPolicy,
     Node,
+    PeerAuthentication,
     Pod,
     ProxyConfig,
+    Secret,
     Service,
+    TLSRoute,
     Workload,
 )
 
@@ -42,7 +50,8 @@ def initial_state() -> ClusterState:
             for name, ip in addresses.NODE_IPS.items()
         ],
         namespaces=[
-            Namespace(n, {"kubernetes.io/metadata.name": n}) for n in ("default", "kube-system")
+            Namespace(n, {"kubernetes.io/metadata.name": n})
+            for n in ("default", "kube-system", MESH_ROOT_NAMESPACE)
         ],
     )
     state.network.egress_ips = default_egress_ips()
@@ -70,6 +79,15 @@ class Cluster:
             Workload: Kind(self.workloads.apply, self.workloads.delete),
             Ingress: StoredKind(self.state.ingresses, "ingress").kind(),
             NetworkPolicy: StoredKind(self.state.network_policies, "netpol").kind(),
+            Secret: StoredKind(self.state.secrets, "secret").kind(),
+            PeerAuthentication: StoredKind(
+                self.state.peer_authentications, "peerauthentication"
+            ).kind(),
+            DestinationRule: StoredKind(self.state.destination_rules, "destinationrule").kind(),
+            Gateway: StoredKind(self.state.gateways, "gateway").kind(),
+            HTTPRoute: StoredKind(self.state.http_routes, "httproute").kind(),
+            GRPCRoute: StoredKind(self.state.grpc_routes, "grpcroute").kind(),
+            TLSRoute: StoredKind(self.state.tls_routes, "tlsroute").kind(),
         }
         """Object type → what ``apply`` and ``delete`` do with it."""
         self.endpoint_slices.sync()

@@ -59,6 +59,7 @@ class PodLifecycle:
             owner_name=wl.name,
             created=time.time(),
             annotations=dict(wl.template.annotations),
+            service_account=wl.template.service_account,
         )
         if wl.kind == "StatefulSet":
             pod.hostname, pod.subdomain = name, wl.service_name
