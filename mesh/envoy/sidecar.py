@@ -179,3 +179,9 @@ def _original_dst_cluster(name: str, bind_ip: str, http2: bool) -> dict[str, Any
             http2, one_request_per_connection=True
         ),
     }
+
+
+def service_cluster_name(namespace: str, service: str, port: int) -> str:
+    """The callers' cluster for one Service port (Istio's naming:
+    ``outbound|8080||catalog.shop.svc.cluster.local``); it sends to the Service's address."""
+    return f"outbound|{port}||{service}.{namespace}.svc.cluster.local"
