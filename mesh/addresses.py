@@ -46,6 +46,9 @@ INGRESS_IP = "127.200.0.1"
 INGRESS_PORT = 8080
 """HTTP port of the ingress controller (unprivileged)."""
 
+INGRESS_TLS_PORT = 8443
+"""HTTPS port of the ingress controller (TLS terminated or passed through by SNI)."""
+
 INGRESS_NODE = "node-a"
 """The node the ingress controller runs on (where its traffic enters the pod network)."""
 

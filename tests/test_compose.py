@@ -474,6 +474,71 @@ def test_scale_and_kill_work_as_in_local_mode(stack: Stack) -> None:
     assert len([n for n in names if n.endswith("-catalog")]) == 2
 
 
+def test_mtls_reaches_sidecars_that_are_containers(stack: Stack) -> None:
+    """STRICT on the catalog: the control plane copies each sidecar its certificate and
+    xDS files (the sidecar cannot read the control plane's volume), Envoy picks them up
+    without a restart, and a certificate swapped later arrives the same way."""
+    tool = "podman" if stack.podman else "docker"
+
+    def hopscope(*args: str, stdin: str | None = None) -> str:
+        command = ["hopscope", *args]
+        if stdin is not None:  # a manifest: written inside the container, then applied
+            command = ["sh", "-c", 'cat > /tmp/m.yaml && hopscope "$@" /tmp/m.yaml', "-", *args]
+        proc = subprocess.run(
+            [tool, "exec", "-i", "hopscope-controlplane-1", *command],
+            env=stack.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def catalog_tls(trace_id: str) -> str | None:
+        """The TLS mode of the frontend → catalog hop, once its span is in."""
+        for _ in range(20):
+            view = requests.get(f"{API}/api/v1/traces/{trace_id}", timeout=10).json()
+            for span in view.get("spans", []):
+                a = span["attributes"]
+                if a.get("hopscope.hop") == "sidecar-outbound" and (
+                    a.get("k8s.service.name") == "catalog"
+                ):
+                    return str(a.get("hopscope.tls.mode"))
+            time.sleep(0.5)
+        return None
+
+    def until(status_ok: Any, timeout: float = 60) -> tuple[int, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, trace_id = _traced_get(stack, "/")
+            if status_ok(status, trace_id) or time.monotonic() > deadline:
+                return status, trace_id
+            time.sleep(1)
+
+    strict = (
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: catalog-strict, namespace: shop}\n"
+        "spec: {selector: {matchLabels: {app: catalog}}, mtls: {mode: STRICT}}\n"
+    )
+    pods = json.loads(hopscope("get", "pods", "-o", "json"))["items"]
+    catalogs = [p["metadata"]["name"] for p in pods if p["metadata"]["name"].startswith("catalog")]
+    hopscope("apply", "-f", stdin=strict)
+    try:
+        status, trace_id = until(lambda s, t: s == 200 and catalog_tls(t) == "mtls")
+        assert status == 200 and catalog_tls(trace_id) == "mtls", trace_id
+        for name in catalogs:
+            hopscope("cert", "pod", f"shop/{name}", "--expire")
+        status, trace_id = until(lambda s, t: s >= 500)
+        assert status >= 500, trace_id
+        for name in catalogs:
+            hopscope("cert", "pod", f"shop/{name}", "--renew")
+        status, trace_id = until(lambda s, t: s == 200)
+        assert status == 200, trace_id
+    finally:
+        hopscope("delete", "-f", stdin=strict)
+
+
 def test_a_crashed_control_plane_leaves_nothing_on_the_next_up(stack: Stack) -> None:
     before = stack.pod_container_ids()
     stack.engine("kill", "hopscope-controlplane-1")

@@ -13,7 +13,7 @@ from mesh.cli.cluster_cmds import down, status, up
 from mesh.cli.curl_cmd import curl
 from mesh.cli.dig_cmd import dig
 from mesh.cli.get_cmds import get
-from mesh.cli.manage_cmds import apply, conntrack, delete, kill, ready, scale
+from mesh.cli.manage_cmds import apply, cert, conntrack, delete, kill, ready, scale
 from mesh.cli.scenario_cmds import scenario
 from mesh.cli.trace_cmds import trace
 from mesh.cli.traffic_cmd import traffic
@@ -45,6 +45,7 @@ for command in (
     curl,
     dig,
     trace,
+    cert,
     conntrack,
     traffic,
     scenario,

@@ -5,6 +5,12 @@ the ingress controller's address (what a public DNS record would say). With ``--
 the request leaves exactly as the pod's app would send it: cluster DNS with the pod's search
 path, then the pod's sidecar, from the pod's IP. Either way the request starts a ``client``
 span, so its whole journey is one trace.
+
+``https://`` URLs go to the ingress's HTTPS port with the URL's host as SNI, as curl does:
+the server's certificate is checked against ``--cacert FILE`` (the cluster CA is
+``$HOPSCOPE_HOME/identity/root-cert.pem``, ``~/.hopscope`` by default) or the system's
+roots, and ``-k`` skips the check. Handshake failures exit like curl's: 35 for a failed
+handshake, 60 for a certificate that could not be verified.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import http.client
 import ipaddress
 import json
 import socket
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,6 +48,47 @@ class Target:
     path: str
     extra_headers: dict[str, str]
     note: str
+    tls: ssl.SSLContext | None = None
+    """Set for ``https://``: the client's TLS settings (the SNI is :attr:`server_name`)."""
+    server_name: str = ""
+    tls_info: dict[str, str] = field(default_factory=dict)
+    """What the handshake agreed (version, cipher, the server's certificate), once sent."""
+
+
+EXIT_TLS_HANDSHAKE = 35
+"""curl's exit code for a failed TLS handshake."""
+EXIT_TLS_CERTIFICATE = 60
+"""curl's exit code for a server certificate that could not be verified."""
+
+
+class TlsFailure(click.ClickException):
+    """The TLS handshake failed (curl's exit code 35)."""
+
+    exit_code = EXIT_TLS_HANDSHAKE
+
+    def with_trace(self, trace_id: str) -> TlsFailure:
+        return type(self)(f"{self.message} (trace {trace_id})")
+
+
+class CertificateFailure(TlsFailure):
+    """The server's certificate could not be verified (curl's exit code 60)."""
+
+    exit_code = EXIT_TLS_CERTIFICATE
+
+
+def tls_context(cacert: Path | None, insecure: bool) -> ssl.SSLContext:
+    """The client's context: ``cacert`` (or the system's roots) unless ``insecure``."""
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=str(cacert) if cacert else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.BadParameter(
+            f"cannot read CA certificates from {cacert}: {exc}", param_hint="--cacert"
+        ) from None
 
 
 def _parse_headers(raw: tuple[str, ...]) -> dict[str, str]:
@@ -54,21 +103,25 @@ def _parse_headers(raw: tuple[str, ...]) -> dict[str, str]:
     return headers
 
 
-def _outside_target(url: str, state: ClusterState) -> Target:
+def _outside_target(url: str, state: ClusterState, tls: ssl.SSLContext | None) -> Target:
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise click.BadParameter(f"{url!r} is not an http:// URL", param_hint="URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"{url!r} is not an http:// or https:// URL", param_hint="URL")
+    secure = parts.scheme == "https"
     host, path = parts.hostname, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     ingress_hosts = {r.host for i in state.ingresses for r in i.rules if r.host}
     if host in ingress_hosts:
+        port = addresses.INGRESS_TLS_PORT if secure else addresses.INGRESS_PORT
         return Target(
             addresses.INGRESS_IP,
-            addresses.INGRESS_PORT,
+            port,
             addresses.EXTERNAL_CLIENT_IP,
             host if parts.port is None else f"{host}:{parts.port}",
             path,
             {},
-            f"{host} → ingress {addresses.INGRESS_IP}:{addresses.INGRESS_PORT}",
+            f"{host} → ingress {addresses.INGRESS_IP}:{port}",
+            tls if secure else None,
+            host,
         )
     try:
         ip = ipaddress.ip_address(host)
@@ -80,7 +133,18 @@ def _outside_target(url: str, state: ClusterState) -> Target:
         ) from None
     if ip not in ipaddress.ip_network("127.0.0.0/8"):
         raise click.ClickException(f"{host} is not a local-mode cluster address (127.0.0.0/8)")
-    return Target(host, parts.port or 80, addresses.EXTERNAL_CLIENT_IP, parts.netloc, path, {}, "")
+    port = parts.port or (443 if secure else 80)
+    return Target(
+        host,
+        port,
+        addresses.EXTERNAL_CLIENT_IP,
+        parts.netloc,
+        path,
+        {},
+        "",
+        tls if secure else None,
+        "",
+    )
 
 
 def _pod_target(url: str, pod: Pod, state: ClusterState) -> tuple[Target, Any]:
@@ -88,6 +152,12 @@ def _pod_target(url: str, pod: Pod, state: ClusterState) -> tuple[Target, Any]:
     from mesh.dns.resolver import PodResolver
 
     parts = urlsplit(url)
+    if parts.scheme == "https":
+        raise click.BadParameter(
+            "https:// is for requests from outside, through the ingress; inside the mesh "
+            "the sidecars carry TLS (drop --from, or use http://)",
+            param_hint="URL",
+        )
     if parts.scheme != "http" or not parts.hostname:
         raise click.BadParameter(f"{url!r} is not an http:// URL", param_hint="URL")
     port = parts.port or 80
@@ -120,13 +190,16 @@ def _tracer_provider() -> TracerProvider:
     return setup_tracing("hopscope-cli", {"hopscope.client": "curl"}, set_global=False)
 
 
-def _send(
+def send_request(
     t: Target, method: str, body: bytes | None, headers: dict[str, str]
 ) -> tuple[int, str, bytes, dict[str, str]]:
+    """One request to ``t`` (TLS first for https); ``t.tls_info`` is filled by then."""
     conn = http.client.HTTPConnection(
         t.connect_ip, t.connect_port, timeout=30, source_address=(t.source_ip, 0)
     )
     try:
+        if t.tls is not None:
+            conn.sock = _handshake(t)
         conn.request(
             method, t.path, body=body, headers={"Host": t.host_header, **t.extra_headers, **headers}
         )
@@ -134,6 +207,59 @@ def _send(
         return resp.status, resp.reason, resp.read(), dict(resp.getheaders())
     finally:
         conn.close()
+
+
+def _handshake(t: Target) -> ssl.SSLSocket:
+    """Connect and complete the TLS handshake (SNI = the URL's host), or raise TlsFailure."""
+    assert t.tls is not None
+    raw = socket.create_connection(
+        (t.connect_ip, t.connect_port), timeout=30, source_address=(t.source_ip, 0)
+    )
+    try:
+        sock = t.tls.wrap_socket(raw, server_hostname=t.server_name or None)
+    except ssl.SSLCertVerificationError as exc:
+        raw.close()
+        raise CertificateFailure(
+            f"SSL certificate problem: {exc.verify_message or exc.reason} "
+            f"(server {t.server_name or t.connect_ip}); the cluster CA is "
+            "$HOPSCOPE_HOME/identity/root-cert.pem: pass it with --cacert, or -k to skip the check"
+        ) from None
+    except (ssl.SSLError, ConnectionError) as exc:
+        raw.close()
+        reason = getattr(exc, "reason", None) or _describe(exc)
+        raise TlsFailure(
+            f"TLS handshake with {t.connect_ip}:{t.connect_port} failed ({reason}): "
+            f"the ingress serves no certificate for SNI {t.server_name!r}? "
+            "(`hopscope get ingress -o wide`, and the control plane's log)"
+        ) from None
+    der = sock.getpeercert(binary_form=True)
+    t.tls_info = {
+        "tls.protocol.version": sock.version() or "",
+        "tls.cipher": (sock.cipher() or ("",))[0],
+        "tls.client.server_name": t.server_name,
+        **_certificate_summary(der),
+    }
+    return sock
+
+
+def _certificate_summary(der: bytes | None) -> dict[str, str]:
+    if not der:
+        return {}
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = ",".join(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = ""
+    return {
+        "tls.server.subject": cert.subject.rfc4514_string(),
+        "tls.server.issuer": cert.issuer.rfc4514_string(),
+        "tls.server.names": names,
+        "tls.server.not_after": cert.not_valid_after_utc.isoformat(),
+        "tls.server.serial": format(cert.serial_number, "x"),
+    }
 
 
 @click.command()
@@ -148,6 +274,15 @@ def _send(
 @click.option("-d", "--data", default=None, help="Request body.")
 @click.option("-i", "--include", is_flag=True, help="Print response headers too.")
 @click.option("--json", "as_json", is_flag=True, help="Print status, trace id and body as JSON.")
+@click.option(
+    "--cacert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Check https:// servers against these CA certificates (PEM), e.g. the cluster CA "
+    "$HOPSCOPE_HOME/identity/root-cert.pem.",
+)
+@click.option(
+    "-k", "--insecure", is_flag=True, help="https://: do not check the server's certificate."
+)
 def curl(
     url: str,
     from_pod: str | None,
@@ -156,15 +291,18 @@ def curl(
     data: str | None,
     include: bool,
     as_json: bool,
+    cacert: Path | None,
+    insecure: bool,
 ) -> None:
-    """Send one traced HTTP request and print the status and its trace id."""
+    """Send one traced HTTP(S) request and print the status and its trace id."""
     headers = _parse_headers(raw_headers)
+    tls = tls_context(cacert, insecure) if url.lower().startswith("https:") else None
     state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
     lookup = None
     if from_pod:
         target, lookup = _pod_target(url, _find_pod(state, from_pod), state)
     else:
-        target = _outside_target(url, state)
+        target = _outside_target(url, state, tls)
     provider = _tracer_provider()
     tracer = provider.get_tracer("hopscope.cli")
     with tracer.start_as_current_span(f"client {method} {url}", kind=SpanKind.CLIENT) as span:
@@ -188,9 +326,16 @@ def curl(
                 target.extra_headers[addresses.ORIGINAL_DST_HEADER] = f"{ip}:{port}"
             carrier: dict[str, str] = {}
             TraceContextTextMapPropagator().inject(carrier)
-            status, reason, body, resp_headers = _send(
+            status, reason, body, resp_headers = send_request(
                 target, method, data.encode() if data else None, {**headers, **carrier}
             )
+        except TlsFailure as exc:
+            span.set_attributes(target.tls_info)
+            span.set_status(Status(StatusCode.ERROR, exc.message))
+            span.set_attribute("error.type", "tls")
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            provider.force_flush()
+            raise exc.with_trace(trace_id) from None
         except (OSError, http.client.HTTPException) as exc:
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             trace_id = format(span.get_span_context().trace_id, "032x")
@@ -204,11 +349,12 @@ def curl(
             provider.force_flush()
             raise click.ClickException(f"{exc} (trace {trace_id})") from None
         span.set_attribute("http.response.status_code", status)
+        span.set_attributes(target.tls_info)
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         trace_id = format(span.get_span_context().trace_id, "032x")
     provider.force_flush()
-    _print(as_json, include, status, reason, body, resp_headers, trace_id)
+    _print(as_json, include, status, reason, body, resp_headers, trace_id, target.tls_info)
     otel_trace.get_tracer_provider()
 
 
@@ -239,22 +385,28 @@ def _print(
     body: bytes,
     headers: dict[str, str],
     trace_id: str,
+    tls_info: dict[str, str] | None = None,
 ) -> None:
     text = body.decode("utf-8", "replace")
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "status": status,
-                    "reason": reason,
-                    "trace_id": trace_id,
-                    "headers": headers,
-                    "body": text,
-                },
-                indent=2,
-            )
-        )
+        out: dict[str, object] = {
+            "status": status,
+            "reason": reason,
+            "trace_id": trace_id,
+            "headers": headers,
+            "body": text,
+        }
+        if tls_info:
+            out["tls"] = {k.removeprefix("tls."): v for k, v in tls_info.items()}
+        click.echo(json.dumps(out, indent=2))
         return
+    if tls_info:
+        click.echo(
+            f"tls {tls_info.get('tls.protocol.version')} {tls_info.get('tls.cipher')}; "
+            f"certificate for {tls_info.get('tls.server.names') or '?'} issued by "
+            f"{tls_info.get('tls.server.issuer') or '?'}",
+            err=True,
+        )
     click.echo(f"HTTP {status} {reason}")
     if include:
         for k, v in headers.items():

@@ -112,6 +112,38 @@ def ready(kind: str, pod: str, value: str, namespace: str) -> None:
     click.echo(f"pod/{name} readiness: {value}")
 
 
+@click.command("cert")
+@click.argument("kind", type=click.Choice(["pod"]))
+@click.argument("pod")
+@click.option("-n", "--namespace", default="shop", show_default=True)
+@click.option("--expire", "change", flag_value="expire", help="Swap in a certificate that expired.")
+@click.option("--renew", "change", flag_value="renew", help="Swap in a fresh certificate.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def cert(kind: str, pod: str, namespace: str, change: str | None, output: str) -> None:
+    """Show a pod's workload certificate (its SPIFFE identity, validity, rotation time).
+
+    `--expire` hands the sidecar a certificate that expired an hour ago and `--renew` a
+    fresh one -- both reach the running Envoy without a restart (the files it watches),
+    and the expired one stays until `--renew` or the pod restarts."""
+    ns, name = _split_ref(pod, namespace)
+    body = {} if change is None else {"expired": change == "expire"}
+    info = APIClient().post(f"/api/v1/pods/{ns}/{name}/certificate", body)
+    if output == "json":
+        click.echo(json.dumps(info, indent=2))
+        return
+    table = Table("POD", "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "ROTATES AT", box=None)
+    state = " (EXPIRED)" if info["expired"] else ""
+    table.add_row(
+        info["pod"],
+        info["identity"],
+        info["serial"][:16],
+        info["not_before"],
+        info["not_after"] + state,
+        info["rotate_at"],
+    )
+    out.print(table)
+
+
 @click.command()
 @click.argument("kind", type=click.Choice(["pod"]))
 @click.argument("pod")

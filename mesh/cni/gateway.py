@@ -93,6 +93,8 @@ class _Request:
     lines: list[bytes]
     """Header lines to forward (trace headers and the destination header removed)."""
     headers: dict[str, str]
+    tunnel: bool = False
+    """An HTTP ``CONNECT``: after the 200, the bytes are opaque (TLS between sidecars)."""
 
     @property
     def peer_ip(self) -> str:
@@ -100,6 +102,17 @@ class _Request:
 
     def base_attributes(self, node: str) -> dict[str, Any]:
         method, _, rest = self.first_line.partition(b" ")
+        if self.tunnel:
+            return {
+                "k8s.node.name": node,
+                "hopscope.nat.original.src": self.peer,
+                "hopscope.nat.original.dst": self.target,
+                "network.peer.address": self.peer_ip,
+                "server.address": self.host,
+                "server.port": self.port,
+                "hopscope.conn.client": self.peer,
+                "hopscope.tls.opaque": True,
+            }
         return {
             "k8s.node.name": node,
             "hopscope.nat.original.src": self.peer,
@@ -183,6 +196,8 @@ class NodeGateway:
             writer.close()
             return None
         lines = head[:-4].split(b"\r\n")
+        if lines[0].startswith(b"CONNECT "):
+            return self._tunnel_request(peer, lines[0], writer)
         headers: dict[str, str] = {}
         kept = []
         for line in lines[1:]:
@@ -204,6 +219,21 @@ class NodeGateway:
             writer.close()
             return None
         return _Request(peer, target, host, int(port_text), lines[0], kept, headers)
+
+    @staticmethod
+    def _tunnel_request(
+        peer: str, first_line: bytes, writer: asyncio.StreamWriter
+    ) -> _Request | None:
+        """``CONNECT pod-ip:port HTTP/1.1``: a sidecar's mTLS connection to a pod, which
+        the gateway routes like any pod traffic but can no longer read."""
+        parts = first_line.split(b" ")
+        target = parts[1].decode("latin-1") if len(parts) == 3 else ""
+        host, _, port_text = target.rpartition(":")
+        if not is_pod_ip(host) or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            writer.write(_error_response(400, "Bad Request", "CONNECT takes a pod ip:port"))
+            writer.close()
+            return None
+        return _Request(peer, target, host, int(port_text), first_line, [], {}, tunnel=True)
 
     def _admitted(self, request: _Request, writer: asyncio.StreamWriter) -> Verdict | None:
         """NetworkPolicy's verdict on an allowed connection; a denied one is recorded and
@@ -237,6 +267,8 @@ class NodeGateway:
                 writer.close()
                 return
             POD_CONNECTIONS.labels(self.node, "overlay").inc()
+            # A tunnel carries no trace context: its span starts a trace of its own, which
+            # hopscope pairs with the caller's request by the connection (hopscope.conn.client).
             span = self.tracer.start_span(
                 f"cni-overlay {tunnel.src_node} -> {tunnel.dst_node} vni {tunnel.vni}",
                 context=parent_context(request.headers),
@@ -257,7 +289,10 @@ class NodeGateway:
                 writer.close()
                 return
             POD_CONNECTIONS.labels(self.node, "local").inc()
-        up_w.write(request.head(span))
+        if request.tunnel:
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            up_w.write(request.head(span))
         await _relay(reader, writer, up_r, up_w, span)
 
     def _deny(self, request: _Request, verdict: Verdict) -> None:

@@ -1,11 +1,14 @@
 """The ingress controller: keeps the ingress Envoy's routes equal to the cluster's Ingresses.
 
-Like a real ingress controller it watches the API for Ingresses and the Services they name,
-renders the proxy's routes and clusters (:func:`mesh.envoy.ingress_resources`), and hands
-them to the running proxy without restarting it — here as Envoy file-based xDS resources
-(:mod:`mesh.envoy.xds_files`) that Envoy reloads when a new version is renamed into place.
-An Ingress applied with ``hopscope apply -f`` is served, and a deleted one answers 404,
-within a few hundred milliseconds.
+Like a real ingress controller it watches the API for Ingresses, the Services they name and
+the TLS Secrets they serve, renders the proxy's routes, clusters and HTTPS listener
+(:func:`mesh.envoy.ingress.ingress_config`), and hands them to the running proxy without
+restarting it — here as Envoy file-based xDS resources (:mod:`mesh.envoy.xds_files`) that
+Envoy reloads when a new version is renamed into place. An Ingress applied with ``hopscope
+apply -f`` is served, and a deleted one answers 404, within a few hundred milliseconds.
+What an Ingress asks for but cannot be served (a ``spec.tls`` Secret that is missing, of
+another type or holding a bad certificate) is logged as a warning, once per change; the
+hosts it names then have no HTTPS chain, so a client's handshake is closed.
 
 It runs on a thread of the control plane, reading the cluster state in-process. In
 ``ControlPlane.start()``, before the runtime starts the ingress Envoy::
@@ -31,7 +34,8 @@ from typing import Any
 
 import requests
 
-from mesh.envoy import ingress_resources
+from mesh import addresses
+from mesh.envoy.ingress import ingress_config, tls_https_listener
 from mesh.envoy.xds_files import IngressXds
 from mesh.model.types import ClusterState
 from mesh.model.watch import fetch_state
@@ -47,11 +51,19 @@ class IngressController:
     """Re-renders the ingress's routes and clusters on every relevant state change."""
 
     def __init__(
-        self, next_state: Callable[[int, float], ClusterState | None], xds_dir: Path
+        self,
+        next_state: Callable[[int, float], ClusterState | None],
+        xds_dir: Path,
+        telemetry: tuple[str, str | None] = ("", None),
     ) -> None:
         self.next_state = next_state
         """Blocks until the state's version exceeds the given one (or the timeout passes)."""
         self.xds = IngressXds(xds_dir)
+        self.otlp_endpoint, self.log_sink = telemetry
+        """Where the HTTPS listener's connection managers send spans and access logs (the
+        same as the ingress Envoy's bootstrap: :meth:`Runtime.sidecar_telemetry`)."""
+        self.warnings: list[str] = []
+        """What the last sync could not serve."""
         self.version = -1
         self.updates = 0
         """Times the routes or clusters changed since start (a re-render that changed nothing
@@ -60,13 +72,15 @@ class IngressController:
         self._thread = threading.Thread(target=self._run, name="ingress-controller", daemon=True)
 
     @classmethod
-    def in_process(cls, cluster: Any, xds_dir: Path) -> IngressController:
+    def in_process(
+        cls, cluster: Any, xds_dir: Path, telemetry: tuple[str, str | None] = ("", None)
+    ) -> IngressController:
         """Watch the control plane's own ``Cluster`` (``wait_for_change``)."""
 
         def next_state(after: int, timeout: float) -> ClusterState:
             return ClusterState.from_dict(cluster.wait_for_change(after, timeout))
 
-        return cls(next_state, xds_dir)
+        return cls(next_state, xds_dir, telemetry)
 
     @classmethod
     def for_runtime(cls, cluster: Any, runtime: Runtime) -> IngressController | None:
@@ -74,10 +88,13 @@ class IngressController:
         (:attr:`Runtime.ingress_xds_dir`), or None if it reads none (routes stay inline)."""
         if runtime.ingress_xds_dir is None:
             return None
-        return cls.in_process(cluster, runtime.ingress_xds_dir)
+        telemetry = runtime.sidecar_telemetry(addresses.INGRESS_NODE)
+        return cls.in_process(cluster, runtime.ingress_xds_dir, telemetry)
 
     @classmethod
-    def over_api(cls, api: str, xds_dir: Path) -> IngressController:
+    def over_api(
+        cls, api: str, xds_dir: Path, telemetry: tuple[str, str | None] = ("", None)
+    ) -> IngressController:
         """Watch the state through the API (``GET /api/v1/state?after=N``)."""
 
         def next_state(after: int, timeout: float) -> ClusterState | None:
@@ -87,7 +104,7 @@ class IngressController:
                 log.warning("state watch failed, retrying", extra={"error": str(exc)})
                 return None
 
-        return cls(next_state, xds_dir)
+        return cls(next_state, xds_dir, telemetry)
 
     def start(self) -> None:
         """Publish the current routes and follow every change from a daemon thread."""
@@ -101,17 +118,27 @@ class IngressController:
         self._stop.set()
 
     def sync(self, state: ClusterState) -> bool:
-        """Publish the routes and clusters of ``state``; True if anything changed."""
-        routes, clusters = ingress_resources(state)
-        changed = self.xds.write(routes, clusters)
+        """Publish the routes, clusters and HTTPS listener of ``state``; True if anything
+        changed."""
+        resources = ingress_config(state)
+        https = tls_https_listener(
+            resources, self.otlp_endpoint, self.log_sink, self.xds.rds_https_source()
+        )
+        if resources.warnings != self.warnings:
+            for warning in resources.warnings:
+                log.warning("ingress TLS not served: %s", warning, extra={"problem": warning})
+            self.warnings = resources.warnings
+        changed = self.xds.write(resources, [https] if https is not None else [])
         if changed:
             self.updates += 1
             log.info(
                 "ingress routes updated",
                 extra={
                     "resource_version": state.resource_version,
-                    "hosts": [vh["name"] for vh in routes["virtual_hosts"]],
-                    "clusters": len(clusters),
+                    "hosts": [vh["name"] for vh in resources.routes["virtual_hosts"]],
+                    "tls_hosts": sorted(h for c in resources.tls.terminating for h in c.hosts),
+                    "passthrough_hosts": sorted(c.host for c in resources.tls.passthrough),
+                    "clusters": len(resources.clusters),
                 },
             )
         return changed

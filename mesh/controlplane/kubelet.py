@@ -14,6 +14,7 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
+from mesh.controlplane.mesh import MeshController
 from mesh.model.controllers import Cluster
 from mesh.model.types import Pod
 from mesh.runtime.base import ProcessStatus, Runtime, SystemComponent
@@ -32,10 +33,16 @@ class Kubelet:
     """Drives pod lifecycle against the runtime on a background thread."""
 
     def __init__(
-        self, cluster: Cluster, runtime: Runtime, registry: CollectorRegistry = REGISTRY
+        self,
+        cluster: Cluster,
+        runtime: Runtime,
+        registry: CollectorRegistry = REGISTRY,
+        mesh: MeshController | None = None,
     ) -> None:
         self.cluster = cluster
         self.runtime = runtime
+        self.mesh = mesh
+        """Issues each pod's certificate and sidecar files before it starts (None: none)."""
         self.trackers: dict[tuple[str, str], ProbeTracker] = {}
         self.start_errors: dict[tuple[str, str], str] = {}
         self._stop = threading.Event()
@@ -113,7 +120,8 @@ class Kubelet:
         with self.cluster.lock:
             state = self.cluster.state
             try:
-                self.runtime.start_pod(pod, state)
+                files = self.mesh.prepare(pod, state) if self.mesh is not None else None
+                self.runtime.start_pod(pod, state, files)
             except Exception as exc:
                 if key not in self.start_errors:
                     log.error("pod failed to start", extra={"pod": pod.name, "error": str(exc)})
@@ -128,6 +136,8 @@ class Kubelet:
 
     def _stop_pod(self, pod: Pod) -> None:
         self.runtime.stop_pod(pod)
+        if self.mesh is not None:
+            self.mesh.forget(pod)
         self.trackers.pop((pod.namespace, pod.name), None)
         self.cluster.finalize_pod(pod.namespace, pod.name)
         log.info("pod stopped", extra={"pod": pod.name})

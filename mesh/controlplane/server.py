@@ -8,6 +8,7 @@ stops the whole cluster.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
@@ -26,6 +27,8 @@ from mesh.controlplane.api import create_app, prometheus_sd_groups
 from mesh.controlplane.guard import Guard, create_tokens
 from mesh.controlplane.ingress import IngressController
 from mesh.controlplane.kubelet import Kubelet
+from mesh.controlplane.mesh import IDENTITY_DIR, MeshController
+from mesh.identity.ca import IdentityError
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
 from mesh.otlp import OTLP_HTTP_PORT
@@ -78,7 +81,11 @@ class ControlPlane:
         self.runtime = runtime or LocalRuntime(
             state_dir, API_URL, OTLP_URL, log_sink=self.pipeline.log_sink
         )
-        self.kubelet = Kubelet(self.cluster, self.runtime, registry=registry)
+        try:
+            self.mesh = MeshController(self.cluster, self.runtime, state_dir / IDENTITY_DIR)
+        except IdentityError as exc:
+            raise StartupError(str(exc)) from None
+        self.kubelet = Kubelet(self.cluster, self.runtime, registry=registry, mesh=self.mesh)
         self.components: list[SystemComponent] = []
         self.ready_at: float | None = None
         self.started_at = time.time()
@@ -104,6 +111,7 @@ class ControlPlane:
             self.ingress.start()
         self.components.append(self.runtime.start_ingress(self.cluster.state))
         self.kubelet.system_components = list(self.components)
+        self.mesh.start()
         self.kubelet.start()
 
     def _start_api(self) -> None:
@@ -173,6 +181,7 @@ class ControlPlane:
         if self.ingress is not None:
             self.ingress.stop()
         self.kubelet.stop()
+        self.mesh.stop()
         self.runtime.shutdown()
         self.pipeline.stop()
         if self._server is not None:
@@ -268,6 +277,32 @@ class ControlPlane:
             self.cluster.set_ready_override(namespace, name, value)
         elif action == "kill":
             self.cluster.delete_pod(namespace, name)
+        elif action == "certificate":
+            return self._certificate(namespace, name, body)
         else:
-            raise ValueError(f"unknown pod action {action!r} (ready, kill)")
+            raise ValueError(f"unknown pod action {action!r} (ready, kill, certificate)")
         return {"pod": f"{namespace}/{name}", "action": action, "ok": True}
+
+    def _certificate(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Show the pod's workload certificate; ``{"expired": true}`` swaps in one that
+        expired an hour ago, ``{"expired": false}`` a fresh one (both without a restart)."""
+        expired = body.get("expired")
+        if expired not in (True, False, None):
+            raise ValueError('body must be {"expired": true|false} or {}')
+        if expired is None:
+            cert = self.mesh.certificate(namespace, name)
+            if cert is None:
+                raise KeyError(f"pod {namespace}/{name} has no workload certificate")
+        else:
+            cert = self.mesh.set_certificate_lifetime(namespace, name, expired)
+        return {
+            "pod": f"{namespace}/{name}",
+            "action": "certificate",
+            "ok": True,
+            "identity": cert.spiffe_id,
+            "serial": f"{cert.serial:x}",
+            "not_before": cert.not_before.isoformat(),
+            "not_after": cert.not_after.isoformat(),
+            "expired": cert.not_after <= dt.datetime.now(dt.UTC),
+            "rotate_at": cert.rotate_at.isoformat(),
+        }

@@ -163,7 +163,11 @@ below it; the trace context itself passes those hops unchanged (``mesh/cni/passt
 
 
 def _tracing(
-    service_name: str, otlp_endpoint: str, tags: dict[str, str], upstream_span: bool = False
+    service_name: str,
+    otlp_endpoint: str,
+    tags: dict[str, str],
+    upstream_span: bool = False,
+    value_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """OpenTelemetry tracing for one connection manager.
 
@@ -189,7 +193,7 @@ def _tracing(
         },
         "random_sampling": {"value": 100},
         "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()]
-        + [{"tag": k, "value": v} for k, v in SPAN_VALUE_TAGS.items()]
+        + [{"tag": k, "value": v} for k, v in {**SPAN_VALUE_TAGS, **(value_tags or {})}.items()]
         + [VIA_TAG],
     }
     if upstream_span:
@@ -309,7 +313,10 @@ def http_connection_manager(
     otlp_endpoint: str,
     tags: dict[str, str],
     log_sink: str | None = None,
+    value_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """An HTTP connection manager; ``tags`` are literal span tags, ``value_tags`` span tags
+    filled per request from Envoy's formatter (on top of :data:`SPAN_VALUE_TAGS`)."""
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": typed(
@@ -322,6 +329,7 @@ def http_connection_manager(
                 otlp_endpoint,
                 {"hopscope.hop": hop, **tags},
                 upstream_span=hop == "ingress",
+                value_tags=value_tags,
             ),
             **_routes_field(route_config),
             max_request_headers_kb=HEADER_LIMITS[hop][1],

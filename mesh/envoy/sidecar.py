@@ -1,7 +1,19 @@
-"""A pod's Envoy sidecar: an inbound listener per containerPort and one outbound listener."""
+"""A pod's Envoy sidecar: an inbound listener per containerPort and one outbound listener.
+
+Inbound, each containerPort's listener follows the port's mTLS mode (``PeerAuthentication``,
+:mod:`mesh.model.meshpolicy`): plaintext only, mTLS only (a ``tls_inspector`` picks the
+chain; a plaintext connection finds none and is closed), or both. Outbound, every Service
+port has its own route (matched on the destination address the app resolved) and cluster
+to the Service's address — kube-proxy still picks the pod, unlike Istio, whose sidecars
+pick it themselves — originating mTLS when the callee accepts it (automatic mTLS) or a
+``DestinationRule`` says so, with the rule's circuit breaker. Span tags say which: TLS
+mode and version, the peer's SPIFFE ID, the callee's mode and the policy behind it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mesh import addresses
@@ -14,9 +26,19 @@ from mesh.envoy.common import (
     otlp_cluster,
     otlp_logs_cluster,
     protocol_options,
+    socket_address,
     static_cluster,
+    typed,
 )
-from mesh.model.types import SIDECAR_TIMEOUT_ANNOTATION, ClusterState, Pod
+from mesh.identity.sds import downstream_tls, upstream_tls
+from mesh.model.meshpolicy import MtlsMode, Upstream, pod_mtls_mode, upstream
+from mesh.model.types import (
+    SIDECAR_TIMEOUT_ANNOTATION,
+    ClusterState,
+    DestinationRule,
+    Pod,
+    Service,
+)
 
 
 def is_grpc_port(pod: Pod, port: int, state: ClusterState) -> bool:
@@ -37,53 +59,232 @@ def is_grpc_port(pod: Pod, port: int, state: ClusterState) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Sidecar:
+    """What every part of one pod's sidecar config needs."""
+
+    pod: Pod
+    state: ClusterState
+    otlp_endpoint: str
+    log_sink: str | None
+    files: Path | None
+    """Where the sidecar reads its certificates (and xDS files); None: no mTLS possible."""
+
+    @property
+    def app(self) -> str:
+        return self.pod.labels.get("app") or self.pod.owner_name or self.pod.name
+
+    @property
+    def tags(self) -> dict[str, str]:
+        pod = self.pod
+        return {
+            "k8s.pod.name": pod.name,
+            "k8s.namespace.name": pod.namespace,
+            "k8s.node.name": pod.node,
+        }
+
+    def hcm(
+        self,
+        stat_prefix: str,
+        hop: str,
+        routes: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        value_tags: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        return http_connection_manager(
+            stat_prefix,
+            hop,
+            routes,
+            self.app,
+            self.otlp_endpoint,
+            {**self.tags, **(tags or {})},
+            self.log_sink,
+            value_tags=value_tags,
+        )
+
+
 def render_sidecar(
-    pod: Pod, state: ClusterState, otlp_endpoint: str, log_sink: str | None = None
+    pod: Pod,
+    state: ClusterState,
+    otlp_endpoint: str,
+    log_sink: str | None = None,
+    files: Path | None = None,
 ) -> dict[str, Any]:
-    """The sidecar of one pod: inbound listener per containerPort, one outbound listener."""
-    app = pod.labels.get("app") or pod.owner_name or pod.name
-    tags = {"k8s.pod.name": pod.name, "k8s.namespace.name": pod.namespace}
-    tags["k8s.node.name"] = pod.node
-    listeners, clusters = [], [otlp_cluster(otlp_endpoint)]
+    """The bootstrap of one pod's sidecar.
+
+    Without ``files`` every listener and cluster is inline and fixed for the life of the
+    process (and no mTLS: there is nowhere to read a certificate from). With ``files`` (the
+    directory the control plane keeps the pod's certificates and xDS resources in, as the
+    sidecar sees it) listeners and clusters come from ``lds.json`` / ``cds.json`` there, so
+    a policy or Service change reaches the running Envoy without a restart."""
+    listeners, clusters = sidecar_resources(pod, state, otlp_endpoint, log_sink, files)
+    static = [otlp_cluster(otlp_endpoint)]
     if log_sink:
-        clusters.append(otlp_logs_cluster(log_sink))
-    inbound_timeout = go_duration(pod.annotations.get(SIDECAR_TIMEOUT_ANNOTATION, "15s"))
+        static.append(otlp_logs_cluster(log_sink))
+    if files is None:
+        return bootstrap(pod.ip, listeners, static + clusters)
+    config = bootstrap(pod.ip, [], static)
+    config["dynamic_resources"] = {
+        "lds_config": _file_source(files / LDS_FILE),
+        "cds_config": _file_source(files / CDS_FILE),
+    }
+    return config
+
+
+LDS_FILE = "lds.json"
+CDS_FILE = "cds.json"
+
+
+def _file_source(path: Path) -> dict[str, Any]:
+    return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
+
+
+def sidecar_resources(
+    pod: Pod,
+    state: ClusterState,
+    otlp_endpoint: str,
+    log_sink: str | None = None,
+    files: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The sidecar's listeners (inbound per containerPort, one outbound) and the clusters
+    they send to."""
+    side = _Sidecar(pod, state, otlp_endpoint, log_sink, files)
+    listeners: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
     for container in pod.containers:
         for cp in container.ports:
-            port = cp.container_port
-            grpc = is_grpc_port(pod, port, state)
-            cluster = f"inbound|{port}"
-            clusters.append(
-                static_cluster(
-                    cluster,
-                    pod.ip,
-                    port + addresses.APP_PORT_OFFSET,
-                    http2=grpc,
-                    bind_ip=pod.ip,
-                    # Below the app server's own idle close (waitress: 300 s), so the
-                    # sidecar never sends on a connection the app is closing.
-                    idle_timeout=INBOUND_IDLE_TIMEOUT,
-                )
-            )
-            routes = {
-                "name": cluster,
-                "virtual_hosts": [
-                    {
-                        "name": "inbound",
-                        "domains": ["*"],
-                        "routes": [
-                            {
-                                "match": {"prefix": "/"},
-                                "route": {"cluster": cluster, "timeout": inbound_timeout},
-                            }
-                        ],
-                    }
+            listener, cluster = _inbound(side, cp.container_port)
+            listeners.append(listener)
+            clusters.append(cluster)
+    listener, outbound_clusters = _outbound(side)
+    return [*listeners, listener], clusters + outbound_clusters
+
+
+# -- inbound --------------------------------------------------------------------------------
+
+TLS_INSPECTOR = {
+    "name": "envoy.filters.listener.tls_inspector",
+    "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
+}
+
+INBOUND_TLS_TAGS = {
+    "tls.protocol.version": "%DOWNSTREAM_TLS_VERSION%",
+    "hopscope.tls.peer_identity": "%DOWNSTREAM_PEER_URI_SAN%",
+}
+"""Span tags of a request that arrived over mTLS: the TLS version and the caller's identity."""
+
+OUTBOUND_TLS_TAGS = {
+    "hopscope.upstream.tls_version": "%UPSTREAM_TLS_VERSION%",
+    "hopscope.upstream.peer_identity": "%UPSTREAM_PEER_URI_SAN%",
+}
+"""Span tags of a request sent on: the TLS version and identity of the callee, if mTLS."""
+
+
+def _inbound(side: _Sidecar, port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The listener on one containerPort (its filter chains follow the port's mTLS mode) and
+    the cluster to the app behind it."""
+    pod = side.pod
+    cluster = f"inbound|{port}"
+    app_cluster = static_cluster(
+        cluster,
+        pod.ip,
+        port + addresses.APP_PORT_OFFSET,
+        http2=is_grpc_port(pod, port, side.state),
+        bind_ip=pod.ip,
+        # Below the app server's own idle close (waitress: 300 s), so the
+        # sidecar never sends on a connection the app is closing.
+        idle_timeout=INBOUND_IDLE_TIMEOUT,
+    )
+    timeout = go_duration(pod.annotations.get(SIDECAR_TIMEOUT_ANNOTATION, "15s"))
+    routes = {
+        "name": cluster,
+        "virtual_hosts": [
+            {
+                "name": "inbound",
+                "domains": ["*"],
+                "routes": [
+                    {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": timeout}}
                 ],
             }
-            hcm = http_connection_manager(
-                f"inbound_{port}", "sidecar-inbound", routes, app, otlp_endpoint, tags, log_sink
+        ],
+    }
+    mode = pod_mtls_mode(side.state, pod, port)
+    policy_tags = {"hopscope.mtls.mode": mode.mode, "hopscope.mtls.policy": mode.policy}
+    name = f"inbound_{port}"
+    listener: dict[str, Any] = {
+        "name": name,
+        "address": socket_address(pod.ip, port),
+        "traffic_direction": "INBOUND",
+        "filter_chains": [],
+    }
+    plaintext_chain = {
+        "name": "plaintext",
+        "filters": [
+            side.hcm(
+                name, "sidecar-inbound", routes, {**policy_tags, "hopscope.tls.mode": "plaintext"}
             )
-            listeners.append(http_listener(f"inbound_{port}", pod.ip, port, "INBOUND", hcm))
+        ],
+    }
+    if side.files is None or not mode.accepts_mtls:
+        listener["filter_chains"] = [plaintext_chain]
+        return listener, app_cluster
+    listener["listener_filters"] = [TLS_INSPECTOR]
+    listener["filter_chains"] = [
+        {
+            "name": "mtls",
+            "filter_chain_match": {"transport_protocol": "tls"},
+            "transport_socket": downstream_tls(side.files),
+            "filters": [
+                side.hcm(
+                    name,
+                    "sidecar-inbound",
+                    routes,
+                    {**policy_tags, "hopscope.tls.mode": "mtls"},
+                    INBOUND_TLS_TAGS,
+                )
+            ],
+        }
+    ]
+    if mode.accepts_plaintext:
+        listener["default_filter_chain"] = plaintext_chain
+    # A connection no chain takes (plaintext under STRICT) is closed before any HTTP is
+    # read: the listener's own log says so (response flag NR).
+    listener["access_log"] = [_refused_connection_log(mode)]
+    return listener, app_cluster
+
+
+def _refused_connection_log(mode: MtlsMode) -> dict[str, Any]:
+    fmt = {
+        "time": "%START_TIME%",
+        "level": "warn",
+        "logger": "access",
+        "hop": "sidecar-inbound",
+        "msg": "connection refused: no filter chain accepts it (plaintext under STRICT mTLS)",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "downstream_remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "downstream_local": "%DOWNSTREAM_LOCAL_ADDRESS%",
+        "transport_failure": "%DOWNSTREAM_TRANSPORT_FAILURE_REASON%",
+        "mtls_mode": mode.mode,
+        "mtls_policy": mode.policy,
+    }
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "filter": {"response_flag_filter": {"flags": ["NR"]}},
+        "typed_config": typed(
+            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            log_format={"json_format": fmt},
+        ),
+    }
+
+
+# -- outbound -------------------------------------------------------------------------------
+
+
+def _outbound(side: _Sidecar) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The outbound listener: a route and a cluster per Service port (mTLS as the callee
+    accepts it, DestinationRule limits), then the catch-all routes by destination address."""
+    pod = side.pod
+    service_routes, clusters = _service_routes(side)
     clusters += [
         _original_dst_cluster("outbound|original-dst|http1", pod.ip, http2=False),
         _original_dst_cluster("outbound|original-dst|grpc", pod.ip, http2=True),
@@ -95,9 +296,221 @@ def render_sidecar(
             bind_ip=pod.ip,
         ),
     ]
+    routes = {
+        "name": "outbound",
+        "virtual_hosts": [
+            {"name": "outbound", "domains": ["*"], "routes": service_routes + _fallback_routes()}
+        ],
+    }
+    hcm = side.hcm(
+        "outbound",
+        "sidecar-outbound",
+        routes,
+        {"hopscope.tls.mode": "plaintext"},
+        OUTBOUND_TLS_TAGS,
+    )
+    listener = http_listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
+    return listener, clusters
+
+
+def _to(address: str) -> list[dict[str, Any]]:
+    return [{"name": addresses.ORIGINAL_DST_HEADER, "string_match": {"exact": address}}]
+
+
+def _service_routes(side: _Sidecar) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    routes: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    for svc in side.state.services:
+        if svc.headless:
+            pod_routes, pod_clusters = _headless_routes(side, svc)
+            routes += pod_routes
+            clusters += pod_clusters
+            continue
+        if not svc.cluster_ip:
+            continue
+        for sp in svc.ports:
+            if sp.protocol != "TCP":
+                continue
+            name = service_cluster_name(svc.namespace, svc.name, sp.port)
+            target = _target_port(side.state, svc, sp.target_port)
+            up = upstream(side.state, svc, target, side.pod.namespace) if target else None
+            mtls = bool(up and up.mtls and side.files is not None)
+            clusters.append(_service_cluster(side, svc, sp.port, name, up, mtls))
+            routes.append(
+                {
+                    "match": {"prefix": "/", "headers": _to(f"{svc.cluster_ip}:{sp.port}")},
+                    "route": {"cluster": name, "timeout": "15s"},
+                    "tracing": _tags(_route_tags(svc, up, mtls)),
+                }
+            )
+    return routes, clusters
+
+
+def _headless_routes(
+    side: _Sidecar, svc: Service
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """mTLS to the pods of a headless Service, addressed by pod IP.
+
+    Pod-to-pod traffic goes through the node's gateway (NetworkPolicy, the overlay), which
+    reads the destination from the request. Encrypted, it cannot: the sidecar asks the
+    gateway for a tunnel first (HTTP ``CONNECT pod-ip:port``, Envoy's HTTP/1.1 proxy
+    transport socket) and runs TLS inside it. Pods that take plaintext keep the plain
+    path (no route here)."""
+    routes: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    if not svc.selector or side.files is None:
+        return routes, clusters
+    gateway = addresses.NODE_IPS.get(side.pod.node, addresses.NODE_IPS["node-a"])
+    for pod in side.state.pods:
+        if pod.namespace != svc.namespace or not pod.ip or not pod.has_sidecar:
+            continue
+        if not all(pod.labels.get(k) == v for k, v in svc.selector.items()):
+            continue
+        for sp in svc.ports:
+            target = pod.container_port(sp.target_port)
+            if target is None or sp.protocol != "TCP":
+                continue
+            up = upstream(side.state, svc, target, side.pod.namespace, pod)
+            if not up.mtls:
+                continue
+            name = f"outbound|{target}|{pod.name}|{svc.name}.{svc.namespace}.svc.cluster.local"
+            cluster = static_cluster(
+                name, pod.ip, target, one_request_per_connection=True, bind_ip=side.pod.ip
+            )
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+            endpoint["metadata"] = {
+                "typed_filter_metadata": {
+                    "envoy.http11_proxy_transport_socket.proxy_address": typed(
+                        "envoy.config.core.v3.Address",
+                        **socket_address(gateway, addresses.EGRESS_GATEWAY_PORT),
+                    )
+                }
+            }
+            tls = upstream_tls(side.files, up.identities or None)
+            tls["typed_config"]["sni"] = _sni(svc, target)
+            cluster["transport_socket"] = {
+                "name": "envoy.transport_sockets.http_11_proxy",
+                "typed_config": typed(
+                    "envoy.extensions.transport_sockets.http_11_proxy.v3."
+                    "Http11ProxyUpstreamTransport",
+                    transport_socket=tls,
+                ),
+            }
+            clusters.append(cluster)
+            routes.append(
+                {
+                    "match": {"prefix": "/", "headers": _to(f"{pod.ip}:{target}")},
+                    "route": {"cluster": name, "timeout": "15s"},
+                    "tracing": _tags(_route_tags(svc, up, True)),
+                }
+            )
+    return routes, clusters
+
+
+def _sni(svc: Service, port: int) -> str:
+    """The SNI a caller's sidecar sends (Istio's form), which L4 hops can read."""
+    return f"outbound_.{port}_._.{svc.name}.{svc.namespace}.svc.cluster.local"
+
+
+def _tags(tags: dict[str, str]) -> dict[str, Any]:
+    return {"custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()]}
+
+
+def _route_tags(svc: Service, up: Upstream | None, mtls: bool) -> dict[str, str]:
+    tags = {
+        "k8s.service.name": svc.name,
+        "hopscope.tls.mode": "mtls" if mtls else "plaintext",
+    }
+    if up is not None:
+        tags["hopscope.mtls.origination"] = up.reason
+        if up.peer is not None:
+            tags["hopscope.mtls.peer_mode"] = up.peer.mode
+            tags["hopscope.mtls.peer_policy"] = up.peer.policy
+            tags["hopscope.mtls.peer_namespace"] = svc.namespace
+    return tags
+
+
+def _target_port(state: ClusterState, svc: Service, target: int | str) -> int | None:
+    """A Service port's targetPort as a number (a named one resolved on its workloads)."""
+    if isinstance(target, int) or str(target).isdigit():
+        return int(target)
+    for w in state.workloads:
+        if w.namespace != svc.namespace or not svc.selector:
+            continue
+        if all(w.template.labels.get(k) == v for k, v in svc.selector.items()):
+            for c in w.template.containers:
+                number = c.port_number(target)
+                if number is not None:
+                    return number
+    return None
+
+
+def _service_is_grpc(state: ClusterState, svc: Service, port: int) -> bool:
+    for sp in svc.ports:
+        if sp.port != port:
+            continue
+        if sp.app_protocol in ("grpc", "kubernetes.io/h2c"):
+            return True
+        if isinstance(sp.target_port, str) and sp.target_port.startswith("grpc"):
+            return True
+        for w in state.workloads:
+            if (
+                w.namespace == svc.namespace
+                and svc.selector
+                and all(w.template.labels.get(k) == v for k, v in svc.selector.items())
+            ):
+                for c in w.template.containers:
+                    for cp in c.ports:
+                        named_grpc = (cp.name or "").startswith("grpc")
+                        if named_grpc and c.port_number(sp.target_port) == cp.container_port:
+                            return True
+    return False
+
+
+def _service_cluster(
+    side: _Sidecar, svc: Service, port: int, name: str, up: Upstream | None, mtls: bool
+) -> dict[str, Any]:
+    """To the Service's address (kube-proxy picks the pod), as the callee accepts it."""
+    grpc = _service_is_grpc(side.state, svc, port)
+    assert svc.cluster_ip is not None
+    cluster = static_cluster(
+        name, svc.cluster_ip, port, http2=grpc, one_request_per_connection=True, bind_ip=side.pod.ip
+    )
+    if mtls and side.files is not None and up is not None:
+        tls = upstream_tls(side.files, up.identities or None)
+        tls["typed_config"]["sni"] = _sni(svc, port)
+        cluster["transport_socket"] = tls
+    limits = _circuit_breaker(up.rule if up else None)
+    if limits:
+        cluster["circuit_breakers"] = {"thresholds": [limits]}
+    return cluster
+
+
+def _circuit_breaker(rule: DestinationRule | None) -> dict[str, Any]:
+    """DestinationRule ``connectionPool`` as Envoy's default-priority thresholds."""
+    if rule is None:
+        return {}
+    pool = (rule.spec.get("trafficPolicy") or {}).get("connectionPool") or {}
+    tcp, http = pool.get("tcp") or {}, pool.get("http") or {}
+    out: dict[str, Any] = {}
+    for field, key in (("maxConnections", "max_connections"),):
+        if field in tcp:
+            out[key] = tcp[field]
+    for field, key in (
+        ("http1MaxPendingRequests", "max_pending_requests"),
+        ("http2MaxRequests", "max_requests"),
+        ("maxRetries", "max_retries"),
+    ):
+        if field in http:
+            out[key] = http[field]
+    return out
+
+
+def _fallback_routes() -> list[dict[str, Any]]:
+    """Destinations no Service route took, by address: pod IPs and the world outside the
+    cluster go to the node's gateway (NetworkPolicy, overlay, egress SNAT); any other address
+    (a Service applied since this config was rendered) to kube-proxy as it is."""
     need_header = [{"name": addresses.ORIGINAL_DST_HEADER, "present_match": True}]
-    # Pod IPs and destinations outside every cluster range are the CNI's: they go to the
-    # node's gateway (NetworkPolicy, overlay, egress SNAT); Service VIPs go to kube-proxy.
     to_pod = [
         {
             "name": addresses.ORIGINAL_DST_HEADER,
@@ -115,51 +528,39 @@ def render_sidecar(
             "invert_match": True,
         }
     ]
-    outbound_routes = {
-        "name": "outbound",
-        "virtual_hosts": [
-            {
-                "name": "outbound",
-                "domains": ["*"],
-                "routes": [
-                    {
-                        "match": {"prefix": "/", "grpc": {}, "headers": need_header},
-                        "route": {"cluster": "outbound|original-dst|grpc", "timeout": "15s"},
-                    },
-                    {
-                        "match": {"prefix": "/", "headers": to_pod},
-                        "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
-                    },
-                    {
-                        "match": {"prefix": "/", "headers": need_header + outside_cluster},
-                        "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
-                    },
-                    {
-                        "match": {"prefix": "/", "headers": need_header},
-                        "route": {"cluster": "outbound|original-dst|http1", "timeout": "15s"},
-                    },
-                    {
-                        "match": {"prefix": "/"},
-                        "direct_response": {
-                            "status": 400,
-                            "body": {
-                                "inline_string": "hopscope sidecar: request has no "
-                                f"{addresses.ORIGINAL_DST_HEADER} header (the resolved "
-                                "destination ip:port)\n"
-                            },
-                        },
-                    },
-                ],
-            }
-        ],
-    }
-    hcm = http_connection_manager(
-        "outbound", "sidecar-outbound", outbound_routes, app, otlp_endpoint, tags, log_sink
-    )
-    listeners.append(
-        http_listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
-    )
-    return bootstrap(pod.ip, listeners, clusters)
+    plaintext = _tags({"hopscope.tls.mode": "plaintext"})
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"prefix": "/", "grpc": {}, "headers": need_header},
+            "route": {"cluster": "outbound|original-dst|grpc", "timeout": "15s"},
+        },
+        {
+            "match": {"prefix": "/", "headers": to_pod},
+            "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
+        },
+        {
+            "match": {"prefix": "/", "headers": need_header + outside_cluster},
+            "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
+        },
+        {
+            "match": {"prefix": "/", "headers": need_header},
+            "route": {"cluster": "outbound|original-dst|http1", "timeout": "15s"},
+        },
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 400,
+                "body": {
+                    "inline_string": "hopscope sidecar: request has no "
+                    f"{addresses.ORIGINAL_DST_HEADER} header (the resolved "
+                    "destination ip:port)\n"
+                },
+            },
+        },
+    ]
+    for route in routes:
+        route["tracing"] = plaintext
+    return routes
 
 
 def _original_dst_cluster(name: str, bind_ip: str, http2: bool) -> dict[str, Any]:

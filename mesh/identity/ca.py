@@ -230,6 +230,45 @@ class CertificateAuthority:
             serial=serial,
         )
 
+    def issue_server_certificate(
+        self,
+        hostnames: list[str],
+        ttl: dt.timedelta = dt.timedelta(days=90),
+        now: dt.datetime | None = None,
+    ) -> tuple[bytes, bytes]:
+        """A new key and a TLS server certificate for ``hostnames`` (DNS SANs, the first also
+        the subject's common name): the ``tls.crt`` and ``tls.key`` of a ``kubernetes.io/tls``
+        Secret an Ingress (or a pod terminating TLS itself) serves. PEM, certificate first."""
+        if not hostnames or not all(hostnames):
+            raise IdentityError("a server certificate needs at least one host name")
+        if ttl <= dt.timedelta(0):
+            raise IdentityError(f"a certificate's lifetime must be positive, not {ttl}")
+        now = now or _now()
+        if now + ttl > self.cert.not_valid_after_utc:
+            raise IdentityError("the certificate would outlive the cluster CA")
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + ttl)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(h) for h in hostnames]), critical=False
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(signs_certificates=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
 
 def peer_identity(cert_der: bytes) -> str | None:
     """The SPIFFE ID in a peer certificate's URI SAN, or None."""

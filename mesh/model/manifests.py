@@ -31,6 +31,7 @@ from mesh.model.types import (
     Ingress,
     IngressPath,
     IngressRule,
+    IngressTLS,
     Namespace,
     NetworkConfig,
     NetworkPolicy,
@@ -473,8 +474,60 @@ def _backend(raw: dict[str, Any], path: str, path_type: PathType, field: str) ->
     return IngressPath(path=path, path_type=path_type, service=service["name"], port=number)
 
 
+SSL_REDIRECT_ANNOTATION = "nginx.ingress.kubernetes.io/ssl-redirect"
+"""``"true"``: plain HTTP requests for the Ingress's TLS hosts are answered 308 to https."""
+FORCE_SSL_REDIRECT_ANNOTATION = "nginx.ingress.kubernetes.io/force-ssl-redirect"
+"""``"true"``: every host of the Ingress redirects to https, with a TLS entry or not."""
+SSL_PASSTHROUGH_ANNOTATION = "nginx.ingress.kubernetes.io/ssl-passthrough"
+"""``"true"``: TLS for the Ingress's hosts is not terminated at the ingress; the connection,
+chosen by its SNI, goes whole to the backend, which must speak TLS itself."""
+INGRESS_BOOLEAN_ANNOTATIONS = (
+    SSL_REDIRECT_ANNOTATION,
+    FORCE_SSL_REDIRECT_ANNOTATION,
+    SSL_PASSTHROUGH_ANNOTATION,
+)
+"""The ingress-nginx annotations hopscope's ingress honours; each must be "true" or "false"."""
+
+
+def annotation_is_true(annotations: dict[str, str], name: str) -> bool:
+    return annotations.get(name, "false").strip().lower() == "true"
+
+
+def _ingress_annotations(meta: dict[str, Any]) -> dict[str, str]:
+    annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
+    for name in INGRESS_BOOLEAN_ANNOTATIONS:
+        if name in annotations and annotations[name].strip().lower() not in ("true", "false"):
+            raise _FieldError(
+                f"metadata.annotations[{name}]",
+                f'must be "true" or "false", not {annotations[name]!r}',
+            )
+    return annotations
+
+
+def _ingress_tls(spec: dict[str, Any], rules: list[IngressRule]) -> list[IngressTLS]:
+    """``spec.tls``: each entry's hosts (SNI names) and the Secret with their certificate."""
+    entries = []
+    for i, raw in enumerate(spec.get("tls") or []):
+        hosts = [str(h) for h in raw.get("hosts") or []]
+        for j, host in enumerate(hosts):
+            if not host or (host.startswith("*") and not host.startswith("*.")):
+                raise _FieldError(f"spec.tls[{i}].hosts[{j}]", f"{host!r} is not a host name")
+        secret = raw.get("secretName")
+        if not secret:
+            raise _FieldError(
+                f"spec.tls[{i}].secretName",
+                "required: hopscope's ingress has no default certificate",
+            )
+        if not hosts:
+            # As ingress-nginx does: an entry without hosts serves the rules' hosts.
+            hosts = [r.host for r in rules if r.host]
+        entries.append(IngressTLS(hosts=hosts, secret_name=str(secret)))
+    return entries
+
+
 def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
     meta, spec = doc["metadata"], doc.get("spec", {})
+    annotations = _ingress_annotations(meta)
     rules = []
     for i, rule in enumerate(spec.get("rules", [])):
         paths = [
@@ -487,6 +540,13 @@ def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
             for j, p in enumerate(rule.get("http", {}).get("paths", []))
         ]
         rules.append(IngressRule(host=rule.get("host"), paths=paths))
+    if annotation_is_true(annotations, SSL_PASSTHROUGH_ANNOTATION) and not any(
+        r.host and r.paths for r in rules
+    ):
+        raise _FieldError(
+            f"metadata.annotations[{SSL_PASSTHROUGH_ANNOTATION}]",
+            "passthrough picks the backend by SNI: it needs a rule with a host and a path",
+        )
     default = spec.get("defaultBackend")
     return Ingress(
         name=meta["name"],
@@ -496,6 +556,8 @@ def _ingress(doc: dict[str, Any], origin: str) -> Ingress:
         default_backend=(
             _backend(default, "/", PathType.PREFIX, "spec.defaultBackend") if default else None
         ),
+        tls=_ingress_tls(spec, rules),
+        annotations=annotations,
         source=origin,
         created=time.time(),
     )

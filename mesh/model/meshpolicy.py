@@ -204,39 +204,49 @@ class Upstream:
     rule: DestinationRule | None
 
 
-def upstream(state: ClusterState, svc: Service, target_port: int, caller_ns: str) -> Upstream:
-    """Automatic mTLS unless a DestinationRule says otherwise (see the module docstring)."""
-    workloads = [
-        w
-        for w in state.workloads
-        if w.namespace == svc.namespace
-        and svc.selector
-        and all(w.template.labels.get(k) == v for k, v in svc.selector.items())
-    ]
+def upstream(
+    state: ClusterState,
+    svc: Service,
+    target_port: int,
+    caller_ns: str,
+    pod: Pod | None = None,
+) -> Upstream:
+    """Automatic mTLS unless a DestinationRule says otherwise (see the module docstring):
+    to the Service's workloads, or to one ``pod`` of it (a headless Service's)."""
+    if pod is not None:
+        backends = [(pod.namespace, pod.labels, pod.has_sidecar, pod.service_account)]
+    else:
+        backends = [
+            (w.namespace, w.template.labels, w.template.has_sidecar, w.template.service_account)
+            for w in state.workloads
+            if w.namespace == svc.namespace
+            and svc.selector
+            and all(w.template.labels.get(k) == v for k, v in svc.selector.items())
+        ]
     peer: MtlsMode | None = None
-    identities: list[str] = []
-    with_sidecar = bool(workloads)
-    for w in workloads:
-        template = w.template
-        mode = mtls_mode(state, w.namespace, template.labels, target_port)
-        if (
-            peer is None
-            or mode.mode == "STRICT"
-            or (mode.mode == "DISABLE" and peer.mode != "STRICT")
-        ):
+    identities: set[str] = set()
+    with_sidecar = bool(backends)
+    for namespace, labels, has_sidecar, account in backends:
+        mode = mtls_mode(state, namespace, labels, target_port)
+        # The strictest mode of the backends decides what the callers must do.
+        if peer is None or _STRICTNESS[mode.mode] > _STRICTNESS[peer.mode]:
             peer = mode
-        with_sidecar = with_sidecar and template.has_sidecar
-        identities.append(spiffe_id(w.namespace, template.service_account))
+        with_sidecar = with_sidecar and has_sidecar
+        identities.add(spiffe_id(namespace, account))
     rule = destination_rule(state, svc, caller_ns)
-    tls_mode = (
-        (((rule.spec.get("trafficPolicy") or {}).get("tls")) or {}).get("mode") if rule else None
-    )
-    if tls_mode is not None and rule is not None:
+    policy = (rule.spec.get("trafficPolicy") or {}) if rule is not None else {}
+    tls_mode = (policy.get("tls") or {}).get("mode")
+    if rule is not None and tls_mode is not None:
         reason = f"DestinationRule {rule.namespace}/{rule.name} tls.mode {tls_mode}"
-        return Upstream(tls_mode == "ISTIO_MUTUAL", peer, sorted(set(identities)), reason, rule)
+        return Upstream(tls_mode == "ISTIO_MUTUAL", peer, sorted(identities), reason, rule)
     auto = with_sidecar and peer is not None and peer.accepts_mtls
-    reason = "automatic mTLS" if auto else "automatic mTLS off (peer takes plaintext)"
-    return Upstream(auto, peer, sorted(set(identities)), reason, rule)
+    reason = "automatic mTLS" if auto else "plaintext (the callee takes no mTLS)"
+    if not with_sidecar:
+        reason = "plaintext (the callee has no sidecar)"
+    return Upstream(auto, peer, sorted(identities), reason, rule)
+
+
+_STRICTNESS = {"DISABLE": 0, "PERMISSIVE": 1, "STRICT": 2}
 
 
 def spiffe_id(namespace: str, service_account: str | None) -> str:

@@ -19,6 +19,7 @@ Containers and system components are reported as :class:`ProcessStatus`, the way
 from __future__ import annotations
 
 import abc
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +56,15 @@ class ProcessStatus:
     log_path: Path | None = None
 
 
+@dataclass(frozen=True)
+class SidecarFiles:
+    """A pod's sidecar directory: certificates and xDS resources the control plane writes
+    (``host_dir``, its own view) and the sidecar's Envoy watches (``sidecar_dir``)."""
+
+    host_dir: Path
+    sidecar_dir: Path
+
+
 class Runtime(abc.ABC):
     """Starts and stops pods and the cluster's own components."""
 
@@ -70,8 +80,32 @@ class Runtime(abc.ABC):
     # -- pods ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def start_pod(self, pod: Pod, state: ClusterState) -> None:
-        """Start the pod's containers (and its Envoy sidecar); raise if it cannot start."""
+    def start_pod(self, pod: Pod, state: ClusterState, files: Path | None = None) -> None:
+        """Start the pod's containers (and its Envoy sidecar); raise if it cannot start.
+
+        ``files``: the sidecar's directory as it sees it (:meth:`sidecar_files`), already
+        holding its certificate and xDS resources; None renders its config inline."""
+
+    @abc.abstractmethod
+    def sidecar_telemetry(self, node: str) -> tuple[str, str | None]:
+        """Where a sidecar on ``node`` exports spans (OTLP/HTTP URL) and ships access logs
+        (OTLP/gRPC ``host:port``, or None for stdout only)."""
+
+    def sidecar_files(self, pod: Pod) -> SidecarFiles | None:
+        """Where the pod's sidecar reads files the control plane keeps current; None when
+        this runtime's sidecars cannot read the control plane's files."""
+        return None
+
+    @abc.abstractmethod
+    def sidecar_files_changed(self, pod: Pod, names: list[str]) -> None:
+        """The control plane rewrote these files of the pod's sidecar directory, in this
+        order; a runtime whose sidecars see that directory itself has nothing to do."""
+
+    def remove_sidecar_files(self, pod: Pod) -> None:
+        """Drop the pod's sidecar directory (the pod is gone)."""
+        files = self.sidecar_files(pod)
+        if files is not None:
+            shutil.rmtree(files.host_dir, ignore_errors=True)
 
     @abc.abstractmethod
     def stop_pod(self, pod: Pod) -> None:

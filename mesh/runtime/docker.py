@@ -20,12 +20,14 @@ up --wait`` returns when the cluster serves, not merely when its API answers.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any
 
 from mesh import addresses
 from mesh.model.types import ClusterState, Container, Pod
-from mesh.runtime.base import ProcessStatus, Runtime, SystemComponent
+from mesh.runtime.base import ProcessStatus, Runtime, SidecarFiles, SystemComponent
 from mesh.runtime.datapath import DataPath, UserspaceDataPath
 from mesh.runtime.environment import container_env
 from mesh.runtime.processes import ProcessSupervisor
@@ -46,6 +48,13 @@ LABEL_NAMESPACE = "dev.hopscope.namespace"
 LABEL_POD = "dev.hopscope.pod"
 LABEL_NODE = "dev.hopscope.node"
 LABEL_ROLE = "dev.hopscope.role"
+
+SIDECAR_USER = "10001"
+"""The user apps and sidecars run as (the image's unprivileged user)."""
+SIDECAR_DIR = Path("/tmp/hopscope-sidecar")
+"""Where a sidecar container keeps its certificate and xDS files (its own /tmp)."""
+INCOMING = ".incoming"
+"""Files arrive here first, then are renamed into :data:`SIDECAR_DIR` one by one."""
 
 APP_MEMORY = "192m"
 SIDECAR_MEMORY = "96m"
@@ -71,6 +80,7 @@ class DockerRuntime(Runtime):
     ) -> None:
         import docker
 
+        self.state_dir = state_dir
         self.otlp_endpoint = otlp_endpoint
         """Where pods send OTLP; ``{node_ip}``/``{node_net}`` are filled in per node."""
         self.processes = ProcessSupervisor(state_dir / "logs")
@@ -176,16 +186,27 @@ class DockerRuntime(Runtime):
         env: dict[str, str],
         memory: str,
     ) -> None:
-        self.client.containers.run(
+        self._create(pod, role, pause_id, command, env, memory).start()
+
+    def _create(
+        self,
+        pod: Pod,
+        role: str,
+        pause_id: str,
+        command: list[str],
+        env: dict[str, str],
+        memory: str,
+    ) -> Any:
+        """A container in the pod's network namespace, created but not started."""
+        return self.client.containers.create(
             self.image,
             command=command,
             name=self._name(pod, role),
             labels=self._labels(pod, role),
             environment=env,
             network_mode=f"container:{pause_id}",
-            user="10001",
+            user=SIDECAR_USER,
             mem_limit=memory,
-            detach=True,
         )
 
     def otlp_for(self, node: str) -> str:
@@ -203,34 +224,66 @@ class DockerRuntime(Runtime):
         node_ip = addresses.NODE_IPS[node]
         return template.format(node_ip=node_ip, node_net=node_ip.rsplit(".", 1)[0])
 
-    def start_pod(self, pod: Pod, state: ClusterState) -> None:
+    def sidecar_telemetry(self, node: str) -> tuple[str, str | None]:
+        return self.otlp_for(node), self.log_sink_for(node)
+
+    def start_pod(self, pod: Pod, state: ClusterState, files: Path | None = None) -> None:
         from mesh.envoy import envoy_flags, render_sidecar
 
         self.stop_pod(pod)  # a half-started earlier attempt
         pause = self._pause(pod, pod.ip)
         if pod.has_sidecar:
-            config = render_sidecar(
-                pod,
-                state,
-                otlp_endpoint=self.otlp_for(pod.node),
-                log_sink=self.log_sink_for(pod.node),
-            )
+            otlp, sink = self.sidecar_telemetry(pod.node)
+            config = render_sidecar(pod, state, otlp_endpoint=otlp, log_sink=sink, files=files)
             argv = [
                 "envoy",
                 "--config-yaml",
                 json.dumps(config),
                 *envoy_flags(pod.name, pod.owner_name),
             ]
-            self._join(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
+            sidecar = self._create(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
+            if files is not None:
+                # Its certificate and xDS files, in place before Envoy reads them.
+                host_dir = self.sidecar_files(pod).host_dir
+                names = sorted(p.name for p in host_dir.iterdir() if p.is_file())
+                sidecar.put_archive("/", _tar(host_dir, names, SIDECAR_DIR, with_dirs=True))
+            sidecar.start()
         for container in pod.containers:
-            self._join(
+            self._create(
                 pod,
                 container.name,
                 pause,
                 self._argv(container),
                 self._container_env(pod, container),
                 APP_MEMORY,
-            )
+            ).start()
+
+    # -- sidecar files: copied into the sidecar container, renamed into place -------------
+
+    def sidecar_files(self, pod: Pod) -> SidecarFiles:
+        return SidecarFiles(
+            self.state_dir / "sidecars" / f"{pod.namespace}_{pod.name}", SIDECAR_DIR
+        )
+
+    def sidecar_files_changed(self, pod: Pod, names: list[str]) -> None:
+        """Copy the files into the running sidecar next to where Envoy watches, then move
+        each into place with one rename (in ``names`` order), so Envoy never reads half of
+        one. The sidecar container cannot read the control plane's volume: each pod gets
+        only its own key."""
+        import docker.errors
+
+        try:
+            sidecar = self.client.containers.get(self._name(pod, "envoy"))
+        except docker.errors.NotFound:
+            return  # not started yet: start_pod copies the files
+        host_dir = self.sidecar_files(pod).host_dir
+        sidecar.put_archive("/", _tar(host_dir, names, SIDECAR_DIR / INCOMING, with_dirs=False))
+        moves = " && ".join(
+            f"mv -f {SIDECAR_DIR / INCOMING / name} {SIDECAR_DIR / name}" for name in names
+        )
+        code, output = sidecar.exec_run(["sh", "-c", moves], user=SIDECAR_USER)
+        if code != 0:
+            raise RuntimeError(f"sidecar {pod.name}: moving files into place failed: {output!r}")
 
     def _argv(self, container: Container) -> list[str]:
         argv = [*container.command, *container.args]
@@ -306,13 +359,16 @@ class DockerRuntime(Runtime):
             [],
         )
         self.stop_pod(pod)
-        publish = os.environ.get("HOPSCOPE_INGRESS_PUBLISH", "127.0.0.1:8080")
-        host_ip, _, host_port = publish.rpartition(":")
-        pause = self._pause(
-            pod,
-            addresses.INGRESS_IP,
-            {f"{addresses.INGRESS_PORT}/tcp": (host_ip or "127.0.0.1", int(host_port))},
-        )
+        # The HTTPS listener's certificates are inline in this bootstrap: a Secret or a TLS
+        # Ingress applied later is served after the ingress pod restarts (no shared files).
+        ports = {}
+        for port, variable, default in (
+            (addresses.INGRESS_PORT, "HOPSCOPE_INGRESS_PUBLISH", "127.0.0.1:8080"),
+            (addresses.INGRESS_TLS_PORT, "HOPSCOPE_INGRESS_TLS_PUBLISH", "127.0.0.1:8443"),
+        ):
+            host_ip, _, host_port = os.environ.get(variable, default).rpartition(":")
+            ports[f"{port}/tcp"] = (host_ip or "127.0.0.1", int(host_port))
+        pause = self._pause(pod, addresses.INGRESS_IP, ports)
         config = render_ingress(
             state,
             otlp_endpoint=self.otlp_for("node-a"),
@@ -339,6 +395,26 @@ class DockerRuntime(Runtime):
 SERVED_MARK = Path("/tmp/hopscope-served")
 """Written once a request through the ingress succeeded; holds the start time of the
 container's PID 1, so a restarted container has to serve again before it is healthy."""
+
+
+def _tar(directory: Path, names: list[str], target: Path, with_dirs: bool) -> bytes:
+    """A tar of ``directory``'s files ``names`` at ``target`` (absolute, stored relative to
+    ``/``), owned by the sidecar's user with their own modes (keys stay 0600)."""
+    buf = io.BytesIO()
+    uid = int(SIDECAR_USER)
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        if with_dirs:
+            for path in (target, target / INCOMING):
+                info = tarfile.TarInfo(str(path).lstrip("/"))
+                info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o700, uid, uid
+                tar.addfile(info)
+        for name in names:
+            data = (directory / name).read_bytes()
+            info = tarfile.TarInfo(str(target / name).lstrip("/"))
+            info.size, info.uid, info.gid = len(data), uid, uid
+            info.mode = (directory / name).stat().st_mode & 0o777
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def _container_start() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mesh import addresses
 from mesh.model.types import ClusterState, Container, Pod
-from mesh.runtime.base import ProcessStatus, Runtime, SystemComponent
+from mesh.runtime.base import ProcessStatus, Runtime, SidecarFiles, SystemComponent
 from mesh.runtime.datapath import DataPath, UserspaceDataPath
 from mesh.runtime.environment import app_label, container_env, process_env
 from mesh.runtime.processes import ProcessSupervisor
@@ -26,6 +26,8 @@ INGRESS_PROCESS = "hopscope-system/ingress-envoy"
 INGRESS_XDS_DIR = "ingress-xds"
 """Directory of the ingress's xDS resource files, under the Envoy config directory."""
 INTERNET_PROCESS = "internet/payments"
+SIDECARS_DIR = "sidecars"
+"""Per-pod sidecar directories (certificates, xDS files), under the Envoy config directory."""
 
 
 class LocalRuntime(Runtime):
@@ -52,15 +54,16 @@ class LocalRuntime(Runtime):
         self.ingress_xds_dir = self.config_dir / INGRESS_XDS_DIR
         # Routes a previous cluster left must not be served before this one publishes its own.
         shutil.rmtree(self.ingress_xds_dir, ignore_errors=True)
+        shutil.rmtree(self.config_dir / SIDECARS_DIR, ignore_errors=True)
 
     # -- pods ---------------------------------------------------------------------------
 
-    def start_pod(self, pod: Pod, state: ClusterState) -> None:
+    def start_pod(self, pod: Pod, state: ClusterState, files: Path | None = None) -> None:
         from mesh.envoy import render_sidecar
 
         if pod.has_sidecar:
             config = render_sidecar(
-                pod, state, otlp_endpoint=self.otlp_endpoint, log_sink=self.log_sink
+                pod, state, otlp_endpoint=self.otlp_endpoint, log_sink=self.log_sink, files=files
             )
             self._start_envoy(_sidecar_name(pod), config, pod.name, app_label(pod))
         for container in pod.containers:
@@ -69,6 +72,16 @@ class LocalRuntime(Runtime):
                 _container_argv(container),
                 container_env(pod, container, self.otlp_endpoint),
             )
+
+    def sidecar_telemetry(self, node: str) -> tuple[str, str | None]:
+        return self.otlp_endpoint, self.log_sink
+
+    def sidecar_files_changed(self, pod: Pod, names: list[str]) -> None:
+        return None  # the sidecar reads the very directory the control plane writes
+
+    def sidecar_files(self, pod: Pod) -> SidecarFiles:
+        directory = self.config_dir / SIDECARS_DIR / f"{pod.namespace}_{pod.name}"
+        return SidecarFiles(directory, directory)
 
     def stop_pod(self, pod: Pod) -> None:
         # The app goes first so in-flight requests drain through a still-running sidecar.

@@ -19,7 +19,9 @@ from mesh.scenarios.base import (
     lab_docs,
     shipped_docs,
 )
+from mesh.scenarios.edge import IngressSni as IngressSni  # registers ingress-sni
 from mesh.scenarios.library import SCENARIOS, Scenario
+from mesh.scenarios.mtls import StrictPlaintext as StrictPlaintext  # registers the mTLS ones
 
 __all__ = ["SCENARIOS", "BlameCheck", "Finding", "Scenario", "ScenarioError", "reset", "run"]
 
@@ -79,6 +81,9 @@ def reset(progress: Callable[[str], None] = lambda _m: None) -> list[str]:
         if pod.ready_override is not None:
             ctx.set_ready(pod.namespace, pod.name, None)
             done.append(f"pod {pod.namespace}/{pod.name} readiness back to its probe")
+    mesh_objects = _mesh_objects(ctx)
+    if mesh_objects:
+        done += ctx.delete(mesh_objects, "mesh policies and routes")
     lab = [d for d in lab_docs("lab.yaml") if d["kind"] != "Namespace"]
     done += [c for c in ctx.delete(lab, "lab.yaml") if "not found" not in c]
     docs = [
@@ -91,3 +96,32 @@ def reset(progress: Callable[[str], None] = lambda _m: None) -> list[str]:
         ctx.wait_ready("shop", app, replicas)
     done.append("every shop pod ready")
     return done
+
+
+def _mesh_objects(ctx: Context) -> list[dict[str, Any]]:
+    """Every mesh policy and Gateway API object in the cluster, as documents to delete (the
+    shipped manifests have none)."""
+    from mesh.model.crds import CUSTOM_KINDS
+
+    state = ctx.state()
+    kinds = {kind.cls: key for key, kind in CUSTOM_KINDS.items()}
+    docs = []
+    for items in (
+        state.peer_authentications,
+        state.destination_rules,
+        state.http_routes,
+        state.grpc_routes,
+        state.tls_routes,
+        state.gateways,
+    ):
+        for obj in items:
+            api_version, kind = kinds[type(obj)]
+            docs.append(
+                {
+                    "apiVersion": api_version,
+                    "kind": kind,
+                    "metadata": {"name": obj.name, "namespace": obj.namespace},
+                    "spec": obj.spec,
+                }
+            )
+    return docs
