@@ -11,6 +11,7 @@ The cluster is the one the e2e modules share (tests/conftest.py): started with `
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -494,8 +495,16 @@ def _scrape_everything() -> dict[str, set[str]]:
     return seen
 
 
+CATALOG_STRICT = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: catalog-strict, namespace: shop}
+spec: {selector: {matchLabels: {app: catalog}}, mtls: {mode: STRICT}}
+"""
+
+
 def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
-    cluster: dict[str, str],
+    cluster: dict[str, str], tmp_path: Path
 ) -> None:
     """What every dashboard panel and recording rule queries, the cluster really emits."""
     import json
@@ -532,7 +541,17 @@ def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
         hopscope("scale", "shop/catalog", "--replicas", "2", env=cluster)
     poll_until(lambda: api_get("/api/v1/status")["ready"], timeout=60)
     poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
-    emitted = _scrape_everything()
+    # mTLS on the catalog: the TLS statistics of its listener and of its callers' clusters.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(CATALOG_STRICT)
+    hopscope("apply", "-f", str(strict), env=cluster)
+    try:
+        poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
+        time.sleep(2)  # the sidecars take the new listener and clusters from their files
+        poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
+        emitted = _scrape_everything()
+    finally:
+        hopscope("delete", "-f", str(strict), env=cluster)
     missing = []
     for expr in exprs:
         names, labels = _promql_parts(expr)

@@ -19,6 +19,12 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 BAR_WIDTH = 24
 
+PAIRED_NOTE = (
+    "(paired by connection) = kube-proxy could not read this encrypted stream, so its span "
+    "is in a trace of its own; it is shown here because its client address is the one the "
+    "caller's upstream connection left from, as conntrack pairs a flow"
+)
+
 EMULATION_NOTE = (
     "(n emulation) = the part of the hop's time that hopscope's userspace stand-in for kernel "
     "work (kube-proxy's DNAT, the overlay's encapsulation) spent; a real node does this work "
@@ -106,6 +112,8 @@ def render_waterfall(view: dict[str, Any]) -> None:
     out.print(table)
     if any(hop.get("emulation_ms") is not None for hop in view["hops"]):
         out.print(f"[dim]{EMULATION_NOTE}[/]")
+    if any(hop.get("paired_by") for hop in view["hops"]):
+        out.print(f"[dim]{PAIRED_NOTE}[/]")
     walk = view.get("packet_walk") or []
     if walk:
         out.print("packet walk:")
@@ -122,13 +130,18 @@ def render_waterfall(view: dict[str, Any]) -> None:
 
 
 def _detail(hop: dict[str, Any]) -> str:
-    """NAT / detail column: the rewrite, the conntrack state of a kube-proxy hop, and a mark
-    on hops read from another hop's span (a REJECT kube-proxy never saw)."""
+    """NAT / detail column: the rewrite, the conntrack state of a kube-proxy hop, TLS as the
+    hop knew it, and a mark on hops read from another hop's span (a REJECT kube-proxy never
+    saw) or paired into the trace by their connection (a TLS stream kube-proxy relayed)."""
     parts = [hop["nat"]] if hop["nat"] else []
     if hop.get("conntrack"):
         parts.append(f"conntrack {hop['conntrack']}")
+    if hop.get("tls"):
+        parts.append(hop["tls"])
     if hop.get("derived"):
         parts.append("(from the caller's span)")
+    if hop.get("paired_by"):
+        parts.append(f"(paired by {hop['paired_by']})")
     return " · ".join(parts)
 
 

@@ -55,8 +55,11 @@ class IngressController:
         next_state: Callable[[int, float], ClusterState | None],
         xds_dir: Path,
         telemetry: tuple[str, str | None] = ("", None),
+        identity: Path | None = None,
     ) -> None:
         self.next_state = next_state
+        self.identity = identity
+        """The ingress's mesh certificate directory (mTLS to workloads that take it)."""
         """Blocks until the state's version exceeds the given one (or the timeout passes)."""
         self.xds = IngressXds(xds_dir)
         self.otlp_endpoint, self.log_sink = telemetry
@@ -83,13 +86,17 @@ class IngressController:
         return cls(next_state, xds_dir, telemetry)
 
     @classmethod
-    def for_runtime(cls, cluster: Any, runtime: Runtime) -> IngressController | None:
+    def for_runtime(
+        cls, cluster: Any, runtime: Runtime, identity: Path | None = None
+    ) -> IngressController | None:
         """The controller for the files the runtime's ingress Envoy reads
         (:attr:`Runtime.ingress_xds_dir`), or None if it reads none (routes stay inline)."""
         if runtime.ingress_xds_dir is None:
             return None
         telemetry = runtime.sidecar_telemetry(addresses.INGRESS_NODE)
-        return cls.in_process(cluster, runtime.ingress_xds_dir, telemetry)
+        controller = cls.in_process(cluster, runtime.ingress_xds_dir, telemetry)
+        controller.identity = identity
+        return controller
 
     @classmethod
     def over_api(
@@ -120,7 +127,7 @@ class IngressController:
     def sync(self, state: ClusterState) -> bool:
         """Publish the routes, clusters and HTTPS listener of ``state``; True if anything
         changed."""
-        resources = ingress_config(state)
+        resources = ingress_config(state, self.identity)
         https = tls_https_listener(
             resources, self.otlp_endpoint, self.log_sink, self.xds.rds_https_source()
         )

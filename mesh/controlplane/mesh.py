@@ -90,7 +90,8 @@ class SidecarXds:
 class _Sidecar:
     pod: Pod
     files: SidecarFiles
-    xds: SidecarXds
+    xds: SidecarXds | None
+    """None for a proxy whose config someone else keeps (the ingress: identity only)."""
     cert: WorkloadCertificate | None = None
     pinned_cert: bool = False
     """A certificate set by hand (:meth:`MeshController.set_certificate_lifetime`): not
@@ -127,19 +128,23 @@ class MeshController:
 
     # -- pods -----------------------------------------------------------------------------
 
-    def prepare(self, pod: Pod, state: ClusterState) -> Path | None:
-        """Certificate and xDS files for a pod about to start; the directory as its sidecar
-        sees it, or None when the runtime offers none (inline config, no mTLS)."""
+    def prepare(self, pod: Pod, state: ClusterState | None, xds: bool = True) -> Path | None:
+        """Certificate (and with ``xds``, listener and cluster files) for a pod about to
+        start; the directory as its proxy sees it, or None when the runtime offers none
+        (inline config, no mTLS). The ingress takes only its identity (``xds=False``)."""
         if not pod.has_sidecar:
             return None
         files = self.runtime.sidecar_files(pod)
         if files is None:
             return None
-        xds = SidecarXds(files.host_dir, lambda name: self._copied(pod, [name]))
-        sidecar = _Sidecar(pod, files, xds)
+        writer = SidecarXds(files.host_dir, lambda name: self._copied(pod, [name]))
+        sidecar = _Sidecar(pod, files, writer if xds else None)
+        with self.lock:
+            self.sidecars.pop((pod.namespace, pod.name), None)  # a restart: files anew
         files.host_dir.mkdir(parents=True, exist_ok=True)
         self._issue(sidecar)
-        self._render(sidecar, state)
+        if state is not None:
+            self._render(sidecar, state)
         with self.lock:
             self.sidecars[(pod.namespace, pod.name)] = sidecar
         return files.sidecar_dir
@@ -187,7 +192,7 @@ class MeshController:
         changed = 0
         for sidecar in sidecars:
             current = state.pod(sidecar.pod.name, sidecar.pod.namespace)
-            if current is None:
+            if current is None or sidecar.xds is None:
                 continue
             sidecar.pod = current
             try:
@@ -247,6 +252,8 @@ class MeshController:
             self.runtime.sidecar_files_changed(pod, names)
 
     def _render(self, sidecar: _Sidecar, state: ClusterState) -> bool:
+        if sidecar.xds is None:
+            return False
         pod = sidecar.pod
         otlp, sink = self.runtime.sidecar_telemetry(pod.node)
         listeners, clusters = sidecar_resources(pod, state, otlp, sink, sidecar.files.sidecar_dir)

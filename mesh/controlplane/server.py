@@ -33,7 +33,7 @@ from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
 from mesh.otlp import OTLP_HTTP_PORT
 from mesh.otlp.pipeline import TelemetryPipeline, guard_access
-from mesh.runtime.base import Runtime, SystemComponent
+from mesh.runtime.base import Runtime, SystemComponent, ingress_pod
 from mesh.runtime.local import LocalRuntime
 from mesh.tracestore.store import TraceStore, budget_from_env
 
@@ -106,10 +106,11 @@ class ControlPlane:
             progress(change)
         # the ingress controller: routes follow Ingress objects live (where the runtime's
         # ingress Envoy can read the files it writes; else they are rendered at start only)
-        self.ingress = IngressController.for_runtime(self.cluster, self.runtime)
+        identity = self.mesh.prepare(ingress_pod(), None, xds=False)
+        self.ingress = IngressController.for_runtime(self.cluster, self.runtime, identity)
         if self.ingress is not None:
             self.ingress.start()
-        self.components.append(self.runtime.start_ingress(self.cluster.state))
+        self.components.append(self.runtime.start_ingress(self.cluster.state, identity))
         self.kubelet.system_components = list(self.components)
         self.mesh.start()
         self.kubelet.start()

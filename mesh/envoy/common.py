@@ -157,6 +157,10 @@ def _host_port(url: str) -> tuple[str, int]:
     return host, int(port or 80)
 
 
+ATTEMPT_TAG = {"tag": "hopscope.retry.attempt", "request_header": {"name": "x-envoy-attempt-count"}}
+"""Which try of the caller's sidecar this request is (1, 2, …): callers' outbound routes
+send ``x-envoy-attempt-count``, so a retried request's hops say which try reached them."""
+
 VIA_TAG = {"tag": VIA, "request_header": {"name": "x-hopscope-via"}}
 """The NAT hop (kube-proxy, overlay) a request came through, so hopscope can nest this hop
 below it; the trace context itself passes those hops unchanged (``mesh/cni/passthrough.py``)."""
@@ -194,7 +198,7 @@ def _tracing(
         "random_sampling": {"value": 100},
         "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()]
         + [{"tag": k, "value": v} for k, v in {**SPAN_VALUE_TAGS, **(value_tags or {})}.items()]
-        + [VIA_TAG],
+        + [VIA_TAG, ATTEMPT_TAG],
     }
     if upstream_span:
         config["spawn_upstream_span"] = True

@@ -19,6 +19,7 @@ from mesh.envoy.common import (
     socket_address,
     static_cluster,
 )
+from mesh.envoy.gateway import gateway_resources, merge_virtual_hosts
 from mesh.envoy.ingress_tls import (
     PassthroughChain,
     TlsPlan,
@@ -27,6 +28,8 @@ from mesh.envoy.ingress_tls import (
     redirect_route,
     tls_listener,
 )
+from mesh.envoy.sidecar import OUTBOUND_TLS_TAGS, mesh_tls
+from mesh.model.meshpolicy import MESH_ROOT_NAMESPACE
 from mesh.model.types import ClusterState, IngressPath, Service
 
 INGRESS_TAGS = {"k8s.namespace.name": "hopscope-system", "k8s.pod.name": "ingress-envoy"}
@@ -63,9 +66,12 @@ class IngressResources:
     """Why something the Ingresses ask for is not served (a missing Secret…)."""
 
 
-def ingress_config(state: ClusterState) -> IngressResources:
+def ingress_config(state: ClusterState, identity: Path | None = None) -> IngressResources:
     """The ingress controller's routes (one virtual host per Ingress rule host), the
-    clusters they send to (one per Service port) and the TLS plan, from ``state``."""
+    clusters they send to (one per Service port) and the TLS plan, from ``state``.
+
+    With ``identity`` (the ingress's mesh certificate directory) a Service whose workloads
+    take mTLS is reached over mTLS, as a mesh's ingress gateway does."""
     plan = plan_tls(state)
     clusters: dict[str, dict[str, Any]] = {}
     vhosts: dict[str, list[tuple[IngressPath, str, str]]] = {}
@@ -77,10 +83,12 @@ def ingress_config(state: ClusterState) -> IngressResources:
         for rule in ing.rules:
             host = rule.host or "*"
             for path in rule.paths:
-                cluster = _ingress_cluster(state, ing.namespace, path, clusters)
+                cluster = _ingress_cluster(state, ing.namespace, path, clusters, identity)
                 vhosts.setdefault(host, []).append((path, cluster, ing.name))
         if ing.default_backend:
-            cluster = _ingress_cluster(state, ing.namespace, ing.default_backend, clusters)
+            cluster = _ingress_cluster(
+                state, ing.namespace, ing.default_backend, clusters, identity
+            )
             vhosts.setdefault("*", []).append((ing.default_backend, cluster, ing.name))
     http_hosts, https_hosts = [], []
     for host, entries in sorted(vhosts.items(), key=lambda kv: (kv[0] == "*", kv[0])):
@@ -91,6 +99,18 @@ def ingress_config(state: ClusterState) -> IngressResources:
         http_hosts.append(vhost)
     for host in sorted(plan.redirect_hosts - set(vhosts)):  # forced, passthrough hosts
         http_hosts.insert(0, {**_domains(host), "routes": [redirect_route(host)]})
+    # Gateway API routes on the same proxy (gatewayClassName hopscope); where a Gateway and
+    # an Ingress name one host, the Gateway's routes are tried first.
+    gw_http, gw_http_clusters = gateway_resources(state, ("HTTP",))
+    gw_https, gw_https_clusters = gateway_resources(state, ("HTTPS",))
+    http_hosts = merge_virtual_hosts(gw_http, http_hosts)
+    https_hosts = merge_virtual_hosts(gw_https, https_hosts)
+    for gw_cluster in gw_http_clusters + gw_https_clusters:
+        clusters[gw_cluster["name"]] = gw_cluster
+        _, namespace, name, port = gw_cluster["name"].split("|")
+        backend = state.service(namespace, name)
+        if identity is not None and backend is not None:
+            mesh_tls(gw_cluster, state, backend, int(port), MESH_ROOT_NAMESPACE, identity)
     for chain in plan.passthrough:
         if not _passthrough_cluster(state, chain, clusters):
             plan.warnings.append(
@@ -148,6 +168,7 @@ def render_ingress(
     otlp_endpoint: str,
     log_sink: str | None = None,
     xds_dir: Path | None = None,
+    identity: Path | None = None,
 ) -> dict[str, Any]:
     """The ingress controller's Envoy bootstrap: an HTTP listener with routes from the
     Ingresses, and an HTTPS listener choosing a filter chain by SNI.
@@ -165,11 +186,18 @@ def render_ingress(
     static: dict[str, dict[str, Any]] = {OTLP_CLUSTER: otlp_cluster(otlp_endpoint)}
     if log_sink:
         static[OTLP_LOGS_CLUSTER] = otlp_logs_cluster(log_sink)
-    resources = ingress_config(state)
+    resources = ingress_config(state, identity)
     xds = IngressXds(xds_dir) if xds_dir is not None else None
     routes = xds.rds_source() if xds is not None else resources.routes
     hcm = http_connection_manager(
-        "ingress", "ingress", routes, "ingress", otlp_endpoint, INGRESS_TAGS, log_sink
+        "ingress",
+        "ingress",
+        routes,
+        "ingress",
+        otlp_endpoint,
+        INGRESS_TAGS,
+        log_sink,
+        value_tags=OUTBOUND_TLS_TAGS,
     )
     listeners = [
         http_listener("ingress_http", addresses.INGRESS_IP, addresses.INGRESS_PORT, "INBOUND", hcm)
@@ -217,7 +245,11 @@ def tls_https_listener(
 
 
 def _ingress_cluster(
-    state: ClusterState, namespace: str, path: IngressPath, clusters: dict[str, dict[str, Any]]
+    state: ClusterState,
+    namespace: str,
+    path: IngressPath,
+    clusters: dict[str, dict[str, Any]],
+    identity: Path | None = None,
 ) -> str:
     svc = state.service(namespace, path.service)
     if svc is None or not svc.cluster_ip or svc.headless:
@@ -235,6 +267,8 @@ def _ingress_cluster(
         one_request_per_connection=True,
         bind_ip=addresses.INGRESS_IP,
     )
+    if identity is not None:
+        mesh_tls(clusters[name], state, svc, port, MESH_ROOT_NAMESPACE, identity)
     return name
 
 

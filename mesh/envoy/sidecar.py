@@ -30,6 +30,7 @@ from mesh.envoy.common import (
     static_cluster,
     typed,
 )
+from mesh.envoy.gateway import mesh_outbound_routes
 from mesh.identity.sds import downstream_tls, upstream_tls
 from mesh.model.meshpolicy import MtlsMode, Upstream, pod_mtls_mode, upstream
 from mesh.model.types import (
@@ -284,7 +285,12 @@ def _outbound(side: _Sidecar) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The outbound listener: a route and a cluster per Service port (mTLS as the callee
     accepts it, DestinationRule limits), then the catch-all routes by destination address."""
     pod = side.pod
-    service_routes, clusters = _service_routes(side)
+    service_routes, clusters, tags = _service_routes(side)
+    # Routes (HTTPRoute, GRPCRoute) bound to a Service, the GAMMA way, go first: they
+    # replace that Service's own route; its TLS span tags go with them.
+    gamma = mesh_outbound_routes(
+        side.state, pod.namespace, lambda svc, port: tags.get((svc.namespace, svc.name, port), {})
+    )
     clusters += [
         _original_dst_cluster("outbound|original-dst|http1", pod.ip, http2=False),
         _original_dst_cluster("outbound|original-dst|grpc", pod.ip, http2=True),
@@ -299,16 +305,15 @@ def _outbound(side: _Sidecar) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     routes = {
         "name": "outbound",
         "virtual_hosts": [
-            {"name": "outbound", "domains": ["*"], "routes": service_routes + _fallback_routes()}
+            {
+                "name": "outbound",
+                "domains": ["*"],
+                "routes": gamma + service_routes + _fallback_routes(),
+                "include_request_attempt_count": True,
+            }
         ],
     }
-    hcm = side.hcm(
-        "outbound",
-        "sidecar-outbound",
-        routes,
-        {"hopscope.tls.mode": "plaintext"},
-        OUTBOUND_TLS_TAGS,
-    )
+    hcm = side.hcm("outbound", "sidecar-outbound", routes, value_tags=OUTBOUND_TLS_TAGS)
     listener = http_listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
     return listener, clusters
 
@@ -317,9 +322,13 @@ def _to(address: str) -> list[dict[str, Any]]:
     return [{"name": addresses.ORIGINAL_DST_HEADER, "string_match": {"exact": address}}]
 
 
-def _service_routes(side: _Sidecar) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _service_routes(
+    side: _Sidecar,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple[str, str, int], dict[str, str]]]:
+    """A route and a cluster per Service port, and each port's span tags."""
     routes: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
+    tags: dict[tuple[str, str, int], dict[str, str]] = {}
     for svc in side.state.services:
         if svc.headless:
             pod_routes, pod_clusters = _headless_routes(side, svc)
@@ -343,7 +352,8 @@ def _service_routes(side: _Sidecar) -> tuple[list[dict[str, Any]], list[dict[str
                     "tracing": _tags(_route_tags(svc, up, mtls)),
                 }
             )
-    return routes, clusters
+            tags[(svc.namespace, svc.name, sp.port)] = _route_tags(svc, up, mtls)
+    return routes, clusters, tags
 
 
 def _headless_routes(
@@ -377,6 +387,7 @@ def _headless_routes(
             cluster = static_cluster(
                 name, pod.ip, target, one_request_per_connection=True, bind_ip=side.pod.ip
             )
+            cluster["alt_stat_name"] = stat_name(name)
             endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
             endpoint["metadata"] = {
                 "typed_filter_metadata": {
@@ -480,10 +491,34 @@ def _service_cluster(
         tls = upstream_tls(side.files, up.identities or None)
         tls["typed_config"]["sni"] = _sni(svc, port)
         cluster["transport_socket"] = tls
+    cluster["alt_stat_name"] = stat_name(name)
     limits = _circuit_breaker(up.rule if up else None)
     if limits:
         cluster["circuit_breakers"] = {"thresholds": [limits]}
     return cluster
+
+
+def mesh_tls(
+    cluster: dict[str, Any],
+    state: ClusterState,
+    svc: Service,
+    port: int,
+    caller_namespace: str,
+    files: Path,
+) -> Upstream | None:
+    """Originate mTLS on ``cluster`` (to Service ``svc`` port ``port``) when its workloads
+    take it (automatic mTLS) or a DestinationRule asks; the certificates from ``files``.
+    What the callee accepts, for span tags; None when the port has no target."""
+    service_port = next((sp for sp in svc.ports if sp.port == port), None)
+    target = _target_port(state, svc, service_port.target_port) if service_port else None
+    if target is None:
+        return None
+    up = upstream(state, svc, target, caller_namespace)
+    if up.mtls:
+        tls = upstream_tls(files, up.identities or None)
+        tls["typed_config"]["sni"] = _sni(svc, port)
+        cluster["transport_socket"] = tls
+    return up
 
 
 def _circuit_breaker(rule: DestinationRule | None) -> dict[str, Any]:
@@ -580,6 +615,14 @@ def _original_dst_cluster(name: str, bind_ip: str, http2: bool) -> dict[str, Any
             http2, one_request_per_connection=True
         ),
     }
+
+
+def stat_name(cluster: str) -> str:
+    """A cluster's name in Envoy's statistics: the dots of a Service's FQDN would cut the
+    metric name apart (``envoy_cluster_shop_svc_cluster_local_…``), so they become ``_``
+    and every cluster's counters keep their usual names (``envoy_cluster_upstream_rq_total``
+    with ``envoy_cluster_name="outbound|8080||catalog_shop_svc_cluster_local"``)."""
+    return cluster.replace(".", "_")
 
 
 def service_cluster_name(namespace: str, service: str, port: int) -> str:

@@ -61,7 +61,11 @@ def common_tls_context(directory: Path, peer_ids: list[str] | None = None) -> di
     validation: dict[str, Any] = _sds(directory, ROOT_SECRET, ROOT_FILE)
     context: dict[str, Any] = {
         "tls_certificate_sds_secret_configs": [_sds(directory, CERT_SECRET, CERT_FILE)],
-        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_2",
+            # Envoy's client side stops at 1.2 unless told; the mesh speaks 1.3.
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
     }
     if peer_ids:
         context["combined_validation_context"] = {

@@ -43,6 +43,7 @@ from mesh.kubeproxy.rules import (
     hairpin_snat,
     make_selector,
 )
+from mesh.kubeproxy.tlsconn import relay_tls
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
 from mesh.netutil import open_from, reset
@@ -563,6 +564,8 @@ class Proxier:
             await HTTP1Relay(self.tracer, conn, client, upstream).run(first)
         elif kind == "h2":
             await HTTP2Relay(self.tracer, conn, client, upstream).run(first)
+        elif kind == "tls":
+            await relay_tls(self.tracer, first, client, upstream, conn)
         else:
             await relay_tcp(first, client, upstream, conn)
 

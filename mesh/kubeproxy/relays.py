@@ -1,5 +1,7 @@
 """Byte relays for one proxied connection: raw TCP, HTTP/1.1 (h11) and HTTP/2 (hpack).
 
+(TLS streams have their own relay, :mod:`mesh.kubeproxy.tlsconn`: one span per connection.)
+
 The connection is already DNATed (the endpoint chosen, the upstream socket open) when a
 relay starts; relays only move bytes, counting them, and give each HTTP request its hop
 span (:mod:`mesh.kubeproxy.hop`). HTTP/1 goes through llhttp (httptools);
@@ -22,6 +24,7 @@ import httptools
 
 from mesh.cni.passthrough import TRACE_HEADERS
 from mesh.cni.streams import write_eof
+from mesh.kubeproxy.clienthello import looks_like_tls
 from mesh.kubeproxy.hop import (
     ConnInfo,
     RequestHop,
@@ -44,6 +47,8 @@ def sniff(first: bytes) -> str:
         return "h2"
     if first[:4] in HTTP1_METHODS:
         return "http1"
+    if looks_like_tls(first):
+        return "tls"
     return "tcp"
 
 

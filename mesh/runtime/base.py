@@ -56,6 +56,22 @@ class ProcessStatus:
     log_path: Path | None = None
 
 
+def ingress_pod() -> Pod:
+    """The ingress controller's Envoy as a pod of ``hopscope-system`` (service account
+    ``ingress``: its mesh identity when it talks mTLS to workloads)."""
+    from mesh import addresses
+
+    return Pod(
+        "ingress-envoy",
+        "hopscope-system",
+        {"app": "ingress"},
+        addresses.INGRESS_NODE,
+        addresses.INGRESS_IP,
+        [],
+        service_account="ingress",
+    )
+
+
 @dataclass(frozen=True)
 class SidecarFiles:
     """A pod's sidecar directory: certificates and xDS resources the control plane writes
@@ -127,9 +143,11 @@ class Runtime(abc.ABC):
         cluster; return them in that order."""
 
     @abc.abstractmethod
-    def start_ingress(self, state: ClusterState) -> SystemComponent:
+    def start_ingress(self, state: ClusterState, identity: Path | None = None) -> SystemComponent:
         """Start the ingress controller's Envoy for the Ingresses in ``state``; with an
-        :attr:`ingress_xds_dir`, its routes come from the files there."""
+        :attr:`ingress_xds_dir`, its routes come from the files there. ``identity``: its
+        mesh certificate's directory as it sees it (:func:`ingress_pod`'s sidecar files),
+        for mTLS to workloads that ask for it; None: plaintext only."""
 
     def component_status(self, component: SystemComponent) -> ProcessStatus | None:
         """The component's process; ``None`` when it is not a process of this runtime."""

@@ -35,7 +35,13 @@ from typing import Any
 
 from mesh import addresses
 from mesh.model.types import ClusterState, Container, Pod
-from mesh.runtime.base import ProcessStatus, Runtime, SidecarFiles, SystemComponent
+from mesh.runtime.base import (
+    ProcessStatus,
+    Runtime,
+    SidecarFiles,
+    SystemComponent,
+    ingress_pod,
+)
 from mesh.runtime.datapath import DataPath, UserspaceDataPath
 from mesh.runtime.environment import container_env
 from mesh.runtime.processes import ProcessSupervisor
@@ -243,10 +249,7 @@ class DockerRuntime(Runtime):
             ]
             sidecar = self._create(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
             if files is not None:
-                # Its certificate and xDS files, in place before Envoy reads them.
-                host_dir = self.sidecar_files(pod).host_dir
-                names = sorted(p.name for p in host_dir.iterdir() if p.is_file())
-                sidecar.put_archive("/", _tar(host_dir, names, SIDECAR_DIR, with_dirs=True))
+                self._copy_all(pod, sidecar)  # in place before Envoy reads them
             sidecar.start()
         for container in pod.containers:
             self._create(
@@ -264,6 +267,12 @@ class DockerRuntime(Runtime):
         return SidecarFiles(
             self.state_dir / "sidecars" / f"{pod.namespace}_{pod.name}", SIDECAR_DIR
         )
+
+    def _copy_all(self, pod: Pod, container: Any) -> None:
+        """The pod's certificate and xDS files into its (created, not started) proxy."""
+        host_dir = self.sidecar_files(pod).host_dir
+        names = sorted(p.name for p in host_dir.iterdir() if p.is_file())
+        container.put_archive("/", _tar(host_dir, names, SIDECAR_DIR, with_dirs=True))
 
     def sidecar_files_changed(self, pod: Pod, names: list[str]) -> None:
         """Copy the files into the running sidecar next to where Envoy watches, then move
@@ -346,18 +355,11 @@ class DockerRuntime(Runtime):
         internet = SystemComponent("payments.example.net", "internet", f"http://{host}:8080/health")
         return [*self.system.start(), internet]
 
-    def start_ingress(self, state: ClusterState) -> SystemComponent:
+    def start_ingress(self, state: ClusterState, identity: Path | None = None) -> SystemComponent:
         """The ingress controller pod: Envoy on the ingress address, published on 127.0.0.1."""
         from mesh.envoy import envoy_flags, render_ingress
 
-        pod = Pod(
-            "ingress-envoy",
-            "hopscope-system",
-            {"app": "ingress"},
-            "node-a",
-            addresses.INGRESS_IP,
-            [],
-        )
+        pod = ingress_pod()
         self.stop_pod(pod)
         # The HTTPS listener's certificates are inline in this bootstrap: a Secret or a TLS
         # Ingress applied later is served after the ingress pod restarts (no shared files).
@@ -374,6 +376,7 @@ class DockerRuntime(Runtime):
             otlp_endpoint=self.otlp_for("node-a"),
             log_sink=self.log_sink_for("node-a"),
             xds_dir=self.ingress_xds_dir,
+            identity=identity,
         )
         argv = [
             "envoy",
@@ -381,7 +384,10 @@ class DockerRuntime(Runtime):
             json.dumps(config),
             *envoy_flags("ingress-envoy", "ingress"),
         ]
-        self._join(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
+        envoy = self._create(pod, "envoy", pause, argv, {}, SIDECAR_MEMORY)
+        if identity is not None:
+            self._copy_all(pod, envoy)
+        envoy.start()
         url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
         return SystemComponent("ingress-envoy", "ingress", url)
 

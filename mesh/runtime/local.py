@@ -112,7 +112,7 @@ class LocalRuntime(Runtime):
         url = f"http://{host}:8080/health"
         return SystemComponent("payments.example.net", "internet", url, INTERNET_PROCESS)
 
-    def start_ingress(self, state: ClusterState) -> SystemComponent:
+    def start_ingress(self, state: ClusterState, identity: Path | None = None) -> SystemComponent:
         from mesh.envoy import render_ingress
 
         config = render_ingress(
@@ -120,6 +120,7 @@ class LocalRuntime(Runtime):
             otlp_endpoint=self.otlp_endpoint,
             log_sink=self.log_sink,
             xds_dir=self.ingress_xds_dir,
+            identity=identity,
         )
         self._start_envoy(INGRESS_PROCESS, config, "ingress-envoy", "ingress")
         url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"

@@ -22,6 +22,7 @@ from mesh.scenarios.base import (
 from mesh.scenarios.edge import IngressSni as IngressSni  # registers ingress-sni
 from mesh.scenarios.library import SCENARIOS, Scenario
 from mesh.scenarios.mtls import StrictPlaintext as StrictPlaintext  # registers the mTLS ones
+from mesh.scenarios.routing import CanaryTenPercent as CanaryTenPercent  # and the routing ones
 
 __all__ = ["SCENARIOS", "BlameCheck", "Finding", "Scenario", "ScenarioError", "reset", "run"]
 

@@ -159,6 +159,7 @@ class Context:
         source_ip: str = addresses.EXTERNAL_CLIENT_IP,
         concurrency: int = 16,
         new_connections: bool = False,
+        announce: bool = True,
     ) -> list[Outcome]:
         """``count`` traced requests at ``rps``, through the ingress unless told otherwise;
         ``new_connections``: each on a connection of its own, as curl in a loop."""
@@ -175,7 +176,8 @@ class Context:
             keep_outcomes=True,
             reuse_connections=not new_connections,
         )
-        self.say(f"sending {count} requests to http://{host}{path} at {rps:g}/s")
+        if announce:
+            self.say(f"sending {count} requests to http://{host}{path} at {rps:g}/s")
         uvloop.run(gen.run())
         provider.force_flush()
         return list(gen.stats.outcomes or [])

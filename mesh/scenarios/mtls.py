@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.scenarios.base import BlameCheck, Context, ScenarioError
+from mesh.scenarios.base import BlameCheck, Context
 from mesh.scenarios.library import SCENARIOS, Scenario
+from mesh.scenarios.routing import until_outbound
 from mesh.traffic.engine import Outcome
 
 CATALOG_STRICT: dict[str, Any] = {
@@ -29,25 +30,17 @@ CATALOG_PLAINTEXT: dict[str, Any] = {
 
 
 def _mesh_settled(ctx: Context, want: str) -> None:
-    """Until a request's frontend → catalog hop shows ``want`` (``mtls``/``plaintext``) as
-    its TLS mode: the sidecars have taken the new policy (files, within a second or so)."""
-    import time
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        outcomes = ctx.send("/", 1, rps=5)
-        if outcomes and outcomes[0].trace_id:
-            view = ctx.trace(outcomes[0].trace_id, timeout=3)
-            for span in (view or {}).get("spans", []):
-                a = span["attributes"]
-                if (
-                    a.get("hopscope.hop") == "sidecar-outbound"
-                    and a.get("k8s.service.name") == "catalog"
-                    and a.get("hopscope.tls.mode") == want
-                ):
-                    return
-        time.sleep(0.5)
-    raise ScenarioError(f"the sidecars did not switch frontend → catalog to {want} in 20 s")
+    """Until the frontend → catalog hops show ``want`` (``mtls``/``plaintext``) as their
+    TLS mode towards a STRICT catalog: every frontend sidecar has taken the new policy."""
+    until_outbound(
+        ctx,
+        lambda a: (
+            a.get("k8s.service.name") == "catalog"
+            and a.get("hopscope.tls.mode") == want
+            and a.get("hopscope.mtls.peer_mode") == "STRICT"
+        ),
+        f"{want} to a STRICT catalog",
+    )
 
 
 class StrictPlaintext(Scenario):
@@ -75,10 +68,11 @@ class StrictPlaintext(Scenario):
         "no span from the catalog's side: the request never reached HTTP there",
     )
     dashboard = "Mesh: mTLS, retries and canaries"
-    blame = BlameCheck("sidecar-inbound", "proxy", ("plaintext", "STRICT"))
+    blame = BlameCheck("sidecar-outbound", "sidecar-inbound", ("refused a plaintext", "STRICT"))
 
     def inject(self, ctx: Context) -> None:
         ctx.apply([CATALOG_STRICT, CATALOG_PLAINTEXT], self.name)
+        _mesh_settled(ctx, "plaintext")
 
     def drive(self, ctx: Context) -> list[Outcome]:
         return ctx.send("/", 10, rps=5)
@@ -110,7 +104,7 @@ class ExpiredCertificate(Scenario):
         "after the scenario, `--renew` fixes it without restarting a pod",
     )
     dashboard = "Mesh: mTLS, retries and canaries"
-    blame = BlameCheck("sidecar-outbound", "proxy", ("certificate",))
+    blame = BlameCheck("sidecar-outbound", "sidecar-outbound", ("certificate has expired",))
 
     def inject(self, ctx: Context) -> None:
         ctx.apply([CATALOG_STRICT], self.name)

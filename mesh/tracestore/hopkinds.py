@@ -33,9 +33,13 @@ from mesh.tracestore.hoprender import (
     dns_detail,
     dns_endpoints,
     dns_rcode,
+    inbound_tls,
     nat_originals,
+    no_tls,
     node_and_kind,
     ok_or_error,
+    opaque_tls,
+    outbound_tls,
     overlay_encapsulation,
     peer_to_upstream,
     pod_name,
@@ -111,6 +115,8 @@ class HopKind:
     """Where the hop happened: a pod, a node, a Service."""
     fallback_status: Callable[[SpanRecord], str] = ok_or_error
     """The status column when the span has no HTTP or gRPC status."""
+    tls: Callable[[SpanRecord], str] = no_tls
+    """The hop's ``tls`` column: how the connection was protected, as this hop knew it."""
     label: str = "the {kind} hop at {where}"
     """How a verdict names the hop."""
     explains: str = ""
@@ -167,7 +173,10 @@ DNS = _declare(
     )
 )
 _ENVOY_TO_SERVICES = HopKind(
-    "", Trait.ENTRY | Trait.DIALS_SERVICES | Trait.REPORTS_FLAGS, walk=walk_proxied
+    "",
+    Trait.ENTRY | Trait.DIALS_SERVICES | Trait.REPORTS_FLAGS,
+    walk=walk_proxied,
+    tls=outbound_tls,
 )
 """An Envoy that ends a client's connection and opens its own to a Service."""
 INGRESS = _declare(
@@ -196,6 +205,7 @@ SIDECAR_INBOUND = _declare(
         style="blue",
         label="the {where} sidecar (inbound)",
         walk=walk_in_pod,
+        tls=inbound_tls,
     )
 )
 
@@ -208,6 +218,7 @@ _SERVICE_NAT = HopKind(
     label="{kind} ({where})",
     walk=walk_service_nat,
     client_packet=sent_as_translated,
+    tls=opaque_tls,
 )
 """A Service address DNATed to an endpoint (and undone by conntrack on the reply)."""
 KUBE_PROXY = _declare(
@@ -246,6 +257,7 @@ CNI_OVERLAY = _declare(
         colour="#e8f0fe",
         detail=overlay_encapsulation,
         walk=walk_overlay,
+        tls=opaque_tls,
     )
 )
 EGRESS_SNAT = _declare(replace(_NODE_DATAPATH, name="egress-snat", walk=walk_egress))

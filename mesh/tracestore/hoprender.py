@@ -244,3 +244,86 @@ def sent_as_captured(seen_by: Hop, path: list[Hop]) -> SentPacket | None:
     target = (nxt or {}).get("nat_tuple", {}).get("original_dst") or seen_by["dst"]
     change = f"captured by the pod's sidecar (outbound listener {accepted.dst})"
     return SentPacket(accepted.src, target, seen_by["where"], change)
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+def tag(a: dict[str, Any], key: str) -> str:
+    """An attribute as text; an Envoy tag whose formatter had no value (``-``, "") is ""."""
+    value = a.get(key)
+    text = "" if value is None else str(value)
+    return "" if text == "-" else text
+
+
+def no_tls(span: SpanRecord) -> str:
+    return ""
+
+
+def inbound_tls(span: SpanRecord) -> str:
+    """``mTLS TLSv1.3 peer spiffe://…`` or ``plaintext (PERMISSIVE)``: how a sidecar took
+    the connection."""
+    a = span.attributes
+    mode = tag(a, "hopscope.tls.mode")
+    if mode == "mtls":
+        parts = ["mTLS", tag(a, "tls.protocol.version")]
+        peer = tag(a, "hopscope.tls.peer_identity")
+        return " ".join(p for p in parts if p) + (f" peer {peer}" if peer else "")
+    if mode == "plaintext":
+        listener = tag(a, "hopscope.mtls.mode")
+        return f"plaintext ({listener})" if listener else "plaintext"
+    return mode
+
+
+def outbound_tls(span: SpanRecord) -> str:
+    """What a proxy originated towards its upstream: ``mTLS TLSv1.3 peer spiffe://…``,
+    ``mTLS handshake failed`` or ``plaintext (peer STRICT)``."""
+    a = span.attributes
+    mode = tag(a, "hopscope.tls.mode")
+    if mode == "mtls":
+        version = tag(a, "hopscope.upstream.tls_version")
+        peer = tag(a, "hopscope.upstream.peer_identity")
+        if not version and not peer and tag(a, "hopscope.upstream.failure"):
+            return "mTLS handshake failed"
+        return " ".join(p for p in ("mTLS", version) if p) + (f" peer {peer}" if peer else "")
+    if mode == "plaintext":
+        peer_mode = tag(a, "hopscope.mtls.peer_mode")
+        return f"plaintext (peer {peer_mode})" if peer_mode else "plaintext"
+    return mode
+
+
+def opaque_tls(span: SpanRecord) -> str:
+    """A NAT hop that relayed a TLS stream it could not read: ``TLS (opaque) SNI …``."""
+    a = span.attributes
+    if a.get("hopscope.tls.opaque") is not True:
+        return ""
+    sni = tag(a, "tls.client.server_name")
+    return f"TLS (opaque) SNI {sni}" if sni else "TLS (opaque)"
+
+
+TLS_FACTS = {
+    "mode": "hopscope.tls.mode",
+    "version": "tls.protocol.version",
+    "peer_identity": "hopscope.tls.peer_identity",
+    "listener_mode": "hopscope.mtls.mode",
+    "listener_policy": "hopscope.mtls.policy",
+    "upstream_version": "hopscope.upstream.tls_version",
+    "upstream_identity": "hopscope.upstream.peer_identity",
+    "peer_mode": "hopscope.mtls.peer_mode",
+    "peer_policy": "hopscope.mtls.peer_policy",
+    "peer_namespace": "hopscope.mtls.peer_namespace",
+    "origination": "hopscope.mtls.origination",
+    "failure": "hopscope.upstream.failure",
+    "service": "k8s.service.name",
+    "sni": "tls.client.server_name",
+}
+"""The TLS facts a verdict reads from a hop (``tls_facts`` of a hop row), by short name."""
+
+
+def tls_facts(span: SpanRecord) -> dict[str, str]:
+    """The span's TLS attributes under short names; empty when it says nothing of TLS."""
+    a = span.attributes
+    if not tag(a, "hopscope.tls.mode") and a.get("hopscope.tls.opaque") is not True:
+        return {}
+    facts = {name: tag(a, key) for name, key in TLS_FACTS.items()}
+    return {k: v for k, v in facts.items() if v}

@@ -5,8 +5,14 @@ depth-first (children by start time), so a request's path reads top to bottom th
 packet travelled, even when clocks of different processes disagree slightly. The tree is
 the trace's, except that a hop reached through a NAT hop (kube-proxy, the overlay) is nested
 below it (:func:`logical_parent`): those hops forward the caller's trace context unchanged.
-What each kind of hop shows (src → dst, NAT, where, status) comes from its entry in
+What each kind of hop shows (src → dst, NAT, where, status, TLS) comes from its entry in
 :mod:`mesh.tracestore.hopkinds`.
+
+A TLS connection kube-proxy relayed has its span in a trace of its own; the store pairs it
+into the request's trace below the caller's proxy span (:mod:`mesh.tracestore.pairing`),
+and the callee's inbound sidecar span, a child of the caller's span through the encrypted
+``traceparent``, nests below the paired hop that delivered to its address. Such hops are
+marked ``paired_by: "connection"``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from collections import defaultdict
 from typing import Any
 
 from mesh import addresses
-from mesh.hopattributes import EMULATION_COST, VIA
-from mesh.tracestore.hopkinds import DNS, KUBE_PROXY, HopKind, Trait, kind_of
-from mesh.tracestore.hoprender import string_list
+from mesh.hopattributes import DOWNSTREAM_LOCAL_ADDRESS, EMULATION_COST, UPSTREAM_FAILURE, VIA
+from mesh.tracestore.hopkinds import CNI_OVERLAY, DNS, KUBE_PROXY, HopKind, Trait, kind_of
+from mesh.tracestore.hoprender import string_list, tag, tls_facts
 from mesh.tracestore.otlp import SpanRecord
 from mesh.tracestore.verdict import packet_walk, verdict
 
@@ -35,13 +41,39 @@ def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
     via = span.attributes.get(VIA)
     if isinstance(via, str) and via != span.span_id and via in by_id:
         return via
+    if span.paired_with and span.parent_span_id not in by_id:
+        return span.paired_with  # a connection span, below the proxy span it carried
     parent = by_id.get(span.parent_span_id)
+    if parent is not None and Trait.DIALS_SERVICES in _kind(parent).traits:
+        paired = _paired_hop_to(span, parent, by_id)
+        if paired:
+            return paired
     in_pod = parent is not None and Trait.DELIVERS_IN_POD in _kind(parent).traits
     if Trait.CONNTRACK_PAIRED in _kind(span).traits and not in_pod:
         nat = _nat_hop_to(span, by_id)
         if nat:
             return nat
     return span.parent_span_id
+
+
+def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
+    """For a callee's span whose request came inside TLS (nothing could tag the NAT hop it
+    passed): the connection hop paired below its caller's proxy span that delivered to the
+    address the callee accepted on; its ``cni-overlay`` child when the connection crossed
+    nodes. Only paired spans are looked at, so plaintext journeys are unchanged."""
+    local = tag(span.attributes, DOWNSTREAM_LOCAL_ADDRESS)
+    if not local:
+        return ""
+    nat, overlay = "", ""
+    for other in by_id.values():
+        if other.paired_with != caller.span_id:
+            continue
+        o, hop = other.attributes, other.attributes.get("hopscope.hop")
+        if hop == CNI_OVERLAY.name and o.get("hopscope.nat.original.dst") == local:
+            overlay = other.span_id
+        elif hop == KUBE_PROXY.name and o.get("hopscope.nat.translated.dst") == local:
+            nat = other.span_id
+    return overlay or nat
 
 
 def _nat_hop_to(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
@@ -182,6 +214,9 @@ def build_hops(spans: list[SpanRecord]) -> list[dict[str, Any]]:
                 "upstream_failure": str(span.attributes.get(UPSTREAM_FAILURE, "") or ""),
                 "upstream_cluster": str(span.attributes.get("upstream_cluster", "") or ""),
                 "derived": False,
+                "tls": kind.tls(span),
+                "tls_facts": tls_facts(span),
+                "paired_by": "connection" if span.paired_with else "",
             }
         )
     return _with_refusals(hops, spans)
@@ -198,10 +233,6 @@ def emulation_ms(span: SpanRecord) -> float | None:
     ):
         return None
     return round(cost / 1000, 2)
-
-
-UPSTREAM_FAILURE = "hopscope.upstream.failure"
-"""Envoy's ``%UPSTREAM_TRANSPORT_FAILURE_REASON%`` on a proxy's span (``... refused``)."""
 
 
 def _downstream(span: SpanRecord) -> dict[str, str]:
@@ -302,6 +333,7 @@ def _with_refusals(hops: list[dict[str, Any]], spans: list[SpanRecord]) -> list[
                 "conntrack": "",
                 "downstream": {},
                 "derived": True,
+                "tls_facts": {},
             }
         )
     return out
@@ -361,6 +393,8 @@ def trace_view(trace_id: str, spans: list[SpanRecord]) -> dict[str, Any]:
                 "parent_hop_id",
                 "conntrack",
                 "derived",
+                "paired_by",
+                "tls",
             )
         }
         for h in hops

@@ -57,6 +57,13 @@ class SpanRecord:
     status: str = "unset"
     status_message: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
+    paired_with: str = ""
+    """Set on a span of another trace shown in this one because conntrack-style pairing
+    matched its connection (:meth:`~mesh.tracestore.store.TraceStore.get`): the span id of
+    the proxy span whose upstream connection it is. Empty for the trace's own spans."""
+    lifetime_ns: tuple[int, int] | None = None
+    """For a paired span: its own start and end. ``start_ns``/``end_ns`` are then clipped to
+    the request it carried (a pooled connection outlives many requests)."""
 
     @property
     def duration_ms(self) -> float:
@@ -77,11 +84,14 @@ class SpanRecord:
             "status": self.status,
             "status_message": self.status_message,
             "events": self.events,
+            "paired_with": self.paired_with,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpanRecord:
         fields = {k: v for k, v in data.items() if k != "duration_ms"}
+        if isinstance(fields.get("lifetime_ns"), list):
+            fields["lifetime_ns"] = tuple(fields["lifetime_ns"])
         return cls(**fields)
 
 

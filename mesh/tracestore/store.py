@@ -11,6 +11,11 @@ one list, interleaved with the (interned, shared) resource they came from, so a 
 its encoded size plus a few dozen bytes. When the accounted bytes pass the budget, the
 traces updated longest ago go first; their ids are remembered in a fixed-size ring so a
 reader can be told "evicted" rather than "not found".
+
+Connection spans (kube-proxy's span of a TLS stream, :mod:`mesh.tracestore.pairing`) are
+indexed by client tuple as they arrive; the entry is charged to its trace's bytes and
+dropped with it. :meth:`TraceStore.get` adds the connection spans paired with a trace's
+proxy spans, so every view of a trace shows them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mesh.tracestore.otlp import SpanRecord, attributes, span_record
+from mesh.tracestore.pairing import ConnectionIndex, connection_client, entry_bytes, with_pairs
 
 TRACE_STORE_BUDGET = "HOPSCOPE_TRACE_STORE_BUDGET"
 """Env var: the store's memory budget, in bytes or with a unit (``256MiB``, ``64MB``).
@@ -120,10 +126,12 @@ class _Resource:
 class _Trace:
     """One trace's spans: encoded span bytes, each run preceded by its ``_Resource``."""
 
-    __slots__ = ("first_start", "last_resource", "nbytes", "parts", "spans")
+    __slots__ = ("clients", "first_start", "last_resource", "nbytes", "parts", "spans")
 
     def __init__(self, start_ns: int) -> None:
         self.parts: list[bytes | _Resource] = []
+        self.clients: tuple[str, ...] = ()
+        """Client tuples of this trace's connection spans (its entries in the index)."""
         self.spans = 0
         self.nbytes = TRACE_OVERHEAD
         self.first_start = start_ns
@@ -147,6 +155,8 @@ class TraceStore:
         self._resources: weakref.WeakValueDictionary[bytes, _Resource] = (
             weakref.WeakValueDictionary()
         )
+        self._conns = ConnectionIndex()
+        """Connection spans by client tuple, to pair them into request traces on read."""
         self._lock = threading.Lock()
         self._intern_lock = threading.Lock()
         self._bytes = 0
@@ -169,7 +179,7 @@ class TraceStore:
         """Store every span of an export; returns how many were stored and the rejected
         ones by reason."""
         rejected = {"invalid_id": 0, "trace_span_limit": 0}
-        batch: list[tuple[bytes, _Resource, int, bytes]] = []
+        batch: list[tuple[bytes, _Resource, Span, bytes]] = []
         for resource_spans in request.resource_spans:
             resource = self._intern(resource_spans.resource)
             for scope_spans in resource_spans.scope_spans:
@@ -179,14 +189,14 @@ class TraceStore:
                         rejected["invalid_id"] += 1
                         continue
                     span.ClearField("trace_id")
-                    batch.append(
-                        (trace_id, resource, span.start_time_unix_nano, span.SerializeToString())
-                    )
+                    batch.append((trace_id, resource, span, span.SerializeToString()))
         with self._lock:
             self.spans_received += len(batch) + rejected["invalid_id"]
-            for trace_id, resource, start_ns, data in batch:
-                if not self._append(trace_id, resource, start_ns, data):
+            for trace_id, resource, span, data in batch:
+                if not self._append(trace_id, resource, span.start_time_unix_nano, data):
                     rejected["trace_span_limit"] += 1
+                elif client := connection_client(span):
+                    self._index_connection(trace_id, client, span)
             for reason, n in rejected.items():
                 self.spans_rejected[reason] += n
             self._evict()
@@ -226,6 +236,14 @@ class TraceStore:
         self._spans += 1
         return True
 
+    def _index_connection(self, trace_id: bytes, client: str, span: Span) -> None:
+        trace = self._traces[trace_id]
+        self._conns.add(client, trace_id, span.start_time_unix_nano, span.end_time_unix_nano)
+        trace.clients = (*trace.clients, client)
+        cost = entry_bytes(client)
+        trace.nbytes += cost
+        self._bytes += cost
+
     def _evict(self) -> None:
         with self._intern_lock:
             self._resource_bytes = sum(r.nbytes for r in list(self._resources.values()))
@@ -233,6 +251,8 @@ class TraceStore:
             trace_id, trace = self._traces.popitem(last=False)
             self._bytes -= trace.nbytes
             self._spans -= trace.spans
+            if trace.clients:
+                self._conns.drop(trace.clients, trace_id)
             self.evicted_traces += 1
             self._remember_evicted(trace_id)
 
@@ -250,11 +270,22 @@ class TraceStore:
     # -- reading ------------------------------------------------------------------------
 
     def get(self, trace_id: str) -> list[SpanRecord]:
+        """A trace's spans, with the connection spans paired into it (:mod:`.pairing`)."""
         key = _key(trace_id)
         with self._lock:
             trace = self._traces.get(key) if key else None
             parts = list(trace.parts) if trace else []
-        return _records(trace_id.lower(), parts)
+        return self._paired(key, _records(trace_id.lower(), parts))
+
+    def _paired(self, key: bytes | None, records: list[SpanRecord]) -> list[SpanRecord]:
+        """``records`` plus the connection spans whose client tuple is the upstream local
+        address of one of their proxy spans, at an overlapping time."""
+        with self._lock:
+            pairs = self._conns.matches(records, key)
+            wanted = {tid: self._traces.get(tid) for _, tid in pairs}
+            parts = {tid: list(t.parts) for tid, t in wanted.items() if t is not None}
+        decoded = {tid: _records(tid.hex(), p) for tid, p in parts.items()}
+        return with_pairs(records, pairs, decoded)
 
     def find_prefix(self, prefix: str) -> list[str]:
         """Trace ids starting with ``prefix`` (lets users type a short id, like git)."""
@@ -263,12 +294,23 @@ class TraceStore:
             keys = list(self._traces)
         return [h for h in (k.hex() for k in keys) if h.startswith(prefix)]
 
-    def recent(self, limit: int = 20) -> list[tuple[str, list[SpanRecord]]]:
-        """Most recently *started* traces first."""
+    def recent(
+        self, limit: int = 20, connections: bool = False
+    ) -> list[tuple[str, list[SpanRecord]]]:
+        """Most recently *started* traces first.
+
+        A connection's own trace (kube-proxy's span of a TLS stream) is left out unless
+        ``connections``: it is shown inside the request traces it pairs with, and listing it
+        would make the newest "request" a connection opened after the request began."""
         with self._lock:
-            newest = heapq.nlargest(limit, self._traces.items(), key=lambda kv: kv[1].first_start)
-            picked = [(k.hex(), list(t.parts)) for k, t in newest]
-        return [(trace_id, _records(trace_id, parts)) for trace_id, parts in picked]
+            traces = (
+                self._traces.items()
+                if connections
+                else ((k, t) for k, t in self._traces.items() if not t.clients)
+            )
+            newest = heapq.nlargest(limit, traces, key=lambda kv: kv[1].first_start)
+            picked = [(k, list(t.parts)) for k, t in newest]
+        return [(k.hex(), self._paired(k, _records(k.hex(), parts))) for k, parts in picked]
 
     def was_evicted(self, trace_id: str) -> bool:
         """Whether a trace with this id (or id prefix) was held and has been evicted."""

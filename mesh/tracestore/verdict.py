@@ -25,6 +25,7 @@ from mesh.tracestore.hopkinds import (
     kind_of,
 )
 from mesh.tracestore.hoprender import Hop, PacketWalk, SentPacket, ip_of
+from mesh.tracestore.tlsverdict import tls_cause
 
 ENVOY_FLAG_MEANINGS = {
     "UH": "no healthy upstream (no ready endpoint to send to)",
@@ -108,8 +109,11 @@ def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
     if not failing:
         return {"ok": True, "origin": None, "produced_by": None, "reason": "every hop succeeded"}
     origin = max(failing, key=lambda h: (h["depth"], h["start_ns"]))
-    produced_by, cause = _cause(origin)
     by_id = {h["span_id"]: h for h in hops}
+    tls = _tls_verdict(origin, by_id)
+    if tls is not None:
+        return tls
+    produced_by, cause = _cause(origin)
     # The proxy whose status the caller saw: the nearest ancestor that set response flags.
     reporter = None
     for cur in _ancestors(by_id, origin):
@@ -134,6 +138,34 @@ def verdict(hops: list[dict[str, Any]]) -> dict[str, Any]:
         "group": _group(origin, produced_by),
         "reason": reason,
     }
+
+
+def _tls_verdict(origin: Hop, by_id: dict[str, Hop]) -> dict[str, Any] | None:
+    """A failed handshake, named by the proxy that originated the connection: the nearest
+    hop from the origin up that dials Services and reports a TLS failure
+    (:mod:`.tlsverdict`). That proxy is where the failure shows; the refusing side left no
+    span of its own."""
+    for hop in (origin, *_ancestors(by_id, origin)):
+        traits = kind_of(hop["hop"]).traits
+        if Trait.FORWARDS_CONTEXT in traits:
+            continue  # kube-proxy or the overlay between the two sidecars
+        if Trait.DIALS_SERVICES not in traits:
+            return None  # the request got past the handshake: a hop beyond it failed
+        cause = tls_cause(hop)
+        if cause is None:
+            return None
+        flags = hop["response_flags"]
+        said = f" {flags} ({_flag_words(flags)})" if flags else ""
+        return {
+            "ok": False,
+            "origin": hop["hop"],
+            "origin_span_id": hop["span_id"],
+            "produced_by": cause.produced_by,
+            "reported_by": hop["hop"],
+            "group": cause.group,
+            "reason": f"{_label(hop)} returned {hop['status']}{said} because {cause.reason}",
+        }
+    return None
 
 
 def _ancestors(by_id: dict[str, dict[str, Any]], hop: dict[str, Any]) -> list[dict[str, Any]]:

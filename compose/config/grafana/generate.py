@@ -108,6 +108,10 @@ RESPONSE_FLAGGED = ALL_LOGS + ' | log_kind="access" | response_flags!="" | respo
 """Envoy access records whose response flags say the proxy itself acted (UF, UT, NR, …)."""
 
 
+INBOUND_ALL = 'envoy_http_downstream_cx_total{envoy_http_conn_manager_prefix=~"inbound_.*"}'
+INBOUND_TLS = 'envoy_http_downstream_cx_ssl_total{envoy_http_conn_manager_prefix=~"inbound_.*"}'
+"""A sidecar's inbound connection managers: every connection, and those that came in TLS."""
+
 TELEMETRY_LOSS = {
     "{{job}} spans {{outcome}}/s": 'sum by (job, outcome) (rate(hopscope_otel_exported_spans_total{outcome!="sent"}[1m]))',
     "{{job}} log records {{outcome}}/s": 'sum by (job, outcome) (rate(hopscope_otel_exported_log_records_total{outcome!="sent"}[1m]))',
@@ -352,6 +356,64 @@ DASHBOARDS = {
                     "(rate(coredns_dns_request_duration_seconds_bucket[5m])))"
                 },
                 unit="s",
+            ),
+        ],
+    ),
+    "mesh": dashboard(
+        "hopscope-mesh",
+        "Mesh: mTLS, retries and canaries",
+        [
+            ts(
+                "Inbound connections per pod: mTLS vs plaintext",
+                {
+                    "{{pod}} mTLS": f"sum by (pod) (rate({INBOUND_TLS}[1m]))",
+                    "{{pod}} plaintext": f"sum by (pod) (rate({INBOUND_ALL}[1m])) - "
+                    f"(sum by (pod) (rate({INBOUND_TLS}[1m])) or sum by (pod) (rate({INBOUND_ALL}[1m])) * 0)",
+                },
+                w=24,
+            ),
+            ts(
+                "Handshake failures by reason (listener = callee's side, cluster = caller's side)",
+                {
+                    "{{pod}} plaintext refused: no filter chain (STRICT)": "sum by (pod) (rate(envoy_listener_no_filter_chain_match[1m]))",
+                    "{{pod}} caller's certificate refused": "sum by (pod) (rate(envoy_listener_ssl_fail_verify_error[1m]))",
+                    "{{pod}} caller sent no certificate": "sum by (pod) (rate(envoy_listener_ssl_fail_verify_no_cert[1m]))",
+                    "{{pod}} TLS error as callee": "sum by (pod) (rate(envoy_listener_ssl_connection_error[1m]))",
+                    "{{pod}} -> {{envoy_cluster_name}} callee's certificate refused": "sum by (pod, envoy_cluster_name) (rate(envoy_cluster_ssl_fail_verify_error[1m]))",
+                    "{{pod}} -> {{envoy_cluster_name}} TLS error as caller": "sum by (pod, envoy_cluster_name) (rate(envoy_cluster_ssl_connection_error[1m]))",
+                },
+                w=24,
+            ),
+            ts(
+                "Workload certificates: hours left (per sidecar)",
+                {
+                    "{{pod}}": 'min by (pod) (envoy_cluster_ssl_certificate_expiration_unix_time_seconds{envoy_tls_certificate="default"} - time()) / 3600'
+                },
+                unit="h",
+            ),
+            ts(
+                "Retries by caller and Service",
+                {
+                    "{{pod}} -> {{envoy_cluster_name}}": 'sum by (pod, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_retry{envoy_cluster_name=~"outbound.*"}[1m]))'
+                },
+            ),
+            ts(
+                "Circuit breaking: requests and connections refused (UO)",
+                {
+                    "{{pod}} -> {{envoy_cluster_name}} pending overflow": 'sum by (pod, envoy_cluster_name) (rate(envoy_cluster_upstream_rq_pending_overflow{envoy_cluster_name=~"outbound.*"}[1m]))',
+                    "{{pod}} -> {{envoy_cluster_name}} connection overflow": 'sum by (pod, envoy_cluster_name) (rate(envoy_cluster_upstream_cx_overflow{envoy_cluster_name=~"outbound.*"}[1m]))',
+                },
+            ),
+            ts(
+                "Canary split: catalog calls per backend Service (callers' sidecars)",
+                {
+                    "{{envoy_cluster_name}}": 'sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total{envoy_cluster_name=~"outbound.*catalog.*"}[1m]))'
+                },
+            ),
+            traces("Calls over mTLS", '{ span.hopscope.tls.mode = "mtls" }'),
+            traces(
+                "Retried calls (a second try reached a pod)",
+                '{ span.hopscope.retry.attempt = "2" }',
             ),
         ],
     ),

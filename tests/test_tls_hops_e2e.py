@@ -1,0 +1,167 @@
+"""End to end: with mTLS between sidecars, kube-proxy's hop is still in every trace.
+
+Real Envoy sidecars originate TLS to the Service VIP; the kube-proxy emulator sees only a
+TLS stream and gives the connection one span of its own, which the trace store pairs back
+below the caller's outbound span. The verdicts of failed handshakes name the side that
+refused. Each test puts the shop back as shipped (no policy).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e_support import api_get, dump, hopscope, poll_until, trace_json
+
+pytestmark = pytest.mark.e2e
+
+STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
+
+PLAINTEXT_RULE = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog, namespace: shop}
+spec:
+  host: catalog
+  trafficPolicy: {tls: {mode: DISABLE}}
+"""
+
+
+def _apply(env: dict[str, str], tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    hopscope("apply", "-f", str(path), env=env)
+    return path
+
+
+@pytest.fixture
+def strict(cluster: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    path = _apply(cluster, tmp_path, "strict", STRICT)
+    try:
+        yield path
+    finally:
+        hopscope("delete", "-f", str(path), env=cluster)
+
+
+def _frontend() -> str:
+    pods = api_get("/api/v1/state")["pods"]
+    return str(next(p["name"] for p in pods if p["name"].startswith("frontend") and p["ready"]))
+
+
+def _call(env: dict[str, str]) -> dict[str, Any]:
+    url = "http://catalog:8080/items"
+    proc = hopscope("curl", "--json", "--from", f"shop/{_frontend()}", url, env=env, check=False)
+    return json.loads(proc.stdout) if proc.stdout.strip() else {"status": None}
+
+
+def _outbound_to_catalog(view: dict[str, Any]) -> dict[str, Any] | None:
+    return next(
+        (
+            h
+            for h in view["hops"]
+            if h["hop"] == "sidecar-outbound" and h["tls"].startswith("mTLS TLSv1.")
+        ),
+        None,
+    )
+
+
+def test_the_kube_proxy_hop_of_an_mtls_call_is_paired_into_its_trace(
+    cluster: dict[str, str], strict: Path
+) -> None:
+    def paired_view(trace_id: str) -> dict[str, Any] | None:
+        view = trace_json(trace_id)
+        return view if any(h["paired_by"] == "connection" for h in view["hops"]) else None
+
+    def paired() -> dict[str, Any] | None:
+        doc = _call(cluster)
+        if doc["status"] != 200:
+            return None
+        # The connection span is exported when the connection closes: poll the trace.
+        return poll_until(lambda: paired_view(doc["trace_id"]), timeout=10)
+
+    view = poll_until(paired, timeout=40, interval=0.5)
+    hops = {h["span_id"]: h for h in view["hops"]}
+    out = _outbound_to_catalog(view)
+    assert out is not None, dump(view["hops"])
+    assert "spiffe://cluster.local/ns/shop/sa/" in out["tls"], dump(out)
+    (kp,) = [
+        h for h in view["hops"] if h["hop"] == "kube-proxy" and h["parent_hop_id"] == out["span_id"]
+    ]
+    assert kp["paired_by"] == "connection" and kp["tls"].startswith("TLS (opaque)"), dump(kp)
+    inbound = [
+        h
+        for h in view["hops"]
+        if h["hop"] == "sidecar-inbound" and h["where"].startswith("catalog")
+    ]
+    assert inbound, dump(view["hops"])
+    # The callee's sidecar nests below the paired hop that delivered to it (kube-proxy, or
+    # its overlay child when the pod is on the other node).
+    below = hops[inbound[0]["parent_hop_id"]]
+    assert below["paired_by"] == "connection", dump(view["hops"])
+    assert inbound[0]["tls"].startswith("mTLS TLSv1."), dump(inbound[0])
+    assert view["verdict"]["ok"] is True, dump(view["verdict"])
+
+
+def test_a_plaintext_call_to_strict_is_named_in_the_verdict(
+    cluster: dict[str, str], strict: Path, tmp_path: Path
+) -> None:
+    poll_until(lambda: _call(cluster)["status"] == 200, timeout=20, interval=0.5)
+    rule = _apply(cluster, tmp_path, "rule", PLAINTEXT_RULE)
+    try:
+
+        def refused() -> dict[str, Any] | None:
+            doc = _call(cluster)
+            if doc["status"] != 503:
+                return None
+            verdict = trace_json(doc["trace_id"])["verdict"]
+            return verdict if "refused a plaintext connection" in verdict["reason"] else None
+
+        verdict = poll_until(refused, timeout=30, interval=0.5)
+        assert verdict["produced_by"] == "sidecar-inbound", dump(verdict)
+        assert (
+            "the catalog sidecar refused a plaintext connection: STRICT mTLS in namespace shop "
+            "(PeerAuthentication shop/default)" in verdict["reason"]
+        ), dump(verdict)
+    finally:
+        hopscope("delete", "-f", str(rule), env=cluster)
+
+
+def test_an_expired_callee_certificate_is_named_in_the_verdict(
+    cluster: dict[str, str], strict: Path
+) -> None:
+    poll_until(lambda: _call(cluster)["status"] == 200, timeout=20, interval=0.5)
+    names = [p["name"] for p in api_get("/api/v1/state")["pods"] if p["name"].startswith("catalog")]
+    for name in names:  # every catalog replica, whichever kube-proxy picks
+        hopscope("cert", "pod", name, "--expire", "-o", "json", env=cluster)
+    try:
+
+        def rejected() -> dict[str, Any] | None:
+            doc = _call(cluster)
+            if doc["status"] != 503:
+                return None
+            view = trace_json(doc["trace_id"])
+            failures = [
+                s["attributes"].get("hopscope.upstream.failure")
+                for s in view["spans"]
+                if s["attributes"].get("hopscope.hop") == "sidecar-outbound"
+            ]
+            verdict = {**view["verdict"], "failures": failures}
+            return verdict if "certificate" in verdict["reason"] else None
+
+        verdict = poll_until(rejected, timeout=30, interval=0.5)
+        assert verdict["produced_by"] == "sidecar-outbound", dump(verdict)
+        assert (
+            "sidecar rejected catalog's certificate: certificate has expired" in (verdict["reason"])
+        ), dump(verdict)
+    finally:
+        for name in names:
+            hopscope("cert", "pod", name, "--renew", env=cluster)
