@@ -194,3 +194,17 @@ def test_an_expired_certificate_fails_the_handshake_and_a_renewal_needs_no_resta
     assert doc["status"] == 200
     restarts = {p["name"]: p["restarts"] for p in api_get("/api/v1/state")["pods"]}
     assert all(restarts[name] == 0 for name in names), restarts
+
+
+def test_get_lists_the_policies_kubectl_style(cluster: dict[str, str], strict: Path) -> None:
+    table = hopscope("get", "peerauthentications", "-n", "shop", env=cluster).stdout
+    assert "default" in table and "STRICT" in table and "<namespace>" in table, table
+    doc = json.loads(
+        hopscope("get", "pa", "default", "-n", "shop", "-o", "json", env=cluster).stdout
+    )
+    assert doc["apiVersion"] == "security.istio.io/v1" and doc["kind"] == "PeerAuthentication"
+    assert doc["spec"] == {"mtls": {"mode": "STRICT"}} and doc["metadata"]["uid"], doc
+    listed = json.loads(hopscope("get", "destinationrules", "-o", "json", env=cluster).stdout)
+    assert listed["kind"] == "List" and listed["items"] == [], listed
+    bad = hopscope("get", "peerauthentication", "nosuch", env=cluster, check=False)
+    assert bad.returncode == 1 and "not found" in bad.stderr

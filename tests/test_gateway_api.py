@@ -665,3 +665,89 @@ def test_mesh_routes_fit_in_front_of_a_rendered_sidecars_outbound_routes(
     ]
     ok, output = validate_config(config)
     assert ok, output[-2000:]
+
+
+def test_a_tls_route_on_a_passthrough_listener_is_served_by_sni_on_the_ingress() -> None:
+    from mesh.envoy.ingress import ingress_config, render_ingress
+
+    cluster = Cluster()
+    cluster.apply(load_manifests(default_manifest_paths()))
+    listener = {
+        "name": "tls",
+        "protocol": "TLS",
+        "port": 8443,
+        "tls": {"mode": "Passthrough"},
+        "allowedRoutes": {"kinds": [{"kind": "TLSRoute"}]},
+    }
+    tls_route = load_document(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1alpha2",
+            "kind": "TLSRoute",
+            "metadata": {"name": "vault", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"name": "gw", "sectionName": "tls"}],
+                "hostnames": ["vault.shop.local"],
+                "rules": [{"backendRefs": [{"name": "catalog", "port": 8080}]}],
+            },
+        },
+        "test.yaml",
+    )
+    cluster.apply([gateway([listener]), tls_route])
+    resources = ingress_config(cluster.state)
+    (chain,) = [c for c in resources.tls.passthrough if c.host == "vault.shop.local"]
+    assert chain.ingress == "TLSRoute shop/vault" and chain.backend.service == "catalog"
+    assert "ingress-passthrough|shop|catalog|8080" in {c["name"] for c in resources.clusters}
+    config = render_ingress(cluster.state, OTLP)
+    https = next(
+        li for li in config["static_resources"]["listeners"] if li["name"] != "ingress_http"
+    )
+    names = [c.get("filter_chain_match", {}).get("server_names") for c in https["filter_chains"]]
+    assert ["vault.shop.local"] in names, names
+    ok, output = validate_config(config)
+    assert ok, output[-2000:]
+
+
+def test_an_https_listener_terminates_with_its_certificate_ref_on_the_ingress() -> None:
+    import base64
+
+    from mesh.envoy.ingress import ingress_config, render_ingress
+    from mesh.identity.ca import CertificateAuthority
+
+    cert, key = CertificateAuthority.create().issue_server_certificate(["gw.shop.local"])
+    secret = load_document(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "gw-tls", "namespace": "shop"},
+            "type": "kubernetes.io/tls",
+            "data": {
+                "tls.crt": base64.b64encode(cert).decode(),
+                "tls.key": base64.b64encode(key).decode(),
+            },
+        },
+        "test.yaml",
+    )
+    listener = {
+        "name": "https",
+        "protocol": "HTTPS",
+        "port": 8443,
+        "hostname": "gw.shop.local",
+        "tls": {"mode": "Terminate", "certificateRefs": [{"name": "gw-tls"}]},
+    }
+    cluster = Cluster()
+    cluster.apply(load_manifests(default_manifest_paths()))
+    https_route = route(
+        {
+            "parentRefs": [{"name": "gw", "sectionName": "https"}],
+            "rules": [{"backendRefs": [{"name": "frontend", "port": 8080}]}],
+        }
+    )
+    cluster.apply([secret, gateway([listener]), load_document(https_route, "test.yaml")])
+    resources = ingress_config(cluster.state)
+    (chain,) = resources.tls.terminating
+    assert chain.secret == "shop/gw-tls" and chain.hosts == ["gw.shop.local"], chain
+    hosts = [vh["domains"] for vh in resources.https_routes["virtual_hosts"]]
+    assert any("gw.shop.local" in d for d in hosts), hosts
+    assert not resources.warnings, resources.warnings
+    ok, output = validate_config(render_ingress(cluster.state, OTLP))
+    assert ok, output[-2000:]

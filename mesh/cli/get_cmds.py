@@ -21,12 +21,17 @@ from rich.table import Table
 from mesh.cli._client import APIClient
 from mesh.model.k8s_objects import list_object, ready_containers, to_object
 from mesh.model.types import (
+    ApiObject,
     ClusterState,
+    DestinationRule,
     EndpointSlice,
+    Gateway,
     Ingress,
     NetworkPolicy,
+    PeerAuthentication,
     Pod,
     ProxyConfig,
+    Secret,
     Service,
 )
 
@@ -48,6 +53,23 @@ RESOURCE_ALIASES = {
     "netpol": "networkpolicies",
     "networkpolicy": "networkpolicies",
     "networkpolicies": "networkpolicies",
+    "peerauthentication": "peerauthentications",
+    "peerauthentications": "peerauthentications",
+    "pa": "peerauthentications",
+    "destinationrule": "destinationrules",
+    "destinationrules": "destinationrules",
+    "dr": "destinationrules",
+    "gateway": "gateways",
+    "gateways": "gateways",
+    "gtw": "gateways",
+    "httproute": "httproutes",
+    "httproutes": "httproutes",
+    "grpcroute": "grpcroutes",
+    "grpcroutes": "grpcroutes",
+    "tlsroute": "tlsroutes",
+    "tlsroutes": "tlsroutes",
+    "secret": "secrets",
+    "secrets": "secrets",
 }
 
 
@@ -175,6 +197,76 @@ def _netpol_rows(pols: list[NetworkPolicy], wide: bool) -> tuple[list[str], list
     return head, rows
 
 
+def _peer_auth_rows(pas: list[PeerAuthentication], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "MODE", "SELECTOR", "AGE"]
+    rows = []
+    for p in pas:
+        sel = (p.spec.get("selector") or {}).get("matchLabels") or {}
+        mode = (p.spec.get("mtls") or {}).get("mode") or "UNSET"
+        ports = p.spec.get("portLevelMtls") or {}
+        if ports:
+            mode += " (" + ", ".join(f"{k}: {v.get('mode')}" for k, v in ports.items()) + ")"
+        selector = ",".join(f"{k}={v}" for k, v in sel.items()) or "<namespace>"
+        rows.append([p.namespace, p.name, mode, selector, _age(p.created)])
+    return head, rows
+
+
+def _destination_rule_rows(
+    drs: list[DestinationRule], wide: bool
+) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "HOST", "TLS", "CONNECTION-POOL", "AGE"]
+    rows = []
+    for r in drs:
+        policy = r.spec.get("trafficPolicy") or {}
+        pool = policy.get("connectionPool") or {}
+        limits = {**(pool.get("tcp") or {}), **(pool.get("http") or {})}
+        tls = (policy.get("tls") or {}).get("mode") or "<auto>"
+        shown = ",".join(f"{k}={v}" for k, v in limits.items()) or "<none>"
+        rows.append([r.namespace, r.name, r.spec["host"], tls, shown, _age(r.created)])
+    return head, rows
+
+
+def _gateway_rows(gws: list[Gateway], wide: bool) -> tuple[list[str], list[list[str]]]:
+    from mesh import addresses
+
+    head = ["NAMESPACE", "NAME", "CLASS", "ADDRESS", "LISTENERS", "AGE"]
+    rows = []
+    for g in gws:
+        listeners = ",".join(
+            f"{li.get('name')}:{li.get('protocol')}/{li.get('port')}"
+            for li in g.spec.get("listeners") or []
+        )
+        rows.append(
+            [
+                g.namespace,
+                g.name,
+                str(g.spec.get("gatewayClassName", "")),
+                addresses.INGRESS_IP,
+                listeners,
+                _age(g.created),
+            ]
+        )
+    return head, rows
+
+
+def _route_rows(routes: list[ApiObject], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "HOSTNAMES", "PARENTS", "AGE"]
+    rows = []
+    for r in routes:
+        parents = ",".join(
+            f"{p.get('kind', 'Gateway')}/{p.get('name')}" for p in r.spec.get("parentRefs") or []
+        )
+        hostnames = ",".join(r.spec.get("hostnames") or []) or "*"
+        rows.append([r.namespace, r.name, hostnames, parents, _age(r.created)])
+    return head, rows
+
+
+def _secret_rows(secrets: list[Secret], wide: bool) -> tuple[list[str], list[list[str]]]:
+    head = ["NAMESPACE", "NAME", "TYPE", "DATA", "AGE"]
+    rows = [[s.namespace, s.name, s.type, str(len(s.data)), _age(s.created)] for s in secrets]
+    return head, rows
+
+
 Lister = Callable[[Any, bool], tuple[list[str], list[list[str]]]]
 _LISTERS: dict[str, tuple[str, Lister]] = {
     "pods": ("pods", _pod_rows),
@@ -182,6 +274,13 @@ _LISTERS: dict[str, tuple[str, Lister]] = {
     "endpointslices": ("endpoint_slices", _slice_rows),
     "ingresses": ("ingresses", _ingress_rows),
     "networkpolicies": ("network_policies", _netpol_rows),
+    "peerauthentications": ("peer_authentications", _peer_auth_rows),
+    "destinationrules": ("destination_rules", _destination_rule_rows),
+    "gateways": ("gateways", _gateway_rows),
+    "httproutes": ("http_routes", _route_rows),
+    "grpcroutes": ("grpc_routes", _route_rows),
+    "tlsroutes": ("tls_routes", _route_rows),
+    "secrets": ("secrets", _secret_rows),
 }
 
 
@@ -198,12 +297,13 @@ _LISTERS: dict[str, tuple[str, Lister]] = {
 )
 @click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
 def get(resource: str, name: str | None, namespace: str | None, output: str, as_json: bool) -> None:
-    """List pods, svc, endpointslices, ingress or netpol (kubectl-style)."""
+    """List pods, svc, endpointslices, ingress, netpol, secrets, peerauthentications,
+    destinationrules, gateways, httproutes, grpcroutes or tlsroutes (kubectl-style)."""
     kind = RESOURCE_ALIASES.get(resource.lower())
     if kind is None:
+        known = ", ".join(sorted(_LISTERS))
         raise click.BadParameter(
-            f"unknown resource {resource!r}; use one of pods, svc, endpointslices, ingress, netpol",
-            param_hint="RESOURCE",
+            f"unknown resource {resource!r}; use one of {known}", param_hint="RESOURCE"
         )
     state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
     attr, lister = _LISTERS[kind]

@@ -40,7 +40,7 @@ from mesh.model.manifests import (
     SSL_REDIRECT_ANNOTATION,
     annotation_is_true,
 )
-from mesh.model.types import ClusterState, Ingress, IngressPath, Secret
+from mesh.model.types import ClusterState, Ingress, IngressPath, PathType, Secret
 
 TLS_LISTENER = "ingress_https"
 """Name of the HTTPS listener (an LDS resource when served from files)."""
@@ -143,7 +143,7 @@ def plan_tls(state: ClusterState) -> TlsPlan:
     def claim(host: str, who: str) -> bool:
         if host in claimed and claimed[host] != who:
             plan.warnings.append(
-                f"Ingress {who}: TLS host {host} is already served by Ingress {claimed[host]}"
+                f"{_owner(who)}: TLS host {host} is already served by {_owner(claimed[host])}"
             )
             return False
         claimed[host] = who
@@ -185,8 +185,75 @@ def plan_tls(state: ClusterState) -> TlsPlan:
             plan.redirect_hosts.update(r.host for r in ing.rules if r.host)
         elif annotation_is_true(ing.annotations, SSL_REDIRECT_ANNOTATION):
             plan.redirect_hosts.update(served)
+    _tls_routes(state, plan, claim)
+    _gateway_https(state, plan, claim, by_secret)
     plan.terminating = [c for c in plan.terminating if c.hosts]
     return plan
+
+
+def _gateway_https(
+    state: ClusterState, plan: TlsPlan, claim: Any, by_secret: dict[str, TerminatingChain]
+) -> None:
+    """Gateway API termination: an ``HTTPS`` listener (mode ``Terminate``) of a hopscope
+    Gateway serves its ``hostname`` with its first ``certificateRefs`` Secret; the routes
+    attached to it are on the HTTPS listener's virtual hosts."""
+    from mesh.model.gateway_attach import GATEWAY_CLASS
+    from mesh.model.gateway_views import gateway_view
+
+    for gw in state.gateways:
+        if gw.spec.get("gatewayClassName") != GATEWAY_CLASS:
+            continue
+        who = f"Gateway {gw.namespace}/{gw.name}"
+        for listener in gateway_view(gw).listeners:
+            if listener.protocol != "HTTPS" or listener.tls_mode == "Passthrough":
+                continue
+            if not listener.hostname or "*" in listener.hostname:
+                plan.warnings.append(
+                    f"{who}: listener {listener.name}: HTTPS needs an exact hostname here "
+                    "(SNI picks the certificate); not served"
+                )
+                continue
+            if not listener.certificate_refs:
+                continue
+            namespace, secret_name = listener.certificate_refs[0]
+            name = f"{namespace}/{secret_name}"
+            chain = by_secret.get(name)
+            if chain is None:
+                pair = _certificate_pair(state.secret(namespace, secret_name))
+                if isinstance(pair, str):
+                    plan.warnings.append(
+                        f"{who}: listener {listener.name}: certificateRefs secret {name} "
+                        f"{pair}; TLS for {listener.hostname} is not served"
+                    )
+                    continue
+                chain = TerminatingChain(name, [], *pair)
+                by_secret[name] = chain
+                plan.terminating.append(chain)
+            if listener.hostname not in chain.hosts and claim(listener.hostname, who):
+                chain.hosts.append(listener.hostname)
+
+
+def _owner(who: str) -> str:
+    """``Ingress shop/x`` or ``TLSRoute shop/y`` (Ingresses are claimed by namespace/name)."""
+    return who if who.startswith(("TLSRoute ", "Gateway ")) else f"Ingress {who}"
+
+
+def _tls_routes(state: ClusterState, plan: TlsPlan, claim: Any) -> None:
+    """Gateway API passthrough: TLSRoutes on a Gateway's ``TLS`` listener in ``Passthrough``
+    mode — by SNI, unopened, to the route's first backend (TLS carries no path to match)."""
+    from mesh.envoy.gateway import passthrough_attachments
+
+    for attachment in passthrough_attachments(state):
+        route = attachment.route
+        backends = [b for rule in route.rules for b in rule.backends]
+        if not backends:
+            continue
+        first = backends[0]
+        who = f"TLSRoute {route.namespace}/{route.name}"
+        path = IngressPath("/", PathType.PREFIX, first.name, first.port)
+        for host in attachment.hostnames:
+            if host != "*" and claim(host, who):
+                plan.passthrough.append(PassthroughChain(host, who, first.namespace, path))
 
 
 def _root_path(paths: list[IngressPath]) -> IngressPath:

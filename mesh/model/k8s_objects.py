@@ -24,6 +24,7 @@ from typing import Any
 
 from mesh import addresses
 from mesh.model.types import (
+    ApiObject,
     ClusterState,
     Container,
     EndpointSlice,
@@ -32,6 +33,7 @@ from mesh.model.types import (
     NetworkPolicy,
     Pod,
     Probe,
+    Secret,
     Service,
     ServiceType,
     SessionAffinity,
@@ -63,6 +65,16 @@ def to_object(item: Any, state: ClusterState) -> dict[str, Any]:
         return ingress_object(item, state)
     if isinstance(item, NetworkPolicy):
         return network_policy_object(item, state)
+    if isinstance(item, ApiObject):
+        return api_object(item, state)
+    if isinstance(item, Secret):
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _metadata("Secret", item.namespace, item.name, state, item.created),
+            "type": item.type,
+            "data": dict(item.data),
+        }
     raise TypeError(f"no Kubernetes shape for {type(item).__name__}")
 
 
@@ -460,4 +472,19 @@ def network_policy_object(pol: NetworkPolicy, state: ClusterState) -> dict[str, 
         "kind": "NetworkPolicy",
         "metadata": _metadata("NetworkPolicy", pol.namespace, pol.name, state, pol.created),
         "spec": spec,
+    }
+
+
+def api_object(obj: ApiObject, state: ClusterState) -> dict[str, Any]:
+    """A mesh policy or Gateway API object: its spec as applied (the kinds of
+    :mod:`mesh.model.crds`)."""
+    from mesh.model.crds import CUSTOM_KINDS
+
+    api_version, kind = next(k for k, v in CUSTOM_KINDS.items() if v.cls is type(obj))
+    meta = _metadata(kind, obj.namespace, obj.name, state, obj.created, labels=obj.labels or None)
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": meta,
+        "spec": copy.deepcopy(obj.spec),
     }
