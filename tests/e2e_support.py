@@ -217,3 +217,37 @@ class ClusterPool:
             yield self.acquire(spec, user)
         finally:
             self.release()
+
+
+# -- the mesh's policies, as the mTLS tests apply them -------------------------------------
+
+SHOP_STRICT = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
+
+CATALOG_STRICT = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: catalog-strict, namespace: shop}
+spec: {selector: {matchLabels: {app: catalog}}, mtls: {mode: STRICT}}
+"""
+
+CATALOG_PLAINTEXT_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog, namespace: shop}
+spec:
+  host: catalog
+  trafficPolicy: {tls: {mode: DISABLE}}
+"""
+
+
+def apply_manifest(env: dict[str, str], directory: Path, name: str, text: str) -> Path:
+    """Write ``text`` as ``name.yaml`` in ``directory`` and ``hopscope apply`` it."""
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    hopscope("apply", "-f", str(path), env=env)
+    return path

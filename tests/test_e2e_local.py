@@ -21,7 +21,9 @@ import requests
 
 from tests.e2e_support import (
     API,
+    CATALOG_STRICT,
     api_get,
+    apply_manifest,
     cluster_processes,
     dump,
     hop_names,
@@ -495,14 +497,6 @@ def _scrape_everything() -> dict[str, set[str]]:
     return seen
 
 
-CATALOG_STRICT = """\
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: catalog-strict, namespace: shop}
-spec: {selector: {matchLabels: {app: catalog}}, mtls: {mode: STRICT}}
-"""
-
-
 def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:
@@ -542,9 +536,7 @@ def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
     poll_until(lambda: api_get("/api/v1/status")["ready"], timeout=60)
     poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
     # mTLS on the catalog: the TLS statistics of its listener and of its callers' clusters.
-    strict = tmp_path / "strict.yaml"
-    strict.write_text(CATALOG_STRICT)
-    hopscope("apply", "-f", str(strict), env=cluster)
+    strict = apply_manifest(cluster, tmp_path, "strict", CATALOG_STRICT)
     try:
         poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
         time.sleep(2)  # the sidecars take the new listener and clusters from their files

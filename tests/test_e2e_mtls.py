@@ -16,39 +16,26 @@ from typing import Any
 import pytest
 import requests
 
-from tests.e2e_support import api_get, dump, hopscope, poll_until, trace_json
+from tests.e2e_support import (
+    CATALOG_PLAINTEXT_RULE,
+    SHOP_STRICT,
+    api_get,
+    apply_manifest,
+    dump,
+    hopscope,
+    poll_until,
+    trace_json,
+)
 
 pytestmark = pytest.mark.e2e
 
-STRICT = """
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
-"""
-
-PLAINTEXT_RULE = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: catalog, namespace: shop}
-spec:
-  host: catalog
-  trafficPolicy: {tls: {mode: DISABLE}}
-"""
 
 IDENTITY = "spiffe://cluster.local/ns/shop/sa/default"
 
 
-def _apply(env: dict[str, str], tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
-    hopscope("apply", "-f", str(path), env=env)
-    return path
-
-
 @pytest.fixture
 def strict(cluster: dict[str, str], tmp_path: Path) -> Iterator[Path]:
-    path = _apply(cluster, tmp_path, "strict", STRICT)
+    path = apply_manifest(cluster, tmp_path, "strict", SHOP_STRICT)
     try:
         yield path
     finally:
@@ -64,6 +51,16 @@ def _call(env: dict[str, str], url: str = "http://catalog:8080/items") -> dict[s
     frontend = _pod("frontend")["name"]
     proc = hopscope("curl", "--json", "--from", f"shop/{frontend}", url, env=env, check=False)
     return json.loads(proc.stdout) if proc.stdout.strip() else {"status": None}
+
+
+def _until_status(env: dict[str, str], status: int) -> dict[str, Any]:
+    """A frontend → catalog call once one answers ``status`` (the sidecars took a change)."""
+
+    def answered() -> dict[str, Any] | None:
+        doc = _call(env)
+        return doc if doc["status"] == status else None
+
+    return poll_until(answered, timeout=20, interval=0.5)
 
 
 def _spans(trace_id: str, hop: str, count: int = 1) -> list[dict[str, Any]]:
@@ -144,14 +141,9 @@ def test_a_destination_rule_sending_plaintext_to_strict_fails_with_both_sides_na
     cluster: dict[str, str], strict: Path, tmp_path: Path
 ) -> None:
     _mtls_call(cluster)
-    rule = _apply(cluster, tmp_path, "rule", PLAINTEXT_RULE)
+    rule = apply_manifest(cluster, tmp_path, "rule", CATALOG_PLAINTEXT_RULE)
     try:
-
-        def failing() -> dict[str, Any] | None:
-            doc = _call(cluster)
-            return doc if doc["status"] == 503 else None
-
-        doc = poll_until(failing, timeout=20, interval=0.5)
+        doc = _until_status(cluster, 503)
         (out,) = _spans(doc["trace_id"], "sidecar-outbound")[:1]
         a = out["attributes"]
         assert a["hopscope.tls.mode"] == "plaintext", dump(a)
@@ -178,19 +170,14 @@ def test_an_expired_certificate_fails_the_handshake_and_a_renewal_needs_no_resta
         )
         assert shown["expired"] is True and shown["identity"] == IDENTITY, shown
     try:
-
-        def failing() -> dict[str, Any] | None:
-            doc = _call(cluster)
-            return doc if doc["status"] == 503 else None
-
-        doc = poll_until(failing, timeout=20, interval=0.5)
+        doc = _until_status(cluster, 503)
         (out,) = _spans(doc["trace_id"], "sidecar-outbound")[:1]
         a = out["attributes"]
         assert "CERTIFICATE_VERIFY_FAILED" in str(a.get("hopscope.upstream.failure")), dump(a)
     finally:
         for name in names:
             hopscope("cert", "pod", name, "--renew", env=cluster)
-    doc = poll_until(lambda: (d := _call(cluster)) and d["status"] == 200 and d, timeout=20)
+    doc = _until_status(cluster, 200)
     assert doc["status"] == 200
     restarts = {p["name"]: p["restarts"] for p in api_get("/api/v1/state")["pods"]}
     assert all(restarts[name] == 0 for name in names), restarts

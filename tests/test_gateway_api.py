@@ -708,25 +708,12 @@ def test_a_tls_route_on_a_passthrough_listener_is_served_by_sni_on_the_ingress()
 
 
 def test_an_https_listener_terminates_with_its_certificate_ref_on_the_ingress() -> None:
-    import base64
-
     from mesh.envoy.ingress import ingress_config, render_ingress
     from mesh.identity.ca import CertificateAuthority
+    from mesh.model.k8s_objects import tls_secret_document
 
     cert, key = CertificateAuthority.create().issue_server_certificate(["gw.shop.local"])
-    secret = load_document(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "gw-tls", "namespace": "shop"},
-            "type": "kubernetes.io/tls",
-            "data": {
-                "tls.crt": base64.b64encode(cert).decode(),
-                "tls.key": base64.b64encode(key).decode(),
-            },
-        },
-        "test.yaml",
-    )
+    secret = load_document(tls_secret_document("shop", "gw-tls", cert, key), "test.yaml")
     listener = {
         "name": "https",
         "protocol": "HTTPS",

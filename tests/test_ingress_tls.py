@@ -20,7 +20,6 @@ site-b, no redirect), ``c.example`` (ssl-passthrough to vault).
 
 from __future__ import annotations
 
-import base64
 import http.client
 import http.server
 import json
@@ -42,6 +41,7 @@ from mesh.envoy import envoy_command, render_ingress, validate_config
 from mesh.envoy.ingress import ingress_config
 from mesh.identity.ca import CertificateAuthority
 from mesh.model.controllers import Cluster
+from mesh.model.k8s_objects import tls_secret_document
 from mesh.model.manifests import (
     ManifestError,
     default_manifest_paths,
@@ -107,16 +107,7 @@ spec:
 
 
 def tls_secret(name: str, cert_pem: bytes, key_pem: bytes, namespace: str = "shop") -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace},
-        "type": "kubernetes.io/tls",
-        "data": {
-            "tls.crt": base64.b64encode(cert_pem).decode(),
-            "tls.key": base64.b64encode(key_pem).decode(),
-        },
-    }
+    return tls_secret_document(namespace, name, cert_pem, key_pem)
 
 
 class _Frontend(QuietHandler):

@@ -15,37 +15,23 @@ from typing import Any
 
 import pytest
 
-from tests.e2e_support import api_get, dump, hopscope, poll_until, trace_json
+from tests.e2e_support import (
+    CATALOG_PLAINTEXT_RULE,
+    SHOP_STRICT,
+    api_get,
+    apply_manifest,
+    dump,
+    hopscope,
+    poll_until,
+    trace_json,
+)
 
 pytestmark = pytest.mark.e2e
-
-STRICT = """
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
-"""
-
-PLAINTEXT_RULE = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: catalog, namespace: shop}
-spec:
-  host: catalog
-  trafficPolicy: {tls: {mode: DISABLE}}
-"""
-
-
-def _apply(env: dict[str, str], tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
-    hopscope("apply", "-f", str(path), env=env)
-    return path
 
 
 @pytest.fixture
 def strict(cluster: dict[str, str], tmp_path: Path) -> Iterator[Path]:
-    path = _apply(cluster, tmp_path, "strict", STRICT)
+    path = apply_manifest(cluster, tmp_path, "strict", SHOP_STRICT)
     try:
         yield path
     finally:
@@ -115,7 +101,7 @@ def test_a_plaintext_call_to_strict_is_named_in_the_verdict(
     cluster: dict[str, str], strict: Path, tmp_path: Path
 ) -> None:
     poll_until(lambda: _call(cluster)["status"] == 200, timeout=20, interval=0.5)
-    rule = _apply(cluster, tmp_path, "rule", PLAINTEXT_RULE)
+    rule = apply_manifest(cluster, tmp_path, "rule", CATALOG_PLAINTEXT_RULE)
     try:
 
         def refused() -> dict[str, Any] | None:

@@ -101,28 +101,22 @@ class _Request:
         return self.peer.rsplit(":", 1)[0]
 
     def base_attributes(self, node: str) -> dict[str, Any]:
-        method, _, rest = self.first_line.partition(b" ")
-        if self.tunnel:
-            return {
-                "k8s.node.name": node,
-                "hopscope.nat.original.src": self.peer,
-                "hopscope.nat.original.dst": self.target,
-                "network.peer.address": self.peer_ip,
-                "server.address": self.host,
-                "server.port": self.port,
-                "hopscope.conn.client": self.peer,
-                "hopscope.tls.opaque": True,
-            }
-        return {
+        attributes: dict[str, Any] = {
             "k8s.node.name": node,
             "hopscope.nat.original.src": self.peer,
             "hopscope.nat.original.dst": self.target,
             "network.peer.address": self.peer_ip,
             "server.address": self.host,
             "server.port": self.port,
-            "http.request.method": method.decode("latin-1"),
-            "url.path": rest.rsplit(b" ", 1)[0].decode("latin-1"),
         }
+        if self.tunnel:  # opaque bytes: the connection is what can be told
+            attributes["hopscope.conn.client"] = self.peer
+            attributes["hopscope.tls.opaque"] = True
+        else:
+            method, _, rest = self.first_line.partition(b" ")
+            attributes["http.request.method"] = method.decode("latin-1")
+            attributes["url.path"] = rest.rsplit(b" ", 1)[0].decode("latin-1")
+        return attributes
 
     def head(self, hop_span: Any | None) -> bytes:
         """The request head to send on: the caller's trace context unchanged, and with a

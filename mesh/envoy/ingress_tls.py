@@ -165,18 +165,16 @@ def plan_tls(state: ClusterState) -> TlsPlan:
         served: set[str] = set()
         for entry in ing.tls:
             name = f"{ing.namespace}/{entry.secret_name}"
-            chain = by_secret.get(name)
+            chain = _chain(
+                state,
+                plan,
+                by_secret,
+                (ing.namespace, entry.secret_name or ""),
+                f"Ingress {who}: spec.tls secret {name}",
+                ", ".join(entry.hosts) or "its hosts",
+            )
             if chain is None:
-                pair = _certificate_pair(state.secret(ing.namespace, entry.secret_name or ""))
-                if isinstance(pair, str):
-                    plan.warnings.append(
-                        f"Ingress {who}: spec.tls secret {name} {pair}; "
-                        f"TLS for {', '.join(entry.hosts) or 'its hosts'} is not served"
-                    )
-                    continue
-                chain = TerminatingChain(name, [], *pair)
-                by_secret[name] = chain
-                plan.terminating.append(chain)
+                continue
             for host in entry.hosts:
                 if host not in chain.hosts and claim(host, who):
                     chain.hosts.append(host)
@@ -217,20 +215,41 @@ def _gateway_https(
                 continue
             namespace, secret_name = listener.certificate_refs[0]
             name = f"{namespace}/{secret_name}"
-            chain = by_secret.get(name)
+            chain = _chain(
+                state,
+                plan,
+                by_secret,
+                (namespace, secret_name),
+                f"{who}: listener {listener.name}: certificateRefs secret {name}",
+                listener.hostname,
+            )
             if chain is None:
-                pair = _certificate_pair(state.secret(namespace, secret_name))
-                if isinstance(pair, str):
-                    plan.warnings.append(
-                        f"{who}: listener {listener.name}: certificateRefs secret {name} "
-                        f"{pair}; TLS for {listener.hostname} is not served"
-                    )
-                    continue
-                chain = TerminatingChain(name, [], *pair)
-                by_secret[name] = chain
-                plan.terminating.append(chain)
+                continue
             if listener.hostname not in chain.hosts and claim(listener.hostname, who):
                 chain.hosts.append(listener.hostname)
+
+
+def _chain(
+    state: ClusterState,
+    plan: TlsPlan,
+    by_secret: dict[str, TerminatingChain],
+    secret: tuple[str, str],
+    what: str,
+    hosts: str,
+) -> TerminatingChain | None:
+    """The terminating chain of one Secret (shared by everything that names it), or None
+    with a warning saying which hosts go unserved and why."""
+    name = "/".join(secret)
+    chain = by_secret.get(name)
+    if chain is not None:
+        return chain
+    pair = _certificate_pair(state.secret(*secret))
+    if isinstance(pair, str):
+        plan.warnings.append(f"{what} {pair}; TLS for {hosts} is not served")
+        return None
+    chain = by_secret[name] = TerminatingChain(name, [], *pair)
+    plan.terminating.append(chain)
+    return chain
 
 
 def _owner(who: str) -> str:

@@ -16,6 +16,7 @@ is reported on its first app container.
 
 from __future__ import annotations
 
+import base64
 import copy
 import time
 import uuid
@@ -487,4 +488,20 @@ def api_object(obj: ApiObject, state: ClusterState) -> dict[str, Any]:
         "kind": kind,
         "metadata": meta,
         "spec": copy.deepcopy(obj.spec),
+    }
+
+
+def tls_secret_document(
+    namespace: str, name: str, cert_pem: bytes, key_pem: bytes
+) -> dict[str, Any]:
+    """A ``kubernetes.io/tls`` Secret manifest holding a certificate chain and its key."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "kubernetes.io/tls",
+        "data": {
+            "tls.crt": base64.b64encode(cert_pem).decode(),
+            "tls.key": base64.b64encode(key_pem).decode(),
+        },
     }

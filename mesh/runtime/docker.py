@@ -183,17 +183,6 @@ class DockerRuntime(Runtime):
         api.start(created["Id"])
         return str(created["Id"])
 
-    def _join(
-        self,
-        pod: Pod,
-        role: str,
-        pause_id: str,
-        command: list[str],
-        env: dict[str, str],
-        memory: str,
-    ) -> None:
-        self._create(pod, role, pause_id, command, env, memory).start()
-
     def _create(
         self,
         pod: Pod,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import copy
 import ssl
 import time
@@ -12,6 +11,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import addresses
+from mesh.model.k8s_objects import tls_secret_document
 from mesh.scenarios.base import Context, Finding, ScenarioError, lab_docs, spans_of
 from mesh.scenarios.library import SCENARIOS, Scenario
 from mesh.traffic.engine import Outcome
@@ -40,19 +40,6 @@ def _cluster_ca() -> Any:
         return CertificateAuthority.load_or_create(directory)
     except IdentityError as exc:
         raise ScenarioError(str(exc)) from None
-
-
-def _tls_secret(namespace: str, name: str, cert: bytes, key: bytes) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace},
-        "type": "kubernetes.io/tls",
-        "data": {
-            "tls.crt": base64.b64encode(cert).decode(),
-            "tls.key": base64.b64encode(key).decode(),
-        },
-    }
 
 
 class IngressSni(Scenario):
@@ -96,7 +83,7 @@ class IngressSni(Scenario):
         for host in TERMINATED:
             cert, key = ca.issue_server_certificate([host])
             self.serials[host] = _serial(cert)
-            secrets.append(_tls_secret("shop", SECRETS[host], cert, key))
+            secrets.append(tls_secret_document("shop", SECRETS[host], cert, key))
         cert, key = ca.issue_server_certificate([PASSTHROUGH])
         self.serials[PASSTHROUGH] = _serial(cert)
         docs = copy.deepcopy(lab_docs(MANIFEST))
