@@ -245,6 +245,16 @@ spec:
 """
 
 
+CATALOG_OUTLIER_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog-outliers, namespace: shop}
+spec:
+  host: catalog
+  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 5, interval: 10s}}
+"""
+
+
 def apply_manifest(env: dict[str, str], directory: Path, name: str, text: str) -> Path:
     """Write ``text`` as ``name.yaml`` in ``directory`` and ``hopscope apply`` it."""
     path = directory / f"{name}.yaml"

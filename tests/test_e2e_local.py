@@ -21,6 +21,7 @@ import requests
 
 from tests.e2e_support import (
     API,
+    CATALOG_OUTLIER_RULE,
     CATALOG_STRICT,
     api_get,
     apply_manifest,
@@ -535,8 +536,11 @@ def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
         hopscope("scale", "shop/catalog", "--replicas", "2", env=cluster)
     poll_until(lambda: api_get("/api/v1/status")["ready"], timeout=60)
     poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
-    # mTLS on the catalog: the TLS statistics of its listener and of its callers' clusters.
-    strict = apply_manifest(cluster, tmp_path, "strict", CATALOG_STRICT)
+    # mTLS and outlier detection on the catalog: the TLS statistics of its listener and its
+    # callers' clusters, and their outlier detectors'.
+    strict = apply_manifest(
+        cluster, tmp_path, "strict", CATALOG_STRICT + "---\n" + CATALOG_OUTLIER_RULE
+    )
     try:
         poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
         time.sleep(2)  # the sidecars take the new listener and clusters from their files

@@ -75,6 +75,18 @@ def is_pod_ip(ip: str) -> bool:
     return any(addr in net for net in _POD_NETWORKS)
 
 
+def _absolute_form(first_line: bytes) -> tuple[bytes, str]:
+    """``GET http://10.0.0.5:8080/x HTTP/1.1`` (a sidecar that picked the pod itself, going
+    through the gateway as a proxy): the origin-form line to forward and ``ip:port``;
+    any other request line unchanged, with no destination."""
+    parts = first_line.split(b" ")
+    if len(parts) != 3 or not parts[1].startswith(b"http://"):
+        return first_line, ""
+    authority, slash, path = parts[1][len(b"http://") :].partition(b"/")
+    origin = b" ".join((parts[0], slash + path or b"/", parts[2]))
+    return origin, authority.decode("latin-1")
+
+
 def _error_response(status: int, reason: str, message: str) -> bytes:
     body = f"hopscope node gateway: {message}\n".encode()
     return (
@@ -202,7 +214,9 @@ class NodeGateway:
             headers[key] = value.strip().decode("latin-1")
             if key not in (addresses.ORIGINAL_DST_HEADER, *TRACE_HEADERS):
                 kept.append(line)
-        target = headers.get(addresses.ORIGINAL_DST_HEADER, "")
+        first_line, target = _absolute_form(lines[0])
+        if not target:
+            target = headers.get(addresses.ORIGINAL_DST_HEADER, "")
         host, _, port_text = target.rpartition(":")
         if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
             writer.write(
@@ -212,7 +226,7 @@ class NodeGateway:
             )
             writer.close()
             return None
-        return _Request(peer, target, host, int(port_text), lines[0], kept, headers)
+        return _Request(peer, target, host, int(port_text), first_line, kept, headers)
 
     @staticmethod
     def _tunnel_request(

@@ -391,7 +391,7 @@ def _headless_routes(
             endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
             endpoint["metadata"] = {
                 "typed_filter_metadata": {
-                    "envoy.http11_proxy_transport_socket.proxy_address": typed(
+                    PROXY_ADDRESS_KEY: typed(
                         "envoy.config.core.v3.Address",
                         **socket_address(gateway, addresses.EGRESS_GATEWAY_PORT),
                     )
@@ -399,14 +399,7 @@ def _headless_routes(
             }
             tls = upstream_tls(side.files, up.identities or None)
             tls["typed_config"]["sni"] = _sni(svc, target)
-            cluster["transport_socket"] = {
-                "name": "envoy.transport_sockets.http_11_proxy",
-                "typed_config": typed(
-                    "envoy.extensions.transport_sockets.http_11_proxy.v3."
-                    "Http11ProxyUpstreamTransport",
-                    transport_socket=tls,
-                ),
-            }
+            cluster["transport_socket"] = _through_gateway(tls)
             clusters.append(cluster)
             routes.append(
                 {
@@ -481,21 +474,120 @@ def _service_is_grpc(state: ClusterState, svc: Service, port: int) -> bool:
 def _service_cluster(
     side: _Sidecar, svc: Service, port: int, name: str, up: Upstream | None, mtls: bool
 ) -> dict[str, Any]:
-    """To the Service's address (kube-proxy picks the pod), as the callee accepts it."""
+    """To the Service's address (kube-proxy picks the pod), as the callee accepts it; with
+    a DestinationRule's ``outlierDetection``, to its pods themselves (see
+    :func:`_endpoint_cluster`)."""
     grpc = _service_is_grpc(side.state, svc, port)
     assert svc.cluster_ip is not None
-    cluster = static_cluster(
-        name, svc.cluster_ip, port, http2=grpc, one_request_per_connection=True, bind_ip=side.pod.ip
-    )
+    rule = up.rule if up else None
+    outlier = _outlier_detection(rule)
+    if outlier:
+        cluster = _endpoint_cluster(side, svc, port, name, grpc)
+        cluster["outlier_detection"] = outlier
+    else:
+        cluster = static_cluster(
+            name,
+            svc.cluster_ip,
+            port,
+            http2=grpc,
+            one_request_per_connection=True,
+            bind_ip=side.pod.ip,
+        )
     if mtls and side.files is not None and up is not None:
         tls = upstream_tls(side.files, up.identities or None)
         tls["typed_config"]["sni"] = _sni(svc, port)
         cluster["transport_socket"] = tls
+    if outlier:
+        cluster["transport_socket"] = _through_gateway(cluster.get("transport_socket"))
     cluster["alt_stat_name"] = stat_name(name)
-    limits = _circuit_breaker(up.rule if up else None)
+    limits = _circuit_breaker(rule)
     if limits:
         cluster["circuit_breakers"] = {"thresholds": [limits]}
     return cluster
+
+
+def _endpoint_cluster(
+    side: _Sidecar, svc: Service, port: int, name: str, grpc: bool
+) -> dict[str, Any]:
+    """The Service's ready pods as the cluster's hosts, as Istio's sidecars hold them: Envoy
+    balances per request and can eject a pod that keeps failing (outlier detection), which
+    it cannot do with the one VIP behind kube-proxy. Each connection goes to the pod through
+    the caller's node gateway (NetworkPolicy, the overlay): a ``CONNECT`` tunnel for TLS, an
+    absolute-form request for plaintext — Envoy's HTTP/1.1 proxy transport socket."""
+    service_port = next(sp for sp in svc.ports if sp.port == port)
+    gateway = addresses.NODE_IPS.get(side.pod.node, addresses.NODE_IPS["node-a"])
+    endpoints = []
+    for ep_slice in side.state.slices_for(svc.namespace, svc.name):
+        target = next(
+            (
+                p.port
+                for p in ep_slice.ports
+                if p.name == service_port.name or len(ep_slice.ports) == 1
+            ),
+            None,
+        )
+        if target is None:
+            continue
+        for endpoint in ep_slice.endpoints:
+            if not endpoint.ready:
+                continue
+            for address in endpoint.addresses:
+                endpoints.append(
+                    {
+                        "endpoint": {"address": socket_address(address, target)},
+                        "metadata": {
+                            "typed_filter_metadata": {
+                                PROXY_ADDRESS_KEY: typed(
+                                    "envoy.config.core.v3.Address",
+                                    **socket_address(gateway, addresses.EGRESS_GATEWAY_PORT),
+                                )
+                            }
+                        },
+                    }
+                )
+    cluster = static_cluster(name, side.pod.ip, port, http2=grpc, bind_ip=side.pod.ip)
+    cluster["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
+    return cluster
+
+
+PROXY_ADDRESS_KEY = "envoy.http11_proxy_transport_socket.proxy_address"
+"""Endpoint metadata naming the HTTP/1.1 proxy (the node gateway) a connection goes through."""
+
+
+def _through_gateway(inner: dict[str, Any] | None) -> dict[str, Any]:
+    """``inner`` (TLS, or plaintext) wrapped in the HTTP/1.1 proxy transport socket."""
+    return {
+        "name": "envoy.transport_sockets.http_11_proxy",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.http_11_proxy.v3.Http11ProxyUpstreamTransport",
+            transport_socket=inner
+            or {
+                "name": "envoy.transport_sockets.raw_buffer",
+                "typed_config": typed("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
+            },
+        ),
+    }
+
+
+def _outlier_detection(rule: DestinationRule | None) -> dict[str, Any]:
+    """DestinationRule ``outlierDetection`` as Envoy's (Istio's field names and defaults:
+    interval 10 s, base ejection 30 s, at most 10 % of the hosts ejected)."""
+    if rule is None:
+        return {}
+    spec = (rule.spec.get("trafficPolicy") or {}).get("outlierDetection")
+    if spec is None:
+        return {}
+    out: dict[str, Any] = {
+        "interval": go_duration(spec.get("interval", "10s")),
+        "base_ejection_time": go_duration(spec.get("baseEjectionTime", "30s")),
+        "max_ejection_percent": spec.get("maxEjectionPercent", 10),
+        "consecutive_5xx": spec.get("consecutive5xxErrors", 5),
+        "enforcing_consecutive_5xx": 100,
+    }
+    if "consecutiveGatewayErrors" in spec:
+        out["consecutive_gateway_failure"] = spec["consecutiveGatewayErrors"]
+        out["enforcing_consecutive_gateway_failure"] = 100
+    return out
 
 
 def mesh_tls(

@@ -74,6 +74,17 @@ DESTINATION_RULE_SCHEMA: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {"mode": {"enum": ["DISABLE", "ISTIO_MUTUAL"]}},
                 },
+                "outlierDetection": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "consecutive5xxErrors": _COUNT,
+                        "consecutiveGatewayErrors": _COUNT,
+                        "interval": _DURATION,
+                        "baseEjectionTime": _DURATION,
+                        "maxEjectionPercent": {"type": "integer", "minimum": 0, "maximum": 100},
+                    },
+                },
                 "connectionPool": {
                     "type": "object",
                     "additionalProperties": False,

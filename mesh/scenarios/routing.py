@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from mesh.cni.gateway import is_pod_ip
 from mesh.scenarios.base import BlameCheck, Context, Finding, ScenarioError, lab_docs, spans_of
 from mesh.scenarios.library import SCENARIOS, Scenario, _catalog_with, _reapply
 from mesh.traffic.engine import Outcome
@@ -347,3 +348,90 @@ class CircuitBreakerOpens(Scenario):
 
 for _scenario in (CanaryTenPercent, MirrorToV2, RetriesHideAFlakyPod, CircuitBreakerOpens):
     SCENARIOS[_scenario.name] = _scenario
+
+
+OUTLIER_RULE: dict[str, Any] = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "DestinationRule",
+    "metadata": {"name": "catalog-outliers", "namespace": "shop"},
+    "spec": {
+        "host": "catalog",
+        "trafficPolicy": {
+            "outlierDetection": {
+                "consecutive5xxErrors": 2,
+                "interval": "1s",
+                "baseEjectionTime": "60s",
+                "maxEjectionPercent": 50,
+            }
+        },
+    },
+}
+
+
+class OutlierEjection(Scenario):
+    name = "outlier-ejection"
+    title = "Outlier detection ejects the pod that keeps failing"
+    story = (
+        "One of three catalog pods answers 500 to everything. A DestinationRule turns on "
+        "outlier detection (two 5xx in a row eject a pod for 60 s): the callers' sidecars now "
+        "hold the catalog's pods themselves — as Istio's do — and balance per request, so "
+        "each sidecar ejects the bad pod after its second failure from it. The first "
+        "requests fail; after that no request reaches the bad pod."
+    )
+    breaks = (
+        "deploys catalog-v2 with HOPSCOPE_FAULT_ERROR_RATE=1 (one bad pod of three) and "
+        "DestinationRule shop/catalog-outliers (consecutive5xxErrors 2, baseEjectionTime 60s)"
+    )
+    traffic = "60 requests to http://shop.local/"
+    look_for = (
+        "the frontend's sidecar-outbound spans: upstream host the catalog-v2 pod only early on",
+        "the frontend sidecars' logs: outlier detection 'eject' events naming the pod",
+        "Envoy metric envoy_cluster_outlier_detection_ejections_active",
+    )
+    dashboard = DASHBOARD
+
+    def inject(self, ctx: Context) -> None:
+        _with_v2(ctx, {"HOPSCOPE_FAULT_ERROR_RATE": "1"})
+        ctx.apply([OUTLIER_RULE], self.name)
+        until_outbound(
+            ctx,
+            lambda a: (
+                a.get("k8s.service.name") == "catalog"
+                and is_pod_ip(str(a.get("hopscope.upstream.address", "")).rpartition(":")[0])
+            ),
+            "the catalog's pods as their hosts",
+        )
+
+    def drive(self, ctx: Context) -> list[Outcome]:
+        return ctx.send("/", 60, rps=10)
+
+    def check(self, ctx: Context, outcomes: list[Outcome]) -> Finding:
+        bad_pod = next(
+            (p for p in ctx.pods("shop", "catalog") if p.name.startswith("catalog-v2")), None
+        )
+        if bad_pod is None:
+            return Finding(False, "catalog-v2 pod not found")
+        failures = [i for i, o in enumerate(outcomes) if o.status != 200]
+        late = outcomes[len(outcomes) // 2 :]
+        reached_bad_late = 0
+        for o in late:
+            view = ctx.trace(o.trace_id, _calls_catalog, 4) or {}
+            for span in spans_of(view, "sidecar-outbound"):
+                address = str(span["attributes"].get("hopscope.upstream.address", ""))
+                if address.startswith(f"{bad_pod.ip}:"):
+                    reached_bad_late += 1
+        early_failures = sum(1 for i in failures if i < len(outcomes) // 2)
+        ok = 0 < early_failures <= 8 and reached_bad_late == 0 and len(failures) == early_failures
+        verdict = (
+            f"{len(failures)} of {len(outcomes)} requests failed, all in the first half "
+            f"({early_failures}); in the second half no call reached {bad_pod.name} "
+            f"({reached_bad_late} did): the callers' sidecars ejected it"
+        )
+        return Finding(ok, verdict, [verdict], [o.trace_id for o in outcomes[:3]])
+
+    def restore(self, ctx: Context) -> None:
+        ctx.delete([OUTLIER_RULE], self.name)
+        _without_v2(ctx, [])
+
+
+SCENARIOS[OutlierEjection.name] = OutlierEjection

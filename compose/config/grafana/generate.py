@@ -405,6 +405,13 @@ DASHBOARDS = {
                 },
             ),
             ts(
+                "Outlier detection: pods ejected from callers' load balancing",
+                {
+                    "{{pod}} -> {{envoy_cluster_name}} ejected now": 'sum by (pod, envoy_cluster_name) (envoy_cluster_outlier_detection_ejections_active{envoy_cluster_name=~"outbound.*"})',
+                    "{{pod}} -> {{envoy_cluster_name}} ejections/s": 'sum by (pod, envoy_cluster_name) (rate(envoy_cluster_outlier_detection_ejections_enforced_total{envoy_cluster_name=~"outbound.*"}[1m]))',
+                },
+            ),
+            ts(
                 "Canary split: catalog calls per backend Service (callers' sidecars)",
                 {
                     "{{envoy_cluster_name}}": 'sum by (envoy_cluster_name) (rate(envoy_cluster_upstream_rq_total{envoy_cluster_name=~"outbound.*catalog.*"}[1m]))'
