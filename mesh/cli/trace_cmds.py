@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -15,7 +16,11 @@ from rich.text import Text
 from mesh.cli._client import APIClient
 from mesh.tracestore.hopkinds import kind_of
 
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+out = Console(
+    highlight=False,
+    # A terminal's own width; piped, 200 columns, or $COLUMNS when set (rich reads it).
+    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200,
+)
 
 BAR_WIDTH = 24
 
@@ -84,9 +89,12 @@ def render_waterfall(view: dict[str, Any]) -> None:
         f"trace [bold]{view['trace_id']}[/] · {len(view['hops'])} hops · "
         f"{view['span_count']} spans · {total:.1f} ms"
     )
-    table = Table(
-        "#", "hop", "where", "src → dst", "NAT / detail", "status", "ms", "timeline", box=None
-    )
+    table = Table("#", "hop", box=None)
+    # Long cells (SPIFFE IDs, SNIs, tuples) fold onto the next line, never lose characters.
+    for heading in ("where", "src → dst", "NAT / detail"):
+        table.add_column(heading, overflow="fold")
+    for heading in ("status", "ms", "timeline"):
+        table.add_column(heading)
     hops = {h["span_id"]: h for h in view["hops"]}
     for i, hop in enumerate(view["hops"], 1):
         span = spans.get(hop["span_id"], {})

@@ -75,6 +75,15 @@ def is_pod_ip(ip: str) -> bool:
     return any(addr in net for net in _POD_NETWORKS)
 
 
+def _ip_port(host: str, port: str) -> bool:
+    """An IPv4 address and a port number, as a destination must be."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return port.isdigit() and 0 < int(port) < 65536
+
+
 def _absolute_form(first_line: bytes) -> tuple[bytes, str]:
     """``GET http://10.0.0.5:8080/x HTTP/1.1`` (a sidecar that picked the pod itself, going
     through the gateway as a proxy): the origin-form line to forward and ``ip:port``;
@@ -218,10 +227,12 @@ class NodeGateway:
         if not target:
             target = headers.get(addresses.ORIGINAL_DST_HEADER, "")
         host, _, port_text = target.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _ip_port(host, port_text):
             writer.write(
                 _error_response(
-                    400, "Bad Request", f"{addresses.ORIGINAL_DST_HEADER} must be ip:port"
+                    400,
+                    "Bad Request",
+                    f"{addresses.ORIGINAL_DST_HEADER} (or an absolute-form target) must be ip:port",
                 )
             )
             writer.close()

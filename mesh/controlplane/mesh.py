@@ -93,6 +93,8 @@ class _Sidecar:
     xds: SidecarXds | None
     """None for a proxy whose config someone else keeps (the ingress: identity only)."""
     cert: WorkloadCertificate | None = None
+    removed: bool = False
+    """The pod is gone and its directory with it (a sync that raced it writes nothing)."""
     pinned_cert: bool = False
     """A certificate set by hand (:meth:`MeshController.set_certificate_lifetime`): not
     rotated until the pod restarts."""
@@ -152,6 +154,8 @@ class MeshController:
     def forget(self, pod: Pod) -> None:
         with self.lock:
             sidecar = self.sidecars.pop((pod.namespace, pod.name), None)
+            if sidecar is not None:
+                sidecar.removed = True
         if sidecar is not None:
             self.runtime.remove_sidecar_files(pod)
 
@@ -198,6 +202,9 @@ class MeshController:
             try:
                 if self._render(sidecar, state):
                     changed += 1
+            except OSError:
+                if not sidecar.removed:  # else: the pod went away while this sync ran
+                    log.exception("sidecar files not written", extra={"pod": sidecar.pod.name})
             except Exception:
                 log.exception("sidecar config render failed", extra={"pod": sidecar.pod.name})
         if changed:
@@ -217,7 +224,12 @@ class MeshController:
             cert = sidecar.cert
             if sidecar.pinned_cert or cert is None or not cert.needs_rotation(now):
                 continue
-            self._issue(sidecar)
+            try:
+                self._issue(sidecar)
+            except OSError:
+                if not sidecar.removed:
+                    log.exception("certificate not written", extra={"pod": sidecar.pod.name})
+                continue
             rotated += 1
         self.rotations += rotated
         return rotated

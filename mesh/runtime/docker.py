@@ -270,18 +270,25 @@ class DockerRuntime(Runtime):
         only its own key."""
         import docker.errors
 
-        try:
-            sidecar = self.client.containers.get(self._name(pod, "envoy"))
-        except docker.errors.NotFound:
-            return  # not started yet: start_pod copies the files
         host_dir = self.sidecar_files(pod).host_dir
-        sidecar.put_archive("/", _tar(host_dir, names, SIDECAR_DIR / INCOMING, with_dirs=False))
         moves = " && ".join(
             f"mv -f {SIDECAR_DIR / INCOMING / name} {SIDECAR_DIR / name}" for name in names
         )
-        code, output = sidecar.exec_run(["sh", "-c", moves], user=SIDECAR_USER)
+        try:
+            sidecar = self.client.containers.get(self._name(pod, "envoy"))
+            sidecar.put_archive("/", _tar(host_dir, names, SIDECAR_DIR / INCOMING, with_dirs=False))
+            code, output = sidecar.exec_run(["sh", "-c", moves], user=SIDECAR_USER)
+        except docker.errors.NotFound:
+            return  # not started yet (start_pod copies the files) or already gone
+        except (docker.errors.APIError, OSError) as exc:
+            # A sidecar stopping as we write: its replacement gets the files at start.
+            log.warning("sidecar files not copied", extra={"pod": pod.name, "error": str(exc)})
+            return
         if code != 0:
-            raise RuntimeError(f"sidecar {pod.name}: moving files into place failed: {output!r}")
+            log.warning(
+                "sidecar files not moved into place",
+                extra={"pod": pod.name, "error": output.decode(errors="replace")[-300:]},
+            )
 
     def _argv(self, container: Container) -> list[str]:
         argv = [*container.command, *container.args]

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from mesh import addresses
 from mesh.cni.gateway import is_pod_ip
 from mesh.scenarios.base import BlameCheck, Context, Finding, ScenarioError, lab_docs, spans_of
 from mesh.scenarios.library import SCENARIOS, Scenario, _catalog_with, _reapply
@@ -375,8 +376,8 @@ class OutlierEjection(Scenario):
         "One of three catalog pods answers 500 to everything. A DestinationRule turns on "
         "outlier detection (two 5xx in a row eject a pod for 60 s): the callers' sidecars now "
         "hold the catalog's pods themselves — as Istio's do — and balance per request, so "
-        "each sidecar ejects the bad pod after its second failure from it. The first "
-        "requests fail; after that no request reaches the bad pod."
+        "each sidecar ejects the bad pod after its second failure from it: a few requests "
+        "fail, then none reaches the bad pod. Envoy says which host it ejected."
     )
     breaks = (
         "deploys catalog-v2 with HOPSCOPE_FAULT_ERROR_RATE=1 (one bad pod of three) and "
@@ -384,6 +385,7 @@ class OutlierEjection(Scenario):
     )
     traffic = "60 requests to http://shop.local/"
     look_for = (
+        "each frontend sidecar's admin /clusters: the catalog-v2 pod flagged failed_outlier_check",
         "the frontend's sidecar-outbound spans: upstream host the catalog-v2 pod only early on",
         "the frontend sidecars' logs: outlier detection 'eject' events naming the pod",
         "Envoy metric envoy_cluster_outlier_detection_ejections_active",
@@ -411,21 +413,30 @@ class OutlierEjection(Scenario):
         )
         if bad_pod is None:
             return Finding(False, "catalog-v2 pod not found")
-        failures = [i for i, o in enumerate(outcomes) if o.status != 200]
-        late = outcomes[len(outcomes) // 2 :]
-        reached_bad_late = 0
-        for o in late:
+        failures = sum(1 for o in outcomes if o.status != 200)
+        reached_bad = 0
+        for o in outcomes[len(outcomes) // 2 :]:
             view = ctx.trace(o.trace_id, _calls_catalog, 4) or {}
             for span in spans_of(view, "sidecar-outbound"):
                 address = str(span["attributes"].get("hopscope.upstream.address", ""))
-                if address.startswith(f"{bad_pod.ip}:"):
-                    reached_bad_late += 1
-        early_failures = sum(1 for i in failures if i < len(outcomes) // 2)
-        ok = 0 < early_failures <= 8 and reached_bad_late == 0 and len(failures) == early_failures
+                reached_bad += address.startswith(f"{bad_pod.ip}:")
+        # What each caller's Envoy says: the hosts it ejected (admin /clusters health flags).
+        ejected_by = []
+        for frontend in ctx.pods("shop", "frontend"):
+            admin = f"http://{frontend.ip}:{addresses.SIDECAR_ADMIN_PORT}/clusters"
+            flagged = [
+                line
+                for line in ctx.metrics(admin).splitlines()
+                if f"::{bad_pod.ip}:" in line and "failed_outlier_check" in line
+            ]
+            if flagged:
+                ejected_by.append(frontend.name)
+        ok = bool(ejected_by) and reached_bad == 0 and failures <= 8
         verdict = (
-            f"{len(failures)} of {len(outcomes)} requests failed, all in the first half "
-            f"({early_failures}); in the second half no call reached {bad_pod.name} "
-            f"({reached_bad_late} did): the callers' sidecars ejected it"
+            f"{bad_pod.name} ({bad_pod.ip}) is ejected by the sidecars of "
+            f"{', '.join(ejected_by) or 'no caller'} (health flag failed_outlier_check); "
+            f"{failures} of {len(outcomes)} requests failed, and in the second half "
+            f"{reached_bad} calls reached it"
         )
         return Finding(ok, verdict, [verdict], [o.trace_id for o in outcomes[:3]])
 
