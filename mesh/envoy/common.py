@@ -373,8 +373,6 @@ def bootstrap(
     return {
         "admin": {"address": socket_address(admin_ip, addresses.SIDECAR_ADMIN_PORT)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
-        # Outlier detection's ejections and returns, as JSON lines in the proxy's log.
-        "cluster_manager": {"outlier_detection": {"event_log_path": "/dev/stdout"}},
         "layered_runtime": {"layers": [{"name": "static", "static_layer": RUNTIME}]},
         "overload_manager": {
             "resource_monitors": [
