@@ -66,9 +66,11 @@ _FILENAME = click.option(
 def apply(paths: tuple[Path, ...]) -> None:
     """Create or update objects from manifests in the running cluster (like kubectl apply).
 
-    Services, Deployments/StatefulSets, NetworkPolicies, ConfigMaps hopscope reads
-    (kube-system/hopscope-cni, kube-system/coredns) and a KubeProxyConfiguration (e.g.
-    `mode: ipvs`) take effect at once. Ingresses too, within a second: the ingress
+    Services, Deployments/StatefulSets, NetworkPolicies, Secrets, ConfigMaps hopscope
+    reads (kube-system/hopscope-cni, kube-system/coredns), a KubeProxyConfiguration (e.g.
+    `mode: ipvs`), the mesh's PeerAuthentication and DestinationRule and the Gateway API's
+    Gateway, HTTPRoute, GRPCRoute and TLSRoute take effect at once (sidecars take theirs
+    from files Envoy watches: no restart). Ingresses too, within a second: the ingress
     controller rewrites the ingress Envoy's routes without restarting it (a new host is
     served, a deleted one answers 404). In the compose (docker) runtime the ingress takes
     its routes at start only, so an Ingress is refused there with the reason.
@@ -85,7 +87,8 @@ def apply(paths: tuple[Path, ...]) -> None:
 @click.command()
 @_FILENAME
 def delete(paths: tuple[Path, ...]) -> None:
-    """Delete the Services, workloads, NetworkPolicies and Ingresses the manifests name."""
+    """Delete the Services, workloads, NetworkPolicies, Ingresses, Secrets, mesh policies and
+    Gateway API objects the manifests name."""
     _send_manifests(paths, "/api/v1/delete", "deleted")
 
 
