@@ -17,17 +17,14 @@ inline and without mTLS.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mesh.envoy.sidecar import CDS_FILE, LDS_FILE, sidecar_resources
-from mesh.identity.ca import CertificateAuthority, IdentityError, WorkloadCertificate, write_atomic
+from mesh.envoy.sidecar import sidecar_resources
+from mesh.envoy.xds_files import SidecarXds
+from mesh.identity.ca import CertificateAuthority, IdentityError, WorkloadCertificate
 from mesh.identity.sds import CERT_FILE, ROOT_FILE, write_secrets
 from mesh.model.controllers import Cluster
 from mesh.model.types import ClusterState, Pod
@@ -35,55 +32,12 @@ from mesh.runtime.base import Runtime, SidecarFiles
 
 log = logging.getLogger("mesh-controller")
 
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-
 IDENTITY_DIR = "identity"
 """The cluster CA's directory under the state directory (``root-cert.pem`` is the trust
 bundle users hand to ``hopscope curl --cacert``)."""
 
 WAIT_SECONDS = 5.0
 """Longest wait for a state change before the next rotation check."""
-
-
-class SidecarXds:
-    """One sidecar's ``lds.json`` and ``cds.json`` (each a ``DiscoveryResponse``).
-
-    New clusters are published before the listeners that route to them, and clusters that
-    went away are dropped only after those listeners changed, so a route never names a
-    cluster Envoy lacks."""
-
-    def __init__(self, directory: Path, published: Callable[[str], None] = lambda _n: None) -> None:
-        self.directory = directory
-        self.on_published = published
-        """Called with each file's name once it is in place (the runtime copies it on)."""
-        self.version = time.time_ns() // 1_000_000
-        self.published: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
-
-    def write(self, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> bool:
-        """Publish; False when nothing changed since the last call."""
-        if self.published == (listeners, clusters):
-            return False
-        old_listeners, old_clusters = self.published or ([], [])
-        names = {c["name"] for c in clusters}
-        union = [*clusters, *(c for c in old_clusters if c["name"] not in names)]
-        self.version += 1
-        if self.published is None or union != old_clusters:
-            self._publish(CDS_FILE, CLUSTER_TYPE, union)
-        if self.published is None or listeners != old_listeners:
-            self._publish(LDS_FILE, LISTENER_TYPE, listeners)
-        if union != clusters:
-            self._publish(CDS_FILE, CLUSTER_TYPE, clusters)
-        self.published = (listeners, clusters)
-        return True
-
-    def _publish(self, name: str, type_url: str, resources: list[dict[str, Any]]) -> None:
-        body = {
-            "version_info": str(self.version),
-            "resources": [{"@type": type_url, **r} for r in resources],
-        }
-        write_atomic(self.directory / name, json.dumps(body).encode(), 0o644)
-        self.on_published(name)
 
 
 @dataclass

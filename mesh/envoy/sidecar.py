@@ -31,8 +31,15 @@ from mesh.envoy.common import (
     typed,
 )
 from mesh.envoy.gateway import mesh_outbound_routes
+from mesh.envoy.xds_files import file_source
 from mesh.identity.sds import downstream_tls, upstream_tls
-from mesh.model.meshpolicy import MtlsMode, Upstream, pod_mtls_mode, upstream
+from mesh.model.meshpolicy import (
+    MtlsMode,
+    Upstream,
+    pod_mtls_mode,
+    service_workloads,
+    upstream,
+)
 from mesh.model.types import (
     SIDECAR_TIMEOUT_ANNOTATION,
     ClusterState,
@@ -126,18 +133,14 @@ def render_sidecar(
         return bootstrap(pod.ip, listeners, static + clusters)
     config = bootstrap(pod.ip, [], static)
     config["dynamic_resources"] = {
-        "lds_config": _file_source(files / LDS_FILE),
-        "cds_config": _file_source(files / CDS_FILE),
+        "lds_config": file_source(files / LDS_FILE),
+        "cds_config": file_source(files / CDS_FILE),
     }
     return config
 
 
 LDS_FILE = "lds.json"
 CDS_FILE = "cds.json"
-
-
-def _file_source(path: Path) -> dict[str, Any]:
-    return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
 
 
 def sidecar_resources(
@@ -345,14 +348,14 @@ def _service_routes(
             up = upstream(side.state, svc, target, side.pod.namespace) if target else None
             mtls = bool(up and up.mtls and side.files is not None)
             clusters.append(_service_cluster(side, svc, sp.port, name, up, mtls))
+            port_tags = tags[(svc.namespace, svc.name, sp.port)] = _route_tags(svc, up, mtls)
             routes.append(
                 {
                     "match": {"prefix": "/", "headers": _to(f"{svc.cluster_ip}:{sp.port}")},
                     "route": {"cluster": name, "timeout": "15s"},
-                    "tracing": _tags(_route_tags(svc, up, mtls)),
+                    "tracing": _tags(port_tags),
                 }
             )
-            tags[(svc.namespace, svc.name, sp.port)] = _route_tags(svc, up, mtls)
     return routes, clusters, tags
 
 
@@ -397,9 +400,7 @@ def _headless_routes(
                     )
                 }
             }
-            tls = upstream_tls(side.files, up.identities or None)
-            tls["typed_config"]["sni"] = _sni(svc, target)
-            cluster["transport_socket"] = _through_gateway(tls)
+            cluster["transport_socket"] = _through_gateway(_mesh_tls(side.files, up, svc, target))
             clusters.append(cluster)
             routes.append(
                 {
@@ -438,14 +439,11 @@ def _target_port(state: ClusterState, svc: Service, target: int | str) -> int | 
     """A Service port's targetPort as a number (a named one resolved on its workloads)."""
     if isinstance(target, int) or str(target).isdigit():
         return int(target)
-    for w in state.workloads:
-        if w.namespace != svc.namespace or not svc.selector:
-            continue
-        if all(w.template.labels.get(k) == v for k, v in svc.selector.items()):
-            for c in w.template.containers:
-                number = c.port_number(target)
-                if number is not None:
-                    return number
+    for w in service_workloads(state, svc):
+        for c in w.template.containers:
+            number = c.port_number(target)
+            if number is not None:
+                return number
     return None
 
 
@@ -457,17 +455,12 @@ def _service_is_grpc(state: ClusterState, svc: Service, port: int) -> bool:
             return True
         if isinstance(sp.target_port, str) and sp.target_port.startswith("grpc"):
             return True
-        for w in state.workloads:
-            if (
-                w.namespace == svc.namespace
-                and svc.selector
-                and all(w.template.labels.get(k) == v for k, v in svc.selector.items())
-            ):
-                for c in w.template.containers:
-                    for cp in c.ports:
-                        named_grpc = (cp.name or "").startswith("grpc")
-                        if named_grpc and c.port_number(sp.target_port) == cp.container_port:
-                            return True
+        for w in service_workloads(state, svc):
+            for c in w.template.containers:
+                for cp in c.ports:
+                    named_grpc = (cp.name or "").startswith("grpc")
+                    if named_grpc and c.port_number(sp.target_port) == cp.container_port:
+                        return True
     return False
 
 
@@ -494,9 +487,7 @@ def _service_cluster(
             bind_ip=side.pod.ip,
         )
     if mtls and side.files is not None and up is not None:
-        tls = upstream_tls(side.files, up.identities or None)
-        tls["typed_config"]["sni"] = _sni(svc, port)
-        cluster["transport_socket"] = tls
+        cluster["transport_socket"] = _mesh_tls(side.files, up, svc, port)
     if outlier:
         cluster["transport_socket"] = _through_gateway(cluster.get("transport_socket"))
     cluster["alt_stat_name"] = stat_name(name)
@@ -607,10 +598,16 @@ def mesh_tls(
         return None
     up = upstream(state, svc, target, caller_namespace)
     if up.mtls:
-        tls = upstream_tls(files, up.identities or None)
-        tls["typed_config"]["sni"] = _sni(svc, port)
-        cluster["transport_socket"] = tls
+        cluster["transport_socket"] = _mesh_tls(files, up, svc, port)
     return up
+
+
+def _mesh_tls(files: Path, up: Upstream, svc: Service, port: int) -> dict[str, Any]:
+    """The caller's mTLS: its certificate from ``files``, the callee's identities as the
+    accepted SANs, Istio's SNI for the Service port."""
+    tls = upstream_tls(files, up.identities or None)
+    tls["typed_config"]["sni"] = _sni(svc, port)
+    return tls
 
 
 def _circuit_breaker(rule: DestinationRule | None) -> dict[str, Any]:

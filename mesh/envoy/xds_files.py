@@ -20,11 +20,12 @@ listener goes after its routes, for the same reason.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mesh.identity.ca import write_atomic
 
 if TYPE_CHECKING:
     from mesh.envoy.ingress import IngressResources
@@ -32,6 +33,30 @@ if TYPE_CHECKING:
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+
+def file_source(path: Path) -> dict[str, Any]:
+    """An xDS ``ConfigSource`` reading ``path`` (Envoy reloads it when a file is renamed
+    onto that name)."""
+    return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
+
+
+def publish(path: Path, type_url: str, resources: list[dict[str, Any]], version: int) -> None:
+    """Replace ``path`` with a ``DiscoveryResponse`` of ``resources`` in one rename (0600:
+    an ingress listener holds its certificates' keys inline)."""
+    body = {
+        "version_info": str(version),
+        "resources": [{"@type": type_url, **r} for r in resources],
+    }
+    write_atomic(path, json.dumps(body).encode(), 0o600)
+
+
+def clusters_kept(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``new`` plus the clusters of ``old`` it drops: what to publish before the routes or
+    listeners that stop naming them change, so no request meets a cluster Envoy lacks."""
+    names = {c["name"] for c in new}
+    return [*new, *(c for c in old if c["name"] not in names)]
+
 
 _Published = tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
 """HTTP routes, HTTPS routes, clusters, listeners."""
@@ -73,7 +98,7 @@ class IngressXds:
 
     @staticmethod
     def _source(path: Path) -> dict[str, Any]:
-        return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
+        return file_source(path)
 
     def exists(self) -> bool:
         """Every file is there (a restarted Envoy finds what was last published)."""
@@ -93,9 +118,7 @@ class IngressXds:
         self.directory.mkdir(parents=True, exist_ok=True)
         old = self._published
         old_clusters = old[2] if old is not None else []
-        names = {c["name"] for c in clusters}
-        # Changed and new clusters first, the ones going away kept until the routes moved on.
-        union = [*clusters, *(c for c in old_clusters if c["name"] not in names)]
+        union = clusters_kept(old_clusters, clusters)
         self.version += 1
         if old is None or union != old_clusters:
             self._publish(self.cds, CLUSTER_TYPE, union)
@@ -111,16 +134,38 @@ class IngressXds:
         return True
 
     def _publish(self, path: Path, type_url: str, resources: list[dict[str, Any]]) -> None:
-        """Write a DiscoveryResponse next to ``path`` and rename it over ``path``."""
-        body = {
-            "version_info": str(self.version),
-            "resources": [{"@type": type_url, **r} for r in resources],
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(body, fh, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        publish(path, type_url, resources, self.version)
+
+
+class SidecarXds:
+    """One sidecar's ``lds.json`` and ``cds.json``, in the same order as the ingress's:
+    new clusters before the listeners that route to them, the ones going away after."""
+
+    def __init__(self, directory: Path, published: Callable[[str], None] = lambda _n: None) -> None:
+        self.directory = directory
+        self.on_published = published
+        """Called with each file's name once it is in place (the runtime copies it on)."""
+        self.version = time.time_ns() // 1_000_000
+        self.published: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+
+    def write(self, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> bool:
+        """Publish; False when nothing changed since the last call."""
+        from mesh.envoy.sidecar import CDS_FILE, LDS_FILE
+
+        if self.published == (listeners, clusters):
+            return False
+        old_listeners, old_clusters = self.published or ([], [])
+        union = clusters_kept(old_clusters, clusters)
+        self.version += 1
+        if self.published is None or union != old_clusters:
+            self._publish(CDS_FILE, CLUSTER_TYPE, union)
+        if self.published is None or listeners != old_listeners:
+            self._publish(LDS_FILE, LISTENER_TYPE, listeners)
+        if union != clusters:
+            self._publish(CDS_FILE, CLUSTER_TYPE, clusters)
+        self.published = (listeners, clusters)
+        return True
+
+    def _publish(self, name: str, type_url: str, resources: list[dict[str, Any]]) -> None:
+        publish(self.directory / name, type_url, resources, self.version)
+        self.on_published(name)

@@ -25,7 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.model.types import ClusterState, DestinationRule, PeerAuthentication, Pod, Service
+from mesh.model.types import (
+    ClusterState,
+    DestinationRule,
+    PeerAuthentication,
+    Pod,
+    Service,
+    Workload,
+)
 
 MESH_ROOT_NAMESPACE = "hopscope-system"
 """Where a ``PeerAuthentication`` without a selector applies to the whole mesh."""
@@ -229,10 +236,7 @@ def upstream(
     else:
         backends = [
             (w.namespace, w.template.labels, w.template.has_sidecar, w.template.service_account)
-            for w in state.workloads
-            if w.namespace == svc.namespace
-            and svc.selector
-            and all(w.template.labels.get(k) == v for k, v in svc.selector.items())
+            for w in service_workloads(state, svc)
         ]
     peer: MtlsMode | None = None
     identities: set[str] = set()
@@ -255,6 +259,18 @@ def upstream(
     if not with_sidecar:
         reason = "plaintext (the callee has no sidecar)"
     return Upstream(auto, peer, sorted(identities), reason, rule)
+
+
+def service_workloads(state: ClusterState, svc: Service) -> list[Workload]:
+    """The Deployments and StatefulSets whose pod template the Service selects."""
+    if not svc.selector:
+        return []
+    return [
+        w
+        for w in state.workloads
+        if w.namespace == svc.namespace
+        and all(w.template.labels.get(k) == v for k, v in svc.selector.items())
+    ]
 
 
 _STRICTNESS = {"DISABLE": 0, "PERMISSIVE": 1, "STRICT": 2}
