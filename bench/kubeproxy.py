@@ -14,8 +14,10 @@ and the new-connection rate (``Connection: close``). Then, unless ``--skip-propa
 it starts the sample cluster, lets the bench client reach catalog (the sample's policies
 deny everything else: the bench adds one NetworkPolicy), marks a catalog pod unready
 through the API again and again, and measures how long new connections through the
-catalog ClusterIP still reach it. A trial in which any probe fails counts as failed: the
-goal is then unmet, the errors are in the JSON, and the bench exits non-zero.
+catalog ClusterIP still reach it (probing until the victim has been left alone for a
+while, up to 5 s). A trial in which any probe fails, or in which new connections still
+reach the victim at 5 s, counts as failed: the goal is then unmet, the errors are in the
+JSON, and the bench exits non-zero.
 
 Usage: .venv/bin/python bench/kubeproxy.py --seconds 5 [--json] [--only-propagation]
 The last line printed on stdout is one JSON object.
@@ -405,6 +407,16 @@ def _wait_for_probe(vip: str, timeout: float = 15.0) -> None:
     raise SystemExit(f"the propagation probe through {vip}:8080 never succeeded: {error}")
 
 
+WINDOW_S = 1.0
+"""Shortest probing window of a propagation trial."""
+SETTLE_S = 0.5
+"""The window ends once the victim has served no probe for this long ..."""
+SETTLE_PROBES = 5
+"""... and at least this many answered probes in a row went elsewhere."""
+MAX_WINDOW_S = 5.0
+"""A victim still served this long after it turned unready fails the trial."""
+
+
 def measure_propagation(trials: int) -> list[dict[str, Any]]:
     """Per trial: ms from "pod unready" (API call) until new connections stop reaching it.
 
@@ -413,6 +425,11 @@ def measure_propagation(trials: int) -> list[dict[str, Any]]:
     failed and its errors go to the report. A probe counts from the moment it connects
     (when kube-proxy picks the endpoint), so the figure is the start of the last probe that
     still reached the victim, or of the first probe if none did (an upper bound).
+
+    The window is at least :data:`WINDOW_S` and lasts until the victim has not served a
+    probe for :data:`SETTLE_S` (and :data:`SETTLE_PROBES` answered probes): a victim still
+    served at the end of a fixed window would cap the figure at the window's length. A
+    victim still served after :data:`MAX_WINDOW_S` fails the trial.
     """
     home = Path(tempfile.mkdtemp(prefix="hopscope-bench-"))
     env = {**os.environ, "HOPSCOPE_HOME": str(home)}
@@ -437,22 +454,35 @@ def measure_propagation(trials: int) -> list[dict[str, Any]]:
             client.post(f"/api/v1/pods/shop/{victim}/ready", {"ready": False})
             last_hit: float | None = None
             first_probe: float | None = None
-            answered, errors = 0, []
-            while time.monotonic() - t0 < 1.0:
+            answered, since_hit, errors = 0, 0, []
+            settled = False
+            while (now := time.monotonic()) - t0 < MAX_WINDOW_S:
+                quiet = now - (last_hit if last_hit is not None else t0)
+                if now - t0 >= WINDOW_S and quiet >= SETTLE_S and since_hit >= SETTLE_PROBES:
+                    settled = True
+                    break
                 started = time.monotonic()
                 served, error = _probe(vip)
                 if error:
                     errors.append(error)
                     continue
                 answered += 1
+                since_hit += 1
                 first_probe = started if first_probe is None else first_probe
                 if served == victim:
                     last_hit = started  # kube-proxy picks the endpoint as the probe connects
+                    since_hit = 0
             end = last_hit if last_hit is not None else first_probe
+            if not settled:
+                errors.append(
+                    f"new connections still reached {victim} within the last "
+                    f"{SETTLE_S:.1f} s of a {MAX_WINDOW_S:.0f} s window"
+                )
             results.append(
                 {
                     "victim": victim,
                     "ms": None if end is None else round((end - t0) * 1000, 1),
+                    "window_ms": round((time.monotonic() - t0) * 1000, 1),
                     "probes_answered": answered,
                     "errors": errors[:5],
                     "failed": bool(errors) or end is None,

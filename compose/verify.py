@@ -8,12 +8,16 @@ What it checks (each is retried until it holds or ``--timeout`` runs out):
 * every provisioned datasource answers its health check;
 * every panel of every provisioned dashboard: its queries, sent through Grafana's own query
   API (``/api/ds/query``) as the panel sends them (datasource, query, time range, template
-  variables filled in), return data without error. Panels listed in ``EMPTY_BY_DESIGN``
+  variables filled in), return data without error — each query (``refId``) on its own, so
+  a mis-named query next to a working one fails. The queries listed in ``EMPTY_BY_DESIGN``
   must return nothing instead. The Tempo service-map panel is drawn by Grafana from
   Prometheus series, so its Prometheus queries are what is run for it;
-* a trace id from Tempo's search has an exemplar in Prometheus and logs in Loki, found with
-  the Tempo datasource's own trace-to-logs query (which must survive ids that Tempo hands
-  over without their leading zeros);
+* exemplars, by the label each source writes: the apps' and kube-proxy's request-duration
+  histograms carry ``trace_id`` exemplars (``EXEMPLAR_HISTOGRAMS``: scraped as OpenMetrics,
+  kept by ``exemplar-storage``), and one such trace is found by Tempo
+  (``/api/traces/<id>``) and in Loki with the Tempo datasource's own trace-to-logs query,
+  given the id as Tempo hands it over (leading zeros dropped). Separately, Tempo's own
+  span metrics carry ``traceID`` exemplars that lead to a trace Tempo finds;
 * the service-graph edges in ``EDGES`` exist in ``traces_service_graph_request_total``.
 
 It prints a JSON summary and exits 1 with the list of what failed. Needs only the standard
@@ -35,9 +39,10 @@ from typing import Any
 import requests
 
 EMPTY_BY_DESIGN = {
-    ("hopscope-services", "Not-ready endpoints"),
+    ("hopscope-services", "Not-ready endpoints", "A"),
 }
-"""(dashboard uid, panel title) of panels that must stay empty on a healthy cluster."""
+"""(dashboard uid, panel title, refId) of the queries that must return nothing on a healthy
+cluster. Every other query of every panel must return data."""
 
 EMPTY_WINDOW = "now-2m"
 """Panels empty by design are checked over this recent window: a scenario that restarted a
@@ -58,8 +63,17 @@ SERVICE_MAP_QUERIES = [
 ]
 """What Grafana's Tempo service map asks Prometheus for (request rate and server time)."""
 
-EXEMPLAR_LABELS = ("trace_id", "traceID")
-"""Apps and kube-proxy write ``trace_id``; Tempo's span metrics write ``traceID``."""
+APP_EXEMPLAR_LABEL = "trace_id"
+"""The exemplar label the apps and kube-proxy write (OpenMetrics exposition)."""
+
+TEMPO_EXEMPLAR_LABEL = "traceID"
+"""The exemplar label Tempo's metrics generator writes on its span metrics."""
+
+EXEMPLAR_HISTOGRAMS = (
+    "hopscope_request_duration_seconds_bucket",
+    "hopscope_kubeproxy_request_duration_seconds_bucket",
+)
+"""Histograms that must carry ``trace_id`` exemplars: the apps' and kube-proxy's."""
 
 
 # -- building the queries a panel sends ------------------------------------------------
@@ -121,12 +135,17 @@ class PanelQuery:
     dashboard: str
     panel: str
     body: dict[str, Any]
-    empty_by_design: bool = False
+    empty_refs: set[str] = field(default_factory=set)
     datasource_uids: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
         return f"{self.dashboard} / {self.panel}"
+
+    @property
+    def empty_by_design(self) -> bool:
+        """A query of this panel must return nothing (checked over ``EMPTY_WINDOW``)."""
+        return bool(self.empty_refs)
 
 
 def _target_query(
@@ -181,7 +200,11 @@ def panel_queries(
     for panel in board.get("panels", []):
         if panel.get("type") == "row":
             continue
-        empty = (board["uid"], panel["title"]) in EMPTY_BY_DESIGN
+        empty = {
+            ref
+            for uid, title, ref in EMPTY_BY_DESIGN
+            if (uid, title) == (board["uid"], panel["title"])
+        }
         range_ms = duration_ms(empty_window if empty else window)
         interval_ms = max(range_ms // 500, 5_000)
         values = {
@@ -213,6 +236,31 @@ def panel_queries(
             PanelQuery(board["title"], panel["title"], {**span, "queries": queries}, empty, uids)
         )
     return out
+
+
+def query_failures(pq: PanelQuery, doc: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+    """Each query (``refId``) of one panel's ``/api/ds/query`` answer, on its own: an error,
+    no rows (unless empty by design) or rows where none are wanted fail. Rows per refId."""
+    results = doc.get("results", {}) or {}
+    failures, rows = [], {}
+    for query in pq.body["queries"]:
+        ref = query["refId"]
+        result = results.get(ref)
+        if result is None:
+            failures.append(f"panel {pq.name} [{ref}]: no result in Grafana's answer")
+            continue
+        if result.get("error") or int(result.get("status", 200)) >= 400:
+            error = result.get("error") or result.get("status")
+            failures.append(f"panel {pq.name} [{ref}]: query error {error}")
+            continue
+        rows[ref] = frame_rows(result)
+        if ref in pq.empty_refs and rows[ref]:
+            failures.append(
+                f"panel {pq.name} [{ref}]: empty by design, but returned {rows[ref]} rows"
+            )
+        elif ref not in pq.empty_refs and not rows[ref]:
+            failures.append(f"panel {pq.name} [{ref}]: no data")
+    return failures, rows
 
 
 def frame_rows(result: dict[str, Any]) -> int:
@@ -332,82 +380,107 @@ def check_panels(stack: Stack, summary: dict[str, Any]) -> list[str]:
                 failures.append(f"panel {pq.name}: {exc}")
                 panels[pq.name] = "error"
                 continue
-            rows, errors = 0, []
-            for ref, result in doc.get("results", {}).items():
-                if result.get("error") or int(result.get("status", 200)) >= 400:
-                    errors.append(f"{ref}: {result.get('error') or result.get('status')}")
-                rows += frame_rows(result)
+            failed, rows = query_failures(pq, doc)
             panels[pq.name] = rows
-            if errors:
-                failures.append(f"panel {pq.name}: query error {'; '.join(errors)}")
-            elif pq.empty_by_design and rows:
-                failures.append(f"panel {pq.name}: empty by design, but returned {rows} rows")
-            elif not pq.empty_by_design and not rows:
-                failures.append(f"panel {pq.name}: no data")
+            failures += failed
     return failures
 
 
+def exemplar_trace_ids(stack: Stack, query: str, label: str, start: int, end: int) -> list[str]:
+    """Trace ids of the exemplars of ``query``'s series under ``label``, newest first."""
+    got = stack.get(f"{stack.prometheus}/api/v1/query_exemplars", query=query, start=start, end=end)
+    found = sorted(
+        (
+            (float(ex.get("timestamp", 0)), ex["labels"][label])
+            for series in got.get("data", []) or []
+            for ex in series.get("exemplars", []) or []
+            if ex.get("labels", {}).get(label)
+        ),
+        reverse=True,
+    )
+    return list(dict.fromkeys(tid for _ts, tid in found))
+
+
+def logs_of_trace(stack: Stack, template: str, as_given: str, start: int, end: int) -> int:
+    """Log lines Loki finds with the Tempo datasource's trace-to-logs query."""
+    query = template.replace("${__trace.traceId}", as_given)
+    got = stack.get(
+        f"{stack.loki}/loki/api/v1/query_range",
+        query=query,
+        start=start * 10**9,
+        end=end * 10**9,
+        limit=20,
+    )
+    return sum(len(s.get("values", [])) for s in got.get("data", {}).get("result", []))
+
+
+def tempo_has_trace(stack: Stack, trace_id: str) -> bool:
+    resp = stack._send("GET", f"{stack.tempo}/api/traces/{trace_id}")
+    if resp.status_code == 404:
+        return False
+    if resp.status_code >= 400:
+        raise RuntimeError(f"Tempo /api/traces/{trace_id}: HTTP {resp.status_code}")
+    return True
+
+
 def check_trace_links(stack: Stack, summary: dict[str, Any]) -> list[str]:
-    """A trace from Tempo's search, its exemplar in Prometheus, its logs in Loki."""
+    """Exemplars by the label each source writes, and the trace and logs they lead to."""
     end = int(time.time())
     start = end - duration_ms(stack.window) // 1000
-    found = stack.get(
-        f"{stack.tempo}/api/search",
-        q='{ span.hopscope.hop = "ingress" }',
-        limit=200,
-        start=start,
-        end=end,
+    failures = []
+    info: dict[str, Any] = summary.setdefault("exemplars", {})
+    # the apps' and kube-proxy's own exemplars: scraped (OpenMetrics), stored, labelled trace_id
+    ids: list[str] = []
+    for histogram in EXEMPLAR_HISTOGRAMS:
+        got = exemplar_trace_ids(stack, histogram, APP_EXEMPLAR_LABEL, start, end)
+        info[histogram] = len(got)
+        if not got:
+            failures.append(
+                f"exemplars: no {APP_EXEMPLAR_LABEL!r} exemplar on {histogram} in Prometheus"
+            )
+        ids += [tid for tid in got[:10] if tid not in ids]
+    if ids:
+        tempo_ds = stack.get(f"{stack.grafana}/api/datasources/uid/tempo")
+        template = tempo_ds["jsonData"]["tracesToLogsV2"]["query"]
+        in_tempo = 0
+        ids.sort(key=lambda tid: not tid.startswith("0"))  # ids a naive link loses, first
+        for tid in ids[:20]:
+            if not tempo_has_trace(stack, tid):
+                continue
+            in_tempo += 1
+            as_given = normalize_trace_id(tid)  # the shape Tempo hands the link
+            lines = logs_of_trace(stack, template, as_given, start, end)
+            if lines:
+                summary["trace"] = {
+                    "exemplar_trace_id": tid,
+                    "id_given_to_logs_query": as_given,
+                    "leading_zeros_dropped": len(as_given) < len(tid),
+                    "log_lines": lines,
+                    "logs_query": template.replace("${__trace.traceId}", as_given),
+                }
+                break
+        else:
+            failures.append(
+                f"exemplars: of {min(len(ids), 20)} {APP_EXEMPLAR_LABEL!r} exemplar traces, "
+                f"{in_tempo} are in Tempo and none has logs found by the Tempo datasource's "
+                f"logs query ({template})"
+            )
+    # Tempo's span-metrics exemplars, checked on their own: the link leads to a stored trace
+    tempo_ids = exemplar_trace_ids(
+        stack, '{__name__=~"traces_.+_bucket"}', TEMPO_EXEMPLAR_LABEL, start, end
     )
-    from_tempo = {normalize_trace_id(t["traceID"]): t["traceID"] for t in found.get("traces", [])}
-    if not from_tempo:
-        return ["trace links: Tempo's search found no trace with an ingress hop"]
-    exemplars = stack.get(
-        f"{stack.prometheus}/api/v1/query_exemplars",
-        query='{__name__=~".+_bucket"}',
-        start=start,
-        end=end,
-    )
-    with_exemplar = {
-        normalize_trace_id(ex["labels"][key])
-        for series in exemplars.get("data", [])
-        for ex in series.get("exemplars", [])
-        for key in EXEMPLAR_LABELS
-        if key in ex.get("labels", {})
-    }
-    summary["exemplar_trace_ids"] = len(with_exemplar)
-    both = [tid for tid in from_tempo if tid in with_exemplar]
-    if not both:
-        return [
-            f"trace links: none of {len(from_tempo)} traces from Tempo's search has an "
-            f"exemplar in Prometheus ({len(with_exemplar)} exemplar trace ids)"
-        ]
-    tempo_ds = stack.get(f"{stack.grafana}/api/datasources/uid/tempo")
-    template = tempo_ds["jsonData"]["tracesToLogsV2"]["query"]
-    # leading-zero ids first: they are the ones a naive link loses
-    both.sort(key=lambda tid: len(from_tempo[tid]))
-    for tid in both[:20]:
-        as_given = from_tempo[tid]
-        query = template.replace("${__trace.traceId}", as_given)
-        got = stack.get(
-            f"{stack.loki}/loki/api/v1/query_range",
-            query=query,
-            start=start * 10**9,
-            end=end * 10**9,
-            limit=20,
+    info["tempo_span_metrics"] = len(tempo_ids)
+    if not tempo_ids:
+        failures.append(
+            f"exemplars: no {TEMPO_EXEMPLAR_LABEL!r} exemplar on Tempo's span metrics "
+            "(traces_*_bucket) in Prometheus"
         )
-        lines = sum(len(s.get("values", [])) for s in got.get("data", {}).get("result", []))
-        if lines:
-            summary["trace"] = {
-                "id_from_tempo": as_given,
-                "leading_zeros_dropped": len(as_given) < 32,
-                "log_lines": lines,
-                "logs_query": query,
-            }
-            return []
-    return [
-        f"trace links: {len(both)} traces have an exemplar, but the Tempo datasource's "
-        f"logs query ({template}) found no logs for any of the first {min(len(both), 20)}"
-    ]
+    elif not any(tempo_has_trace(stack, tid) for tid in tempo_ids[:20]):
+        failures.append(
+            f"exemplars: none of {min(len(tempo_ids), 20)} {TEMPO_EXEMPLAR_LABEL!r} "
+            "exemplar traces of Tempo's span metrics is found by Tempo"
+        )
+    return failures
 
 
 def check_service_graph(stack: Stack, summary: dict[str, Any]) -> list[str]:

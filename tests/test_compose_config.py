@@ -250,6 +250,168 @@ def test_dashboards_reference_provisioned_datasources_and_are_current() -> None:
         )
 
 
+def test_only_the_histograms_with_exemplars_ask_for_them() -> None:
+    """The apps' and kube-proxy's request durations carry ``trace_id`` exemplars (checked
+    on a running cluster by tests/test_e2e_local.py); no other query asks for exemplars, and
+    verify.py requires them on exactly these histograms."""
+    with_exemplars = set(_verify().EXEMPLAR_HISTOGRAMS)
+    asked = set()
+    for name, board in _dashboards().items():
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                carries = {h for h in with_exemplars if h in target.get("expr", "")}
+                if target.get("exemplar"):
+                    assert carries and panel["type"] == "timeseries", (name, panel["title"])
+                    asked |= carries
+                elif target["datasource"]["type"] == "prometheus":
+                    assert not carries, f"{name} / {panel['title']}: exemplars not asked for"
+    assert asked == with_exemplars
+
+
+def _loss_panels() -> dict[str, dict[str, Any]]:
+    board = _dashboards()["start-here.json"]
+    return {p["title"]: p for p in board["panels"] if p["title"].startswith("Telemetry loss")}
+
+
+LOSS_UNITS = {
+    "spans": "suffix:spans/s",
+    "log records": "suffix:log records/s",
+    "Envoy span exports": "reqps",
+    "OTLP requests": "reqps",
+    "metric data points": "suffix:points/s",
+}
+"""Each loss panel (by the words after "Telemetry loss: ") and its one unit."""
+
+
+def test_each_telemetry_loss_panel_has_one_unit_and_says_what_it_counts() -> None:
+    """Spans, log records, export requests and metric data points are never drawn on one
+    axis; each panel carries its unit and a description; the Envoy panel says that Envoy
+    has no per-span counter for a failed export."""
+    panels = _loss_panels()
+    assert len(panels) == len(LOSS_UNITS), sorted(panels)
+    for words, unit in LOSS_UNITS.items():
+        (title,) = [t for t in panels if t.startswith(f"Telemetry loss: {words}")]
+        panel = panels[title]
+        assert panel["fieldConfig"] == {"defaults": {"unit": unit}, "overrides": []}, title
+        assert panel["description"], title
+    exprs = " ".join(t["expr"] for p in panels.values() for t in p["targets"])
+    for metric in (
+        "hopscope_otel_exported_spans_total",
+        "hopscope_otel_exported_log_records_total",
+        "envoy_cluster_upstream_rq_completed",
+        "hopscope_otlp_receiver_requests_total",
+        "hopscope_otlp_forwarded_items_total",
+    ):
+        assert metric in exprs, metric
+    envoy = next(p for t, p in panels.items() if "Envoy span exports" in t)
+    assert "no per-span counter" in envoy["description"]
+    assert "spans_dropped" in envoy["description"]
+
+
+SPANS = "hopscope_otel_exported_spans_total"
+LOGS = "hopscope_otel_exported_log_records_total"
+COMPLETED = "envoy_cluster_upstream_rq_completed"
+RQ_XX = "envoy_cluster_upstream_rq_xx"
+RECEIVER = "hopscope_otlp_receiver_requests_total"
+FORWARDED = "hopscope_otlp_forwarded_items_total"
+OTLP = 'envoy_cluster_name="hopscope_otlp"'
+OK = f'{OTLP}, envoy_response_code_class="2"'
+FRONTEND = 'job="apps", app="frontend"'
+
+LOSS_SERIES = [
+    # the labels Prometheus gives these series: the target's (job; for pods also app and
+    # pod, from the control plane's discovery) plus the exposition's own
+    (SPANS, f'{FRONTEND}, pod="frontend-1", outcome="failed"', "0+60x5"),
+    (SPANS, f'{FRONTEND}, pod="frontend-2", outcome="failed"', "0+60x5"),
+    (SPANS, f'{FRONTEND}, pod="frontend-1", outcome="sent"', "0+600x5"),
+    (SPANS, 'job="kube-proxy", outcome="failed"', "0+120x5"),
+    (SPANS, 'job="cni", outcome="dropped"', "0+0x5"),
+    (LOGS, f'{FRONTEND}, pod="frontend-1", outcome="failed"', "0+30x5"),
+    (LOGS, 'job="cni", outcome="failed"', "0+0x5"),
+    # the ingress never had a 2xx from the receiver: it has no 2xx series at all
+    (COMPLETED, f'job="envoy", pod="ingress-envoy", {OTLP}', "0+60x5"),
+    (COMPLETED, f'job="envoy", pod="frontend-1", {OTLP}', "0+120x5"),
+    (RQ_XX, f'job="envoy", pod="frontend-1", {OK}', "0+60x5"),
+    (COMPLETED, f'job="envoy", pod="catalog-1", {OTLP}', "0+60x5"),
+    (RQ_XX, f'job="envoy", pod="catalog-1", {OK}', "0+60x5"),
+    (RECEIVER, 'job="controlplane", signal="traces", outcome="unavailable"', "0+60x5"),
+    (RECEIVER, 'job="controlplane", signal="traces", outcome="accepted"', "0+600x5"),
+    (FORWARDED, 'job="controlplane", signal="traces", outcome="failed"', "0+60x5"),
+    (FORWARDED, 'job="controlplane", signal="logs", outcome="dropped"', "0+0x5"),
+    (FORWARDED, 'job="controlplane", signal="metrics", outcome="failed"', "0+180x5"),
+]
+"""Counters as Prometheus stores them, rising per minute by the given step."""
+
+LOSS_EXPECTED: dict[tuple[str, str], dict[str, float]] = {
+    ("spans", "A"): {'{app="frontend", outcome="failed"}': 2},
+    ("spans", "B"): {
+        '{job="kube-proxy", outcome="failed"}': 2,
+        '{job="cni", outcome="dropped"}': 0,
+    },
+    ("spans", "C"): {'{outcome="failed"}': 1},
+    ("log records", "A"): {'{app="frontend", outcome="failed"}': 0.5},
+    ("log records", "B"): {'{job="cni", outcome="failed"}': 0},
+    ("log records", "C"): {'{outcome="dropped"}': 0},
+    ("Envoy span exports", "A"): {
+        '{pod="ingress-envoy"}': 1,
+        '{pod="frontend-1"}': 1,
+        '{pod="catalog-1"}': 0,
+    },
+    ("OTLP requests", "A"): {'{signal="traces", outcome="unavailable"}': 1},
+    ("metric data points", "A"): {'{outcome="failed"}': 3},
+}
+"""Per loss panel and query: every series it must return (labels → per-second value)."""
+
+
+def test_promtool_evaluates_every_telemetry_loss_query(tmp_path: Path) -> None:
+    """Prometheus' own engine (promtool test rules) evaluates each loss query as the panel
+    sends it: per component (the app, or the job of a system component), Envoy
+    loss per pod (also for a pod that never got a 2xx back), and a 0 rather than nothing
+    where nothing was lost."""
+    tool = _promtool()
+    panels = _loss_panels()
+    tests = []
+    for (words, ref), want in LOSS_EXPECTED.items():
+        (panel,) = [p for t, p in panels.items() if t.startswith(f"Telemetry loss: {words}")]
+        (target,) = [t for t in panel["targets"] if t["refId"] == ref]
+        tests.append(
+            {
+                "expr": target["expr"],
+                "eval_time": "5m",
+                "exp_samples": [{"labels": k, "value": v} for k, v in want.items()],
+            }
+        )
+    covered = {(w, r) for w, r in LOSS_EXPECTED}
+    every = {
+        (w, t["refId"])
+        for w in LOSS_UNITS
+        for title, p in panels.items()
+        if title.startswith(f"Telemetry loss: {w}")
+        for t in p["targets"]
+    }
+    assert covered == every, f"loss queries without an expectation: {sorted(every - covered)}"
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"{name}{{{labels}}}", "values": values}
+                    for name, labels, values in LOSS_SERIES
+                ],
+                "promql_expr_test": tests,
+            }
+        ],
+    }
+    path = tmp_path / "loss-test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = subprocess.run(
+        [tool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def _env_images() -> dict[str, str]:
     lines = (COMPOSE / ".env").read_text().splitlines()
     env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
@@ -449,12 +611,49 @@ def test_verify_builds_a_well_formed_query_for_every_panel() -> None:
                 assert query["queryType"] == "range"
             if ds["type"] == "tempo":
                 assert query["queryType"] == "traceql"
-    names = {(b["uid"], p["title"]) for b in _dashboards().values() for p in b["panels"]}
-    assert names >= verify.EMPTY_BY_DESIGN, "a panel empty by design is not on any dashboard"
+    refs = {
+        (b["uid"], p["title"], t["refId"])
+        for b in _dashboards().values()
+        for p in b["panels"]
+        for t in p.get("targets", [])
+    }
+    assert refs >= verify.EMPTY_BY_DESIGN, "a query empty by design is not on any dashboard"
     service_map = [pq for pq in built if "Service map" in pq.panel]
     assert service_map and all(
         q["datasource"]["uid"] == "prometheus" for q in service_map[0].body["queries"]
     )
+
+
+def test_verify_checks_each_query_of_a_panel_on_its_own() -> None:
+    """One empty or failing query fails its panel even when the panel's other queries have
+    data; a query empty by design must stay empty."""
+    verify = _verify()
+    by_name = {pq.name: pq for pq in _all_panel_queries()}
+    loss = next(pq for name, pq in by_name.items() if "Telemetry loss: spans" in name)
+    refs = [q["refId"] for q in loss.body["queries"]]
+    assert refs == ["A", "B", "C"] and not loss.empty_refs
+
+    def frame(n: int) -> dict[str, Any]:
+        return {"frames": [{"data": {"values": [list(range(n)), [0.0] * n]}}]}
+
+    answer = {"results": {ref: frame(3) for ref in refs}}
+    assert verify.query_failures(loss, answer) == ([], dict.fromkeys(refs, 3))
+    answer["results"]["B"] = frame(0)
+    failures, rows = verify.query_failures(loss, answer)
+    assert failures == [f"panel {loss.name} [B]: no data"] and rows["A"] == 3
+    answer["results"]["C"] = {"error": "parse error", "status": 400}
+    del answer["results"]["A"]
+    failures, _rows = verify.query_failures(loss, answer)
+    assert [f.split("]: ")[1] for f in failures] == [
+        "no result in Grafana's answer",
+        "no data",
+        "query error parse error",
+    ]
+    not_ready = by_name["Services and endpoints / Not-ready endpoints"]
+    assert not_ready.empty_refs == {"A"}
+    assert verify.query_failures(not_ready, {"results": {"A": frame(0)}}) == ([], {"A": 0})
+    failures, _rows = verify.query_failures(not_ready, {"results": {"A": frame(2)}})
+    assert failures == [f"panel {not_ready.name} [A]: empty by design, but returned 2 rows"]
 
 
 def test_verify_substitutes_template_variables() -> None:

@@ -436,39 +436,18 @@ def test_hop_explorer_in_headless_chromium(cluster: dict[str, str], tmp_path: Pa
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
-PROMQL_WORDS = {
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "and",
-    "or",
-    "unless",
-    "offset",
-    "le",
-    "inf",
-}
-
-
 def _promql_parts(expr: str) -> tuple[set[str], set[str]]:
     """(metric names, label names) a PromQL expression uses."""
     import re
+
+    from tests.test_prom_bridge import promql_metric_names
 
     labels: set[str] = set()
     for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
         labels |= {g.strip() for g in group.split(",") if g.strip()}
     for matchers in re.findall(r"\{([^}]*)\}", expr):
         labels |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", matchers))
-    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"|\b(?:by|without)\s*\([^)]*\)", " ", expr)
-    names = {
-        m.group(1)
-        for m in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\()?", bare)
-        if not m.group(2) and m.group(1).lower() not in PROMQL_WORDS
-    }
-    return names, labels - {"le"}
+    return promql_metric_names(expr), labels - {"le"}
 
 
 def _scrape_everything() -> dict[str, set[str]]:
@@ -599,3 +578,40 @@ def test_ingress_applied_and_deleted_through_the_cli_is_live(
     hopscope("delete", "-f", str(manifest), env=cluster)
     poll_until(lambda: status() == 404, timeout=1.0, interval=0.02)
     assert served_after < 1.0
+
+
+def test_cli_apply_checks_every_file_first_and_warns_of_what_it_ignores(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """A directory whose second file is invalid: the first file's Service is not created
+    (nothing is sent until every document of every file is valid). Alone, the first file
+    applies, and the UDP port kube-proxy will not forward is named in a warning."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "a.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: two-files-a, namespace: shop}\n"
+        "spec:\n  selector: {app: catalog}\n  ports:\n"
+        "    - {name: http, port: 8080, targetPort: http}\n"
+        "    - {name: syslog, port: 514, protocol: UDP}\n"
+    )
+    (folder / "b.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: two-files-b, namespace: shop}\n"
+        "spec:\n  type: NodePortz\n  selector: {app: catalog}\n  ports: [{port: 80}]\n"
+    )
+    proc = hopscope("apply", "-f", str(folder), env=cluster, check=False)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.strip().splitlines() == [
+        "Error: invalid manifest, nothing applied: b.yaml: Service shop/two-files-b: "
+        "spec.type: 'NodePortz' is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+    ], proc.stderr
+    names = {s["name"] for s in api_get("/api/v1/state")["services"]}
+    assert "two-files-a" not in names
+    try:
+        proc = hopscope("apply", "-f", str(folder / "a.yaml"), env=cluster)
+        assert "service/shop/two-files-a created" in proc.stdout, proc.stdout
+        assert proc.stderr.strip().splitlines() == [
+            "warning: a.yaml: Service shop/two-files-a: spec.ports[1].protocol: UDP is "
+            "published in DNS but not proxied: hopscope's kube-proxy forwards TCP only"
+        ], proc.stderr
+    finally:
+        hopscope("delete", "-f", str(folder / "a.yaml"), env=cluster)

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from mesh import addresses
+from mesh.envoy.common import HEADER_LIMITS
 from tests.e2e_support import (
     api_get,
     dump,
@@ -302,6 +303,37 @@ def test_trace_shows_the_kube_proxy_hops_conntrack_state(cluster: dict[str, str]
     assert {h["conntrack"] for h in as_json["hops"] if h["hop"] == "kube-proxy"} == {"new"}
 
 
+def test_trace_shows_established_for_a_second_request_on_a_kept_alive_connection(
+    cluster: dict[str, str],
+) -> None:
+    """Two requests on one TCP connection: kube-proxy's conntrack entry is new for the
+    first and established for the second, and ``hopscope trace`` says which."""
+    first, second = os.urandom(16).hex(), os.urandom(16).hex()
+    conn = http.client.HTTPConnection(NODE_A, 30080, timeout=5, source_address=(CLIENT, 0))
+    try:
+        ports = set()
+        for trace_id in (first, second):
+            conn.request("GET", "/", headers={"traceparent": f"00-{trace_id}-{'ab' * 8}-01"})
+            resp = conn.getresponse()
+            assert resp.status == 200
+            resp.read()
+            assert conn.sock is not None
+            ports.add(conn.sock.getsockname()[1])
+        assert len(ports) == 1  # the same connection carried both
+    finally:
+        conn.close()
+    for trace_id, state in ((first, "new"), (second, "established")):
+        view = poll_until(
+            lambda t=trace_id: (
+                (v := trace_json(t)) and any(h["hop"] == "kube-proxy" for h in v["hops"]) and v
+            )
+        )
+        text = hopscope("trace", trace_id, env={**cluster, "COLUMNS": "500"}).stdout
+        assert f"conntrack {state}" in text, (state, text, dump(view["hops"]))
+        as_json = json.loads(hopscope("trace", trace_id, "--json", env=cluster).stdout)
+        assert {h["conntrack"] for h in as_json["hops"] if h["hop"] == "kube-proxy"} == {state}
+
+
 def test_too_many_headers_get_431_from_the_ingress_not_the_app(cluster: dict[str, str]) -> None:
     # 98 request headers: the ingress (the edge) refuses them itself.
     status, _ = _raw_get(
@@ -313,3 +345,94 @@ def test_too_many_headers_get_431_from_the_ingress_not_the_app(cluster: dict[str
     trace_id = os.urandom(16).hex()
     status, _ = _raw_get(addresses.INGRESS_IP, addresses.INGRESS_PORT, "shop.local", trace_id, 77)
     assert status == 200
+
+
+def test_too_many_headers_through_a_node_port_get_431_from_the_sidecar_not_the_app(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """A NodePort straight to a sidecar-injected pod: the sidecar's inbound listener is the
+    first proxy on the way, so it answers 431 itself; what it admits, the app serves."""
+    manifest = tmp_path / "frontend-np.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: frontend-np, namespace: shop}\n"
+        "spec:\n  type: NodePort\n  selector: {app: frontend}\n"
+        "  ports: [{name: http, port: 8080, targetPort: http, nodePort: 30090}]\n"
+        "---\n"
+        # The shop's policies admit the frontend's traffic from the ingress and load
+        # balancers only; a NodePort (Cluster policy) arrives SNATed to a node address.
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+        "metadata: {name: frontend-from-nodes, namespace: shop}\n"
+        "spec:\n  podSelector: {matchLabels: {app: frontend}}\n  policyTypes: [Ingress]\n"
+        "  ingress: [{from: [{ipBlock: {cidr: 127.10.0.0/24}}], ports: [{port: http}]}]\n"
+    )
+    hopscope("apply", "-f", str(manifest), env=cluster)
+    try:
+        poll_until(lambda: _raw_get(NODE_A, 30090, "frontend", os.urandom(16).hex())[0] == 200)
+        limit = HEADER_LIMITS["sidecar-inbound"][0]
+        # The sidecar stamps x-envoy-upstream-service-time on what its app answered, never
+        # on its own replies: each request reaches the app (200 with it) or gets the
+        # sidecar's own 431 (without it), never the app's.
+        seen = {
+            extra: _raw_get_upstream(NODE_A, 30090, "frontend", extra)
+            for extra in range(limit - 12, limit + 2)
+        }
+        assert set(seen.values()) == {(200, True), (431, False)}, seen
+        print(
+            "NodePort to a sidecar: largest admitted extra headers",
+            max(extra for extra, got in seen.items() if got[0] == 200),
+        )
+    finally:
+        hopscope("delete", "-f", str(manifest), env=cluster)
+
+
+def test_too_many_headers_from_an_app_get_431_from_its_own_sidecar(
+    cluster: dict[str, str],
+) -> None:
+    """App to app, the caller's outbound sidecar is the first proxy: whatever it admits
+    (with the headers it adds) must pass the callee's inbound sidecar, so every request
+    either reaches the app or gets the outbound's own 431, never the callee's."""
+    pod = next(p for p in api_get("/api/v1/state")["pods"] if p["name"].startswith("frontend-"))
+    vip = _service("catalog")["cluster_ip"]
+    route = (f"{addresses.ORIGINAL_DST_HEADER}: {vip}:8080",)
+    limit = HEADER_LIMITS["sidecar-outbound"][0]
+    seen = {}
+    for extra in range(limit - 16, limit + 2):
+        seen[extra] = _raw_get_upstream(
+            pod["ip"], addresses.SIDECAR_OUTBOUND_PORT, "catalog:8080", extra, pod["ip"], route
+        )
+    assert set(seen.values()) == {(200, True), (431, False)}, seen
+    print(
+        "app to app: largest admitted extra headers",
+        max(extra for extra, got in seen.items() if got[0] == 200),
+    )
+
+
+def _raw_get_upstream(
+    ip: str,
+    port: int,
+    host: str,
+    extra: int,
+    source: str = CLIENT,
+    more: tuple[str, ...] = (),
+) -> tuple[int, bool]:
+    """Like :func:`_raw_get` to ``/healthz``: the status, and whether the reply came from
+    behind the first proxy (it carries ``x-envoy-upstream-service-time``)."""
+    sock = socket.create_connection((ip, port), timeout=5, source_address=(source, 0))
+    try:
+        lines = [
+            "GET /healthz HTTP/1.1",
+            f"Host: {host}",
+            f"traceparent: 00-{os.urandom(16).hex()}-{'ab' * 8}-01",
+            "Connection: close",
+            *more,
+            *(f"X-Extra-{i}: {i}" for i in range(extra)),
+        ]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    finally:
+        sock.close()
+    head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    upstream = any(line.lower().startswith("x-envoy-upstream-service-time:") for line in head)
+    return int(head[0].split(" ", 2)[1]), upstream

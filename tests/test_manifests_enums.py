@@ -263,3 +263,137 @@ def test_enum_fields_are_enums_in_the_model_and_strings_in_json(tmp_path: Path) 
 def test_ingress_path_type_is_an_enum(tmp_path: Path) -> None:
     (ing,) = load_manifests([_write(tmp_path, BASE["Ingress"])])
     assert ing is not None and ing.rules[0].paths[0].path_type is PathType.PREFIX
+
+
+# -- fields hopscope accepts but does not act on: a warning naming them --------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "words"),
+    [
+        ("Deployment", f"{C0}.livenessProbe", {"tcpSocket": {"port": "http"}}, "process exits"),
+        ("StatefulSet", f"{C0}.startupProbe", {"tcpSocket": {"port": "http"}}, "readinessProbe"),
+        ("Deployment", f"{C0}.lifecycle", {"preStop": {"exec": {"command": ["true"]}}}, "preStop"),
+        ("Service", "spec.ports[0].protocol", "UDP", "UDP is published in DNS but not proxied"),
+        ("Service", "spec.ports[0].protocol", "SCTP", "kube-proxy forwards TCP only"),
+    ],
+)
+def test_fields_hopscope_does_not_act_on_load_with_a_warning_naming_them(
+    tmp_path: Path, kind: str, field: str, value: Any, words: str
+) -> None:
+    doc = copy.deepcopy(BASE[kind])
+    _set(doc, field, value)
+    warnings: list[str] = []
+    (obj,) = load_manifests([_write(tmp_path, doc)], warn=warnings.append)
+    assert obj is not None
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"bad.yaml: {WHO[kind]}: {field}: "), warnings
+    assert words in warnings[0] and "\n" not in warnings[0]
+
+
+def test_the_cluster_dns_service_udp_port_is_no_warning(tmp_path: Path) -> None:
+    """kube-dns's UDP 53 is answered by the DNS server itself at the VIP, not proxied."""
+    doc = copy.deepcopy(BASE["Service"])
+    doc["metadata"] = {
+        "name": "kube-dns",
+        "namespace": "kube-system",
+        "annotations": {"hopscope.dev/served-by": "cluster-dns"},
+    }
+    doc["spec"] = {
+        "selector": {"k8s-app": "kube-dns"},
+        "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        ],
+    }
+    warnings: list[str] = []
+    load_manifests([_write(tmp_path, doc)], warn=warnings.append)
+    assert warnings == []
+
+
+def test_the_shipped_manifests_load_without_warnings() -> None:
+    root = Path(__file__).resolve().parents[1]
+    warnings: list[str] = []
+    for folder in ("apps/manifests", "tests/manifests", "mesh/scenarios/manifests"):
+        assert load_manifests([root / folder], warn=warnings.append)
+    assert warnings == []
+
+
+def test_init_containers_are_refused_with_the_reason(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE["Deployment"])
+    doc["spec"]["template"]["spec"]["initContainers"] = [
+        {"name": "migrate", "image": "demo", "command": ["true"]}
+    ]
+    with pytest.raises(ManifestError) as err:
+        load_manifests([_write(tmp_path, doc)])
+    assert str(err.value).startswith(
+        f"bad.yaml: Deployment shop/web: {TEMPLATE}.initContainers: not supported by hopscope: "
+    )
+    assert "does not run init containers" in str(err.value)
+
+
+# -- schema-checked kinds word their enum errors like the core kinds ------------------------
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "PeerAuthentication",
+                "metadata": {"name": "default", "namespace": "shop"},
+                "spec": {"mtls": {"mode": "STRICTX"}},
+            },
+            "bad.yaml: PeerAuthentication shop/default: spec.mtls.mode: 'STRICTX' is not one "
+            "of UNSET, DISABLE, PERMISSIVE, STRICT",
+        ),
+        (
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {"name": "r", "namespace": "shop"},
+                "spec": {"rules": [{"matches": [{"path": {"type": "PathPrefixx", "value": "/"}}]}]},
+            },
+            "bad.yaml: HTTPRoute shop/r: spec.rules[0].matches[0].path.type: 'PathPrefixx' "
+            "is not one of Exact, PathPrefix",
+        ),
+    ],
+)
+def test_custom_kinds_list_enum_values_like_the_core_kinds(
+    tmp_path: Path, doc: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ManifestError) as err:
+        load_manifests([_write(tmp_path, doc)])
+    assert str(err.value).startswith(expected), err.value
+    assert "(" not in str(err.value).split("is not one of")[1]
+    assert "[" not in str(err.value).split("is not one of")[1]
+
+
+# -- `hopscope apply` checks every file before it sends any -------------------------------
+
+
+def test_apply_validates_every_file_before_it_contacts_the_cluster(tmp_path: Path) -> None:
+    """With no cluster at all: the old file-by-file loop posted a.yaml first and failed on
+    the connection; now b.yaml's error comes first and nothing is sent."""
+    from click.testing import CliRunner
+
+    from mesh.cli import cli
+
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    good = copy.deepcopy(BASE["Service"])
+    good["metadata"]["name"] = "a"
+    (folder / "a.yaml").write_text(yaml.safe_dump(good))
+    bad = copy.deepcopy(BASE["Service"])
+    bad["spec"]["type"] = "NodePortz"
+    (folder / "b.yaml").write_text(yaml.safe_dump(bad))
+    env = {"HOPSCOPE_HOME": str(tmp_path / "home")}
+    for args in (["-f", str(folder)], ["-f", str(folder / "a.yaml"), "-f", str(folder / "b.yaml")]):
+        result = CliRunner().invoke(cli, ["apply", *args], env=env)
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert lines == [
+            "Error: invalid manifest, nothing applied: b.yaml: Service shop/x: spec.type: "
+            "'NodePortz' is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+        ], result.output

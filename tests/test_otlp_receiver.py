@@ -14,6 +14,7 @@ import os
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ from werkzeug.serving import make_server
 from mesh.controlplane.api import create_app
 from mesh.model.types import ClusterState
 from mesh.tracestore.receiver import MAX_BODY_BYTES
-from mesh.tracestore.store import TraceStore, parse_size
+from mesh.tracestore.store import RESOURCE_LIMIT, TraceStore, format_size, parse_size
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 GZIP_PROTOBUF = {**PROTOBUF, "Content-Encoding": "gzip"}
@@ -267,6 +268,48 @@ def test_accounted_bytes_track_what_python_really_holds() -> None:
     assert 0.8 < accounted / used < 1.25, (accounted, used)
 
 
+def test_the_bound_holds_past_the_intern_table_whatever_resources_arrive() -> None:
+    """Once the intern table is full, a new resource is kept with its trace: a sender that
+    puts a big, unique resource on every export must still be held to the budget."""
+    budget = 16 * 2**20
+    small = [_export(os.urandom(16), spans=1, pod=f"pod-{i}") for i in range(RESOURCE_LIMIT)]
+    big = []
+    for i in range(400):
+        export = _export(os.urandom(16), spans=1, pod=f"{i}-" + "x" * 50_000)
+        big.append(export.SerializeToString())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = TraceStore(budget_bytes=budget)
+        for export in small:
+            store.add_export(export)
+        del small
+        ratios = []
+        for n, body in enumerate(big, 1):
+            store.add_export(ExportTraceServiceRequest.FromString(body))
+            assert store.stats()["bytes"] <= budget
+            if n in (100, len(big)):  # while the table is full; after evictions freed it
+                used = tracemalloc.get_traced_memory()[0] - before
+                ratios.append((store.stats()["bytes"] / used, store.stats()["evicted_traces"]))
+    finally:
+        tracemalloc.stop()
+    (full_table, evicted_then), (at_end, evicted) = ratios
+    assert evicted_then == 0 and evicted > 0, ratios
+    assert 0.8 < full_table < 1.25 and 0.8 < at_end < 1.25, ratios
+
+
+def test_the_store_reaches_back_to_the_earliest_start_it_holds() -> None:
+    """Not the start of the trace updated longest ago: a trace that began earlier but got
+    its spans later is held too, and older."""
+    store = TraceStore(budget_bytes=2**20)
+    store.add_export(_export(os.urandom(16), spans=1))
+    start = store.stats()["oldest_start_ns"]
+    export = _export(os.urandom(16), spans=1)
+    export.resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano = start - 60 * 10**9
+    store.add_export(export)  # the most recently updated trace began a minute earlier
+    assert store.stats()["oldest_start_ns"] == start - 60 * 10**9
+
+
 def test_evicted_trace_says_so_and_how_far_back_the_store_reaches() -> None:
     store = TraceStore(budget_bytes=96 * 2**10)
     for server_base in _serve(store):
@@ -285,6 +328,7 @@ def test_evicted_trace_says_so_and_how_far_back_the_store_reaches() -> None:
         page = requests.get(f"{server_base}/", timeout=10).text
         assert "it reaches back to" in page and "96 KiB budget" in page
         assert "older traces were evicted" in page
+        assert "HOPSCOPE_TRACE_STORE_BUDGET" in page  # what sets it in the compose stack
 
 
 def test_store_metrics_on_the_control_plane_metrics_endpoint() -> None:
@@ -333,3 +377,123 @@ def test_up_refuses_a_budget_that_is_not_a_size() -> None:
     assert "'lots' is not a size" in result.output
     result = CliRunner().invoke(cli, ["up"], env={"HOPSCOPE_TRACE_STORE_BUDGET": "0"})
     assert result.exit_code == 2 and "HOPSCOPE_TRACE_STORE_BUDGET" in result.output
+
+
+def test_budget_floor_and_the_env_var_named_in_its_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mesh.cli import cli
+    from mesh.controlplane.__main__ import parse_args
+
+    result = CliRunner().invoke(cli, ["up", "--trace-store-budget", "1"])
+    assert result.exit_code == 2 and "'1' is too small for the trace store" in result.output
+    # the compose path sets the variable, not the flag: the error says so
+    base_argv = ["-f", "manifests", "--state-dir", "state"]
+    for value, words in (("bad", "'bad' is not a size"), ("512KiB", "too small")):
+        monkeypatch.setenv("HOPSCOPE_TRACE_STORE_BUDGET", value)
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(base_argv)
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("python -m mesh.controlplane: error: HOPSCOPE_TRACE_STORE_BUDGET:")
+        assert words in error
+    # the flag wins over the variable
+    assert parse_args([*base_argv, "--trace-store-budget", "2MiB"]).trace_store_budget == 2**21
+    monkeypatch.setenv("HOPSCOPE_TRACE_STORE_BUDGET", "48MiB")
+    assert parse_args(base_argv).trace_store_budget == 48 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "budget"),
+    [
+        (["--trace-store-budget", "64MiB"], {}, 64 * 2**20),
+        ([], {"HOPSCOPE_TRACE_STORE_BUDGET": "48MiB"}, 48 * 2**20),
+    ],
+)
+def test_a_budget_given_to_up_detached_reaches_the_running_store(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    env: dict[str, str],
+    budget: int,
+) -> None:
+    """``up -d`` → the control plane's command line → its store, and its status."""
+    from prometheus_client import CollectorRegistry
+
+    from mesh.cli.cluster_cmds import DEFAULT_MANIFESTS, controlplane_argv, up
+    from mesh.controlplane.__main__ import parse_args
+    from mesh.controlplane.server import ControlPlane
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    params = up.make_context("up", ["-d", *options]).params
+    argv = controlplane_argv([DEFAULT_MANIFESTS], tmp_path, params["budget"])
+    monkeypatch.delenv("HOPSCOPE_TRACE_STORE_BUDGET", raising=False)  # the child's env aside
+    assert argv[1:3] == ["-m", "mesh.controlplane"]
+    args = parse_args(argv[3:])
+    plane = ControlPlane(
+        args.filename,
+        args.state_dir,
+        args.schema_checked,
+        trace_store_budget=args.trace_store_budget,
+        registry=CollectorRegistry(),
+    )
+    assert plane.status()["trace_store"]["budget_bytes"] == budget
+
+
+def _status(store: TraceStore) -> dict[str, Any]:
+    return {
+        "ready": True,
+        "summary": "10/10 pods ready",
+        "components": [],
+        "api": "http://127.10.0.254:8001",
+        "ingress": "http://127.10.0.1:80",
+        "pod_errors": {},
+        "trace_store": store.stats(),
+    }
+
+
+def test_status_and_trace_commands_tell_of_the_store_and_an_evicted_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI against a real served store: ``status`` shows its size, budget and reach;
+    ``trace`` of an evicted id (or its prefix) says evicted, not "not found"."""
+    import time
+
+    from mesh.apiclient import APIClient
+    from mesh.cli import cli
+
+    store = TraceStore(budget_bytes=96 * 2**10)
+    first = os.urandom(16)
+    store.add_export(_export(first))
+    while not store.was_evicted(first.hex()):
+        store.add_export(_export(os.urandom(16), spans=5))
+    app = create_app(_NoCluster(), store, status=lambda: _status(store))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(APIClient.__init__, "__defaults__", (url, 10.0, None))
+    try:
+        runner = CliRunner()
+        stats = store.stats()
+        reach = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats["oldest_start_ns"] / 1e9))
+        result = runner.invoke(cli, ["status"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        line = next(li for li in result.output.splitlines() if li.startswith("trace store:"))
+        assert line == (
+            f"trace store: {stats['traces']:,} traces ({stats['spans']:,} spans), "
+            f"{format_size(stats['bytes'])} of 96 KiB; reaches back to {reach} "
+            f"({stats['evicted_traces']:,} older traces evicted)"
+        )
+        for asked in (first.hex(), first.hex()[:8]):
+            result = runner.invoke(cli, ["trace", asked], env={"COLUMNS": "200"})
+            assert result.exit_code == 1
+            assert result.output.strip() == (
+                f"Error: trace {asked} was evicted from the store "
+                f"(budget 96 KiB; the store now reaches back to {reach})"
+            )
+        never = runner.invoke(cli, ["trace", "ab" * 16])
+        assert never.exit_code == 1 and "not found" in never.output
+        assert "evicted" not in never.output
+    finally:
+        server.shutdown()

@@ -15,8 +15,10 @@ connect, malformed DNS over UDP and TCP — on every address a client can reach:
 | cluster DNS | 127.96.0.10:10053 UDP and TCP |
 | ingress | 127.200.0.1:8080 |
 
-Then every component keeps its PID and restart count, valid requests still succeed, and no
-log under the state directory holds a traceback.
+Every target must accept some of these connections (a wrong address would otherwise pass
+unnoticed). Then every component keeps its PID and restart count, every pod (apps and
+sidecars) its restart count, valid requests still succeed, and no log under the state
+directory holds a traceback.
 """
 
 from __future__ import annotations
@@ -87,12 +89,15 @@ def _payloads(rng: random.Random, host: str) -> list[tuple[str, bytes, str]]:
     ]
 
 
-def _send(target: tuple[str, int], data: bytes, ending: str, source: str = CLIENT) -> None:
+def _send(target: tuple[str, int], data: bytes, ending: str, source: str = CLIENT) -> bool:
+    """Send one bad connection; whether ``connect()`` succeeded (what came after may fail)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(1.0)
+    connected = False
     try:
         sock.bind((source, 0))
         sock.connect(target)
+        connected = True
         if data:
             sock.sendall(data)
         if ending == "fin":
@@ -106,6 +111,7 @@ def _send(target: tuple[str, int], data: bytes, ending: str, source: str = CLIEN
         if ending != "fin":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
+    return connected
 
 
 def _dns_garbage(rng: random.Random) -> list[bytes]:
@@ -123,9 +129,10 @@ def _dns_garbage(rng: random.Random) -> list[bytes]:
     ]
 
 
-def _fuzz_dns(rng: random.Random) -> int:
+def _fuzz_dns(rng: random.Random, connects: dict[str, int]) -> int:
     target = (addresses.DNS_SERVICE_IP, addresses.DNS_PORT)
     sent = 0
+    connects.setdefault("cluster DNS (TCP)", 0)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((CLIENT, 0))
     for _ in range(4):
@@ -140,7 +147,8 @@ def _fuzz_dns(rng: random.Random) -> int:
             struct.pack("!H", 0),
             b"\x01",  # half a length
         ):
-            _send(target, framing, rng.choice(("rst", "fin", "read-rst")))
+            if _send(target, framing, rng.choice(("rst", "fin", "read-rst"))):
+                connects["cluster DNS (TCP)"] += 1
             sent += 1
     return sent
 
@@ -151,6 +159,11 @@ def _fuzz_dns(rng: random.Random) -> int:
 def _components() -> dict[str, tuple[int | None, int]]:
     status = api_get("/api/v1/status")
     return {c["name"]: (c["pid"], c["restarts"]) for c in status["components"]}
+
+
+def _pods() -> dict[str, int]:
+    """Every pod's restart count (its app's and its sidecar's processes)."""
+    return {p["name"]: p["restarts"] for p in api_get("/api/v1/state")["pods"]}
 
 
 def _service(name: str) -> dict[str, Any]:
@@ -190,6 +203,8 @@ def test_malformed_and_reset_connections_leave_every_component_up_and_no_traceba
     home = Path(cluster["HOPSCOPE_HOME"])
     before = _components()
     assert all(pid for pid, _ in before.values()), before
+    pods_before = _pods()
+    assert pods_before, "no pods"
     (lb_ip,) = _service("echo-lb")["load_balancer_ingress"]
     targets: dict[str, tuple[str, int]] = {
         "kube-proxy ClusterIP (echo)": (_service("echo-sticky")["cluster_ip"], 8080),
@@ -205,9 +220,10 @@ def test_malformed_and_reset_connections_leave_every_component_up_and_no_traceba
     }
     rng = random.Random(11)
     sent = 0
-    for _name, target in targets.items():
+    connects = dict.fromkeys(targets, 0)
+    for name, target in targets.items():
         for _label, data, ending in _payloads(rng, "shop.local"):
-            _send(target, data, ending)
+            connects[name] += _send(target, data, ending)
             sent += 1
     for target in (targets["vtep a"], targets["node gateway b"]):  # header-shaped lies
         for line in (
@@ -220,9 +236,12 @@ def test_malformed_and_reset_connections_leave_every_component_up_and_no_traceba
         ):
             _send(target, line, "read-rst")
             sent += 1
-    sent += _fuzz_dns(rng)
+    sent += _fuzz_dns(rng, connects)
     print(f"sent {sent} malformed, truncated or reset connections and datagrams")
+    print("connections accepted per target:", connects)
     assert sent >= 200
+    missed = [name for name, count in connects.items() if count == 0]
+    assert not missed, f"no connection reached {missed}: {connects}"
 
     # Still serving: the whole journey, a NodePort, and DNS.
     page = hopscope("curl", "--json", "http://shop.local/", env=cluster)
@@ -233,6 +252,7 @@ def test_malformed_and_reset_connections_leave_every_component_up_and_no_traceba
     assert _service("frontend")["cluster_ip"] in dig.stdout, dig.stdout
 
     assert _components() == before  # same PIDs, no restarts
+    assert _pods() == pods_before  # same pods, no app or sidecar restarted
     problems = _tracebacks(home)
     assert not problems, "\n".join(problems[:20])
     # Connections still open when the cluster stops must end quietly too.

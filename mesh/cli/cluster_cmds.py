@@ -32,7 +32,7 @@ def _validate(paths: list[Path]) -> None:
     from mesh.model.manifests import ManifestError, load_manifests
 
     try:
-        load_manifests(paths)
+        load_manifests(paths, warn=lambda line: console.print(f"warning: {line}", markup=False))
     except ManifestError as exc:
         raise click.ClickException(f"invalid manifests, nothing started:\n{exc}") from None
     except OSError as exc:
@@ -125,23 +125,29 @@ def _forwarding_env(option: str | None) -> None:
 
 def _budget(value: str | None) -> int | None:
     """The ``--trace-store-budget`` in bytes (None: the control plane's env or default)."""
-    from mesh.tracestore.store import budget_from_env, parse_size
+    from mesh.tracestore.store import budget_from_env, parse_budget
 
     try:
-        return parse_size(value) if value else budget_from_env()
+        return parse_budget(value) if value else budget_from_env()
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def controlplane_argv(manifests: list[Path], home: Path, budget: int | None) -> list[str]:
+    """The command ``up --detach`` runs the control plane with (``python -m mesh.controlplane``)."""
+    argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home), "--schema-checked"]
+    if budget:
+        argv += ["--trace-store-budget", str(budget)]
+    for path in manifests:
+        argv += ["-f", str(path)]
+    return argv
 
 
 def _up_detached(
     manifests: list[Path], home: Path, timeout: float, client: APIClient, budget: int | None
 ) -> None:
     log_path = home / "controlplane.log"
-    argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home), "--schema-checked"]
-    if budget:
-        argv += ["--trace-store-budget", str(budget)]
-    for path in manifests:
-        argv += ["-f", str(path)]
+    argv = controlplane_argv(manifests, home, budget)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             argv,

@@ -28,23 +28,43 @@ def _split_ref(ref: str, default_ns: str) -> tuple[str, str]:
 
 
 def _send_manifests(paths: tuple[Path, ...], endpoint: str, verb: str) -> None:
-    """Validate every document locally, then post them file by file."""
-    from mesh.model.manifests import ManifestError, expand_paths, load_document
+    """Read and validate every document of every file, then post them file by file.
 
-    client = APIClient()
+    Nothing is sent unless all of them are valid, so ``nothing applied`` is true even when
+    the bad document is in the last of several files. Fields hopscope accepts but does not
+    act on are named in ``warning:`` lines (on stderr) before anything is sent.
+    """
+    from mesh.model.manifests import (
+        ManifestError,
+        expand_paths,
+        load_document,
+        manifest_warnings,
+    )
+
     try:
         files = expand_paths(paths)
     except ManifestError as exc:
         raise click.ClickException(str(exc)) from None
+    batches: list[tuple[Path, list[Any]]] = []
+    warnings: list[str] = []
     for path in files:
         try:
             docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
             for i, doc in enumerate(docs):
                 load_document(doc, path.name, i)  # validate before sending anything
+                if verb == "applied":
+                    warnings.extend(manifest_warnings(doc, path.name))
         except yaml.YAMLError as exc:
-            raise click.ClickException(f"{path}: not valid YAML: {exc}") from None
+            raise click.ClickException(f"{path}: not valid YAML, nothing {verb}: {exc}") from None
+        except OSError as exc:
+            raise click.ClickException(f"{path}: {exc.strerror}, nothing {verb}") from None
         except ManifestError as exc:
             raise click.ClickException(f"invalid manifest, nothing {verb}: {exc}") from None
+        batches.append((path, docs))
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+    client = APIClient()
+    for path, docs in batches:
         result = client.post(endpoint, {"source": path.name, "documents": docs})
         for change in result["changes"]:
             click.echo(change)

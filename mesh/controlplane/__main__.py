@@ -9,18 +9,20 @@ from pathlib import Path
 
 from mesh.controlplane.server import ControlPlane, StartupError
 from mesh.model.manifests import ManifestError
-from mesh.tracestore.store import DEFAULT_BUDGET_BYTES, TRACE_STORE_BUDGET, parse_size
+from mesh.tracestore.store import TRACE_STORE_BUDGET, budget_from_env, parse_budget
 from telemetry.logs import setup_json_logging
 
 
 def _budget(text: str) -> int:
     try:
-        return parse_size(text)
+        return parse_budget(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (and ``HOPSCOPE_TRACE_STORE_BUDGET``) read into settings; a bad
+    value exits 2 with a one-line error naming the flag or the variable."""
     parser = argparse.ArgumentParser(prog="python -m mesh.controlplane", description=__doc__)
     parser.add_argument(
         "-f",
@@ -57,12 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace-store-budget",
         type=_budget,
-        default=os.environ.get(TRACE_STORE_BUDGET) or str(DEFAULT_BUDGET_BYTES),
         metavar="SIZE",
         help=f"memory the trace store may use, e.g. 256MiB (env {TRACE_STORE_BUDGET}; "
         "default 256MiB); the oldest traces are evicted beyond it",
     )
     args = parser.parse_args(argv)
+    if args.trace_store_budget is None:
+        try:  # the compose path: the error names the variable the user set, not the flag
+            args.trace_store_budget = budget_from_env()
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     setup_json_logging({"component": "controlplane"})
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:

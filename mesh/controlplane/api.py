@@ -3,6 +3,7 @@
 One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
 
 * ``GET  /api/v1/state[?after=N&timeout=S]`` — the ClusterState; long-polls with ``after``.
+  Without the API token the values of every Secret come back blank (keys and type stay).
 * ``GET  /api/v1/status`` — component and pod readiness (``hopscope status``).
 * ``POST /v1/traces`` — OTLP/HTTP trace export (protobuf or JSON, gzip or not), into the
   trace store. The cluster's components send to the receiver's own listener
@@ -10,12 +11,14 @@ One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
   only the API (the compose stack's Collector).
 * ``GET|POST /api/v1/debug/receiver`` — whether the OTLP receiver runs; ``{"running": false}``
   stops it alone (to watch telemetry loss being counted), ``true`` starts it again.
-* ``GET  /api/v1/traces`` and ``/api/v1/traces/<id>`` — recent traces, one trace's hops.
+* ``GET  /api/v1/traces`` and ``/api/v1/traces/<id>`` — recent traces, one trace's hops
+  (``<id>``: the hex trace id or a prefix of it).
 * ``GET  /metrics`` — the control plane's own Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,9 @@ bp = Blueprint("api", __name__)
 MAX_WATCH_TIMEOUT = 60.0
 """Upper bound for a watch's ``timeout`` parameter, in seconds."""
 
+REDACTED_HEADER = "X-Hopscope-Redacted"
+"""Set on a state answer whose Secret values were blanked (the request had no API token)."""
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -55,14 +61,15 @@ def create_app(
 ) -> Flask:
     """Build the API app around a ``Cluster``, a ``TraceStore`` and a status callback.
 
-    ``guard`` decides who may change state (token, Host and Origin checks); the control
-    plane always passes one, tests of the read side may leave it out. ``pipeline`` is the
+    ``guard`` decides who may change state (token, Host and Origin checks) and who reads
+    Secret values; the control plane always passes one, tests of the read side may leave it
+    out (then nothing is checked or blanked). ``pipeline`` is the
     OTLP receiver on its own listener; without one, ``/v1/traces`` here is the only way in.
     """
     app = Flask(__name__)
     if guard is not None:
         guard.install(app)
-    app.config.update(CLUSTER=cluster, STORE=store, STATUS=status, ACTIONS=actions)
+    app.config.update(CLUSTER=cluster, STORE=store, STATUS=status, ACTIONS=actions, GUARD=guard)
     registry = registry or CollectorRegistry()
     app.config["REGISTRY"] = registry
     registry.register(_ClusterCollector(cluster))
@@ -125,12 +132,30 @@ def _float_arg(name: str, default: float) -> float:
 
 @bp.get("/api/v1/state")
 def state() -> Response:
+    """The cluster state; Secret values only for a request with the API token."""
     cluster = current_app.config["CLUSTER"]
+    guard: Guard | None = current_app.config["GUARD"]
     if "after" in request.args:
         after = int(_float_arg("after", 0))
         timeout = min(_float_arg("timeout", 30.0), MAX_WATCH_TIMEOUT)
-        return jsonify(cluster.wait_for_change(after, timeout))
-    return jsonify(cluster.snapshot())
+        body = cluster.wait_for_change(after, timeout)
+    else:
+        body = cluster.snapshot()
+    if guard is None or guard.authorised():
+        return jsonify(body)
+    resp = jsonify(redact_secrets(body))
+    resp.headers[REDACTED_HEADER] = "secret-values"
+    return resp
+
+
+def redact_secrets(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (a ``ClusterState.to_dict()``, changed in place) with every Secret's values
+    blank: its keys and type still say what it holds, not the key material itself."""
+    for secret in state.get("secrets", []):
+        for field in ("data", "stringData"):
+            if isinstance(secret.get(field), dict):
+                secret[field] = dict.fromkeys(secret[field], "")
+    return state
 
 
 @bp.get("/api/v1/status")
@@ -197,6 +222,8 @@ def traces() -> Response:
 @bp.get("/api/v1/traces/<trace_id>")
 def one_trace(trace_id: str) -> Response:
     store: TraceStore = current_app.config["STORE"]
+    if len(trace_id) > 32 or any(c not in string.hexdigits for c in trace_id):
+        raise APIError(400, f"{trace_id!r} is not a trace id (hex, 32 digits, or a prefix)")
     matches = store.find_prefix(trace_id) if len(trace_id) < 32 else [trace_id.lower()]
     if len(matches) > 1:
         raise APIError(409, f"trace id prefix {trace_id!r} is ambiguous ({len(matches)} traces)")

@@ -7,6 +7,8 @@ guard closes the three ways in:
 * **Other users of the machine** — every state-changing request needs the cluster's API
   token (``Authorization: Bearer …``, or the explorer's session cookie). ``hopscope up``
   writes it to the state directory with mode 0600, so only its user's CLI can read it.
+  Reads stay open, but without the token ``GET /api/v1/state`` blanks the values of every
+  Secret (their keys and types stay): the TLS keys an Ingress serves are not for everyone.
 * **DNS rebinding** — a page on ``evil.example`` whose name later resolves to a loopback
   address is same-origin with the API in the browser's eyes. Every request (reads too)
   whose ``Host`` is not one of the API's own addresses is refused.
@@ -14,7 +16,8 @@ guard closes the three ways in:
   refused; the session cookie is ``SameSite=Strict`` and no endpoint changes state on GET.
 
 The OTLP receiver (``POST /v1/traces``) stays open on a loopback-only bind (telemetry from
-the cluster's own processes, nothing it accepts runs anything); where the API listens
+the cluster's own processes; another local user can add misleading spans, within the store's
+byte budget, but nothing it accepts runs anything or changes the cluster); where the API listens
 beyond loopback (the compose stack), it takes spans from the container itself and from the
 cluster's pods, and from anyone else only with the API token or the OTLP-only token (the
 Collector reads the latter from the state volume).
@@ -22,11 +25,13 @@ Collector reads the latter from the state volume).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +40,12 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 
+from mesh import addresses
 from mesh.apiclient import OTLP_TOKEN_FILE, TOKEN_FILE
 
 SESSION_COOKIE = "hopscope_session"
+SESSION_SECONDS = 12 * 3600
+"""How long the explorer's session cookie is valid (a new ``hopscope up`` ends it too)."""
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OTLP_PATHS = ("/v1/traces", "/v1/logs", "/v1/metrics")
 ALLOWED_HOSTS_ENV = "HOPSCOPE_API_ALLOWED_HOSTS"
@@ -55,14 +63,20 @@ def write_token(path: Path, mode: int = 0o600) -> str:
     return token
 
 
-def create_tokens(state_dir: Path) -> tuple[str, str]:
-    """A new API token (0600) and the OTLP-only token (0644, for a Collector) in ``state_dir``.
+def create_tokens(state_dir: Path, bind_ip: str = addresses.CONTROL_PLANE_IP) -> tuple[str, str]:
+    """A new API token (0600) in ``state_dir``, and the OTLP-only token if anyone needs one.
 
-    The OTLP token survives restarts of the control plane: a Collector that read it at its
-    own start keeps delivering when only the control plane restarts.
+    The OTLP token is for a Collector in another container (the compose stack, where the API
+    listens beyond loopback), so it is 0644 and survives restarts of the control plane: a
+    Collector that read it at its own start keeps delivering when only the control plane
+    restarts. On a loopback-only bind the receiver takes spans without a token, so no
+    OTLP token is written (an old one is removed) and ``""`` comes back.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     otlp_path = state_dir / OTLP_TOKEN_FILE
+    if ipaddress.ip_address(bind_ip).is_loopback:
+        otlp_path.unlink(missing_ok=True)
+        return write_token(state_dir / TOKEN_FILE), ""
     try:
         otlp = otlp_path.read_text().strip()
     except OSError:
@@ -128,6 +142,23 @@ class Guard:
             and hmac.compare_digest(presented.encode(), self.otlp_token.encode())
         )
 
+    def session_value(self, expires: int) -> str:
+        """The explorer's session cookie valid until ``expires`` (Unix seconds): the expiry
+        and an HMAC of it keyed with the API token, so the cookie never holds the token."""
+        mac = hmac.new(self.token.encode(), f"hopscope-session:{expires}".encode(), hashlib.sha256)
+        return f"{expires}.{mac.hexdigest()}"
+
+    def session_ok(self, cookie: str | None) -> bool:
+        value = cookie or ""
+        expires = value.partition(".")[0]
+        if not expires.isdigit() or len(expires) > 12 or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(value.encode(), self.session_value(int(expires)).encode())
+
+    def authorised(self) -> bool:
+        """Does the current request carry the API token (bearer) or a valid session cookie?"""
+        return self.token_ok(_bearer()) or self.session_ok(request.cookies.get(SESSION_COOKIE))
+
     def _own_telemetry(self, peer: str) -> bool:
         """Spans from the cluster itself: on a loopback bind anyone local, else pods and us."""
         if self.loopback_only:
@@ -162,7 +193,7 @@ class Guard:
             return None
         if self.token_ok(_bearer(), otlp=otlp):
             return None
-        if not otlp and self.token_ok(request.cookies.get(SESSION_COOKIE)):
+        if not otlp and self.session_ok(request.cookies.get(SESSION_COOKIE)):
             return None
         return _refuse(
             401,
@@ -175,7 +206,15 @@ class Guard:
         if not self.token_ok(request.args.get("token")):
             return _refuse(401, "wrong or missing token in the explorer URL")
         resp = redirect("/", code=303)
-        resp.set_cookie(SESSION_COOKIE, self.token, httponly=True, samesite="Strict", path="/")
+        expires = int(time.time()) + SESSION_SECONDS
+        resp.set_cookie(
+            SESSION_COOKIE,
+            self.session_value(expires),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="Strict",
+            path="/",
+        )
         return resp
 
 

@@ -21,7 +21,8 @@ what it renders the bootstrap with), so the controller and the Envoy agree witho
 state. ``for_runtime`` gives None where the ingress Envoy cannot read the control plane's
 files (the docker runtime hands Envoy its bootstrap inline, in another container): there the
 routes stay those of the bootstrap. It can also watch over the API, as a separate component would
-(:meth:`IngressController.over_api`).
+(:meth:`IngressController.over_api`); it then sends the API token, without which the API
+blanks the Secrets' values and no certificate could be served.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import requests
 
 from mesh import addresses
+from mesh.apiclient import read_token
 from mesh.envoy.ingress import ingress_config, tls_https_listener
 from mesh.envoy.xds_files import IngressXds
 from mesh.model.types import ClusterState
@@ -100,13 +102,21 @@ class IngressController:
 
     @classmethod
     def over_api(
-        cls, api: str, xds_dir: Path, telemetry: tuple[str, str | None] = ("", None)
+        cls,
+        api: str,
+        xds_dir: Path,
+        telemetry: tuple[str, str | None] = ("", None),
+        token: str | None = None,
     ) -> IngressController:
-        """Watch the state through the API (``GET /api/v1/state?after=N``)."""
+        """Watch the state through the API (``GET /api/v1/state?after=N``) with the API
+        ``token`` (default: the state directory's), which the TLS Secrets' values need."""
+        token = token if token is not None else read_token()
+        if not token:
+            log.warning("no API token readable: TLS Secrets come without their values")
 
         def next_state(after: int, timeout: float) -> ClusterState | None:
             try:
-                return fetch_state(api, after if after >= 0 else None, timeout)
+                return fetch_state(api, after if after >= 0 else None, timeout, token=token)
             except (requests.RequestException, ValueError) as exc:
                 log.warning("state watch failed, retrying", extra={"error": str(exc)})
                 return None

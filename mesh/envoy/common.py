@@ -69,15 +69,22 @@ HEADER_LIMITS = {
     # hop: (max_headers_count, max_request_headers_kb)
     "ingress": (80, 32),
     "sidecar-inbound": (100, 60),
-    "sidecar-outbound": (100, 60),
+    "sidecar-outbound": (90, 56),
 }
-"""Request header limits per proxy, lowest at the edge so the ingress is the one to answer
-431. Envoy's defaults are 100 headers and 60 KiB; the apps' HTTP server (Python's
-``http.server``) refuses more than 100 header lines. Each proxy on the way adds its own
+"""Request header limits per proxy, lowest where a request enters, so the first proxy on
+its way is the one to answer 431, never one behind it. Each proxy adds its own headers
 (``x-request-id``, ``x-forwarded-*``, ``x-envoy-*``, ``traceparent``, ``x-hopscope-via``), so
-a request the ingress admits must still fit the app's limit after them: the ingress admits
-80 headers and 32 KiB (nginx's ingress default of 4 buffers of 8 KiB comes to the same
-size), the sidecars Envoy's defaults."""
+what one admits must still fit the next one's limit after them:
+
+- from outside through the ingress: the ingress admits 80 headers and 32 KiB (nginx's
+  ingress default of 4 buffers of 8 KiB comes to the same size), well inside the frontend
+  sidecar's inbound limit;
+- from outside through a NodePort or LoadBalancer: kube-proxy relays the bytes, so the pod's
+  sidecar (inbound) is the first proxy; its limits are Envoy's defaults (100, 60 KiB), and
+  the apps behind it (waitress) count no headers and take up to 256 KiB, so they never
+  answer 431 to what it admits;
+- from an app to another: the caller's sidecar (outbound) is first; it admits 10 headers and
+  4 KiB fewer than the callee's inbound, room for what it adds."""
 
 MAX_DOWNSTREAM_CONNECTIONS = 50000
 """Envoy warns without a global connection limit; this is far above playground traffic."""

@@ -90,7 +90,7 @@ def load_custom(doc: dict[str, Any], origin: str) -> ApiObject:
     )
     if errors:
         err = errors[0]
-        raise ValueError(f"{_path(['spec', *err.absolute_path])}: {err.message}")
+        raise ValueError(f"{_path(['spec', *err.absolute_path])}: {_message(err)}")
     problems = kind.check(spec)
     if problems:
         field, message = problems[0]
@@ -106,6 +106,14 @@ def load_custom(doc: dict[str, Any], origin: str) -> ApiObject:
         source=origin,
         created=time.time(),
     )
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    """The error as the core kinds word it: enum values comma-joined, not a Python repr."""
+    if err.validator == "enum" and isinstance(err.validator_value, list | tuple):
+        allowed = ", ".join(str(v) for v in err.validator_value)
+        return f"{err.instance!r} is not one of {allowed}"
+    return str(err.message)
 
 
 def _path(parts: list[Any]) -> str:

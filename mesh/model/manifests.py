@@ -8,13 +8,17 @@ name the file, the object and the field, for example::
 
     shop.yaml: Service shop/catalog: spec.ports[0].port: 'eighty' is not of type 'integer'
     shop.yaml: Service shop/x: spec.type: 'NodePortz' is not one of ClusterIP, NodePort, ...
+
+A few valid fields hopscope accepts but does not act on (a liveness probe, a UDP Service
+port) are named in a warning instead (:func:`manifest_warnings`), in the same form.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,8 @@ from mesh.model.types import (
     TrafficPolicy,
     Workload,
 )
+
+log = logging.getLogger(__name__)
 
 KUBERNETES_VERSION = "1.30.0"
 """Schema version manifests are validated against."""
@@ -111,12 +117,18 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-def load_manifests(paths: Iterable[Path], schema: bool = True) -> list[ManifestObject]:
+def load_manifests(
+    paths: Iterable[Path],
+    schema: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> list[ManifestObject]:
     """Read, validate and convert every document in ``paths``; raise ManifestError.
 
     ``schema=False`` skips the OpenAPI schema check (about 0.3 s for the sample) when the
-    caller has just checked the same files; conversion errors are still reported.
+    caller has just checked the same files; conversion errors are still reported. Each
+    :func:`manifest_warnings` line goes to ``warn`` (default: this module's logger).
     """
+    warn = warn or log.warning
     objects: list[ManifestObject] = []
     for path in expand_paths(paths):
         try:
@@ -129,7 +141,61 @@ def load_manifests(paths: Iterable[Path], schema: bool = True) -> list[ManifestO
             if doc is None:
                 continue
             objects.append(load_document(doc, f"{path.name}", index, schema))
+            for line in manifest_warnings(doc, path.name):
+                warn(line)
     return objects
+
+
+SERVED_BY_ANNOTATION = "hopscope.dev/served-by"
+"""Mirrors :data:`mesh.model.controllers.SERVED_BY_ANNOTATION` (which imports this module)."""
+
+IGNORED_CONTAINER_FIELDS = {
+    "livenessProbe": (
+        "not run by hopscope: it restarts a container when its process exits, not when a "
+        "probe fails"
+    ),
+    "startupProbe": (
+        "not run by hopscope: until a pod is first ready its readinessProbe is tried every "
+        "0.2 s instead"
+    ),
+    "lifecycle": (
+        "postStart and preStop hooks are not run by hopscope: it starts the process and "
+        "stops it with SIGTERM"
+    ),
+}
+"""Container fields hopscope accepts (the manifest is valid Kubernetes) but does not act on."""
+
+
+def manifest_warnings(doc: Any, source: str) -> list[str]:
+    """One line per field of a valid document that hopscope accepts but does not act on::
+
+    app.yaml: Deployment shop/web: spec.template.spec.containers[0].livenessProbe: not
+    run by hopscope: it restarts a container when its process exits, not when ...
+    """
+    if not isinstance(doc, dict):
+        return []
+    what, kind = describe(doc), doc.get("kind")
+    found: list[tuple[str, str]] = []
+    if kind == "Service":
+        annotations = (doc.get("metadata") or {}).get("annotations") or {}
+        served_by_dns = annotations.get(SERVED_BY_ANNOTATION) == "cluster-dns"
+        for i, port in enumerate((doc.get("spec") or {}).get("ports") or []):
+            protocol = (port or {}).get("protocol") or "TCP"
+            if protocol != "TCP" and not served_by_dns:
+                found.append(
+                    (
+                        f"spec.ports[{i}].protocol",
+                        f"{protocol} is published in DNS but not proxied: hopscope's "
+                        "kube-proxy forwards TCP only",
+                    )
+                )
+    elif kind in ("Deployment", "StatefulSet"):
+        pod_spec = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for i, container in enumerate(pod_spec.get("containers") or []):
+            for name, why in IGNORED_CONTAINER_FIELDS.items():
+                if (container or {}).get(name):
+                    found.append((f"spec.template.spec.containers[{i}].{name}", why))
+    return [f"{source}: {what}: {field}: {why}" for field, why in found]
 
 
 def describe(doc: dict[str, Any]) -> str:
@@ -441,6 +507,12 @@ def _workload(doc: dict[str, Any], origin: str) -> Workload:
                 "must be between 1ms and 1h",
             )
     pod_spec = template["spec"]
+    if pod_spec.get("initContainers"):
+        raise _FieldError(
+            "spec.template.spec.initContainers",
+            "not supported by hopscope: it does not run init containers, so the pod would "
+            "start without what they prepare",
+        )
     containers = [
         _container(c, f"spec.template.spec.containers[{i}]")
         for i, c in enumerate(pod_spec["containers"])

@@ -2,6 +2,8 @@
 
 ``GET /api/v1/state`` returns ``ClusterState.to_dict()``; with ``?after=N&timeout=S`` the
 server holds the request until its ``resource_version`` exceeds ``N`` (or ``S`` seconds pass).
+Without the API token the Secrets come back with blank values: a reader that needs them
+(an ingress controller serving TLS) passes ``token``; the node daemons need none.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from mesh.model.types import ClusterState
 log = logging.getLogger(__name__)
 
 
-def fetch_state(api: str, after: int | None = None, timeout: float = 30.0) -> ClusterState:
-    """One (optionally long-polling) read of the cluster state."""
+def fetch_state(
+    api: str, after: int | None = None, timeout: float = 30.0, token: str | None = None
+) -> ClusterState:
+    """One (optionally long-polling) read of the cluster state; with the API ``token``,
+    Secrets keep their values."""
     params: dict[str, str] = {}
     if after is not None:
         params = {"after": str(after), "timeout": str(timeout)}
-    resp = requests.get(f"{api.rstrip('/')}/api/v1/state", params=params, timeout=timeout + 5)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = requests.get(
+        f"{api.rstrip('/')}/api/v1/state", params=params, headers=headers, timeout=timeout + 5
+    )
     resp.raise_for_status()
     return ClusterState.from_dict(resp.json())
 
@@ -36,9 +44,12 @@ class StateWatcher:
     rules when the API server is away).
     """
 
-    def __init__(self, api: str, on_state: Callable[[ClusterState], None]) -> None:
+    def __init__(
+        self, api: str, on_state: Callable[[ClusterState], None], token: str | None = None
+    ) -> None:
         self.api = api
         self.on_state = on_state
+        self.token = token
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="state-watch", daemon=True)
         self.version: int | None = None
@@ -52,7 +63,7 @@ class StateWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                state = fetch_state(self.api, self.version, timeout=20.0)
+                state = fetch_state(self.api, self.version, timeout=20.0, token=self.token)
             except (requests.RequestException, ValueError) as exc:
                 log.warning("state watch failed, retrying", extra={"error": str(exc)})
                 time.sleep(0.5)

@@ -8,10 +8,17 @@ Prometheus service discovery serves, plus the system components — every
 sends the samples as one OTLP ``ExportMetricsServiceRequest`` through the forwarder.
 
 The conversion keeps the names the dashboards query when a Prometheus-compatible backend
-ingests OTLP (Prometheus, Mimir: a monotonic Sum gets ``_total`` appended, nothing else is
-renamed because no unit is set):
+ingests OTLP. Prometheus's OTLP translation (``otlptranslator``, default strategy
+``UnderscoreEscapingWithSuffixes``; Mimir and Grafana's LGTM image use the same) appends
+``_total`` to every *monotonic* Sum and renames nothing else here, because no unit is set. A
+cumulative *non-monotonic* Sum becomes a Prometheus gauge under its own name. So:
 
-* counter → monotonic cumulative Sum named without ``_total``;
+* counter exposed as ``<name>_total`` → monotonic cumulative Sum named ``<name>``, stored
+  again as ``<name>_total``;
+* counter exposed without ``_total`` (most of Envoy's: ``envoy_cluster_upstream_rq_xx``,
+  ``envoy_listener_ssl_fail_verify_error``…) → non-monotonic cumulative Sum under its exposed
+  name, stored under that same name. ``rate()`` reads it exactly as it reads the scraped
+  series; a monotonic Sum would arrive as ``…_rq_xx_total``, which no dashboard queries;
 * gauge (and untyped) → Gauge;
 * histogram → explicit-bucket Histogram (cumulative ``le`` buckets become per-bucket counts);
 * summary → Summary with its quantiles.
@@ -100,11 +107,14 @@ def convert(
     scope = resource.scope_metrics.add()
     scope.scope.name = SCOPE
     extra = {k: target.labels[k] for k in TARGET_ATTRIBUTES if k in target.labels}
+    text, bare = _mark_counters_without_total(text)
     points = 0
     for family in text_string_to_metric_families(text):
         metric = scope.metrics.add(name=family.name, description=family.documentation or "")
         if family.type == "counter":
             points += _sum(metric, family, extra, now_ns, start_ns)
+        elif family.type == "gauge" and family.name in bare:
+            points += _sum(metric, family, extra, now_ns, start_ns, monotonic=False)
         elif family.type == "histogram":
             points += _histogram(metric, family, extra, now_ns, start_ns)
         elif family.type == "summary":
@@ -120,12 +130,42 @@ def convert(
     return resource, points
 
 
-def _sum(metric: Any, family: Any, extra: dict[str, str], now_ns: int, start_ns: int) -> int:
-    metric.sum.is_monotonic = True
+def _mark_counters_without_total(text: str) -> tuple[str, set[str]]:
+    """The exposition with every counter named without ``_total`` typed as a gauge, and
+    their names.
+
+    prometheus_client's parser adds ``_total`` to every counter sample and strips it from the
+    family, so ``envoy_cluster_upstream_rq`` (Envoy's per-code counter,
+    ``upstream_rq_200``) and ``envoy_cluster_upstream_rq_total`` would come out as two
+    families of the same name with the same sample names. Typed as gauges, the former keep
+    their exposed name, and :func:`convert` sends them as non-monotonic Sums."""
+    bare: set[str] = set()
+    if "counter" not in text:
+        return text, bare
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("# TYPE ") and line.endswith(" counter"):
+            parts = line.split()
+            if len(parts) == 4 and not parts[2].endswith("_total"):
+                bare.add(parts[2])
+                lines[i] = f"# TYPE {parts[2]} gauge"
+    return "\n".join(lines), bare
+
+
+def _sum(
+    metric: Any,
+    family: Any,
+    extra: dict[str, str],
+    now_ns: int,
+    start_ns: int,
+    monotonic: bool = True,
+) -> int:
+    """``monotonic=False`` for a counter exposed without ``_total``: see the module doc."""
+    metric.sum.is_monotonic = monotonic
     metric.sum.aggregation_temporality = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
     n = 0
     for sample in family.samples:
-        if not sample.name.endswith("_total"):
+        if monotonic and not sample.name.endswith("_total"):
             continue  # _created samples
         point = metric.sum.data_points.add(time_unix_nano=now_ns, start_time_unix_nano=start_ns)
         point.as_double = float(sample.value)

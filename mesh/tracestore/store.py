@@ -8,9 +8,11 @@ quietly mean more memory. Each span is kept the way the wire gave it — its pro
 less the trace id the store already keys it by — and decoded into a
 :class:`~mesh.tracestore.otlp.SpanRecord` only when someone reads it. A trace's spans sit in
 one list, interleaved with the (interned, shared) resource they came from, so a span costs
-its encoded size plus a few dozen bytes. When the accounted bytes pass the budget, the
-traces updated longest ago go first; their ids are remembered in a fixed-size ring so a
-reader can be told "evicted" rather than "not found".
+its encoded size plus a few dozen bytes; a resource that does not fit the intern table is
+charged to each trace holding it, so no sender can grow the store past its budget. When
+the accounted bytes pass the budget, the traces updated longest ago go first; their ids
+are remembered in a fixed-size ring so a reader can be told "evicted" rather than "not
+found".
 
 Connection spans (kube-proxy's span of a TLS stream, :mod:`mesh.tracestore.pairing`) are
 indexed by client tuple as they arrive; the entry is charged to its trace's bytes and
@@ -21,6 +23,7 @@ proxy spans, so every view of a trace shows them.
 from __future__ import annotations
 
 import heapq
+import operator
 import os
 import re
 import sys
@@ -58,10 +61,14 @@ TRACE_OVERHEAD = 360
 """Bytes a stored trace costs besides its spans: its key, its record and list, and its
 entry in the ordered map (measured with ``bench/store.py``)."""
 
+MIN_BUDGET_BYTES = 2**20
+"""The smallest budget ``--trace-store-budget`` / ``HOPSCOPE_TRACE_STORE_BUDGET`` accept:
+below 1 MiB the store would hold a handful of traces (or, with a typo like ``256``, none)."""
+
 EVICTED_ID_BYTES = 16
 RESOURCE_LIMIT = 4096
-"""Distinct resources (one per process) kept interned; more than this, and new ones are
-stored unshared."""
+"""Distinct resources (one per process) kept interned and charged to the store as a whole;
+beyond this, a new resource is kept unshared and charged to each trace that takes it."""
 
 _UNITS = {
     "": 1,
@@ -94,13 +101,25 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_budget(text: str) -> int:
+    """A trace store budget from the user: a size (:func:`parse_size`) of at least
+    :data:`MIN_BUDGET_BYTES`. ValueError with a readable message."""
+    size = parse_size(text)
+    if size < MIN_BUDGET_BYTES:
+        raise ValueError(
+            f"{text!r} is too small for the trace store: give at least 1MiB (e.g. 256MiB)"
+        )
+    return size
+
+
 def budget_from_env() -> int:
-    """The budget ``HOPSCOPE_TRACE_STORE_BUDGET`` asks for, or the default."""
+    """The budget ``HOPSCOPE_TRACE_STORE_BUDGET`` asks for, or the default. The ValueError
+    names the variable."""
     raw = os.environ.get(TRACE_STORE_BUDGET, "").strip()
     if not raw:
         return DEFAULT_BUDGET_BYTES
     try:
-        return parse_size(raw)
+        return parse_budget(raw)
     except ValueError as exc:
         raise ValueError(f"{TRACE_STORE_BUDGET}: {exc}") from None
 
@@ -114,13 +133,36 @@ def format_size(n: float) -> str:
 
 
 class _Resource:
-    """A resource's attributes, decoded once and shared by every span from that process."""
+    """A resource's attributes, decoded once and shared by every span from that process.
 
-    __slots__ = ("__weakref__", "attributes", "nbytes")
+    ``shared``: it is in the intern table, whose entries the store charges as a whole;
+    otherwise each trace that takes it is charged its ``nbytes``."""
 
-    def __init__(self, resource: Resource, encoded: bytes) -> None:
+    __slots__ = ("__weakref__", "attributes", "nbytes", "shared")
+
+    def __init__(self, resource: Resource, encoded: bytes, shared: bool) -> None:
         self.attributes = attributes(resource.attributes)
-        self.nbytes = 400 + 3 * len(encoded)
+        self.shared = shared
+        self.nbytes = _RESOURCE_OVERHEAD + _deep_size(self.attributes)
+        if shared:  # the table keeps the encoding as its key, and a weak reference
+            self.nbytes += sys.getsizeof(encoded) + _INTERN_ENTRY
+
+
+_RESOURCE_OVERHEAD = 64
+"""A ``_Resource`` object itself (four slots, a weak-reference slot, the GC header)."""
+
+_INTERN_ENTRY = 120
+"""An intern-table entry besides its key: the weak reference and the dict slot."""
+
+
+def _deep_size(value: Any) -> int:
+    """Bytes a decoded attribute value holds: the object and what it contains."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(_deep_size(k) + _deep_size(v) for k, v in value.items())
+    elif isinstance(value, list):
+        size += sum(_deep_size(v) for v in value)
+    return size
 
 
 class _Trace:
@@ -207,8 +249,9 @@ class TraceStore:
         with self._intern_lock:
             found = self._resources.get(encoded)
             if found is None:
-                found = _Resource(resource, encoded)
-                if len(self._resources) < RESOURCE_LIMIT:
+                shared = len(self._resources) < RESOURCE_LIMIT
+                found = _Resource(resource, encoded, shared)
+                if shared:
                     self._resources[encoded] = found
         return found
 
@@ -226,8 +269,11 @@ class TraceStore:
         if trace.last_resource is not resource:
             trace.parts.append(resource)
             trace.last_resource = resource
-            trace.nbytes += 8
-            self._bytes += 8
+            # an unshared resource is charged to every trace that takes it: several traces
+            # of one export may share it, so this may count it more than once, never less
+            taken = 8 if resource.shared else 8 + resource.nbytes
+            trace.nbytes += taken
+            self._bytes += taken
         trace.parts.append(data)
         cost = len(data) + SPAN_OVERHEAD
         trace.spans += 1
@@ -245,8 +291,7 @@ class TraceStore:
         self._bytes += cost
 
     def _evict(self) -> None:
-        with self._intern_lock:
-            self._resource_bytes = sum(r.nbytes for r in list(self._resources.values()))
+        interned = self._count_resources()
         while self._total_bytes() > self.budget_bytes and len(self._traces) > 1:
             trace_id, trace = self._traces.popitem(last=False)
             self._bytes -= trace.nbytes
@@ -255,6 +300,16 @@ class TraceStore:
                 self._conns.drop(trace.clients, trace_id)
             self.evicted_traces += 1
             self._remember_evicted(trace_id)
+            del trace  # its interned resources no other trace holds leave the table now
+            if len(self._resources) != interned:
+                interned = self._count_resources()
+
+    def _count_resources(self) -> int:
+        """Recount the interned resources' bytes; returns how many there are."""
+        with self._intern_lock:
+            held = list(self._resources.values())
+        self._resource_bytes = sum(r.nbytes for r in held)
+        return len(held)
 
     def _remember_evicted(self, trace_id: bytes) -> None:
         if len(self._evicted_ids) < self._evicted_capacity:
@@ -346,21 +401,26 @@ class TraceStore:
         )
 
     def stats(self) -> dict[str, Any]:
-        """What ``/api/v1/status`` shows under ``trace_store``."""
+        """What ``/api/v1/status`` shows under ``trace_store``. ``oldest_start_ns``: the
+        earliest start among the traces held (how far back the store reaches)."""
         with self._lock:
-            oldest = next(iter(self._traces.values()), None)
             return {
                 "traces": len(self._traces),
                 "spans": self._spans,
                 "bytes": self._total_bytes(),
                 "budget_bytes": self.budget_bytes,
                 "evicted_traces": self.evicted_traces,
-                "oldest_start_ns": oldest.first_start if oldest else None,
+                # one pass over the traces (a few ms for a full default store), at scrape
+                # or page rate: the least recently updated trace need not be the oldest
+                "oldest_start_ns": min(map(_FIRST_START, self._traces.values()), default=None),
             }
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._traces)
+
+
+_FIRST_START = operator.attrgetter("first_start")
 
 
 def _key(trace_id: str) -> bytes | None:

@@ -23,10 +23,26 @@ TEMPO = {"type": "tempo", "uid": "tempo"}
 LOKI = {"type": "loki", "uid": "loki"}
 
 
-def ts(title: str, queries: dict[str, str], unit: str = "short", w: int = 12) -> dict[str, Any]:
+EXEMPLAR_HISTOGRAMS = (
+    "hopscope_request_duration_seconds_bucket",
+    "hopscope_kubeproxy_request_duration_seconds_bucket",
+)
+"""The histograms whose samples carry a ``trace_id`` exemplar (the apps' and kube-proxy's
+request durations). Only queries of these ask Prometheus for exemplars; Envoy, CoreDNS,
+kube-proxy's rule-sync histograms and every counter and gauge have none."""
+
+
+def ts(
+    title: str,
+    queries: dict[str, str],
+    unit: str = "short",
+    w: int = 12,
+    description: str = "",
+) -> dict[str, Any]:
     return {
         "type": "timeseries",
         "title": title,
+        **({"description": description} if description else {}),
         "datasource": PROM,
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
         "gridPos": {"w": w, "h": 8},
@@ -36,7 +52,7 @@ def ts(title: str, queries: dict[str, str], unit: str = "short", w: int = 12) ->
                 "datasource": PROM,
                 "expr": expr,
                 "legendFormat": legend,
-                "exemplar": True,
+                "exemplar": any(name in expr for name in EXEMPLAR_HISTOGRAMS),
             }
             for i, (legend, expr) in enumerate(queries.items())
         ],
@@ -112,20 +128,84 @@ INBOUND_ALL = 'envoy_http_downstream_cx_total{envoy_http_conn_manager_prefix=~"i
 INBOUND_TLS = 'envoy_http_downstream_cx_ssl_total{envoy_http_conn_manager_prefix=~"inbound_.*"}'
 """A sidecar's inbound connection managers: every connection, and those that came in TLS."""
 
-TELEMETRY_LOSS = {
-    "{{job}} spans {{outcome}}/s": 'sum by (job, outcome) (rate(hopscope_otel_exported_spans_total{outcome!="sent"}[1m]))',
-    "{{job}} log records {{outcome}}/s": 'sum by (job, outcome) (rate(hopscope_otel_exported_log_records_total{outcome!="sent"}[1m]))',
-    "Envoy {{pod}} failed span exports/s": 'sum by (pod) (rate(envoy_cluster_upstream_rq_completed{envoy_cluster_name="hopscope_otlp"}[1m])) - sum by (pod) (rate(envoy_cluster_upstream_rq_xx{envoy_cluster_name="hopscope_otlp", envoy_response_code_class="2"}[1m]))',
-    "receiver {{signal}} requests {{outcome}}/s": 'sum by (signal, outcome) (rate(hopscope_otlp_receiver_requests_total{outcome!="accepted"}[1m]))',
-    "forwarded {{signal}} {{outcome}}/s": 'sum by (signal, outcome) (rate(hopscope_otlp_forwarded_items_total{outcome!="sent"}[1m]))',
+
+def _sdk_loss(metric: str, what: str) -> dict[str, str]:
+    """Items a hopscope process's OpenTelemetry SDK did not send (``outcome`` failed or
+    dropped): the apps by app name (job ``apps``), the system components by job."""
+    lost = f'{metric}{{outcome!="sent"'
+    return {
+        f"{{{{app}}}} {what} {{{{outcome}}}}": f'sum by (app, outcome) (rate({lost}, job="apps"}}[1m]))',
+        f"{{{{job}}}} {what} {{{{outcome}}}}": f'sum by (job, outcome) (rate({lost}, job!="apps"}}[1m]))',
+    }
+
+
+OTLP_EXPORTS_COMPLETED = 'sum by (pod) (rate(envoy_cluster_upstream_rq_completed{envoy_cluster_name="hopscope_otlp"}[1m]))'
+OTLP_EXPORTS_2XX = 'sum by (pod) (rate(envoy_cluster_upstream_rq_xx{envoy_cluster_name="hopscope_otlp", envoy_response_code_class="2"}[1m]))'
+
+TELEMETRY_LOSS: dict[str, dict[str, Any]] = {
+    "Telemetry loss: spans not delivered, by component (0 = none)": {
+        "unit": "suffix:spans/s",
+        "queries": {
+            **_sdk_loss("hopscope_otel_exported_spans_total", "spans"),
+            "forwarded to your endpoint: spans {{outcome}}": 'sum by (outcome) (rate(hopscope_otlp_forwarded_items_total{signal="traces", outcome!="sent"}[1m]))',
+        },
+        "description": "Spans each hopscope process's OpenTelemetry SDK failed to export (the "
+        "exporter gave up after its retries) or dropped (queue full), by component (app or "
+        "system component); spans the receiver accepted but could not forward to your OTLP "
+        "endpoint. Envoy does not count spans lost when an export fails: see the Envoy "
+        "export panel.",
+    },
+    "Telemetry loss: log records not delivered, by component (0 = none)": {
+        "unit": "suffix:log records/s",
+        "queries": {
+            **_sdk_loss("hopscope_otel_exported_log_records_total", "log records"),
+            "forwarded to your endpoint: log records {{outcome}}": 'sum by (outcome) (rate(hopscope_otlp_forwarded_items_total{signal="logs", outcome!="sent"}[1m]))',
+        },
+        "description": "Log records each hopscope process's OTLP log handler failed to export "
+        "or dropped, by component; log records the receiver could not forward to your OTLP "
+        "endpoint.",
+    },
+    "Telemetry loss: Envoy span exports failed, by pod (requests/s)": {
+        "unit": "reqps",
+        "queries": {
+            "{{pod}} export requests failed": f"{OTLP_EXPORTS_COMPLETED} - ({OTLP_EXPORTS_2XX} or {OTLP_EXPORTS_COMPLETED} * 0)",
+        },
+        "description": "Export requests from each Envoy (ingress and sidecars) to the OTLP "
+        "receiver that did not end with a 2xx: refused connections, 5xx, timeouts. Each "
+        "request carries the spans of one flush, so this counts requests, not spans. Envoy "
+        "1.40 has no per-span counter for a failed export: "
+        "tracing.opentelemetry.spans_sent counts spans handed to the exporter, whatever "
+        "becomes of the export, and spans_dropped only spans its own buffer had no room "
+        "for (max_cache_size), never a failed export.",
+    },
+    "Telemetry loss: OTLP requests the receiver refused or could not take (requests/s)": {
+        "unit": "reqps",
+        "queries": {
+            "receiver {{signal}} requests {{outcome}}": 'sum by (signal, outcome) (rate(hopscope_otlp_receiver_requests_total{outcome!="accepted"}[1m]))',
+        },
+        "description": "OTLP export requests the receiver rejected (bad body) or answered "
+        "while stopped (unavailable), by signal. Requests refused at connect time never "
+        "reach it: the senders count those.",
+    },
+    "Telemetry loss: metric data points not forwarded to your endpoint": {
+        "unit": "suffix:points/s",
+        "queries": {
+            "metric data points {{outcome}}": 'sum by (outcome) (rate(hopscope_otlp_forwarded_items_total{signal="metrics", outcome!="sent"}[1m]))',
+        },
+        "description": "Metric data points (from the Prometheus bridge) the receiver could not "
+        "forward to your OTLP endpoint: failed after retries, or dropped (queue full).",
+    },
 }
-"""Telemetry loss, by where it happens. Every hopscope process counts what its OpenTelemetry
-SDK failed to send or dropped (``hopscope_otel_exported_*_total{outcome}``). Envoy's tracer
-counts a span as ``spans_sent`` when it hands it to the exporter, and its ``spans_dropped``
-stays 0 when the export fails: the failure shows only on the OTLP cluster, as export requests
-that did not complete with a 2xx (refused connections are 503s there). The receiver counts
-requests it refused or could not take (stopped), the forwarder items it failed to deliver or
-dropped. Every series exists at 0, so the panel reads 0, not "no data", when nothing is lost."""
+"""Telemetry loss, each panel in one unit (spans, log records, export requests or metric
+data points per second), each series by where the loss happens. Every hopscope process counts what its
+OpenTelemetry SDK failed to send or dropped (``hopscope_otel_exported_*_total{outcome}``).
+Envoy's tracer counts a span as ``spans_sent`` when it hands it to the exporter and its
+``spans_dropped`` only when its buffer is full, so a failed export shows only on the OTLP
+cluster, as export requests that did not complete with a 2xx (refused connections are 503s
+there); a pod whose exports never succeeded has no 2xx series, hence the ``or … * 0``. The
+receiver counts requests it refused or could not take (stopped), the forwarder items it
+failed to deliver or dropped. Every series exists at 0, so each panel reads 0, not "no
+data", when nothing is lost."""
 
 
 def dashboard(
@@ -218,9 +298,9 @@ DASHBOARDS = {
                     "spans received/s": "sum(rate(hopscope_tracestore_spans_received_total[1m]))",
                 },
             ),
-            ts(
-                "Telemetry loss: what did not reach the receiver or your backend (0 = none)",
-                TELEMETRY_LOSS,
+            *(
+                ts(title, panel["queries"], unit=panel["unit"], description=panel["description"])
+                for title, panel in TELEMETRY_LOSS.items()
             ),
         ],
     ),
