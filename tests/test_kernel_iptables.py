@@ -50,6 +50,7 @@ from mesh.kernel import (
     local_policy_chain,
     service_chain,
 )
+from mesh.kernel.iptables import save_document
 from mesh.kubeproxy.rules import EndpointTarget, HealthCheck, RuleSet, ServiceRule, build_rules
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import default_manifest_paths, load_manifests
@@ -339,6 +340,42 @@ def test_kernel_loads_the_sample_shop_atomically_and_idempotently() -> None:
         assert len(re.findall(pattern, saved)) == len(re.findall(pattern, doc)) > 0, pattern
     declared = set(re.findall(r"^:(KUBE-\S+) ", doc, re.M))
     assert declared <= set(re.findall(r"^:(KUBE-\S+) ", saved, re.M))
+
+
+def _jumps(saved: str) -> dict[tuple[str, str], list[str]]:
+    """(table, chain) → the targets of its rules in order (counters and match order aside)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    table = ""
+    for line in saved.splitlines():
+        line = re.sub(r"^\[\d+:\d+\] ", "", line)
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            chain = line.split()[1]
+            out.setdefault((table, chain), []).append(line.rsplit(" -j ", 1)[1].split()[0])
+    return out
+
+
+@kernel
+def test_iptables_save_output_is_what_the_kernel_saves() -> None:
+    """``hopscope iptables-save`` prints, chain by chain and in order, what iptables-save
+    prints once setup and render are loaded into an empty namespace — and it is itself a
+    document iptables-restore takes."""
+    rules = _sample_shop_rules()
+    shown = save_document(rules, SHOP_NODE)
+    kernel_saved = _in_namespace(rules, [], node=SHOP_NODE)["saved"]
+    restored = subprocess.run(
+        [*UNSHARE, "sh", "-c", "iptables-restore && iptables-save"],
+        input=shown,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert restored.returncode == 0, restored.stderr
+    wanted = {k: v for k, v in _jumps(kernel_saved).items() if k[1] != "KUBE-FIREWALL"}
+    assert _jumps(shown) == wanted
+    assert _jumps(restored.stdout) == wanted
+    assert save_document(rules, SHOP_NODE, ("nat",)).startswith("*nat\n")
 
 
 @kernel

@@ -13,6 +13,7 @@ from mesh.cli.cluster_cmds import down, status, up
 from mesh.cli.curl_cmd import curl
 from mesh.cli.dig_cmd import dig
 from mesh.cli.get_cmds import get
+from mesh.cli.iptables_cmd import iptables_save
 from mesh.cli.manage_cmds import apply, cert, conntrack, delete, kill, ready, scale
 from mesh.cli.scenario_cmds import scenario
 from mesh.cli.trace_cmds import trace
@@ -47,6 +48,7 @@ for command in (
     trace,
     cert,
     conntrack,
+    iptables_save,
     traffic,
     scenario,
 ):

@@ -339,3 +339,35 @@ class _ServicePortRules:
         proto = f"-m {v.protocol} -p {v.protocol}"
         dnat = f"-j DNAT --to-destination {endpoint.address}"
         self.nat.add(sep, *_comment(v.name), *recent, proto, dnat)
+
+
+BUILTIN_CHAINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+}
+"""The built-in chains of each table, in the order ``iptables-save`` lists them."""
+
+
+def save_document(
+    rules: RuleSet, node: ProxyNode, tables: tuple[str, ...] = ("filter", "nat")
+) -> str:
+    """What ``iptables-save`` prints on ``node`` once :meth:`IptablesRenderer.setup` and
+    :meth:`~IptablesRenderer.render` are loaded into an otherwise empty namespace: built-in
+    chains with their policies, the jumps into kube-proxy's chains (``setup`` inserts them
+    at the top, so the last inserted comes first), then kube-proxy's own chains and rules.
+    Itself a valid ``iptables-restore`` document."""
+    rendered = IptablesRenderer().render(rules, node)
+    out: list[str] = []
+    for table in tables:
+        body = rendered.split(f"*{table}\n", 1)[1].split("COMMIT\n", 1)[0].splitlines()
+        chains = [line for line in body if line.startswith(":")]
+        appended = [line for line in body if line.startswith("-A ")]
+        jumps = [
+            " ".join(["-A", hook.chain, *hook.args()])
+            for builtin in BUILTIN_CHAINS[table]
+            for hook in reversed(HOOKS)
+            if hook.table == table and hook.chain == builtin
+        ]
+        out += [f"*{table}", *(f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]), *chains]
+        out += [*jumps, *appended, "COMMIT"]
+    return "\n".join(out) + "\n"
