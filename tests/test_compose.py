@@ -507,7 +507,7 @@ def test_prometheus_keeps_the_apps_and_kube_proxys_trace_id_exemplars(stack: Sta
         for name in histograms:
             got = requests.get(
                 f"{PROMETHEUS}/api/v1/query_exemplars",
-                params={"query": name, "start": end - 600, "end": end},
+                params={"query": name, "start": str(end - 600), "end": str(end)},
                 timeout=10,
             ).json()
             assert got["status"] == "success", got
@@ -644,12 +644,34 @@ def test_a_crashed_control_plane_leaves_nothing_on_the_next_up(stack: Stack) -> 
     before = stack.pod_container_ids()
     stack.engine("kill", "hopscope-controlplane-1")
     assert stack.pod_container_ids() == before  # the pods outlive a crashed control plane
-    stack.compose("up", "-d", timeout=600)
+    stack.compose("up", "-d", "--wait", timeout=600)
     _wait_ready()
     after = stack.pod_container_ids()
     assert len(after) == len(before)
     assert before.isdisjoint(after), "leftover pod containers were not replaced"
+    # The ingress pod is a new container: on Podman its published port can take a few
+    # seconds more than the healthcheck (which goes through the pod's own address). Each
+    # try is a new connection: a SYN retried on one socket would keep the stale conntrack
+    # entry of the first and never get through.
+    tries = _until_the_ingress_serves(timeout=60)
+    assert tries[-1][1] == 200, f"the ingress never served after the restart: {tries}"
     assert _traced_get(stack, "/")[0] == 200
+
+
+def _until_the_ingress_serves(timeout: float) -> list[tuple[float, int | str]]:
+    start = time.monotonic()
+    tries: list[tuple[float, int | str]] = []
+    while time.monotonic() - start < timeout:
+        at = round(time.monotonic() - start, 1)
+        try:
+            status = requests.get(f"{INGRESS}/", headers={"Host": "shop.local"}, timeout=3)
+            tries.append((at, status.status_code))
+            if status.status_code == 200:
+                break
+        except requests.RequestException as exc:
+            tries.append((at, type(exc).__name__))
+        time.sleep(1)
+    return tries
 
 
 def test_down_leaves_no_pod_container_or_network(stack: Stack) -> None:
