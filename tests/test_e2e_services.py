@@ -225,17 +225,27 @@ def test_connection_refused_is_fast_for_closed_node_ports(cluster: dict[str, str
 # -- the packet walk starts at the client's own packet ---------------------------------------
 
 
-def _raw_get(ip: str, port: int, host: str, trace_id: str, extra: int = 0) -> tuple[int, str]:
+def _raw_request(
+    ip: str,
+    port: int,
+    host: str,
+    trace_id: str,
+    path: str = "/",
+    extra: int = 0,
+    source: str = CLIENT,
+    more: tuple[str, ...] = (),
+) -> tuple[bytes, str]:
     """A plain client (no hopscope curl): one HTTP/1.1 request from a socket bound to
-    ``CLIENT``; returns the status and the client's own ``ip:port``."""
-    sock = socket.create_connection((ip, port), timeout=5, source_address=(CLIENT, 0))
+    ``source``; returns the whole reply and the client's own ``ip:port``."""
+    sock = socket.create_connection((ip, port), timeout=5, source_address=(source, 0))
     try:
         me = "{}:{}".format(*sock.getsockname())
         lines = [
-            "GET / HTTP/1.1",
+            f"GET {path} HTTP/1.1",
             f"Host: {host}",
             f"traceparent: 00-{trace_id}-{'ab' * 8}-01",
             "Connection: close",
+            *more,
             *(f"X-Extra-{i}: {i}" for i in range(extra)),
         ]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -244,9 +254,15 @@ def _raw_get(ip: str, port: int, host: str, trace_id: str, extra: int = 0) -> tu
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
-        return int(reply.split(b" ", 2)[1]), me
+        return reply, me
     finally:
         sock.close()
+
+
+def _raw_get(ip: str, port: int, host: str, trace_id: str, extra: int = 0) -> tuple[int, str]:
+    """:func:`_raw_request` to ``/``: the status and the client's own ``ip:port``."""
+    reply, me = _raw_request(ip, port, host, trace_id, extra=extra)
+    return int(reply.split(b" ", 2)[1]), me
 
 
 @pytest.mark.parametrize("entry", ["node-port", "load-balancer", "ingress"])
@@ -415,24 +431,9 @@ def _raw_get_upstream(
     source: str = CLIENT,
     more: tuple[str, ...] = (),
 ) -> tuple[int, bool]:
-    """Like :func:`_raw_get` to ``/healthz``: the status, and whether the reply came from
+    """:func:`_raw_request` to ``/healthz``: the status, and whether the reply came from
     behind the first proxy (it carries ``x-envoy-upstream-service-time``)."""
-    sock = socket.create_connection((ip, port), timeout=5, source_address=(source, 0))
-    try:
-        lines = [
-            "GET /healthz HTTP/1.1",
-            f"Host: {host}",
-            f"traceparent: 00-{os.urandom(16).hex()}-{'ab' * 8}-01",
-            "Connection: close",
-            *more,
-            *(f"X-Extra-{i}: {i}" for i in range(extra)),
-        ]
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    finally:
-        sock.close()
+    reply, _ = _raw_request(ip, port, host, os.urandom(16).hex(), "/healthz", extra, source, more)
     head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     upstream = any(line.lower().startswith("x-envoy-upstream-service-time:") for line in head)
     return int(head[0].split(" ", 2)[1]), upstream
