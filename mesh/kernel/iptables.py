@@ -159,7 +159,7 @@ class IptablesRenderer:
     """kube-proxy's iptables mode (``iptables-restore``, nf_tables or legacy backend)."""
 
     backend = "iptables"
-    restore_argv = ("iptables-restore", "--noflush")
+    restore_argv: tuple[str, ...] = ("iptables-restore", "--noflush")
 
     def setup(self, node: ProxyNode) -> str:
         """Declare the top-level chains and insert the jumps from the built-in chains.
@@ -184,6 +184,34 @@ class IptablesRenderer:
         )
         _forward_chain(filt, node.masquerade_mark)
         return filt.text() + nat.text()
+
+    def delete_stale(self, document: str, previous: str) -> str:
+        """Flush and delete (``-X``) the chains ``previous`` declared and ``document`` does
+        not, inside the same table sections: kube-proxy's own clean-up of stale chains."""
+        stale = {
+            table: sorted(set(_declared(previous, table)) - set(_declared(document, table)))
+            for table in ("filter", "nat")
+        }
+        out = []
+        for section in document.split("COMMIT\n"):
+            if not section.strip():
+                continue
+            table = section.split("\n", 1)[0].lstrip("*")
+            gone = stale.get(table, [])
+            lines = section.rstrip("\n").split("\n")
+            last = max(i for i, line in enumerate(lines) if line.startswith((":", "*")))
+            lines[last + 1 : last + 1] = [f":{c} - [0:0]" for c in gone]  # flushes each
+            lines += [f"-X {c}" for c in gone]
+            out.append("\n".join(lines) + "\nCOMMIT\n")
+        return "".join(out)
+
+
+def _declared(document: str, table: str) -> list[str]:
+    """The chains a document declares (``:NAME``) in one table's section."""
+    if f"*{table}\n" not in document:
+        return []
+    body = document.split(f"*{table}\n", 1)[1].split("COMMIT\n", 1)[0]
+    return [line[1:].split(" ", 1)[0] for line in body.splitlines() if line.startswith(":")]
 
 
 def _masquerade_chains(nat: _Table, mark: str) -> None:

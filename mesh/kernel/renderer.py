@@ -90,6 +90,11 @@ class RuleRenderer(Protocol):
         """The whole proxy state for ``node``; loading it replaces the previous sync's."""
         ...
 
+    def delete_stale(self, document: str, previous: str) -> str:
+        """``document`` plus whatever removes the chains ``previous`` had and it has not
+        (a Service or endpoint gone since the last sync), still one atomic load."""
+        ...
+
 
 def service_ports(rules: RuleSet, node: ProxyNode) -> list[ServicePortView]:
     """The rule set regrouped per Service port, sorted by name (deterministic output)."""

@@ -1,0 +1,293 @@
+"""The kernel's connection tracking table, read over ctnetlink (pyroute2).
+
+Two ways in, both per node namespace:
+
+- :class:`ConntrackWatcher` subscribes to the ``NEW`` and ``DESTROY`` event groups: one
+  :class:`Flow` per connection the node's netfilter confirmed or dropped, in the order the
+  kernel sent them. A ``NEW`` event carries no timestamp (the kernel adds
+  ``CTA_TIMESTAMP`` to ``DESTROY`` events and table dumps only), so :attr:`Flow.seen_ns`
+  holds the observer's wall clock at receipt and :attr:`Flow.start_ns` is filled where the
+  kernel gives it (``nf_conntrack_timestamp=1`` in the node namespace).
+- :func:`table` dumps the current entries, with their kernel start times.
+
+:func:`service_flow_attributes` turns a DNATed flow into the kube-proxy hop attributes of
+``ARCHITECTURE.md`` (original and translated tuples, the endpoint pod, the chains that
+matched) by looking the original destination up in the rule set the node was synced with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.kernel.iptables import (
+    NODEPORTS,
+    SERVICES,
+    endpoint_chain,
+    external_chain,
+    local_policy_chain,
+    service_chain,
+)
+from mesh.kernel.renderer import ProxyNode
+from mesh.kubeproxy.rules import RuleSet
+
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_DESTROY = 3
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_DELETE = 2
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_SCTP: "sctp"}
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One conntrack entry: the tuple as the client sent it and the tuple of the reply."""
+
+    id: int
+    event: str
+    """``new`` or ``destroy`` for watched flows, ``entry`` for a table dump."""
+    protocol: str
+    original_src: str
+    original_dst: str
+    reply_src: str
+    reply_dst: str
+    status: int
+    seen_ns: int
+    """Wall clock when the observer read the message."""
+    start_ns: int | None = None
+    """The kernel's wall-clock time the entry was confirmed, where the kernel sends it."""
+    stop_ns: int | None = None
+    state: str | None = None
+    """The TCP state (``ESTABLISHED``, ``TIME_WAIT``, …) for TCP entries of a dump."""
+    timeout: int | None = None
+    """Seconds until the entry expires unless more packets come (table dumps)."""
+
+    @property
+    def translated_dst(self) -> str:
+        """Where the packets really went: the reply comes from there."""
+        return self.reply_src
+
+    @property
+    def translated_src(self) -> str:
+        """The source the server saw: the reply goes there."""
+        return self.reply_dst
+
+    @property
+    def dnat(self) -> bool:
+        return bool(self.status & IPS_DST_NAT)
+
+    @property
+    def snat(self) -> bool:
+        return bool(self.status & IPS_SRC_NAT)
+
+    def line(self) -> str:
+        """The entry the way ``conntrack -L`` prints it."""
+        osrc, osport = self.original_src.rsplit(":", 1)
+        odst, odport = self.original_dst.rsplit(":", 1)
+        rsrc, rsport = self.reply_src.rsplit(":", 1)
+        rdst, rdport = self.reply_dst.rsplit(":", 1)
+        number = {v: k for k, v in PROTOCOLS.items()}.get(self.protocol, 0)
+        parts = [f"{self.protocol:<8} {number}"]
+        if self.timeout is not None:
+            parts.append(str(self.timeout))
+        if self.state:
+            parts.append(self.state)
+        parts.append(f"src={osrc} dst={odst} sport={osport} dport={odport}")
+        if not self.status & IPS_SEEN_REPLY:
+            parts.append("[UNREPLIED]")
+        parts.append(f"src={rsrc} dst={rdst} sport={rsport} dport={rdport}")
+        if self.status & IPS_ASSURED:
+            parts.append("[ASSURED]")
+        parts.append(f"id={self.id}")
+        return " ".join(parts)
+
+
+def _tuple(nla: Any) -> tuple[str, str, str] | None:
+    if nla is None:
+        return None
+    ip = nla.get_attr("CTA_TUPLE_IP")
+    proto = nla.get_attr("CTA_TUPLE_PROTO")
+    if ip is None or proto is None:
+        return None
+    number = proto.get_attr("CTA_PROTO_NUM")
+    if number not in PROTOCOLS:
+        return None
+    src, dst = ip.get_attr("CTA_IP_V4_SRC"), ip.get_attr("CTA_IP_V4_DST")
+    if src is None or dst is None:
+        return None
+    sport, dport = proto.get_attr("CTA_PROTO_SRC_PORT"), proto.get_attr("CTA_PROTO_DST_PORT")
+    return PROTOCOLS[number], f"{src}:{sport}", f"{dst}:{dport}"
+
+
+_TCP_STATES = (
+    "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
+    "TIME_WAIT", "CLOSE", "SYN_SENT2",
+)  # fmt: skip
+
+
+def parse(msg: Any, seen_ns: int | None = None, event: str | None = None) -> Flow | None:
+    """A ctnetlink message as a :class:`Flow`; None for what is not IPv4 TCP/UDP/SCTP."""
+    original = _tuple(msg.get_attr("CTA_TUPLE_ORIG"))
+    reply = _tuple(msg.get_attr("CTA_TUPLE_REPLY"))
+    if original is None or reply is None:
+        return None
+    if event is None:
+        kind = msg["header"]["type"] & 0xFF
+        event = "destroy" if kind == IPCTNL_MSG_CT_DELETE else "new"
+    stamps = msg.get_attr("CTA_TIMESTAMP")
+    start = stop = None
+    if stamps is not None:
+        start = stamps.get_attr("CTA_TIMESTAMP_START") or None
+        stop = stamps.get_attr("CTA_TIMESTAMP_STOP") or None
+    state = None
+    info = msg.get_attr("CTA_PROTOINFO")
+    tcp = info.get_attr("CTA_PROTOINFO_TCP") if info is not None else None
+    if tcp is not None:
+        number = tcp.get_attr("CTA_PROTOINFO_TCP_STATE")
+        if number is not None and 0 <= number < len(_TCP_STATES):
+            state = _TCP_STATES[number]
+    return Flow(
+        id=int(msg.get_attr("CTA_ID") or 0),
+        event=event,
+        protocol=original[0],
+        original_src=original[1],
+        original_dst=original[2],
+        reply_src=reply[1],
+        reply_dst=reply[2],
+        status=int(msg.get_attr("CTA_STATUS") or 0),
+        seen_ns=seen_ns if seen_ns is not None else time.time_ns(),
+        start_ns=start,
+        stop_ns=stop,
+        state=state,
+        timeout=msg.get_attr("CTA_TIMEOUT"),
+    )
+
+
+class ConntrackWatcher:
+    """Conntrack ``NEW``/``DESTROY`` events of one network namespace, as :class:`Flow`s.
+
+    ``async with ConntrackWatcher("hopscope-node-a") as watcher: async for flow in watcher``.
+    Events the socket could not take (a full receive buffer: ``ENOBUFS``) are lost, as for
+    ``conntrack -E``; :attr:`overruns` counts how often that happened.
+    """
+
+    def __init__(self, netns: str | None, destroy: bool = True) -> None:
+        self.netns = netns
+        self.groups = 1 << (NFNLGRP_CONNTRACK_NEW - 1)
+        if destroy:
+            self.groups |= 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)
+        self.overruns = 0
+        self._sock: Any = None
+
+    async def __aenter__(self) -> ConntrackWatcher:
+        from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket
+
+        self._sock = AsyncNFCTSocket(netns=self.netns, groups=self.groups)
+        await self._sock.setup_endpoint()
+        await self._sock.bind(groups=self.groups)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __aiter__(self) -> AsyncIterator[Flow]:
+        return self._flows()
+
+    async def _flows(self) -> AsyncIterator[Flow]:
+        assert self._sock is not None, "use `async with`"
+        while True:
+            try:
+                async for msg in self._sock.get():
+                    flow = parse(msg, time.time_ns())
+                    if flow is not None:
+                        yield flow
+            except OSError as exc:
+                if exc.errno != 105:  # ENOBUFS: events were dropped; go on reading
+                    raise
+                self.overruns += 1
+            await asyncio.sleep(0)
+
+
+def table(netns: str | None) -> list[Flow]:
+    """Every IPv4 TCP/UDP/SCTP entry in the namespace's conntrack table, oldest first."""
+    from pyroute2.conntrack import NFCTSocket
+
+    now = time.time_ns()
+    with NFCTSocket(netns=netns) as sock:
+        flows = [f for msg in sock.dump() if (f := parse(msg, now, "entry")) is not None]
+    return sorted(flows, key=lambda f: (f.start_ns or 0, f.id))
+
+
+def service_flow_attributes(
+    flow: Flow, rules: RuleSet, node: ProxyNode | None = None
+) -> dict[str, Any] | None:
+    """The kube-proxy hop attributes a DNATed flow stands for; None if no Service matches.
+
+    The chain list is the path the first packet took through the nat table, the way
+    ``iptables -t nat -L -v`` counters would show it.
+    """
+    vip, port = flow.original_dst.rsplit(":", 1)
+    rule = rules.rules.get((vip, int(port)))
+    if rule is None or not flow.dnat:
+        return None
+    dst_ip, dst_port = flow.translated_dst.rsplit(":", 1)
+    endpoint = next((e for e in rule.endpoints if e.ip == dst_ip and e.port == int(dst_port)), None)
+    protocol = flow.protocol
+    name = rule.service
+    chains = [SERVICES]
+    balancer = service_chain(name, protocol)
+    if rule.kind != "cluster-ip":
+        if rule.kind == "node-port":
+            chains.append(NODEPORTS)
+        chains.append(external_chain(name, protocol))
+        if rule.external_traffic_policy == "Local" and not _from_cluster(flow, node):
+            balancer = local_policy_chain(name, protocol)
+    chains += [balancer, endpoint_chain(name, protocol, flow.translated_dst)]
+    attrs: dict[str, Any] = {
+        "hopscope.hop": rule.hop,
+        "k8s.service.name": rule.name,
+        "k8s.namespace.name": rule.namespace,
+        "hopscope.service.type": rule.service_type,
+        "hopscope.service.port": rule.port,
+        "hopscope.nat.original.src": flow.original_src,
+        "hopscope.nat.original.dst": flow.original_dst,
+        "hopscope.nat.translated.src": flow.translated_src,
+        "hopscope.nat.translated.dst": flow.translated_dst,
+        "hopscope.nat.snat": flow.snat,
+        "hopscope.lb.mode": "iptables",
+        "hopscope.lb.algorithm": "random",
+        "hopscope.conntrack.id": flow.id,
+        "hopscope.rule.kind": rule.kind,
+        "hopscope.rule.chains": chains,
+        "network.peer.address": flow.original_src.rsplit(":", 1)[0],
+        "network.protocol.name": protocol,
+        "peer.service": rule.name,
+        "server.address": rule.vip,
+        "server.port": rule.port,
+    }
+    if endpoint is not None:
+        attrs["hopscope.endpoint.pod"] = endpoint.pod
+        attrs["hopscope.endpoint.node"] = endpoint.node
+    if rule.session_affinity == "ClientIP":
+        attrs["hopscope.lb.affinity"] = "ClientIP"
+    if rule.kind != "cluster-ip":
+        attrs["hopscope.traffic_policy"] = rule.external_traffic_policy
+    return attrs
+
+
+def _from_cluster(flow: Flow, node: ProxyNode | None) -> bool:
+    """Whether the client is a pod (kube-proxy's ClusterCIDR local-traffic detector)."""
+    if node is None or node.cluster_cidr is None:
+        return False
+    src = ipaddress.ip_address(flow.original_src.rsplit(":", 1)[0])
+    return src in ipaddress.ip_network(node.cluster_cidr)
