@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -341,3 +342,63 @@ def test_bad_input_gets_a_clear_error() -> None:
             )
     finally:
         net.cleanup()
+
+
+def test_forwarder_carries_host_loopback_connections_into_a_namespace(cluster: Cluster) -> None:
+    node_ns = cluster.net.node_netns("node-a")
+    argv = [
+        sys.executable,
+        "-m",
+        "mesh.kernel.forward",
+        f"127.77.0.1:18080={node_ns}/10.244.2.7:8080",
+        f"127.77.0.1:18081={node_ns}/10.244.2.7:9",  # nothing listens there
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("forwarding 127.77.0.1:18080 -> "), proc.stderr
+        for _ in range(3):  # a refused target closes that client at once; the others go on
+            with socket.create_connection(("127.77.0.1", 18080), timeout=5) as conn:
+                reply = json.loads(conn.makefile().readline())
+            assert reply["server"] == "10.244.2.7:8080", reply
+            started = time.monotonic()
+            with socket.create_connection(("127.77.0.1", 18081), timeout=5) as conn:
+                try:
+                    assert conn.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+            assert time.monotonic() - started < 1
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+
+
+def test_forwarder_rejects_bad_rules_clearly() -> None:
+    for rule, message in (
+        ("127.0.0.1:1", "expected LISTEN=TARGET"),
+        ("127.0.0.1=127.0.0.1:80", "expected [NETNS/]IP:PORT"),
+        ("127.77.0.1:18090=no-such-ns/10.0.0.1:80", None),
+    ):
+        argv = [sys.executable, "-m", "mesh.kernel.forward", rule]
+        if message is None:
+            # a missing namespace is reported when a client comes, and the forwarder stays up
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+            )
+            try:
+                assert proc.stdout is not None and proc.stdout.readline().startswith("forwarding")
+                with socket.create_connection(("127.77.0.1", 18090), timeout=5) as conn:
+                    assert conn.recv(10) == b""
+                assert proc.poll() is None
+            finally:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            logged = stdout + stderr  # JSON log lines
+            assert "no network namespace no-such-ns" in logged and "Traceback" not in logged, logged
+            continue
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
