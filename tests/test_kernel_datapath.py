@@ -365,9 +365,11 @@ def test_forwarder_carries_host_loopback_connections_into_a_namespace(cluster: C
                 reply = json.loads(conn.makefile().readline())
             assert reply["server"] == "10.244.2.7:8080", reply
             started = time.monotonic()
-            with socket.create_connection(("127.77.0.1", 18081), timeout=5) as conn:
-                with contextlib.suppress(ConnectionResetError):  # closed or reset, at once
-                    assert conn.recv(100) == b""
+            with (
+                socket.create_connection(("127.77.0.1", 18081), timeout=5) as conn,
+                contextlib.suppress(ConnectionResetError),  # closed or reset, at once
+            ):
+                assert conn.recv(100) == b""
             assert time.monotonic() - started < 1
         assert proc.poll() is None
     finally:
