@@ -11,7 +11,8 @@ import ipaddress
 import os
 
 PLAN = os.environ.get("HOPSCOPE_ADDRESS_PLAN", "local")
-"""``local`` (every address on 127/8, one machine) or ``compose`` (container networks)."""
+"""``local`` (every address on 127/8, one machine), ``compose`` (container networks) or
+``kernel`` (network namespaces: the kernel data path)."""
 
 NODE_IPS: dict[str, str] = {"node-a": "127.10.0.1", "node-b": "127.10.0.2"}
 """Node name → node IP."""
@@ -161,10 +162,43 @@ if PLAN == "compose":
     EGRESS_POOL_CIDR = "10.50.0.0/24"
     CLUSTER_CIDRS = ("10.244.0.0/16", "10.96.0.0/16", "10.200.0.0/24")
 
+CLUSTER_HOST_IP = CONTROL_PLANE_IP
+"""Where pods reach the control plane (its API, OTLP receivers) from their namespaces."""
+
+if PLAN == "kernel":
+    # The kernel data path: nodes and pods are network namespaces (mesh.kernel.topology).
+    # Nodes sit on an underlay network with the cluster host (control plane, DNS, ingress,
+    # the playground internet) at its .254, which also routes each pod CIDR to its node.
+    # Host-facing addresses (API, ingress, clients) stay those of the local plan: the host
+    # reaches them through forwarders. See docs/design.md.
+    NODE_IPS = {"node-a": "10.10.0.1", "node-b": "10.10.0.2"}
+    POD_CIDRS = {"node-a": "10.244.1.0/24", "node-b": "10.244.2.0/24"}
+    POD_NETWORK_CIDR = "10.244.0.0/16"
+    SERVICE_CIDR = "10.96.0.0/16"
+    DNS_SERVICE_IP = "10.96.0.10"
+    DNS_PORT = 53
+    KUBERNETES_SERVICE_IP = "10.96.0.1"
+    CLUSTER_HOST_IP = "10.10.0.254"
+    EXTERNAL_CIDR = "10.50.0.0/24"
+    EXTERNAL_HOSTS = {"payments.example.net.": "10.50.0.10"}
+    EGRESS_POOL_CIDR = "10.10.0.0/24"
+    LB_POOL_CIDR = "127.200.0.0/24"
+    CLUSTER_CIDRS = ("10.244.0.0/16", "10.96.0.0/16", "10.10.0.0/24", "127.200.0.0/24")
+
+INGRESS_SOURCE_IP = CLUSTER_HOST_IP if PLAN == "kernel" else INGRESS_IP
+"""The source address of the ingress controller's upstream connections: its own address,
+or in the kernel plan the cluster host's (loopback addresses never leave a namespace)."""
+
+UNDERLAY_PREFIXLEN = 24
+"""The kernel plan's underlay: node IPs and the cluster host share one /24."""
+
 DNS_METRICS_IP = NODE_IPS["node-a"] if PLAN == "compose" else DNS_SERVICE_IP
 """Where cluster DNS serves /metrics (a node address in compose, reachable by Prometheus)."""
 
 RESERVED_POD_IPS: set[str] = set()
+if PLAN == "kernel":
+    RESERVED_POD_IPS = {"10.244.1.1", "10.244.2.1"}
+    """Each pod CIDR's first address is its node bridge's (the pods' gateway)."""
 if PLAN == "compose":
     RESERVED_POD_IPS = {f"10.244.{n}.{host}" for n in (1, 2) for host in range(250, 255)}
 """Pod-network addresses IPAM never hands out: in compose, .250-.254 of each node network

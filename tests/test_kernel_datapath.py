@@ -1,6 +1,6 @@
 """The kernel data path's network: node and pod namespaces, VXLAN, kube-proxy's rules, conntrack.
 
-Everything runs in namespaces these tests create (prefix ``hopscope-test``) and removes;
+Everything runs in namespaces these tests create (prefix ``hstest``) and removes;
 nothing is sent anywhere else. Needs root (named namespaces under /run/netns), as the
 kernel data path itself does. Pods run :mod:`tests.kernel_probe` as their program.
 
@@ -38,7 +38,7 @@ from mesh.kernel.topology import KernelNetwork, KernelNetworkError, NodeNet, ker
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
 
 REPO = Path(__file__).resolve().parent.parent
-PREFIX = "hopscope-test"
+PREFIX = "hstest"
 NODES = (
     NodeNet("node-a", "10.10.0.1", "10.244.1.0/24"),
     NodeNet("node-b", "10.10.0.2", "10.244.2.0/24"),

@@ -74,15 +74,31 @@ def _validate(paths: list[Path]) -> None:
     "(e.g. http://127.0.0.1:4318), as well as to the embedded store. "
     "Default: $OTEL_EXPORTER_OTLP_ENDPOINT; headers from $OTEL_EXPORTER_OTLP_HEADERS.",
 )
+@click.option(
+    "--dataplane",
+    type=click.Choice(["userspace", "kernel"]),
+    default=lambda: os.environ.get("HOPSCOPE_DATAPLANE", "userspace"),
+    show_default="userspace, or $HOPSCOPE_DATAPLANE",
+    help="userspace: kube-proxy and the overlay are relay processes. kernel: nodes and pods "
+    "are network namespaces; kube-proxy's iptables rules, conntrack, the bridge and VXLAN are "
+    "the kernel's (Linux, root).",
+)
 def up(
     paths: tuple[Path, ...],
     detach: bool,
     timeout: float,
     budget: int | None,
     otlp_endpoint: str | None,
+    dataplane: str,
 ) -> None:
     """Start the local cluster: pods with Envoy sidecars, ingress, kube-proxy, DNS, trace store."""
     manifests = [p.resolve() for p in paths] or [DEFAULT_MANIFESTS]
+    if dataplane == "kernel":
+        from mesh.kernel.topology import kernel_support
+
+        reason = kernel_support()
+        if reason:
+            raise click.ClickException(f"--dataplane kernel cannot run here: {reason}")
     _validate(manifests)
     _forwarding_env(otlp_endpoint)
     client = APIClient()
@@ -92,8 +108,14 @@ def up(
             "(`hopscope status`; stop it with `hopscope down`)"
         )
     home = state_dir()
-    if detach:
-        _up_detached(manifests, home, timeout, client, budget)
+    if dataplane == "kernel":
+        # The control plane runs in the cluster host's namespace, with the kernel address
+        # plan: always as a child process, waited for in the foreground unless --detach.
+        proc = _spawn(manifests, home, timeout, client, budget, dataplane)
+        if not detach:
+            _wait_child(proc)
+    elif detach:
+        _spawn(manifests, home, timeout, client, budget, dataplane)
     else:
         _up_foreground(manifests, home, timeout, budget)
 
@@ -133,9 +155,13 @@ def _budget(value: str | None) -> int | None:
         raise click.BadParameter(str(exc)) from None
 
 
-def controlplane_argv(manifests: list[Path], home: Path, budget: int | None) -> list[str]:
+def controlplane_argv(
+    manifests: list[Path], home: Path, budget: int | None, dataplane: str = "userspace"
+) -> list[str]:
     """The command ``up --detach`` runs the control plane with (``python -m mesh.controlplane``)."""
     argv = [sys.executable, "-m", "mesh.controlplane", "--state-dir", str(home), "--schema-checked"]
+    if dataplane != "userspace":
+        argv += ["--dataplane", dataplane]
     if budget:
         argv += ["--trace-store-budget", str(budget)]
     for path in manifests:
@@ -143,11 +169,20 @@ def controlplane_argv(manifests: list[Path], home: Path, budget: int | None) -> 
     return argv
 
 
-def _up_detached(
-    manifests: list[Path], home: Path, timeout: float, client: APIClient, budget: int | None
-) -> None:
+def _spawn(
+    manifests: list[Path],
+    home: Path,
+    timeout: float,
+    client: APIClient,
+    budget: int | None,
+    dataplane: str = "userspace",
+) -> subprocess.Popen[bytes]:
+    """Start the control plane as a background process; return once the cluster is ready."""
     log_path = home / "controlplane.log"
-    argv = controlplane_argv(manifests, home, budget)
+    argv = controlplane_argv(manifests, home, budget, dataplane)
+    env = dict(os.environ)
+    if dataplane == "kernel":
+        env["HOPSCOPE_ADDRESS_PLAN"] = "kernel"
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             argv,
@@ -155,6 +190,7 @@ def _up_detached(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     deadline = time.monotonic() + timeout
     with console.status("starting the cluster…") as spinner:
@@ -168,12 +204,32 @@ def _up_detached(
                 spinner.update(f"starting the cluster… {status['summary']}")
                 if status["ready"]:
                     _print_ready(status, home)
-                    return
+                    return proc
             time.sleep(0.2)
     proc.terminate()
     raise click.ClickException(
         f"cluster not ready after {timeout:.0f}s; stopped it. Log: {log_path}"
     )
+
+
+def _wait_child(proc: subprocess.Popen[bytes]) -> None:
+    """Stay in the foreground while the control plane runs; Ctrl-C (or SIGTERM) stops it."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print("[dim]Ctrl-C stops the cluster.[/]")
+    while not stop.is_set() and proc.poll() is None:
+        stop.wait(0.5)
+    if proc.poll() is not None:
+        raise click.ClickException(f"the control plane exited ({proc.returncode})")
+    console.print("stopping the cluster…")
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    console.print("stopped.")
 
 
 def _status_or_none(client: APIClient) -> dict[str, Any] | None:

@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="local",
         help="local: pods are processes; docker: pods are containers (the compose stack)",
     )
+    parser.add_argument(
+        "--dataplane",
+        choices=["userspace", "kernel"],
+        default="userspace",
+        help="userspace: kube-proxy and the overlay are relays; kernel: nodes and pods are "
+        "network namespaces with real netfilter rules, bridges and VXLAN (local runtime, root)",
+    )
     parser.add_argument("--image", default="hopscope/hopscope", help="pod image (docker runtime)")
     parser.add_argument("--project", default="hopscope", help="label of the pod containers")
     parser.add_argument(
@@ -76,8 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_json_logging({"component": "controlplane"})
     args.state_dir.mkdir(parents=True, exist_ok=True)
+    network = None
     try:
         runtime = None
+        if args.dataplane == "kernel":
+            if args.runtime != "local":
+                print("error: --dataplane kernel needs the local runtime", file=sys.stderr)
+                return 2
+            from mesh.runtime.kernel import KernelSetupError, enter_cluster_host
+
+            try:  # before any thread starts: they are born in the cluster host's namespace
+                network = enter_cluster_host()
+            except KernelSetupError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
         if args.runtime == "docker":
             from mesh.controlplane.server import API_URL
             from mesh.runtime.docker import DockerRuntime
@@ -95,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             args.schema_checked,
             runtime,
             trace_store_budget=args.trace_store_budget,
+            kernel_network=network,
         )
         return plane.run()
     except (ManifestError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if network is not None:
+            network.cleanup()
         return 1
 
 

@@ -95,6 +95,9 @@ class Guard:
     bind_ip: str = "127.0.0.1"
     port: int = 8001
     extra_hosts: Iterable[str] = field(default_factory=tuple)
+    extra_ips: Iterable[str] = field(default_factory=tuple)
+    """Addresses the API is reached at through a forwarder (the kernel data path's cluster
+    host address, where pods send telemetry)."""
     is_pod_ip: Callable[[str], bool] = lambda _ip: False
     """Is this source address one of the cluster's pods? (They may send telemetry.)"""
 
@@ -105,6 +108,7 @@ class Guard:
         env = os.environ.get(ALLOWED_HOSTS_ENV, "")
         names.update(h.strip().lower() for h in env.split(",") if h.strip())
         self.host_names = frozenset(n for n in names if n)
+        self.extra_ips = frozenset(self.extra_ips)
 
     # -- checks --------------------------------------------------------------------------
 
@@ -119,7 +123,7 @@ class Guard:
             return host in self.host_names
         if self.wildcard:
             return True  # bound to every address: any literal address is one of ours
-        return ip.is_loopback or str(ip) == self.bind_ip
+        return ip.is_loopback or str(ip) == self.bind_ip or str(ip) in self.extra_ips
 
     def origin_allowed(self, origin: str, host_header: str) -> bool:
         """Same-origin only: the Origin's host:port must be the Host the request was sent to."""

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -36,6 +36,9 @@ from mesh.otlp.pipeline import TelemetryPipeline, guard_access
 from mesh.runtime.base import Runtime, SystemComponent, ingress_pod
 from mesh.runtime.local import LocalRuntime
 from mesh.tracestore.store import TraceStore, budget_from_env
+
+if TYPE_CHECKING:
+    from mesh.kernel.topology import KernelNetwork
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class ControlPlane:
         runtime: Runtime | None = None,
         trace_store_budget: int | None = None,
         registry: CollectorRegistry = REGISTRY,
+        kernel_network: KernelNetwork | None = None,
     ) -> None:
         self.manifest_paths = manifest_paths
         self.schema_checked = schema_checked
@@ -78,6 +82,15 @@ class ControlPlane:
             )
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        if runtime is None and kernel_network is not None:
+            from mesh.runtime.kernel import KernelRuntime, KernelSetupError
+
+            try:
+                runtime = KernelRuntime(
+                    state_dir, API_URL, kernel_network, log_sink=self.pipeline.log_sink
+                )
+            except KernelSetupError as exc:
+                raise StartupError(str(exc)) from None
         self.runtime = runtime or LocalRuntime(
             state_dir, API_URL, OTLP_URL, log_sink=self.pipeline.log_sink
         )
@@ -123,6 +136,7 @@ class ControlPlane:
             addresses.CONTROL_PLANE_IP,
             addresses.CONTROL_PLANE_PORT,
             is_pod_ip=self._is_pod_ip,
+            extra_ips=(addresses.CLUSTER_HOST_IP,),
         )
         app = create_app(
             self.cluster,

@@ -74,7 +74,7 @@ def _gateway_cluster(state: ClusterState, ref: BackendRef, grpc: bool) -> dict[s
         ref.port,
         http2=grpc,
         one_request_per_connection=True,
-        bind_ip=addresses.INGRESS_IP,
+        bind_ip=addresses.INGRESS_SOURCE_IP,
     )
 
 

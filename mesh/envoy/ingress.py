@@ -265,7 +265,7 @@ def _ingress_cluster(
         port,
         http2=grpc,
         one_request_per_connection=True,
-        bind_ip=addresses.INGRESS_IP,
+        bind_ip=addresses.INGRESS_SOURCE_IP,
     )
     if identity is not None:
         mesh_tls(clusters[name], state, svc, port, MESH_ROOT_NAMESPACE, identity)
@@ -285,7 +285,7 @@ def _passthrough_cluster(
     if svc is None or not svc.cluster_ip or svc.headless or port is None:
         return False
     cluster = static_cluster(
-        _passthrough_name(chain), svc.cluster_ip, port, bind_ip=addresses.INGRESS_IP
+        _passthrough_name(chain), svc.cluster_ip, port, bind_ip=addresses.INGRESS_SOURCE_IP
     )
     cluster.pop("typed_extension_protocol_options", None)
     clusters[_passthrough_name(chain)] = cluster

@@ -391,16 +391,12 @@ def _headless_routes(
                 name, pod.ip, target, one_request_per_connection=True, bind_ip=side.pod.ip
             )
             cluster["alt_stat_name"] = stat_name(name)
-            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-            endpoint["metadata"] = {
-                "typed_filter_metadata": {
-                    PROXY_ADDRESS_KEY: typed(
-                        "envoy.config.core.v3.Address",
-                        **socket_address(gateway, addresses.EGRESS_GATEWAY_PORT),
-                    )
-                }
-            }
-            cluster["transport_socket"] = _through_gateway(_mesh_tls(side.files, up, svc, target))
+            tls = _mesh_tls(side.files, up, svc, target)
+            if NODE_GATEWAY:
+                endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+                endpoint["metadata"] = _via_gateway(gateway)
+                tls = _through_gateway(tls)
+            cluster["transport_socket"] = tls
             clusters.append(cluster)
             routes.append(
                 {
@@ -488,7 +484,7 @@ def _service_cluster(
         )
     if mtls and side.files is not None and up is not None:
         cluster["transport_socket"] = _mesh_tls(side.files, up, svc, port)
-    if outlier:
+    if outlier and NODE_GATEWAY:
         cluster["transport_socket"] = _through_gateway(cluster.get("transport_socket"))
     cluster["alt_stat_name"] = stat_name(name)
     limits = _circuit_breaker(rule)
@@ -523,19 +519,10 @@ def _endpoint_cluster(
             if not endpoint.ready:
                 continue
             for address in endpoint.addresses:
-                endpoints.append(
-                    {
-                        "endpoint": {"address": socket_address(address, target)},
-                        "metadata": {
-                            "typed_filter_metadata": {
-                                PROXY_ADDRESS_KEY: typed(
-                                    "envoy.config.core.v3.Address",
-                                    **socket_address(gateway, addresses.EGRESS_GATEWAY_PORT),
-                                )
-                            }
-                        },
-                    }
-                )
+                host: dict[str, Any] = {"endpoint": {"address": socket_address(address, target)}}
+                if NODE_GATEWAY:
+                    host["metadata"] = _via_gateway(gateway)
+                endpoints.append(host)
     cluster = static_cluster(name, side.pod.ip, port, http2=grpc, bind_ip=side.pod.ip)
     cluster["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
     return cluster
@@ -543,6 +530,21 @@ def _endpoint_cluster(
 
 PROXY_ADDRESS_KEY = "envoy.http11_proxy_transport_socket.proxy_address"
 """Endpoint metadata naming the HTTP/1.1 proxy (the node gateway) a connection goes through."""
+
+NODE_GATEWAY = addresses.PLAN != "kernel"
+"""Whether pod-to-pod and outbound traffic goes through the CNI emulator's node gateway
+(NetworkPolicy, the overlay and egress SNAT in userspace). On the kernel data path the
+node's routes, VXLAN device and netfilter rules do that: connections go straight out."""
+
+
+def _via_gateway(gateway: str) -> dict[str, Any]:
+    """Endpoint metadata sending a host's connections through the node gateway."""
+    address = socket_address(gateway, addresses.EGRESS_GATEWAY_PORT)
+    return {
+        "typed_filter_metadata": {
+            PROXY_ADDRESS_KEY: typed("envoy.config.core.v3.Address", **address)
+        }
+    }
 
 
 def _through_gateway(inner: dict[str, Any] | None) -> dict[str, Any]:
@@ -658,14 +660,20 @@ def _fallback_routes() -> list[dict[str, Any]]:
             "match": {"prefix": "/", "grpc": {}, "headers": need_header},
             "route": {"cluster": "outbound|original-dst|grpc", "timeout": "15s"},
         },
-        {
-            "match": {"prefix": "/", "headers": to_pod},
-            "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
-        },
-        {
-            "match": {"prefix": "/", "headers": need_header + outside_cluster},
-            "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
-        },
+        *(
+            [
+                {
+                    "match": {"prefix": "/", "headers": to_pod},
+                    "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
+                },
+                {
+                    "match": {"prefix": "/", "headers": need_header + outside_cluster},
+                    "route": {"cluster": "outbound|node-gateway", "timeout": "15s"},
+                },
+            ]
+            if NODE_GATEWAY
+            else []
+        ),
         {
             "match": {"prefix": "/", "headers": need_header},
             "route": {"cluster": "outbound|original-dst|http1", "timeout": "15s"},

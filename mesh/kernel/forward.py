@@ -81,6 +81,23 @@ def _in_netns(name: str | None) -> Iterator[None]:
             os.close(home)
 
 
+def enter_netns(name: str) -> None:
+    """Move the calling thread into namespace ``name`` for good (threads and processes it
+    starts afterwards are born there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = os.path.join(NETNS_DIR, name)
+    try:
+        target = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise OSError(f"no network namespace {name} ({path})") from None
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(target)
+
+
 def socket_in(netns: str | None, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A new IPv4 socket that belongs to namespace ``netns``."""
     with _in_netns(netns):

@@ -43,9 +43,11 @@ class KernelProxier:
     def sync(self, rules: RuleSet) -> SyncResult:
         started = time.perf_counter()
         if not self._set_up:
-            self.network.restore(
-                self.node.name, self.renderer.restore_argv, self.renderer.setup(self.node)
-            )
+            # A restarted proxy finds its hooks in place (the setup is not idempotent).
+            if "\n:KUBE-SERVICES " not in self.network.save(self.node.name, "nat"):
+                self.network.restore(
+                    self.node.name, self.renderer.restore_argv, self.renderer.setup(self.node)
+                )
             self._set_up = True
         document = self.renderer.render(rules, self.node)
         load = self.renderer.delete_stale(document, self._loaded)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ VXLAN_PORT = 8472
 VXLAN_MTU = 1450
 """1500 minus the 50 bytes of outer Ethernet, IP, UDP and VXLAN headers."""
 BRIDGE = "cni0"
+EGRESS_CHAIN = "HOPSCOPE-EGRESS"
 UNDERLAY_BRIDGE = "underlay0"
 BACKENDS = ("vxlan", "host-gw")
 RTPROT_BOOT = 3
@@ -141,24 +143,15 @@ class KernelNetwork:
         """Create the node's namespace, its underlay link, ``cni0`` and its sysctls."""
         if node.name in self.nodes:
             raise KernelNetworkError(f"node {node.name} exists already")
-        if not self.nodes:
-            self._create_underlay(node)
+        if not self._exists(self.underlay_netns):
+            self._create_underlay()
         ns = self.node_netns(node.name)
         self._create_netns(ns)
-        underlay_end = f"ul-{node.name}"[:15]
-        with self._ns(self.underlay_netns) as ul:
-            ul.link(
-                "add", ifname=underlay_end, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns}
-            )
-            index = _index(ul, underlay_end)
-            ul.link("set", index=index, master=_index(ul, UNDERLAY_BRIDGE), state="up")
+        self._plug_into_underlay(ns, f"ul-{node.name}"[:15], node.node_ip)
         with self._ns(ns) as ipr:
-            ipr.link("set", index=_index(ipr, "lo"), state="up")
             eth0 = _index(ipr, "eth0")
-            ipr.addr("add", index=eth0, address=node.node_ip, prefixlen=self.underlay_prefixlen)
-            ipr.link("set", index=eth0, state="up")
-            # A node has a default route (here: the underlay's router). Without one, a
-            # Service address with no rule is "network unreachable" instead of REJECTed.
+            # A node has a default route (here: the cluster host). Without one, a Service
+            # address with no rule is "network unreachable" instead of REJECTed.
             ipr.route("add", dst="0.0.0.0/0", gateway=self._router_ip(node), proto=RTPROT_BOOT)
             ipr.link("add", ifname=BRIDGE, kind="bridge")
             bridge = _index(ipr, BRIDGE)
@@ -299,6 +292,17 @@ class KernelNetwork:
                 f"{node}: {' '.join(argv)} refused the document: {done.stderr.strip()}"
             )
 
+    def save(self, node: str, table: str) -> str:
+        """``iptables-save -t TABLE`` of the node's namespace."""
+        done = subprocess.run(
+            self.exec_argv(self.node_netns(node), ["iptables-save", "-t", table]),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise KernelNetworkError(f"{node}: iptables-save failed: {done.stderr.strip()}")
+        return done.stdout
+
     def link_stats(self, node: str, ifname: str) -> dict[str, int]:
         """The device's kernel counters (``rx_packets``, ``tx_packets``, ``rx_bytes``, …)."""
         with self._ns(self.node_netns(node)) as ipr:
@@ -308,20 +312,107 @@ class KernelNetwork:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _create_underlay(self, first: NodeNet) -> None:
+    def _create_underlay(self) -> None:
         self._create_netns(self.underlay_netns)
-        self.router_ip = self._router_ip(first)
         with self._ns(self.underlay_netns) as ul:
             ul.link("set", index=_index(ul, "lo"), state="up")
             ul.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
-            bridge = _index(ul, UNDERLAY_BRIDGE)
-            ul.addr("add", index=bridge, address=self.router_ip, prefixlen=self.underlay_prefixlen)
-            ul.link("set", index=bridge, state="up")
+            ul.link("set", index=_index(ul, UNDERLAY_BRIDGE), state="up")
+
+    def _plug_into_underlay(self, netns_name: str, end: str, address: str) -> None:
+        """A veth from the underlay bridge to ``eth0`` of ``netns_name``, at ``address``."""
+        with self._ns(self.underlay_netns) as ul:
+            ul.link(
+                "add", ifname=end, kind="veth", peer={"ifname": "eth0", "net_ns_fd": netns_name}
+            )
+            ul.link("set", index=_index(ul, end), master=_index(ul, UNDERLAY_BRIDGE), state="up")
+        with self._ns(netns_name) as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+            eth0 = _index(ipr, "eth0")
+            ipr.addr("add", index=eth0, address=address, prefixlen=self.underlay_prefixlen)
+            ipr.link("set", index=eth0, state="up")
 
     def _router_ip(self, node: NodeNet) -> str:
         """The underlay's gateway, every node's default route: the network's last host."""
         network = ipaddress.ip_interface(f"{node.node_ip}/{self.underlay_prefixlen}").network
         return str(network.broadcast_address - 1)
+
+    @staticmethod
+    def _exists(name: str) -> bool:
+        from pyroute2 import netns
+
+        return name in netns.listnetns()
+
+    # -- the cluster host: where the control plane and the node-level services run --------
+
+    @property
+    def host_netns(self) -> str:
+        return f"{self.prefix}-host"
+
+    @property
+    def root_netns(self) -> str:
+        """A name for the namespace ``hopscope up`` ran in (the user's): forwarders listen
+        there. Removing the name leaves the namespace itself alone."""
+        return f"{self.prefix}-root"
+
+    def create_host(self, host_ip: str, local_addresses: tuple[str, ...] = ()) -> None:
+        """The cluster host on the underlay at ``host_ip`` (every node's default gateway),
+        with ``local_addresses`` (/32 on ``lo``: the DNS VIP, the playground's internet
+        hosts) and a name for the caller's own namespace."""
+        if not self._exists(self.underlay_netns):
+            self._create_underlay()
+        self._create_netns(self.host_netns)
+        self._plug_into_underlay(self.host_netns, "ul-host", host_ip)
+        with self._ns(self.host_netns) as ipr:
+            lo = _index(ipr, "lo")
+            for address in local_addresses:
+                ipr.addr("add", index=lo, address=address, prefixlen=32)
+        done = subprocess.run(
+            ["ip", "netns", "attach", self.root_netns, str(os.getpid())],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise KernelNetworkError(f"cannot name the host namespace: {done.stderr.strip()}")
+
+    def route_host(self, service_cidr: str | None = None) -> None:
+        """Routes of the cluster host: each pod CIDR via its node (a cloud route table), and
+        the Service range via the first node (the host's clients are load balancers)."""
+        with self._ns(self.host_netns) as ipr:
+            for node in self.nodes.values():
+                net = ipaddress.ip_network(node.pod_cidr)
+                ipr.route(
+                    "replace",
+                    dst=str(net.network_address),
+                    dst_len=net.prefixlen,
+                    gateway=node.node_ip,
+                    proto=RTPROT_BOOT,
+                )
+            if service_cidr and self.nodes:
+                net = ipaddress.ip_network(service_cidr)
+                first = next(iter(self.nodes.values()))
+                ipr.route(
+                    "replace",
+                    dst=str(net.network_address),
+                    dst_len=net.prefixlen,
+                    gateway=first.node_ip,
+                    proto=RTPROT_BOOT,
+                )
+
+    def egress_snat(self, node: str, cluster_cidrs: tuple[str, ...], to_source: str) -> None:
+        """Pod traffic leaving the cluster is SNATed to ``to_source`` on its node (flannel's
+        ``--ip-masq``); traffic to any cluster range keeps the pod's address."""
+        spec = self.nodes[node]
+        lines = [
+            "*nat",
+            f":{EGRESS_CHAIN} - [0:0]",
+            f'-A POSTROUTING -m comment --comment "hopscope egress SNAT" -j {EGRESS_CHAIN}',
+            *(f"-A {EGRESS_CHAIN} -d {cidr} -j RETURN" for cidr in cluster_cidrs),
+            f"-A {EGRESS_CHAIN} -s {spec.pod_cidr} -j SNAT --to-source {to_source}",
+            "COMMIT",
+            "",
+        ]
+        self.restore(node, ("iptables-restore", "--noflush"), "\n".join(lines))
 
     @staticmethod
     def _create_netns(name: str) -> None:

@@ -65,13 +65,18 @@ class LocalRuntime(Runtime):
             config = render_sidecar(
                 pod, state, otlp_endpoint=self.otlp_endpoint, log_sink=self.log_sink, files=files
             )
-            self._start_envoy(_sidecar_name(pod), config, pod.name, app_label(pod))
+            self._start_envoy(_sidecar_name(pod), config, pod.name, app_label(pod), pod)
         for container in pod.containers:
             self.processes.start(
                 _container_name(pod, container),
-                _container_argv(container),
+                self.in_pod(pod, _container_argv(container)),
                 container_env(pod, container, self.otlp_endpoint),
             )
+
+    def in_pod(self, pod: Pod | None, argv: list[str]) -> list[str]:
+        """``argv`` as run in the pod's network (here: the host's, where pods are addresses
+        on the loopback; the kernel data path runs it in the pod's namespace)."""
+        return argv
 
     def sidecar_telemetry(self, node: str) -> tuple[str, str | None]:
         return self.otlp_endpoint, self.log_sink
@@ -126,13 +131,15 @@ class LocalRuntime(Runtime):
         url = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/ready"
         return SystemComponent("ingress-envoy", "ingress", url, INGRESS_PROCESS)
 
-    def _start_envoy(self, name: str, config: dict[str, object], node: str, cluster: str) -> None:
+    def _start_envoy(
+        self, name: str, config: dict[str, object], node: str, cluster: str, pod: Pod | None = None
+    ) -> None:
         from mesh.envoy import envoy_command
 
         path = self.config_dir / f"{name.replace('/', '_')}.json"
         path.write_text(json.dumps(config, indent=1))
         argv = envoy_command(path, service_node=node, service_cluster=cluster)
-        self.processes.start(name, argv, process_env())
+        self.processes.start(name, self.in_pod(pod, argv), process_env())
 
     def shutdown(self) -> None:
         self.processes.stop_all()

@@ -81,5 +81,7 @@ def default_egress_ips() -> dict[str, str]:
     control-plane container's address on the external network, for both nodes)."""
     if addresses.PLAN == "compose":
         return {node: addresses.COMPOSE_EGRESS_IP for node in addresses.NODE_IPS}
+    if addresses.PLAN == "kernel":  # a real SNAT rule to the node's own address (ip-masq)
+        return dict(addresses.NODE_IPS)
     hosts = ipaddress.ip_network(addresses.EGRESS_POOL_CIDR).hosts()
     return {node: str(next(hosts)) for node in addresses.NODE_IPS}

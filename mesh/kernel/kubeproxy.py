@@ -1,0 +1,191 @@
+"""``python -m mesh.kernel.kubeproxy --api URL``: kube-proxy in iptables mode, for real.
+
+Watches the control plane's state the way kube-proxy watches the API server, turns every
+new version into the rule set (:func:`~mesh.kubeproxy.rules.build_rules`, the same one the
+userspace proxy serves) and loads it into each node's namespace with one atomic
+``iptables-restore`` per node (:class:`~mesh.kernel.proxier.KernelProxier`). Bursts of
+changes are coalesced: a sync starts at most every ``--min-sync-period`` seconds, like
+kube-proxy's ``minSyncPeriod``.
+
+Serves ``/healthz`` (JSON: the last synced version and when) and ``/metrics`` with
+kube-proxy's own sync metrics on ``--metrics-address:--metrics-port``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+from mesh import addresses
+from mesh.kernel.proxier import KernelProxier
+from mesh.kernel.renderer import ProxyNode
+from mesh.kernel.topology import KernelNetwork, KernelNetworkError
+from mesh.kubeproxy.rules import build_rules
+from mesh.model.types import ClusterState
+from mesh.model.watch import StateWatcher
+
+log = logging.getLogger("kube-proxy")
+
+SYNC_DURATION = Histogram(
+    "kubeproxy_sync_proxy_rules_duration_seconds",
+    "SyncProxyRules latency in seconds (render plus iptables-restore, all nodes)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+)
+LAST_SYNC = Gauge(
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "The last time proxy rules were successfully synced",
+)
+SYNC_FAILURES = Counter(
+    "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+    "Cumulative proxy iptables restore failures",
+)
+
+
+class KernelKubeProxy:
+    """Keeps every node's rules equal to the newest cluster state."""
+
+    def __init__(self, network: KernelNetwork, min_sync_period: float = 0.05) -> None:
+        self.network = network
+        self.min_sync_period = min_sync_period
+        self.proxiers: dict[str, KernelProxier] = {}
+        self.synced_version: int | None = None
+        self.synced_at: float | None = None
+        self.last_error: str | None = None
+        self._latest: ClusterState | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def on_state(self, state: ClusterState) -> None:
+        """From the watch thread: remember the newest state, wake the sync loop."""
+        self._latest = state
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            state = self._latest
+            if state is not None:
+                self.sync(state)
+            time.sleep(self.min_sync_period)
+
+    def sync(self, state: ClusterState) -> None:
+        started = time.perf_counter()
+        rules = build_rules(state, dict(addresses.NODE_IPS))
+        try:
+            for node in addresses.NODE_IPS:
+                proxier = self.proxiers.get(node)
+                if proxier is None:
+                    proxy_node = ProxyNode(node, cluster_cidr=addresses.POD_NETWORK_CIDR)
+                    proxier = self.proxiers[node] = KernelProxier(self.network, proxy_node)
+                proxier.sync(rules)
+        except KernelNetworkError as exc:
+            SYNC_FAILURES.inc()
+            self.last_error = str(exc)
+            log.error(
+                "rule sync failed", extra={"version": state.resource_version, "error": str(exc)}
+            )
+            return
+        took = time.perf_counter() - started
+        SYNC_DURATION.observe(took)
+        LAST_SYNC.set_to_current_time()
+        self.synced_version, self.synced_at, self.last_error = (
+            state.resource_version,
+            time.time(),
+            None,
+        )
+        log.info(
+            "rules synced",
+            extra={
+                "version": state.resource_version,
+                "services": len(rules.rules),
+                "ms": round(took * 1000, 2),
+            },
+        )
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "mode": "iptables",
+            "dataplane": "kernel",
+            "synced_version": self.synced_version,
+            "synced_at": self.synced_at,
+            "last_error": self.last_error,
+        }
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def admin_app(proxy: KernelKubeProxy) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4")])
+            return [generate_latest(REGISTRY)]
+        if path == "/healthz":
+            healthy = proxy.synced_version is not None and proxy.last_error is None
+            body = json.dumps(proxy.health()).encode()
+            start_response(
+                "200 OK" if healthy else "503 Service Unavailable",
+                [("Content-Type", "application/json")],
+            )
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /healthz or /metrics\n"]
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mesh.signals import wait_for_stop_signal
+    from telemetry.logs import setup_json_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mesh.kernel.kubeproxy", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--api", required=True, help="control-plane API URL to watch")
+    parser.add_argument("--prefix", default="hopscope", help="namespace name prefix of the cluster")
+    parser.add_argument("--metrics-address", default="127.10.0.1")
+    parser.add_argument("--metrics-port", type=int, default=addresses.KUBE_PROXY_METRICS_PORT)
+    parser.add_argument("--min-sync-period", type=float, default=0.05, metavar="SECONDS")
+    args = parser.parse_args(argv)
+    setup_json_logging({"component": "kube-proxy"})
+    proxy = KernelKubeProxy(KernelNetwork(prefix=args.prefix), args.min_sync_period)
+    proxy.start()
+    server = make_server(
+        args.metrics_address, args.metrics_port, admin_app(proxy), handler_class=_Quiet
+    )
+    threading.Thread(target=server.serve_forever, name="admin", daemon=True).start()
+    watcher = StateWatcher(args.api, proxy.on_state)
+    watcher.start()
+    log.info("kube-proxy started", extra={"mode": "iptables", "dataplane": "kernel"})
+    import asyncio
+
+    asyncio.run(wait_for_stop_signal())
+    watcher.stop()
+    proxy.stop()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
