@@ -70,3 +70,6 @@ MTLS_PEER_NAMESPACE = "hopscope.mtls.peer_namespace"
 
 MTLS_ORIGINATION = "hopscope.mtls.origination"
 """Outbound: why it originated what it did (``automatic mTLS``, a DestinationRule)."""
+
+DATAPLANE = "hopscope.dataplane"
+"""``kernel`` on hops written from the kernel's conntrack table rather than by a relay."""

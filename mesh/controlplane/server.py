@@ -38,7 +38,9 @@ from mesh.runtime.local import LocalRuntime
 from mesh.tracestore.store import TraceStore, budget_from_env
 
 if TYPE_CHECKING:
+    from mesh.kernel.hops import KernelHopJoiner
     from mesh.kernel.topology import KernelNetwork
+    from mesh.kubeproxy.rules import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,18 @@ class ControlPlane:
         self.runtime = runtime or LocalRuntime(
             state_dir, API_URL, OTLP_URL, log_sink=self.pipeline.log_sink
         )
+        self.kernel_hops: KernelHopJoiner | None = None
+        if kernel_network is not None:
+            from mesh.kernel.hops import KernelHopJoiner
+
+            self.kernel_hops = KernelHopJoiner(
+                self.store.add_export,
+                self._rule_set,
+                {node: kernel_network.node_netns(node) for node in addresses.NODE_IPS},
+                registry,
+            )
+            self.store.span_hooks.append(self.kernel_hops.on_spans)
+        self._rules: tuple[int, RuleSet] | None = None
         try:
             self.mesh = MeshController(self.cluster, self.runtime, state_dir / IDENTITY_DIR)
         except IdentityError as exc:
@@ -127,6 +141,17 @@ class ControlPlane:
         self.kubelet.system_components = list(self.components)
         self.mesh.start()
         self.kubelet.start()
+        if self.kernel_hops is not None:
+            self.kernel_hops.start()
+
+    def _rule_set(self) -> RuleSet:
+        """kube-proxy's rule set for the current state (rebuilt when the state changes)."""
+        from mesh.kubeproxy.rules import build_rules
+
+        state = self.cluster.state
+        if self._rules is None or self._rules[0] != state.resource_version:
+            self._rules = (state.resource_version, build_rules(state, dict(addresses.NODE_IPS)))
+        return self._rules[1]
 
     def _start_api(self) -> None:
         token, otlp_token = create_tokens(self.state_dir)
@@ -197,6 +222,8 @@ class ControlPlane:
             self.ingress.stop()
         self.kubelet.stop()
         self.mesh.stop()
+        if self.kernel_hops is not None:
+            self.kernel_hops.stop()
         self.runtime.shutdown()
         self.pipeline.stop()
         if self._server is not None:

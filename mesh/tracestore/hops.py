@@ -23,7 +23,13 @@ from collections import defaultdict
 from typing import Any
 
 from mesh import addresses
-from mesh.hopattributes import DOWNSTREAM_LOCAL_ADDRESS, EMULATION_COST, UPSTREAM_FAILURE, VIA
+from mesh.hopattributes import (
+    DATAPLANE,
+    DOWNSTREAM_LOCAL_ADDRESS,
+    EMULATION_COST,
+    UPSTREAM_FAILURE,
+    VIA,
+)
 from mesh.tracestore.hopkinds import CNI_OVERLAY, DNS, KUBE_PROXY, HopKind, Trait, kind_of
 from mesh.tracestore.hoprender import string_list, tag, tls_facts
 from mesh.tracestore.otlp import SpanRecord
@@ -60,13 +66,19 @@ def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRe
     """For a callee's span whose request came inside TLS (nothing could tag the NAT hop it
     passed): the connection hop paired below its caller's proxy span that delivered to the
     address the callee accepted on; its ``cni-overlay`` child when the connection crossed
-    nodes. Only paired spans are looked at, so plaintext journeys are unchanged."""
+    nodes. Kernel-path kube-proxy hops (children of the caller, written from conntrack)
+    nest their callee the same way. Only those are looked at: userspace plaintext journeys
+    nest by `hopscope.via.span_id` and are unchanged."""
     local = tag(span.attributes, DOWNSTREAM_LOCAL_ADDRESS)
     if not local:
         return ""
     nat, overlay = "", ""
     for other in by_id.values():
-        if other.paired_with != caller.span_id:
+        # a paired connection span (userspace, TLS), or a kernel hop: the caller's child
+        kernel = (
+            other.parent_span_id == caller.span_id and other.attributes.get(DATAPLANE) == "kernel"
+        )
+        if other.paired_with != caller.span_id and not kernel:
             continue
         o, hop = other.attributes, other.attributes.get("hopscope.hop")
         if hop == CNI_OVERLAY.name and o.get("hopscope.nat.original.dst") == local:

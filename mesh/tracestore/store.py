@@ -23,6 +23,7 @@ proxy spans, so every view of a trace shows them.
 from __future__ import annotations
 
 import heapq
+import logging
 import operator
 import os
 import re
@@ -31,7 +32,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -42,6 +43,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from mesh.tracestore.otlp import SpanRecord, attributes, span_record
 from mesh.tracestore.pairing import ConnectionIndex, connection_client, entry_bytes, with_pairs
+
+log = logging.getLogger(__name__)
 
 TRACE_STORE_BUDGET = "HOPSCOPE_TRACE_STORE_BUDGET"
 """Env var: the store's memory budget, in bytes or with a unit (``256MiB``, ``64MB``).
@@ -214,6 +217,9 @@ class TraceStore:
         self.registry = registry or CollectorRegistry()
         """Where the store's metrics are registered (its own, unless one was given)."""
         self.registry.register(_StoreCollector(self))
+        self.span_hooks: list[Callable[[list[tuple[bytes, Span]]], None]] = []
+        """Called after each export with its stored spans (trace id, span), outside the
+        lock: the kernel data path joins its kube-proxy hops to the sidecars' spans here."""
 
     # -- writing ------------------------------------------------------------------------
 
@@ -242,6 +248,13 @@ class TraceStore:
             for reason, n in rejected.items():
                 self.spans_rejected[reason] += n
             self._evict()
+        if self.span_hooks:
+            stored = [(trace_id, span) for trace_id, _resource, span, _data in batch]
+            for hook in self.span_hooks:
+                try:
+                    hook(stored)
+                except Exception:  # a hook's bug must not lose the export
+                    log.exception("span hook failed")
         return len(batch) - rejected["trace_span_limit"], rejected
 
     def _intern(self, resource: Resource) -> _Resource:

@@ -1,0 +1,376 @@
+"""The kube-proxy hop on the kernel data path: from a conntrack entry and the sidecar spans.
+
+The kernel does the DNAT; nothing in it knows about traces. The hop is rebuilt in the
+control plane from three things that meet there:
+
+1. **Flows.** A :class:`~mesh.kernel.conntrack.ConntrackWatcher` per node namespace reports
+   each connection netfilter confirmed: the tuple as sent (``pod-ip:port -> VIP:port``) and
+   the tuple of the reply (``endpoint-ip:port -> pod-ip:port``). A table dump seeds the
+   index with connections opened before the watcher started.
+2. **The caller's ``sidecar-outbound`` span.** Envoy tags it with the upstream connection's
+   local address (``hopscope.upstream.local_address``) and its destination
+   (``hopscope.upstream.address``): together, the flow's original tuple.
+3. **The callee's ``sidecar-inbound`` span**, a child of the caller's span (the trace
+   context crosses the NAT unchanged), tagged with the address it accepted from
+   (``hopscope.downstream.remote_address``): the flow's reply destination.
+
+When the three match, a ``kube-proxy`` CLIENT span is added to the trace below the caller's
+span, with the attributes of the userspace hop (``ARCHITECTURE.md``): Service, original
+and translated tuples, endpoint pod, ``hopscope.conntrack.state``, plus the chains the
+packet went through. It spans the callee's request; for the request that opened the
+connection it starts when the kernel confirmed the connection. Its own time is what the
+kernel and the wire added, microseconds, not a relay's milliseconds.
+
+Where it cannot join: a connection the watcher never saw (its ``NEW`` event lost to a full
+socket buffer and gone from the table by the time of the dump) gives no hop; a request
+whose callee never answered (no inbound span within :data:`JOIN_WAIT_S`) gets a hop that
+spans the caller's attempt; a Service without endpoints is REJECTed before conntrack
+confirms anything, so its hop is written from the rule set (``REJECT``) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+from mesh import addresses
+from mesh.kernel.conntrack import ConntrackWatcher, Flow, service_flow_attributes, table
+from mesh.kernel.renderer import ProxyNode
+from mesh.kubeproxy.rules import RuleSet
+
+log = logging.getLogger("kernel-hops")
+
+JOIN_WAIT_S = 2.0
+"""How long a caller's span waits for its flow and its callee's span before it is settled."""
+FLOW_RETENTION_S = 60.0
+"""How long a closed connection's flow stays joinable (spans arrive in batches, late)."""
+MAX_FLOWS = 200_000
+UPSTREAM_LOCAL = "hopscope.upstream.local_address"
+UPSTREAM = "hopscope.upstream.address"
+DOWNSTREAM_REMOTE = "hopscope.downstream.remote_address"
+
+
+@dataclass
+class _NodeFlow:
+    node: str
+    flow: Flow
+    closed_at: float | None = None
+
+
+@dataclass
+class _Outbound:
+    trace_id: bytes
+    span_id: bytes
+    start_ns: int
+    end_ns: int
+    local: str
+    upstream: str
+    failed: bool
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    start_ns: int
+    end_ns: int
+    remote: str
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class KernelHopJoiner:
+    """Watches the nodes' conntrack tables and adds a kube-proxy hop to each trace."""
+
+    def __init__(
+        self,
+        add_export: Callable[[ExportTraceServiceRequest], object],
+        rules: Callable[[], RuleSet | None],
+        node_netns: dict[str, str],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self.add_export = add_export
+        self.rules = rules
+        self.node_netns = node_netns
+        self._flows: OrderedDict[tuple[str, str], _NodeFlow] = OrderedDict()
+        """(original src, original dst) -> the newest flow with that tuple."""
+        self._pending: dict[tuple[bytes, bytes], _Outbound] = {}
+        self._inbound: dict[tuple[bytes, bytes], list[_Inbound]] = {}
+        """(trace id, parent span id) -> inbound spans below that caller span."""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kernel-hops", daemon=True)
+        self.hops = Counter(
+            "hopscope_kernel_hops",
+            "kube-proxy hops written from conntrack flows, by how they were joined",
+            ["result"],
+            registry=registry,
+        )
+        self.flows_seen = Counter(
+            "hopscope_kernel_conntrack_events",
+            "Conntrack events read from the node namespaces",
+            ["node", "event"],
+            registry=registry,
+        )
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        watchers = [asyncio.create_task(self._watch(n, ns)) for n, ns in self.node_netns.items()]
+        try:
+            while not self._stop.is_set():
+                await asyncio.sleep(0.1)
+                self.settle(time.monotonic())
+        finally:
+            for task in watchers:
+                task.cancel()
+
+    async def _watch(self, node: str, netns: str) -> None:
+        while not self._stop.is_set():
+            try:
+                async with ConntrackWatcher(netns) as watcher:
+                    for flow in await asyncio.to_thread(table, netns):
+                        self.add_flow(node, flow)
+                    async for flow in watcher:
+                        self.add_flow(node, flow)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the namespace went away (shutdown) or netlink failed
+                log.warning("conntrack watch restarting", extra={"node": node, "error": str(exc)})
+                await asyncio.sleep(1.0)
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def add_flow(self, node: str, flow: Flow) -> None:
+        self.flows_seen.labels(node, flow.event).inc()
+        key = (flow.original_src, flow.original_dst)
+        with self._lock:
+            if flow.event == "destroy":
+                known = self._flows.get(key)
+                if known is not None and known.flow.id == flow.id:
+                    known.closed_at = time.monotonic()
+                return
+            if flow.protocol != "tcp" or not flow.dnat:
+                return
+            self._flows[key] = _NodeFlow(node, flow)
+            self._flows.move_to_end(key)
+            while len(self._flows) > MAX_FLOWS:
+                self._flows.popitem(last=False)
+
+    def on_spans(self, spans: list[tuple[bytes, Span]]) -> None:
+        """Called with each stored export's spans (trace id, span)."""
+        found = False
+        for trace_id, span in spans:
+            attrs = _string_attributes(span)
+            hop = attrs.get("hopscope.hop")
+            caller = hop == "sidecar-outbound" or (
+                hop == "ingress" and span.kind == Span.SPAN_KIND_CLIENT  # its upstream attempt
+            )
+            if caller and attrs.get(UPSTREAM_LOCAL) and attrs.get(UPSTREAM):
+                if not _is_proxied(attrs[UPSTREAM]):
+                    continue
+                failed = span.status.code == Status.STATUS_CODE_ERROR
+                out = _Outbound(
+                    trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
+                    attrs[UPSTREAM_LOCAL], attrs[UPSTREAM], failed,
+                )  # fmt: skip
+                with self._lock:
+                    self._pending[(trace_id, span.span_id)] = out
+                found = True
+            elif hop == "sidecar-inbound" and attrs.get(DOWNSTREAM_REMOTE) and span.parent_span_id:
+                inbound = _Inbound(
+                    span.start_time_unix_nano, span.end_time_unix_nano, attrs[DOWNSTREAM_REMOTE]
+                )
+                with self._lock:
+                    self._inbound.setdefault((trace_id, span.parent_span_id), []).append(inbound)
+                found = True
+        if found:
+            self.settle(time.monotonic(), only_complete=True)
+
+    # -- joining -------------------------------------------------------------------------
+
+    def settle(self, now: float, only_complete: bool = False) -> None:
+        """Write the hops whose flow and callee span are known; give up waiting on the
+        others after :data:`JOIN_WAIT_S`."""
+        rules = self.rules()
+        ready: list[tuple[_Outbound, _NodeFlow | None, _Inbound | None]] = []
+        with self._lock:
+            for key, out in list(self._pending.items()):
+                flow = self._flows.get((out.local, out.upstream))
+                inbound = None
+                if flow is not None:
+                    inbound = next(
+                        (
+                            i
+                            for i in self._inbound.get(key, [])
+                            if i.remote == flow.flow.translated_src
+                        ),
+                        None,
+                    )
+                expired = now - out.arrived > JOIN_WAIT_S
+                if (flow is not None and inbound is not None) or (expired and not only_complete):
+                    del self._pending[key]
+                    self._inbound.pop(key, None)
+                    ready.append((out, flow, inbound))
+            if not only_complete:
+                self._forget(now)
+        if not ready or rules is None:
+            return
+        request = ExportTraceServiceRequest()
+        by_node: dict[str, Any] = {}
+        for out, flow, inbound in ready:
+            span, node, result = self._hop(out, flow, inbound, rules)
+            self.hops.labels(result).inc()
+            if span is None:
+                continue
+            if node not in by_node:
+                rs = request.resource_spans.add()
+                for k, v in (
+                    ("service.name", "kube-proxy"),
+                    ("hopscope.component", "kube-proxy"),
+                    ("hopscope.dataplane", "kernel"),
+                    ("k8s.node.name", node),
+                ):
+                    rs.resource.attributes.add(key=k, value=AnyValue(string_value=v))
+                by_node[node] = rs.scope_spans.add()
+                by_node[node].scope.name = "hopscope.kernel"
+            by_node[node].spans.append(span)
+        if by_node:
+            self.add_export(request)
+
+    def _forget(self, now: float) -> None:
+        """Drop closed flows past their retention and callee spans nobody waits for."""
+        for key, known in list(self._flows.items()):
+            if known.closed_at is not None and now - known.closed_at > FLOW_RETENTION_S:
+                del self._flows[key]
+        stale = now - 2 * JOIN_WAIT_S
+        for span_key, spans in list(self._inbound.items()):
+            if span_key not in self._pending and spans[-1].arrived < stale:
+                del self._inbound[span_key]
+
+    def _hop(
+        self, out: _Outbound, known: _NodeFlow | None, inbound: _Inbound | None, rules: RuleSet
+    ) -> tuple[Span | None, str, str]:
+        if known is None:
+            return self._rejected(out, rules)
+        flow = known.flow
+        node = ProxyNode(known.node, cluster_cidr=addresses.POD_NETWORK_CIDR)
+        attrs = service_flow_attributes(flow, rules, node)
+        if attrs is None:
+            return None, known.node, "no_service"
+        opened = out.start_ns - 1_000_000 <= flow.seen_ns <= out.end_ns
+        attrs["hopscope.conntrack.state"] = "new" if opened else "established"
+        attrs["k8s.node.name"] = known.node
+        attrs["hopscope.dataplane"] = "kernel"
+        if inbound is not None:
+            start = inbound.start_ns
+            if opened:  # the connection's first packet went through the node before
+                start = max(out.start_ns, min(flow.seen_ns, inbound.start_ns))
+            end = max(inbound.end_ns, start)
+            result = "joined"
+        else:
+            start, end, result = out.start_ns, out.end_ns, "no_callee_span"
+        name = f"kube-proxy {attrs['k8s.namespace.name']}/{attrs['k8s.service.name']}"
+        return (
+            _span(out, name, start, end, attrs, out.failed and inbound is None),
+            known.node,
+            result,
+        )
+
+    def _rejected(self, out: _Outbound, rules: RuleSet) -> tuple[Span | None, str, str]:
+        """No flow: a Service without endpoints is REJECTed before conntrack confirms."""
+        if not out.failed:
+            return None, "", "no_flow"
+        vip, port = out.upstream.rsplit(":", 1)
+        rule = rules.rules.get((vip, int(port)))
+        if rule is None or rule.ready_endpoints:
+            return None, "", "no_flow"
+        node = next(iter(self.node_netns))
+        attrs: dict[str, Any] = {
+            "hopscope.hop": rule.hop,
+            "k8s.service.name": rule.name,
+            "k8s.namespace.name": rule.namespace,
+            "hopscope.service.type": rule.service_type,
+            "hopscope.nat.original.src": out.local,
+            "hopscope.nat.original.dst": out.upstream,
+            "hopscope.rule.kind": rule.kind,
+            "hopscope.decision": "REJECT: the Service has no ready endpoint (connect() refused)",
+            "hopscope.dataplane": "kernel",
+            "server.address": rule.vip,
+            "server.port": rule.port,
+            "peer.service": rule.name,
+        }
+        name = f"kube-proxy {rule.namespace}/{rule.name} REJECT"
+        return _span(out, name, out.start_ns, out.start_ns, attrs, True), node, "rejected"
+
+
+def _span(
+    out: _Outbound, name: str, start: int, end: int, attrs: dict[str, Any], error: bool
+) -> Span:
+    span = Span(
+        trace_id=out.trace_id,
+        span_id=os.urandom(8),
+        parent_span_id=out.span_id,
+        name=name,
+        kind=Span.SPAN_KIND_CLIENT,
+        start_time_unix_nano=start,
+        end_time_unix_nano=end,
+    )
+    for key, value in attrs.items():
+        span.attributes.append(KeyValue(key=key, value=_any(value)))
+    if error:
+        span.status.code = Status.STATUS_CODE_ERROR
+    return span
+
+
+def _any(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, list):
+        out = AnyValue()
+        for item in value:
+            out.array_value.values.append(_any(item))
+        return out
+    return AnyValue(string_value=str(value))
+
+
+def _string_attributes(span: Span) -> dict[str, str]:
+    return {
+        kv.key: kv.value.string_value for kv in span.attributes if kv.value.HasField("string_value")
+    }
+
+
+_PROXIED = [ipaddress.ip_network(addresses.SERVICE_CIDR)]
+
+
+def _is_proxied(address: str) -> bool:
+    """Whether kube-proxy's rules translate this destination (a ClusterIP)."""
+    try:
+        ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in _PROXIED)
