@@ -14,6 +14,7 @@ from mesh.cli.curl_cmd import curl
 from mesh.cli.dig_cmd import dig
 from mesh.cli.get_cmds import get
 from mesh.cli.iptables_cmd import iptables_save
+from mesh.cli.kernel_cmds import exec_
 from mesh.cli.manage_cmds import apply, cert, conntrack, delete, kill, ready, scale
 from mesh.cli.scenario_cmds import scenario
 from mesh.cli.trace_cmds import trace
@@ -49,6 +50,7 @@ for command in (
     cert,
     conntrack,
     iptables_save,
+    exec_,
     traffic,
     scenario,
 ):

@@ -40,8 +40,19 @@ def iptables_save(node_name: str, table: str | None) -> None:
     iptables-save lays out a table (rules as kube-proxy writes them) — a document
     `iptables-restore` accepts. With the userspace data path the rules
     are not loaded into a kernel: kube-proxy relays the connections instead, choosing the
-    endpoints these rules describe.
+    endpoints these rules describe. With `hopscope up --dataplane kernel` this prints the
+    node's live rules, as iptables-save run on the node does.
     """
+    from mesh.cli.kernel_cmds import kernel_status, node_netns, run_in
+
+    status = kernel_status()
+    if status is not None:  # the kernel data path: the node's live rules
+        argv = ["iptables-save", *(["-t", table] if table else [])]
+        done = run_in(node_netns(status, node_name), argv, capture=True)
+        if done.returncode != 0:
+            raise click.ClickException(f"iptables-save failed: {done.stderr.strip()}")
+        click.echo(done.stdout, nl=False)
+        return
     state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
     nodes = sorted(n.name for n in state.nodes)
     if node_name not in nodes:

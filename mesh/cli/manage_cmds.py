@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -195,8 +196,14 @@ def _fetch_conntrack() -> list[dict[str, Any]]:
 @click.option("--service", help="Only connections of this Service (NAME or NAMESPACE/NAME).")
 @click.option("--live", is_flag=True, help="Only open connections (no TIME_WAIT entries).")
 def conntrack(output: str, service: str | None, live: bool) -> None:
-    """List proxied connections like `conntrack -L`: tuples, state, timeout, NAT marks."""
-    entries = _fetch_conntrack()
+    """List proxied connections like `conntrack -L`: tuples, state, timeout, NAT marks.
+
+    On the kernel data path the entries are the kernel's own, read from each node's
+    conntrack table (connections kube-proxy's rules translated)."""
+    from mesh.cli.kernel_cmds import kernel_status
+
+    status = kernel_status()
+    entries = _kernel_conntrack(status) if status else _fetch_conntrack()
     if service:
         entries = [e for e in entries if _service_matches(e["service"], service)]
     if live:
@@ -221,10 +228,27 @@ def conntrack(output: str, service: str | None, live: bool) -> None:
             marks or "-",
             e["service"],
             e["endpoint_pod"],
-            str(e["requests"]),
+            "-" if e["requests"] is None else str(e["requests"]),
         )
     out.print(table)
     out.print(f"[dim]{len(entries)} entries at {time.strftime('%H:%M:%S')}[/]")
+
+
+def _kernel_conntrack(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The DNATed or SNATed entries of every node's conntrack table."""
+    from mesh.kernel.conntrack import entry, table
+    from mesh.kubeproxy.rules import build_rules
+    from mesh.model.types import ClusterState
+
+    if os.geteuid() != 0:
+        raise click.ClickException("reading the nodes' conntrack tables needs root")
+    rules = build_rules(ClusterState.from_dict(APIClient().get("/api/v1/state")))
+    entries = []
+    for node in ("node-a", "node-b"):
+        for flow in table(f"{status['netns_prefix']}-{node}"):
+            if flow.dnat or flow.snat:
+                entries.append(entry(flow, rules, node))
+    return entries
 
 
 def _service_matches(entry_service: str, wanted: str) -> bool:

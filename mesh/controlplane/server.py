@@ -97,6 +97,7 @@ class ControlPlane:
             state_dir, API_URL, OTLP_URL, log_sink=self.pipeline.log_sink
         )
         self.kernel_hops: KernelHopJoiner | None = None
+        self.kernel_network = kernel_network
         if kernel_network is not None:
             from mesh.kernel.hops import KernelHopJoiner
 
@@ -275,6 +276,8 @@ class ControlPlane:
             "summary": summary,
             "api": API_URL,
             "ingress": f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_PORT}",
+            "dataplane": "kernel" if self.kernel_hops is not None else "userspace",
+            "netns_prefix": self.kernel_network.prefix if self.kernel_network else None,
             "pid": os.getpid(),
             "started_at": self.started_at,
             "ready_at": self.ready_at,

@@ -291,3 +291,30 @@ def _from_cluster(flow: Flow, node: ProxyNode | None) -> bool:
         return False
     src = ipaddress.ip_address(flow.original_src.rsplit(":", 1)[0])
     return src in ipaddress.ip_network(node.cluster_cidr)
+
+
+def entry(flow: Flow, rules: RuleSet, node: str) -> dict[str, Any]:
+    """A flow as ``hopscope conntrack -o json`` shows an entry (the userspace table's keys,
+    plus the node whose table holds it)."""
+    vip, port = flow.original_dst.rsplit(":", 1)
+    rule = rules.rules.get((vip, int(port))) if port.isdigit() else None
+    endpoint = ""
+    if rule is not None:
+        ip, _, target = flow.translated_dst.rpartition(":")
+        endpoint = next((e.pod for e in rule.endpoints if e.ip == ip and str(e.port) == target), "")
+    return {
+        "id": flow.id,
+        "node": node,
+        "protocol": flow.protocol,
+        "state": flow.state or "",
+        "timeout_seconds": flow.timeout,
+        "original": {"src": flow.original_src, "dst": flow.original_dst},
+        "reply": {"src": flow.reply_src, "dst": flow.reply_dst},
+        "dnat": flow.dnat,
+        "snat": flow.snat,
+        "service": rule.service if rule is not None else "",
+        "endpoint_pod": endpoint,
+        "requests": None,
+        "start_ns": flow.start_ns,
+        "line": flow.line(),
+    }

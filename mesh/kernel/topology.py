@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 VXLAN_DEVICE = "flannel.1"
@@ -41,6 +42,8 @@ VXLAN_MTU = 1450
 """1500 minus the 50 bytes of outer Ethernet, IP, UDP and VXLAN headers."""
 BRIDGE = "cni0"
 EGRESS_CHAIN = "HOPSCOPE-EGRESS"
+ETC_NETNS = Path("/etc/netns")
+"""``ip netns exec NAME`` bind-mounts the files of /etc/netns/NAME over /etc."""
 UNDERLAY_BRIDGE = "underlay0"
 BACKENDS = ("vxlan", "host-gw")
 RTPROT_BOOT = 3
@@ -135,6 +138,9 @@ class KernelNetwork:
             if name.startswith(f"{self.prefix}-"):
                 netns.remove(name)
                 removed.append(name)
+        if ETC_NETNS.is_dir():
+            for etc in ETC_NETNS.glob(f"{self.prefix}-*"):
+                shutil.rmtree(etc, ignore_errors=True)
         self.nodes.clear()
         self.pods.clear()
         return removed
@@ -215,8 +221,12 @@ class KernelNetwork:
             proto=RTPROT_BOOT,
         )
 
-    def add_pod(self, namespace: str, name: str, node: str, ip: str) -> PodNet:
-        """Create the pod's namespace and its veth into the node's bridge."""
+    def add_pod(
+        self, namespace: str, name: str, node: str, ip: str, resolv_conf: str | None = None
+    ) -> PodNet:
+        """Create the pod's namespace and its veth into the node's bridge; ``resolv_conf``
+        is the pod's ``/etc/resolv.conf`` (``ip netns exec`` mounts it over the host's, as
+        the kubelet gives each pod one naming the cluster DNS)."""
         if node not in self.nodes:
             raise KernelNetworkError(f"pod {namespace}/{name}: unknown node {node!r}")
         if (namespace, name) in self.pods:
@@ -247,6 +257,10 @@ class KernelNetwork:
             pod.addr("add", index=eth0, address=ip, prefixlen=network.prefixlen)
             pod.link("set", index=eth0, state="up")
             pod.route("add", dst="0.0.0.0/0", gateway=spec.gateway, proto=RTPROT_BOOT)
+        if resolv_conf is not None:
+            etc = ETC_NETNS / netns_name
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text(resolv_conf)
         pod_net = PodNet(namespace, name, node, ip, netns_name, host_veth)
         self.pods[(namespace, name)] = pod_net
         return pod_net
@@ -259,6 +273,7 @@ class KernelNetwork:
         netns_name = pod.netns if pod else self.pod_netns(namespace, name)
         if netns_name in netns.listnetns():
             netns.remove(netns_name)
+        shutil.rmtree(ETC_NETNS / netns_name, ignore_errors=True)
 
     # -- inside the namespaces -------------------------------------------------------------
 

@@ -121,7 +121,7 @@ class KernelRuntime(LocalRuntime):
 
     def start_pod(self, pod: Pod, state: ClusterState, files: Path | None = None) -> None:
         if (pod.namespace, pod.name) not in self.network.pods:
-            self.network.add_pod(pod.namespace, pod.name, pod.node, pod.ip)
+            self.network.add_pod(pod.namespace, pod.name, pod.node, pod.ip, _resolv_conf(pod))
         super().start_pod(pod, state, files)
 
     def in_pod(self, pod: Pod | None, argv: list[str]) -> list[str]:
@@ -165,3 +165,9 @@ class KernelRuntime(LocalRuntime):
     def shutdown(self) -> None:
         super().shutdown()
         self.network.cleanup()
+
+
+def _resolv_conf(pod: Pod) -> str:
+    """The resolv.conf a kubelet writes for a ``ClusterFirst`` pod."""
+    search = f"{pod.namespace}.svc.cluster.local svc.cluster.local cluster.local"
+    return f"search {search}\nnameserver {addresses.DNS_SERVICE_IP}\noptions ndots:5\n"

@@ -1,0 +1,280 @@
+"""``hopscope up --dataplane kernel``: the sample shop on real namespaces, rules and conntrack.
+
+A cluster of its own (tests/conftest.py's pool), as root: nodes and pods are network
+namespaces, kube-proxy's rules are loaded into the nodes, and the kube-proxy hops in the
+traces are written from the nodes' conntrack tables. The tests check what the kernel did
+(the endpoint that served, the tuples, the VXLAN counters, the live rules and conntrack
+entries) against what the trace says, and that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from mesh.kernel.iptables import endpoint_chain, service_chain
+from mesh.kernel.topology import kernel_support
+from tests.e2e_support import (
+    ClusterPool,
+    ClusterSpec,
+    api_get,
+    dump,
+    hopscope,
+    poll_until,
+    trace_json,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(kernel_support() is not None, reason=str(kernel_support())),
+]
+
+SPEC = ClusterSpec(up_args=("--dataplane", "kernel"))
+SERVICES = ["frontend", "catalog", "reviews", "ratings"]
+
+
+@pytest.fixture(scope="module")
+def kernel_cluster(cluster_pool: ClusterPool) -> Iterator[dict[str, str]]:
+    with cluster_pool.exclusive(SPEC, __name__) as cluster:
+        yield cluster.env
+    assert _leftovers() == [], "hopscope down left namespaces behind"
+
+
+def _leftovers() -> list[str]:
+    from pyroute2 import netns
+
+    names = [n for n in netns.listnetns() if n.startswith("hopscope-")]
+    etc = Path("/etc/netns")
+    if etc.is_dir():
+        names += [str(p) for p in etc.glob("hopscope-*")]
+    return names
+
+
+def _shop_requests(count: int) -> list[dict[str, Any]]:
+    """``count`` requests through the ingress, each with its own trace id; their traces
+    once every Service's kube-proxy hop and every app span has arrived."""
+    ids = []
+    for _ in range(count):
+        trace_id = secrets.token_hex(16)
+        resp = requests.get(
+            "http://127.200.0.1:8080/",
+            headers={
+                "Host": "shop.local",
+                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+            },
+            timeout=10,
+        )
+        assert resp.status_code == 200, resp.text[:300]
+        ids.append(trace_id)
+
+    def complete(trace_id: str) -> dict[str, Any] | None:
+        view = trace_json(trace_id)
+        attrs = [s["attributes"] for s in view["spans"]]
+        hops = sorted(a["k8s.service.name"] for a in attrs if a.get("hopscope.hop") == "kube-proxy")
+        apps = {a.get("service.name") for a in attrs if a.get("hopscope.hop") == "app"}
+        return view if hops == sorted(SERVICES) and apps >= set(SERVICES) else None
+
+    views = []
+    for trace_id in ids:
+        try:
+            views.append(poll_until(lambda: complete(trace_id), timeout=20))  # noqa: B023
+        except AssertionError:
+            raise AssertionError(
+                f"trace incomplete: {dump(trace_json(trace_id)['hops'])}"
+            ) from None
+    return views
+
+
+def _children(view: dict[str, Any], span_id: str) -> list[dict[str, Any]]:
+    return [s for s in view["spans"] if s["parent_span_id"] == span_id]
+
+
+def test_status_names_the_kernel_data_path(kernel_cluster: dict[str, str]) -> None:
+    status = api_get("/api/v1/status")
+    assert status["dataplane"] == "kernel" and status["ready"], dump(status)
+    names = {c["name"] for c in status["components"]}
+    assert {"kube-proxy", "host-forward", "cluster-dns", "ingress-envoy"} <= names
+    assert "cni" not in names  # the overlay is the kernel's
+
+
+def test_kube_proxy_hops_come_from_the_kernel_with_the_hop_contract(
+    kernel_cluster: dict[str, str],
+) -> None:
+    pods = {p["name"]: p for p in api_get("/api/v1/status")["pods"]}
+    ips = {p["ip"]: name for name, p in pods.items()}
+    for view in _shop_requests(4):
+        by_id = {s["span_id"]: s for s in view["spans"]}
+        for span in view["spans"]:
+            a = span["attributes"]
+            if a.get("hopscope.hop") != "kube-proxy":
+                continue
+            assert a["hopscope.dataplane"] == "kernel", a
+            assert a["hopscope.conntrack.state"] in ("new", "established"), a
+            # the caller's span is the parent; its upstream connection is the original tuple
+            caller = by_id[span["parent_span_id"]]["attributes"]
+            assert a["hopscope.nat.original.src"] == caller["hopscope.upstream.local_address"]
+            assert a["hopscope.nat.original.dst"] == caller["hopscope.upstream.address"]
+            # the request reached the pod the kernel translated to
+            served = a["hopscope.nat.translated.dst"]
+            assert ips[served.rsplit(":", 1)[0]] == a["hopscope.endpoint.pod"], a
+            callee = [
+                s
+                for s in _children(view, span["parent_span_id"])
+                if s["attributes"].get("hopscope.hop") == "sidecar-inbound"
+            ]
+            assert len(callee) == 1, dump(callee)
+            inbound = callee[0]["attributes"]
+            assert inbound["k8s.pod.name"] == a["hopscope.endpoint.pod"]
+            assert inbound["hopscope.downstream.remote_address"] == a["hopscope.nat.translated.src"]
+            name = f"shop/{a['k8s.service.name']}:{'grpc' if a['server.port'] == 50051 else 'http'}"
+            assert a["hopscope.rule.chains"][-2:] == [
+                service_chain(name),
+                endpoint_chain(name, "tcp", served),
+            ], a
+            if a["k8s.service.name"] != "frontend":  # pod to ClusterIP: DNAT only
+                assert a["hopscope.nat.translated.src"] == a["hopscope.nat.original.src"], a
+                assert a["hopscope.nat.snat"] is False
+            else:  # from the ingress (outside the cluster CIDR): masqueraded on the node
+                assert a["hopscope.nat.snat"] is True
+            # the hop spans its callee; what it adds is the kernel's and the wire's
+            self_ns = (callee[0]["start_ns"] - span["start_ns"]) + max(
+                0, span["end_ns"] - callee[0]["end_ns"]
+            )
+            assert span["start_ns"] <= callee[0]["start_ns"] and self_ns < 5_000_000, (span, callee)
+
+
+def test_grpc_calls_ride_an_established_conntrack_entry(kernel_cluster: dict[str, str]) -> None:
+    states = [
+        s["attributes"]["hopscope.conntrack.state"]
+        for view in _shop_requests(4)
+        for s in view["spans"]
+        if s["attributes"].get("hopscope.hop") == "kube-proxy"
+        and s["attributes"]["k8s.service.name"] in ("reviews", "ratings")
+    ]
+    assert states.count("established") >= 6, states
+
+
+def test_the_verdict_and_packet_walk_read_the_kernel_hops(kernel_cluster: dict[str, str]) -> None:
+    [view] = _shop_requests(1)
+    assert view["verdict"]["ok"] is True, dump(view["verdict"])
+    stages = [row["stage"] for row in view["packet_walk"]]
+    assert "after kube-proxy" in stages and "reply after conntrack" in stages, stages
+
+
+def test_live_rules_and_conntrack_entries_are_the_kernels(kernel_cluster: dict[str, str]) -> None:
+    _shop_requests(1)
+    saved = hopscope("iptables-save", "--node", "node-a", "-t", "nat", env=kernel_cluster).stdout
+    assert saved.startswith("# Generated by iptables-save"), saved[:200]
+    assert f":{service_chain('shop/catalog:http')} - " in saved
+    entries = json.loads(hopscope("conntrack", "-o", "json", env=kernel_cluster).stdout)
+    catalog = [e for e in entries if e["service"] == "shop/catalog:http"]
+    assert catalog and all(e["dnat"] for e in catalog), dump(entries)
+    assert {e["node"] for e in entries} <= {"node-a", "node-b"}
+    table = hopscope("conntrack", env=kernel_cluster).stdout
+    assert "shop/catalog:http" in table and "DNAT" in table
+
+
+def test_vxlan_carries_the_cross_node_calls(kernel_cluster: dict[str, str]) -> None:
+    def counters() -> dict[str, int]:
+        out = hopscope(
+            "exec",
+            "--node",
+            "node-b",
+            "--",
+            "ip",
+            "-j",
+            "-s",
+            "link",
+            "show",
+            "flannel.1",
+            env=kernel_cluster,
+        ).stdout
+        stats = json.loads(out)[0]["stats64"]
+        return {"rx": stats["rx"]["packets"], "tx": stats["tx"]["packets"]}
+
+    before = counters()
+    views = _shop_requests(4)
+    crossing = [
+        s
+        for v in views
+        for s in v["spans"]
+        if s["attributes"].get("hopscope.hop") == "kube-proxy"
+        and s["attributes"]["k8s.node.name"] != s["attributes"]["hopscope.endpoint.node"]
+    ]
+    after = counters()
+    assert crossing, "no call crossed nodes in 4 requests"
+    assert after["rx"] > before["rx"] and after["tx"] > before["tx"], (before, after)
+
+
+def test_exec_runs_in_the_pods_network_with_the_cluster_dns(kernel_cluster: dict[str, str]) -> None:
+    pod = next(p for p in api_get("/api/v1/status")["pods"] if p["name"].startswith("frontend-"))
+    addrs = hopscope(
+        "exec",
+        "--pod",
+        f"shop/{pod['name']}",
+        "--",
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        "eth0",
+        env=kernel_cluster,
+    ).stdout
+    assert f"inet {pod['ip']}/24" in addrs, addrs
+    resolv = hopscope(
+        "exec", "--pod", pod["name"], "--", "cat", "/etc/resolv.conf", env=kernel_cluster
+    ).stdout
+    assert "nameserver 10.96.0.10" in resolv and "search shop.svc.cluster.local" in resolv
+    bad = hopscope("exec", "--node", "node-z", "--", "true", env=kernel_cluster, check=False)
+    assert bad.returncode != 0 and "node 'node-z' not found" in bad.stderr
+    both = hopscope(
+        "exec",
+        "--node",
+        "node-a",
+        "--pod",
+        pod["name"],
+        "--",
+        "true",
+        env=kernel_cluster,
+        check=False,
+    )
+    assert both.returncode == 2 and "exactly one of --node or --pod" in both.stderr
+
+
+def test_a_crashed_control_plane_leaves_nothing_on_the_next_up(
+    kernel_cluster: dict[str, str],
+) -> None:
+    pid = api_get("/api/v1/status")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    poll_until(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", timeout=10
+    )
+    assert any(n.endswith("-node-a") for n in _leftovers())  # the crash left them
+    hopscope(
+        "up",
+        "--dataplane",
+        "kernel",
+        "--detach",
+        "--timeout",
+        "120",
+        env=kernel_cluster,
+        timeout=180,
+    )
+    [view] = _shop_requests(1)
+    assert view["verdict"]["ok"] is True
+    # every pod namespace belongs to a pod of the new cluster
+    pods = {p["name"] for p in api_get("/api/v1/status")["pods"]}
+    stale = [n for n in _leftovers() if "-pod-" in n and not any(n.endswith(p) for p in pods)]
+    assert stale == [], stale
+    time.sleep(0)  # the fixture's `hopscope down` then checks that nothing is left
