@@ -214,6 +214,32 @@ def test_vxlan_carries_the_cross_node_calls(kernel_cluster: dict[str, str]) -> N
     after = counters()
     assert crossing, "no call crossed nodes in 4 requests"
     assert after["rx"] > before["rx"] and after["tx"] > before["tx"], (before, after)
+    node_ips = {"node-a": "10.10.0.1", "node-b": "10.10.0.2"}
+    for view in views:
+        hops = {h["span_id"]: h for h in view["hops"]}
+        for span in view["spans"]:
+            a = span["attributes"]
+            if (
+                a.get("hopscope.hop") != "kube-proxy"
+                or a["k8s.node.name"] == a["hopscope.endpoint.node"]
+            ):
+                continue
+            [overlay] = [
+                s
+                for s in _children(view, span["span_id"])
+                if s["attributes"].get("hopscope.hop") == "cni-overlay"
+            ]
+            o = overlay["attributes"]
+            assert o["hopscope.overlay.vni"] == 1 and o["hopscope.overlay.device"] == "flannel.1"
+            assert (
+                o["hopscope.overlay.outer.dst"] == f"{node_ips[a['hopscope.endpoint.node']]}:8472"
+            )
+            assert o["hopscope.overlay.outer.src"] == node_ips[a["k8s.node.name"]]
+            assert o["hopscope.nat.original.dst"] == a["hopscope.nat.translated.dst"]
+            # the journey: the callee's sidecar below the overlay, the overlay below kube-proxy
+            callee = [h for h in hops.values() if h["parent_hop_id"] == overlay["span_id"]]
+            assert [h["hop"] for h in callee] == ["sidecar-inbound"], dump(view["hops"])
+            assert hops[overlay["span_id"]]["parent_hop_id"] == span["span_id"]
 
 
 def test_exec_runs_in_the_pods_network_with_the_cluster_dns(kernel_cluster: dict[str, str]) -> None:

@@ -47,8 +47,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from mesh import addresses
+from mesh.hopattributes import DATAPLANE
 from mesh.kernel.conntrack import ConntrackWatcher, Flow, service_flow_attributes, table
 from mesh.kernel.renderer import ProxyNode
+from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
 
 log = logging.getLogger("kernel-hops")
@@ -79,6 +81,9 @@ class _Outbound:
     local: str
     upstream: str
     failed: bool
+    kind: str
+    """``service`` (a ClusterIP: kube-proxy), ``pod`` (another node's pod: the overlay) or
+    ``external`` (outside every cluster range: egress SNAT)."""
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -170,7 +175,7 @@ class KernelHopJoiner:
                 if known is not None and known.flow.id == flow.id:
                     known.closed_at = time.monotonic()
                 return
-            if flow.protocol != "tcp" or not flow.dnat:
+            if flow.protocol != "tcp" or not (flow.dnat or flow.snat):
                 return
             self._flows[key] = _NodeFlow(node, flow)
             self._flows.move_to_end(key)
@@ -187,12 +192,13 @@ class KernelHopJoiner:
                 hop == "ingress" and span.kind == Span.SPAN_KIND_CLIENT  # its upstream attempt
             )
             if caller and attrs.get(UPSTREAM_LOCAL) and attrs.get(UPSTREAM):
-                if not _is_proxied(attrs[UPSTREAM]):
+                kind = _destination_kind(attrs[UPSTREAM_LOCAL], attrs[UPSTREAM])
+                if kind is None:
                     continue
                 failed = span.status.code == Status.STATUS_CODE_ERROR
                 out = _Outbound(
                     trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
-                    attrs[UPSTREAM_LOCAL], attrs[UPSTREAM], failed,
+                    attrs[UPSTREAM_LOCAL], attrs[UPSTREAM], failed, kind,
                 )  # fmt: skip
                 with self._lock:
                     self._pending[(trace_id, span.span_id)] = out
@@ -218,17 +224,18 @@ class KernelHopJoiner:
             for key, out in list(self._pending.items()):
                 flow = self._flows.get((out.local, out.upstream))
                 inbound = None
-                if flow is not None:
+                if out.kind != "external":
+                    remote = flow.flow.translated_src if flow is not None else out.local
                     inbound = next(
-                        (
-                            i
-                            for i in self._inbound.get(key, [])
-                            if i.remote == flow.flow.translated_src
-                        ),
-                        None,
+                        (i for i in self._inbound.get(key, []) if i.remote == remote), None
                     )
+                complete = {
+                    "service": flow is not None and inbound is not None,
+                    "pod": inbound is not None,
+                    "external": flow is not None,
+                }[out.kind]
                 expired = now - out.arrived > JOIN_WAIT_S
-                if (flow is not None and inbound is not None) or (expired and not only_complete):
+                if complete or (expired and not only_complete):
                     del self._pending[key]
                     self._inbound.pop(key, None)
                     ready.append((out, flow, inbound))
@@ -237,24 +244,24 @@ class KernelHopJoiner:
         if not ready or rules is None:
             return
         request = ExportTraceServiceRequest()
-        by_node: dict[str, Any] = {}
+        by_node: dict[tuple[str, str], Any] = {}
         for out, flow, inbound in ready:
-            span, node, result = self._hop(out, flow, inbound, rules)
+            spans, node, result = self._hops(out, flow, inbound, rules)
             self.hops.labels(result).inc()
-            if span is None:
+            if not spans:
                 continue
-            if node not in by_node:
+            if (node, out.kind) not in by_node:
                 rs = request.resource_spans.add()
                 for k, v in (
-                    ("service.name", "kube-proxy"),
-                    ("hopscope.component", "kube-proxy"),
+                    ("service.name", "kube-proxy" if out.kind == "service" else "cni"),
+                    ("hopscope.component", "kube-proxy" if out.kind == "service" else "cni"),
                     ("hopscope.dataplane", "kernel"),
                     ("k8s.node.name", node),
                 ):
                     rs.resource.attributes.add(key=k, value=AnyValue(string_value=v))
-                by_node[node] = rs.scope_spans.add()
-                by_node[node].scope.name = "hopscope.kernel"
-            by_node[node].spans.append(span)
+                by_node[node, out.kind] = rs.scope_spans.add()
+                by_node[node, out.kind].scope.name = "hopscope.kernel"
+            by_node[node, out.kind].spans.extend(spans)
         if by_node:
             self.add_export(request)
 
@@ -268,20 +275,26 @@ class KernelHopJoiner:
             if span_key not in self._pending and spans[-1].arrived < stale:
                 del self._inbound[span_key]
 
-    def _hop(
+    def _hops(
         self, out: _Outbound, known: _NodeFlow | None, inbound: _Inbound | None, rules: RuleSet
-    ) -> tuple[Span | None, str, str]:
+    ) -> tuple[list[Span], str, str]:
+        """The spans one caller's request gets, the node they belong to, and the outcome."""
+        if out.kind == "pod":
+            return self._pod_to_pod(out, inbound)
+        if out.kind == "external":
+            return self._egress(out, known)
         if known is None:
-            return self._rejected(out, rules)
+            span, node, result = self._rejected(out, rules)
+            return ([span] if span is not None else []), node, result
         flow = known.flow
-        node = ProxyNode(known.node, cluster_cidr=addresses.POD_NETWORK_CIDR)
-        attrs = service_flow_attributes(flow, rules, node)
+        proxy_node = ProxyNode(known.node, cluster_cidr=addresses.POD_NETWORK_CIDR)
+        attrs = service_flow_attributes(flow, rules, proxy_node)
         if attrs is None:
-            return None, known.node, "no_service"
+            return [], known.node, "no_service"
         opened = out.start_ns - 1_000_000 <= flow.seen_ns <= out.end_ns
         attrs["hopscope.conntrack.state"] = "new" if opened else "established"
         attrs["k8s.node.name"] = known.node
-        attrs["hopscope.dataplane"] = "kernel"
+        attrs[DATAPLANE] = "kernel"
         if inbound is not None:
             start = inbound.start_ns
             if opened:  # the connection's first packet went through the node before
@@ -291,11 +304,89 @@ class KernelHopJoiner:
         else:
             start, end, result = out.start_ns, out.end_ns, "no_callee_span"
         name = f"kube-proxy {attrs['k8s.namespace.name']}/{attrs['k8s.service.name']}"
-        return (
-            _span(out, name, start, end, attrs, out.failed and inbound is None),
-            known.node,
-            result,
+        hop = _span(out, name, start, end, attrs, out.failed and inbound is None)
+        spans = [hop]
+        dst_node = str(attrs.get("hopscope.endpoint.node") or "")
+        if dst_node and dst_node != known.node:
+            overlay = self._overlay(
+                out, hop.span_id, known.node, dst_node, flow.translated_src,
+                flow.translated_dst, str(attrs.get("hopscope.endpoint.pod", "")), start, end,
+            )  # fmt: skip
+            spans.append(overlay)
+        return spans, known.node, result
+
+    def _pod_to_pod(self, out: _Outbound, inbound: _Inbound | None) -> tuple[list[Span], str, str]:
+        """A pod's call to another node's pod (no Service): only the overlay carried it."""
+        src_node = addresses.node_for_ip(out.local.rsplit(":", 1)[0]) or ""
+        dst_node = addresses.node_for_ip(out.upstream.rsplit(":", 1)[0]) or ""
+        if inbound is None:
+            start, end, result = out.start_ns, out.end_ns, "no_callee_span"
+        else:
+            start, end, result = inbound.start_ns, inbound.end_ns, "joined"
+        overlay = self._overlay(
+            out, out.span_id, src_node, dst_node, out.local, out.upstream, "", start, end
         )
+        return [overlay], src_node, result
+
+    def _overlay(
+        self, out: _Outbound, parent: bytes, src_node: str, dst_node: str, inner_src: str,
+        inner_dst: str, pod: str, start: int, end: int,
+    ) -> Span:  # fmt: skip
+        """The ``cni-overlay`` hop: the packet crossed nodes inside VXLAN (outer source port:
+        the kernel's hash of the inner flow, not observed, so left out)."""
+        outer_src = addresses.NODE_IPS.get(src_node, "")
+        outer_dst = f"{addresses.NODE_IPS.get(dst_node, '')}:{VXLAN_PORT}"
+        attrs: dict[str, Any] = {
+            "hopscope.hop": "cni-overlay",
+            "k8s.node.name": src_node,
+            "hopscope.overlay.backend": "vxlan",
+            "hopscope.overlay.device": VXLAN_DEVICE,
+            "hopscope.overlay.vni": VXLAN_ID,
+            "hopscope.overlay.src_node": src_node,
+            "hopscope.overlay.dst_node": dst_node,
+            "hopscope.overlay.outer.src": outer_src,
+            "hopscope.overlay.outer.dst": outer_dst,
+            "hopscope.overlay.delay_ms": 0.0,
+            "hopscope.nat.original.src": inner_src,
+            "hopscope.nat.original.dst": inner_dst,
+            "hopscope.nat.translated.src": outer_src,
+            "hopscope.nat.translated.dst": outer_dst,
+            "network.peer.address": inner_src.rsplit(":", 1)[0],
+            DATAPLANE: "kernel",
+        }
+        if pod:
+            attrs["hopscope.endpoint.pod"] = pod
+        name = f"cni-overlay {src_node} -> {dst_node} vni {VXLAN_ID}"
+        span = _span(out, name, start, end, attrs, False, kind=Span.SPAN_KIND_INTERNAL)
+        span.parent_span_id = parent
+        return span
+
+    def _egress(self, out: _Outbound, known: _NodeFlow | None) -> tuple[list[Span], str, str]:
+        """A pod's call outside the cluster: the node's SNAT rule rewrote its source."""
+        if known is None or not known.flow.snat:
+            return [], "", "no_flow"
+        flow = known.flow
+        attrs: dict[str, Any] = {
+            "hopscope.hop": "egress-snat",
+            "k8s.node.name": known.node,
+            "hopscope.nat.original.src": flow.original_src,
+            "hopscope.nat.original.dst": flow.original_dst,
+            "hopscope.nat.translated.src": flow.translated_src,
+            "hopscope.nat.translated.dst": flow.translated_dst,
+            "hopscope.nat.snat": True,
+            "hopscope.egress.ip": flow.translated_src.rsplit(":", 1)[0],
+            "hopscope.rule.chains": ["POSTROUTING", EGRESS_CHAIN],
+            "hopscope.conntrack.id": flow.id,
+            "network.peer.address": flow.original_src.rsplit(":", 1)[0],
+            "server.address": flow.original_dst.rsplit(":", 1)[0],
+            "server.port": int(flow.original_dst.rsplit(":", 1)[1]),
+            DATAPLANE: "kernel",
+        }
+        name = f"egress-snat {known.node} -> {flow.original_dst}"
+        span = _span(
+            out, name, out.start_ns, out.end_ns, attrs, out.failed, Span.SPAN_KIND_INTERNAL
+        )
+        return [span], known.node, "joined"
 
     def _rejected(self, out: _Outbound, rules: RuleSet) -> tuple[Span | None, str, str]:
         """No flow: a Service without endpoints is REJECTed before conntrack confirms."""
@@ -315,7 +406,7 @@ class KernelHopJoiner:
             "hopscope.nat.original.dst": out.upstream,
             "hopscope.rule.kind": rule.kind,
             "hopscope.decision": "REJECT: the Service has no ready endpoint (connect() refused)",
-            "hopscope.dataplane": "kernel",
+            DATAPLANE: "kernel",
             "server.address": rule.vip,
             "server.port": rule.port,
             "peer.service": rule.name,
@@ -325,14 +416,20 @@ class KernelHopJoiner:
 
 
 def _span(
-    out: _Outbound, name: str, start: int, end: int, attrs: dict[str, Any], error: bool
+    out: _Outbound,
+    name: str,
+    start: int,
+    end: int,
+    attrs: dict[str, Any],
+    error: bool,
+    kind: Any = Span.SPAN_KIND_CLIENT,
 ) -> Span:
     span = Span(
         trace_id=out.trace_id,
         span_id=os.urandom(8),
         parent_span_id=out.span_id,
         name=name,
-        kind=Span.SPAN_KIND_CLIENT,
+        kind=kind,
         start_time_unix_nano=start,
         end_time_unix_nano=end,
     )
@@ -364,13 +461,25 @@ def _string_attributes(span: Span) -> dict[str, str]:
     }
 
 
-_PROXIED = [ipaddress.ip_network(addresses.SERVICE_CIDR)]
+_SERVICES = ipaddress.ip_network(addresses.SERVICE_CIDR)
+_PODS = ipaddress.ip_network(addresses.POD_NETWORK_CIDR)
+_CLUSTER = [ipaddress.ip_network(c) for c in addresses.CLUSTER_CIDRS]
 
 
-def _is_proxied(address: str) -> bool:
-    """Whether kube-proxy's rules translate this destination (a ClusterIP)."""
+def _destination_kind(local: str, upstream: str) -> str | None:
+    """What the kernel does to a caller's connection from ``local`` to ``upstream``:
+    ``service`` (DNAT), ``pod`` (VXLAN to another node), ``external`` (SNAT), or None."""
     try:
-        ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+        src = ipaddress.ip_address(local.rsplit(":", 1)[0])
+        dst = ipaddress.ip_address(upstream.rsplit(":", 1)[0])
     except ValueError:
-        return False
-    return any(ip in net for net in _PROXIED)
+        return None
+    if dst in _SERVICES:
+        return "service"
+    if dst in _PODS:
+        src_node = addresses.node_for_ip(str(src))
+        dst_node = addresses.node_for_ip(str(dst))
+        return "pod" if src_node and dst_node and src_node != dst_node else None
+    if src in _PODS and not any(dst in net for net in _CLUSTER):
+        return "external"
+    return None

@@ -74,11 +74,8 @@ def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRe
         return ""
     nat, overlay = "", ""
     for other in by_id.values():
-        # a paired connection span (userspace, TLS), or a kernel hop: the caller's child
-        kernel = (
-            other.parent_span_id == caller.span_id and other.attributes.get(DATAPLANE) == "kernel"
-        )
-        if other.paired_with != caller.span_id and not kernel:
+        # a paired connection span (userspace, TLS), or a kernel hop below the caller
+        if other.paired_with != caller.span_id and not _kernel_hop_below(other, caller, by_id):
             continue
         o, hop = other.attributes, other.attributes.get("hopscope.hop")
         if hop == CNI_OVERLAY.name and o.get("hopscope.nat.original.dst") == local:
@@ -86,6 +83,21 @@ def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRe
         elif hop == KUBE_PROXY.name and o.get("hopscope.nat.translated.dst") == local:
             nat = other.span_id
     return overlay or nat
+
+
+def _kernel_hop_below(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+    """A hop written from the kernel's conntrack table for one of ``caller``'s requests:
+    its child, or the child of such a hop (the overlay below kube-proxy)."""
+    if span.attributes.get(DATAPLANE) != "kernel":
+        return False
+    if span.parent_span_id == caller.span_id:
+        return True
+    up = by_id.get(span.parent_span_id)
+    return (
+        up is not None
+        and up.parent_span_id == caller.span_id
+        and up.attributes.get(DATAPLANE) == "kernel"
+    )
 
 
 def _nat_hop_to(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
