@@ -101,6 +101,7 @@ COMPONENT_ORDER = (
     "envoy",
     "kube-proxy",
     "cni",
+    "forward",
     "dns",
     "internet",
 )
@@ -130,6 +131,8 @@ def component_of(proc: psutil.Process) -> str:
         known = {
             "mesh.controlplane": "control-plane",
             "mesh.kubeproxy": "kube-proxy",
+            "mesh.kernel.kubeproxy": "kube-proxy",
+            "mesh.kernel.forward": "forward",
             "mesh.cni.internet": "internet",
             "mesh.cni": "cni",
             "mesh.dns": "dns",
@@ -345,6 +348,7 @@ class Cluster:
         self.env = {**os.environ, HOPSCOPE_HOME: self.home}
         self.session = requests.Session()
         self.pid = 0
+        self.dataplane = "userspace"
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -364,7 +368,7 @@ class Cluster:
         else:
             raise BenchError(f"a cluster already answers at {API_URL}; stop it first")
         t0 = time.monotonic()
-        proc = self.cli("up", "--detach")
+        proc = self.cli("up", "--detach", "--dataplane", self.dataplane)
         if proc.returncode != 0:
             raise BenchError(f"hopscope up failed: {proc.stderr.strip()[-500:]}")
         token = read_token(Path(self.home))
@@ -588,6 +592,8 @@ def idle_cpu(cluster: Cluster, seconds: float) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     cluster = Cluster()
+    cluster.dataplane = args.dataplane
+    result["dataplane"] = args.dataplane
     try:
         cluster.up()
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = API_URL
@@ -650,6 +656,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="as hopscope traffic")
     parser.add_argument("--trace-sample", type=int, default=300, help="traces checked per step")
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument(
+        "--dataplane",
+        choices=["userspace", "kernel"],
+        default="userspace",
+        help="the data path `hopscope up` runs (kernel: namespaces and netfilter; root)",
+    )
     parser.add_argument("--json", action="store_true", help="no summary table on stderr")
     args = parser.parse_args()
     try:

@@ -100,12 +100,10 @@ class ControlPlane:
         self.kernel_network = kernel_network
         if kernel_network is not None:
             from mesh.kernel.hops import KernelHopJoiner
+            from mesh.runtime.kernel import FLOWS_SOCKET
 
             self.kernel_hops = KernelHopJoiner(
-                self.store.add_export,
-                self._rule_set,
-                {node: kernel_network.node_netns(node) for node in addresses.NODE_IPS},
-                registry,
+                self.store.add_export, self._rule_set, state_dir / FLOWS_SOCKET, registry
             )
             self.store.span_hooks.append(self.kernel_hops.on_spans)
         self._rules: tuple[int, RuleSet] | None = None

@@ -98,10 +98,15 @@ def enter_netns(name: str) -> None:
         os.close(target)
 
 
-def socket_in(netns: str | None, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A new IPv4 socket that belongs to namespace ``netns``."""
+def socket_in(
+    netns: str | None,
+    kind: int = socket.SOCK_STREAM,
+    proto: int = 0,
+    family: int = socket.AF_INET,
+) -> socket.socket:
+    """A new socket that belongs to namespace ``netns`` (IPv4 unless ``family`` says)."""
     with _in_netns(netns):
-        return socket.socket(socket.AF_INET, kind)
+        return socket.socket(family, kind, proto)
 
 
 def listener_in(endpoint: Endpoint, backlog: int = 512) -> socket.socket:

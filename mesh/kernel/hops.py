@@ -3,10 +3,11 @@
 The kernel does the DNAT; nothing in it knows about traces. The hop is rebuilt in the
 control plane from three things that meet there:
 
-1. **Flows.** A :class:`~mesh.kernel.conntrack.ConntrackWatcher` per node namespace reports
-   each connection netfilter confirmed: the tuple as sent (``pod-ip:port -> VIP:port``) and
-   the tuple of the reply (``endpoint-ip:port -> pod-ip:port``). A table dump seeds the
-   index with connections opened before the watcher started.
+1. **Flows.** kube-proxy (:mod:`mesh.kernel.kubeproxy`, a process of its own) watches each
+   node's conntrack events and sends every NATed TCP connection here over a Unix datagram
+   socket: the tuple as sent (``pod-ip:port -> VIP:port``) and the tuple of the reply
+   (``endpoint-ip:port -> pod-ip:port``). A table dump at its start seeds the index with
+   connections opened before it watched.
 2. **The caller's ``sidecar-outbound`` span.** Envoy tags it with the upstream connection's
    local address (``hopscope.upstream.local_address``) and its destination
    (``hopscope.upstream.address``): together, the flow's original tuple.
@@ -30,15 +31,17 @@ confirms anything, so its hop is written from the rule set (``REJECT``) instead.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
+import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -48,14 +51,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from mesh import addresses
 from mesh.hopattributes import DATAPLANE
-from mesh.kernel.conntrack import ConntrackWatcher, Flow, service_flow_attributes, table
+from mesh.kernel.conntrack import Flow, service_flow_attributes
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
 
 log = logging.getLogger("kernel-hops")
 
-JOIN_WAIT_S = 2.0
+JOIN_WAIT_S = 5.0
 """How long a caller's span waits for its flow and its callee's span before it is settled."""
 FLOW_RETENTION_S = 60.0
 """How long a closed connection's flow stays joinable (spans arrive in batches, late)."""
@@ -102,12 +105,11 @@ class KernelHopJoiner:
         self,
         add_export: Callable[[ExportTraceServiceRequest], object],
         rules: Callable[[], RuleSet | None],
-        node_netns: dict[str, str],
+        flows_socket: Path,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.add_export = add_export
         self.rules = rules
-        self.node_netns = node_netns
         self._flows: OrderedDict[tuple[str, str], _NodeFlow] = OrderedDict()
         """(original src, original dst) -> the newest flow with that tuple."""
         self._pending: dict[tuple[bytes, bytes], _Outbound] = {}
@@ -115,16 +117,25 @@ class KernelHopJoiner:
         """(trace id, parent span id) -> inbound spans below that caller span."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kernel-hops", daemon=True)
+        # Bound now, read once started: flows kube-proxy sends meanwhile wait in the buffer.
+        flows_socket.unlink(missing_ok=True)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._socket.bind(str(flows_socket))
+        self.flows_socket = flows_socket
+        self._threads = [
+            threading.Thread(target=self._receive, name="kernel-flows", daemon=True),
+            threading.Thread(target=self._settle_loop, name="kernel-hops", daemon=True),
+        ]
         self.hops = Counter(
             "hopscope_kernel_hops",
-            "kube-proxy hops written from conntrack flows, by how they were joined",
+            "Hops written from the nodes' conntrack flows, by how they were joined",
             ["result"],
             registry=registry,
         )
-        self.flows_seen = Counter(
-            "hopscope_kernel_conntrack_events",
-            "Conntrack events read from the node namespaces",
+        self.flows_received = Counter(
+            "hopscope_kernel_flows_received",
+            "Conntrack flows kube-proxy reported from the node namespaces",
             ["node", "event"],
             registry=registry,
         )
@@ -132,42 +143,37 @@ class KernelHopJoiner:
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._socket.close()
+        self.flows_socket.unlink(missing_ok=True)
 
-    def _run(self) -> None:
-        asyncio.run(self._main())
+    def _settle_loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self.settle(time.monotonic())
 
-    async def _main(self) -> None:
-        watchers = [asyncio.create_task(self._watch(n, ns)) for n, ns in self.node_netns.items()]
-        try:
-            while not self._stop.is_set():
-                await asyncio.sleep(0.1)
-                self.settle(time.monotonic())
-        finally:
-            for task in watchers:
-                task.cancel()
-
-    async def _watch(self, node: str, netns: str) -> None:
+    def _receive(self) -> None:
+        """Flows from kube-proxy: one JSON list of flow records per datagram."""
         while not self._stop.is_set():
             try:
-                async with ConntrackWatcher(netns) as watcher:
-                    for flow in await asyncio.to_thread(table, netns):
-                        self.add_flow(node, flow)
-                    async for flow in watcher:
-                        self.add_flow(node, flow)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the namespace went away (shutdown) or netlink failed
-                log.warning("conntrack watch restarting", extra={"node": node, "error": str(exc)})
-                await asyncio.sleep(1.0)
+                data = self._socket.recv(1 << 20)
+            except OSError:
+                return  # closed by stop()
+            try:
+                records = json.loads(data)
+                for record in records:
+                    node = record.pop("node")
+                    self.add_flow(node, Flow(**record))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.warning("bad flow record", extra={"error": str(exc)})
 
     # -- inputs --------------------------------------------------------------------------
 
     def add_flow(self, node: str, flow: Flow) -> None:
-        self.flows_seen.labels(node, flow.event).inc()
+        self.flows_received.labels(node, flow.event).inc()
         key = (flow.original_src, flow.original_dst)
         with self._lock:
             if flow.event == "destroy":
@@ -396,7 +402,7 @@ class KernelHopJoiner:
         rule = rules.rules.get((vip, int(port)))
         if rule is None or rule.ready_endpoints:
             return None, "", "no_flow"
-        node = next(iter(self.node_netns))
+        node = next(iter(addresses.NODE_IPS))
         attrs: dict[str, Any] = {
             "hopscope.hop": rule.hop,
             "k8s.service.name": rule.name,

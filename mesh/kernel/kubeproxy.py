@@ -14,8 +14,10 @@ kube-proxy's own sync metrics on ``--metrics-address:--metrics-port``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +27,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 from mesh import addresses
+from mesh.kernel.conntrack import ConntrackWatcher, Flow, table
 from mesh.kernel.proxier import KernelProxier
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError
@@ -131,6 +134,74 @@ class KernelKubeProxy:
         }
 
 
+EVENTS = Counter(
+    "hopscope_kernel_conntrack_events",
+    "Conntrack events read from a node namespace",
+    ["node", "event"],
+)
+OVERRUNS = Counter(
+    "hopscope_kernel_conntrack_overruns",
+    "Times a node's conntrack event socket overflowed (events lost, ENOBUFS)",
+    ["node"],
+)
+
+
+class FlowReporter:
+    """Watches each node's conntrack events; sends the NATed TCP flows to the control
+    plane's socket (one JSON list per datagram), after a dump of what is already there."""
+
+    def __init__(self, network: KernelNetwork, path: str) -> None:
+        self.network = network
+        self.path = path
+        self.sent = 0
+        self.unsent = 0
+        self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        for node in addresses.NODE_IPS:
+            threading.Thread(
+                target=self._watch, args=(node,), name=f"ct-{node}", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self, node: str) -> None:
+        netns = self.network.node_netns(node)
+        while not self._stop.is_set():
+            watcher = ConntrackWatcher(netns)
+            try:
+                watcher.open()
+                self._send(node, table(netns))
+                while not self._stop.is_set():
+                    before = watcher.overruns
+                    flows = watcher.read(timeout=0.5)
+                    if watcher.overruns != before:
+                        OVERRUNS.labels(node).inc()
+                    for flow in flows:
+                        EVENTS.labels(node, flow.event).inc()
+                    self._send(node, flows)
+            except OSError as exc:  # the namespace is going away, or netlink failed
+                log.warning("conntrack watch restarting", extra={"node": node, "error": str(exc)})
+                self._stop.wait(1.0)
+            finally:
+                watcher.close()
+
+    def _send(self, node: str, flows: list[Flow]) -> None:
+        records = [
+            {**dataclasses.asdict(f), "node": node}
+            for f in flows
+            if f.protocol == "tcp" and (f.dnat or f.snat or f.event == "destroy")
+        ]
+        for start in range(0, len(records), 200):
+            try:
+                self._out.sendto(json.dumps(records[start : start + 200]).encode(), self.path)
+                self.sent += 1
+            except OSError:
+                self.unsent += 1  # the control plane is not listening (yet, or any more)
+
+
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -168,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-address", default="127.10.0.1")
     parser.add_argument("--metrics-port", type=int, default=addresses.KUBE_PROXY_METRICS_PORT)
     parser.add_argument("--min-sync-period", type=float, default=0.05, metavar="SECONDS")
+    parser.add_argument(
+        "--flows-socket", metavar="PATH", help="the control plane's socket for conntrack flows"
+    )
     args = parser.parse_args(argv)
     setup_json_logging({"component": "kube-proxy"})
     proxy = KernelKubeProxy(KernelNetwork(prefix=args.prefix), args.min_sync_period)
@@ -178,11 +252,16 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=server.serve_forever, name="admin", daemon=True).start()
     watcher = StateWatcher(args.api, proxy.on_state)
     watcher.start()
+    reporter = FlowReporter(proxy.network, args.flows_socket) if args.flows_socket else None
+    if reporter is not None:
+        reporter.start()
     log.info("kube-proxy started", extra={"mode": "iptables", "dataplane": "kernel"})
     import asyncio
 
     asyncio.run(wait_for_stop_signal())
     watcher.stop()
+    if reporter is not None:
+        reporter.stop()
     proxy.stop()
     server.shutdown()
 

@@ -66,17 +66,25 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
     return network
 
 
-class KernelDataPath:
-    """kube-proxy in iptables mode, loading the rules into the node namespaces."""
+FLOWS_SOCKET = "kernel-flows.sock"
+"""In the state directory: where kube-proxy sends the nodes' conntrack flows."""
 
-    def __init__(self, prefix: str = PREFIX) -> None:
+
+class KernelDataPath:
+    """kube-proxy in iptables mode, loading the rules into the node namespaces and
+    reporting their conntrack flows to the control plane (:mod:`mesh.kernel.hops`)."""
+
+    def __init__(self, prefix: str = PREFIX, flows_socket: Path | None = None) -> None:
         self.prefix = prefix
+        self.flows_socket = flows_socket
 
     def start(self, system: SystemProcesses) -> list[SystemComponent]:
         argv = [
             sys.executable, "-m", "mesh.kernel.kubeproxy", "--api", system.api_url,
             "--prefix", self.prefix, "--metrics-address", KUBE_PROXY_METRICS_IP,
         ]  # fmt: skip
+        if self.flows_socket is not None:
+            argv += ["--flows-socket", str(self.flows_socket)]
         system.processes.start(KUBE_PROXY_PROCESS, argv, process_env())
         url = f"http://{KUBE_PROXY_METRICS_IP}:{addresses.KUBE_PROXY_METRICS_PORT}/healthz"
         return [SystemComponent("kube-proxy", "kube-proxy", url, KUBE_PROXY_PROCESS)]
@@ -103,7 +111,7 @@ class KernelRuntime(LocalRuntime):
             state_dir,
             api_url,
             f"http://{addresses.CLUSTER_HOST_IP}:{OTLP_HTTP_PORT}",
-            data_path=KernelDataPath(network.prefix),
+            data_path=KernelDataPath(network.prefix, state_dir / FLOWS_SOCKET),
             log_sink=pod_sink,
         )
         try:
