@@ -28,14 +28,19 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_late
 
 from mesh import addresses
 from mesh.kernel.conntrack import ConntrackWatcher, Flow, table
+from mesh.kernel.iptables import IptablesRenderer
 from mesh.kernel.proxier import KernelProxier
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError
 from mesh.kubeproxy.rules import build_rules
 from mesh.model.types import ClusterState
 from mesh.model.watch import StateWatcher
+from mesh.otlp import OTLP_HTTP_PORT
+from mesh.otlp.grpc_logs import OTLP_GRPC_PORT
 
 log = logging.getLogger("kube-proxy")
+
+RESTORE = ("iptables-restore", "--noflush")
 
 SYNC_DURATION = Histogram(
     "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -59,6 +64,8 @@ class KernelKubeProxy:
         self.network = network
         self.min_sync_period = min_sync_period
         self.proxiers: dict[str, KernelProxier] = {}
+        self._policy_loaded: dict[str, str] = {}
+        """Node -> the policy document it holds (to delete the chains of pods gone)."""
         self.synced_version: int | None = None
         self.synced_at: float | None = None
         self.last_error: str | None = None
@@ -100,6 +107,7 @@ class KernelKubeProxy:
                     proxy_node = ProxyNode(node, cluster_cidr=addresses.POD_NETWORK_CIDR)
                     proxier = self.proxiers[node] = KernelProxier(self.network, proxy_node)
                 proxier.sync(rules)
+                self._sync_policies(state, node)
         except KernelNetworkError as exc:
             SYNC_FAILURES.inc()
             self.last_error = str(exc)
@@ -123,6 +131,25 @@ class KernelKubeProxy:
                 "ms": round(took * 1000, 2),
             },
         )
+
+    def _sync_policies(self, state: ClusterState, node: str) -> None:
+        """The CNI's policy agent, beside kube-proxy: the node's NetworkPolicy rules."""
+        from mesh.kernel import policy
+
+        if node not in self._policy_loaded:
+            if f"\n:{policy.POLICY_CHAIN} " not in self.network.save(node, "filter"):
+                self.network.restore(node, RESTORE, policy.setup())
+            self._policy_loaded[node] = ""
+        document = policy.render(
+            state,
+            node,
+            addresses.CLUSTER_HOST_IP,
+            (addresses.CONTROL_PLANE_PORT, OTLP_HTTP_PORT, OTLP_GRPC_PORT),
+            (addresses.SIDECAR_ADMIN_PORT,),
+        )
+        load = IptablesRenderer().delete_stale(document, self._policy_loaded[node])
+        self.network.restore(node, RESTORE, load)
+        self._policy_loaded[node] = document
 
     def health(self) -> dict[str, Any]:
         return {
