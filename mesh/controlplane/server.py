@@ -103,7 +103,11 @@ class ControlPlane:
             from mesh.runtime.kernel import FLOWS_SOCKET
 
             self.kernel_hops = KernelHopJoiner(
-                self.store.add_export, self._rule_set, state_dir / FLOWS_SOCKET, registry
+                self.store.add_export,
+                self._rule_set,
+                state_dir / FLOWS_SOCKET,
+                registry=registry,
+                state=lambda: self.cluster.state,
             )
             self.store.span_hooks.append(self.kernel_hops.on_spans)
         self._rules: tuple[int, RuleSet] | None = None

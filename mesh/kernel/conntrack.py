@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -423,3 +424,99 @@ def entry(flow: Flow, rules: RuleSet, node: str) -> dict[str, Any]:
         "start_ns": flow.start_ns,
         "line": flow.line(),
     }
+
+
+# -- NFLOG: the packets a node's policy rules dropped ----------------------------------------
+
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULA_CFG_TIMEOUT = 4
+NFULA_CFG_QTHRESH = 5
+NFULA_TIMESTAMP = 3
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NLM_F_REQUEST_ACK = 0x1 | 0x4
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One packet an NFLOG rule logged: its prefix and its TCP/UDP tuple."""
+
+    prefix: str
+    protocol: str
+    src: str
+    dst: str
+    seen_ns: int
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    data = _NLA.pack(4 + len(payload), kind) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def nflog_socket(netns: str | None, group: int, copy_range: int = 64) -> socket.socket:
+    """A socket in ``netns`` bound to NFLOG ``group``, copying each packet's first bytes
+    (the IP and TCP headers: enough for the tuple)."""
+    from mesh.kernel.forward import socket_in
+
+    sock = socket_in(netns, socket.SOCK_RAW, NETLINK_NETFILTER, socket.AF_NETLINK)
+    sock.bind((0, 0))
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group))
+    body += _nla(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))
+    body += _nla(NFULA_CFG_MODE, struct.pack(">IBB", copy_range, NFULNL_COPY_PACKET, 0))
+    # one packet per message, sent at once (the defaults batch them for up to a second)
+    body += _nla(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))
+    body += _nla(NFULA_CFG_QTHRESH, struct.pack(">I", 1))
+    kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+    sock.send(_NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST_ACK, 1, 0) + body)
+    ack = sock.recv(4096)  # NLMSG_ERROR with error 0 is the ACK
+    error = struct.unpack_from("=i", ack, _NLMSG.size)[0] if len(ack) >= _NLMSG.size + 4 else 0
+    if error:
+        sock.close()
+        raise OSError(-error, f"NFLOG group {group}: {os.strerror(-error)}")
+    return sock
+
+
+def parse_nflog(data: bytes, seen_ns: int) -> list[Logged]:
+    """The IPv4 TCP/UDP packets in one datagram of NFLOG messages."""
+    out = []
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        end = min(offset + length, len(data))
+        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+            top = _attrs(data, offset + 20, end)
+            payload, prefix = top.get(NFULA_PAYLOAD), top.get(NFULA_PREFIX)
+            stamp = top.get(NFULA_TIMESTAMP)
+            when = seen_ns
+            if stamp is not None and stamp[1] - stamp[0] >= 16:  # the packet's own time
+                sec, usec = struct.unpack_from(">QQ", data, stamp[0])
+                when = sec * 1_000_000_000 + usec * 1000 or seen_ns
+            packet = data[payload[0] : payload[1]] if payload else b""
+            if len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] in (6, 17):
+                ihl = (packet[0] & 0x0F) * 4
+                if len(packet) >= ihl + 4:
+                    sport, dport = struct.unpack_from(">HH", packet, ihl)
+                    text = (
+                        data[prefix[0] : prefix[1]].rstrip(b"\0").decode(errors="replace")
+                        if prefix
+                        else ""
+                    )
+                    out.append(
+                        Logged(
+                            text,
+                            PROTOCOLS[packet[9]],
+                            f"{socket.inet_ntoa(packet[12:16])}:{sport}",
+                            f"{socket.inet_ntoa(packet[16:20])}:{dport}",
+                            when,
+                        )
+                    )
+        offset += (length + 3) & ~3
+    return out

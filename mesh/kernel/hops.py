@@ -38,7 +38,7 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +51,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from mesh import addresses
 from mesh.hopattributes import DATAPLANE
-from mesh.kernel.conntrack import Flow, service_flow_attributes
+from mesh.kernel.conntrack import IPS_DST_NAT, Flow, Logged, service_flow_attributes
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
+from mesh.model.types import ClusterState
 
 log = logging.getLogger("kernel-hops")
 
@@ -66,6 +67,7 @@ MAX_FLOWS = 200_000
 UPSTREAM_LOCAL = "hopscope.upstream.local_address"
 UPSTREAM = "hopscope.upstream.address"
 DOWNSTREAM_REMOTE = "hopscope.downstream.remote_address"
+DOWNSTREAM_LOCAL = "hopscope.downstream.local_address"
 
 
 @dataclass
@@ -106,12 +108,17 @@ class KernelHopJoiner:
         add_export: Callable[[ExportTraceServiceRequest], object],
         rules: Callable[[], RuleSet | None],
         flows_socket: Path,
+        state: Callable[[], ClusterState | None] = lambda: None,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.add_export = add_export
         self.rules = rules
+        self.state = state
         self._flows: OrderedDict[tuple[str, str], _NodeFlow] = OrderedDict()
         """(original src, original dst) -> the newest flow with that tuple."""
+        self._denies: OrderedDict[str, tuple[str, Logged]] = OrderedDict()
+        self._denies_by_ip: dict[str, deque[tuple[str, Logged]]] = {}
+        """Source ``ip:port`` -> the node and packet its policy rules dropped."""
         self._pending: dict[tuple[bytes, bytes], _Outbound] = {}
         self._inbound: dict[tuple[bytes, bytes], list[_Inbound]] = {}
         """(trace id, parent span id) -> inbound spans below that caller span."""
@@ -166,7 +173,10 @@ class KernelHopJoiner:
                 records = json.loads(data)
                 for record in records:
                     node = record.pop("node")
-                    self.add_flow(node, Flow(**record))
+                    if record.pop("kind", "flow") == "deny":
+                        self.add_deny(node, Logged(**record))
+                    else:
+                        self.add_flow(node, Flow(**record))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 log.warning("bad flow record", extra={"error": str(exc)})
 
@@ -188,6 +198,36 @@ class KernelHopJoiner:
             while len(self._flows) > MAX_FLOWS:
                 self._flows.popitem(last=False)
 
+    def _deny_near(self, out: _Outbound, rules: RuleSet | None) -> tuple[str, Logged] | None:
+        """For a caller whose connect failed (no local port known): a packet dropped by
+        policy from its pod, to the endpoint it was sent to, while it was trying."""
+        if not out.local.endswith(":0"):
+            return None
+        wanted = {out.upstream}
+        if out.kind == "service" and rules is not None:
+            vip, port = out.upstream.rsplit(":", 1)
+            rule = rules.rules.get((vip, int(port)))
+            wanted = {e.address for e in rule.endpoints} if rule is not None else set()
+        margin = 5_000_000
+        for node, logged in reversed(self._denies_by_ip.get(out.local[:-2], ())):
+            if (
+                logged.dst in wanted
+                and out.start_ns - margin <= logged.seen_ns <= out.end_ns + margin
+            ):
+                return node, logged
+        return None
+
+    def add_deny(self, node: str, logged: Logged) -> None:
+        """A packet a node's policy rules dropped, keyed by its source (a SYN: the caller's
+        upstream connection)."""
+        with self._lock:
+            self._denies[logged.src] = (node, logged)
+            ip = logged.src.rsplit(":", 1)[0]
+            self._denies_by_ip.setdefault(ip, deque(maxlen=256)).append((node, logged))
+            self._denies.move_to_end(logged.src)
+            while len(self._denies) > MAX_FLOWS:
+                self._denies.popitem(last=False)
+
     def on_spans(self, spans: list[tuple[bytes, Span]]) -> None:
         """Called with each stored export's spans (trace id, span)."""
         found = False
@@ -197,14 +237,19 @@ class KernelHopJoiner:
             caller = hop == "sidecar-outbound" or (
                 hop == "ingress" and span.kind == Span.SPAN_KIND_CLIENT  # its upstream attempt
             )
-            if caller and attrs.get(UPSTREAM_LOCAL) and attrs.get(UPSTREAM):
-                kind = _destination_kind(attrs[UPSTREAM_LOCAL], attrs[UPSTREAM])
+            if caller and attrs.get(UPSTREAM):
+                failed = span.status.code == Status.STATUS_CODE_ERROR
+                local = attrs.get(UPSTREAM_LOCAL, "")
+                if not local and failed:
+                    # the connect failed, so Envoy has no local address: the pod's, port 0
+                    listener = attrs.get(DOWNSTREAM_LOCAL, "")
+                    local = f"{listener.rsplit(':', 1)[0]}:0" if listener else ""
+                kind = _destination_kind(local, attrs[UPSTREAM]) if local else None
                 if kind is None:
                     continue
-                failed = span.status.code == Status.STATUS_CODE_ERROR
                 out = _Outbound(
                     trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
-                    attrs[UPSTREAM_LOCAL], attrs[UPSTREAM], failed, kind,
+                    local, attrs[UPSTREAM], failed, kind,
                 )  # fmt: skip
                 with self._lock:
                     self._pending[(trace_id, span.span_id)] = out
@@ -225,7 +270,9 @@ class KernelHopJoiner:
         """Write the hops whose flow and callee span are known; give up waiting on the
         others after :data:`JOIN_WAIT_S`."""
         rules = self.rules()
-        ready: list[tuple[_Outbound, _NodeFlow | None, _Inbound | None]] = []
+        ready: list[
+            tuple[_Outbound, _NodeFlow | None, _Inbound | None, tuple[str, Logged] | None]
+        ] = []
         with self._lock:
             for key, out in list(self._pending.items()):
                 flow = self._flows.get((out.local, out.upstream))
@@ -235,24 +282,33 @@ class KernelHopJoiner:
                     inbound = next(
                         (i for i in self._inbound.get(key, []) if i.remote == remote), None
                     )
-                complete = {
-                    "service": flow is not None and inbound is not None,
-                    "pod": inbound is not None,
-                    "external": flow is not None,
-                }[out.kind]
+                deny = None
+                if out.failed:
+                    deny = self._denies.get(out.local) or self._deny_near(out, rules)
+                complete = (
+                    deny is not None
+                    or {
+                        "service": flow is not None and inbound is not None,
+                        "pod": inbound is not None,
+                        "external": flow is not None,
+                    }[out.kind]
+                )
                 expired = now - out.arrived > JOIN_WAIT_S
                 if complete or (expired and not only_complete):
                     del self._pending[key]
                     self._inbound.pop(key, None)
-                    ready.append((out, flow, inbound))
+                    ready.append((out, flow, inbound, deny))
             if not only_complete:
                 self._forget(now)
         if not ready or rules is None:
             return
         request = ExportTraceServiceRequest()
         by_node: dict[tuple[str, str], Any] = {}
-        for out, flow, inbound in ready:
-            spans, node, result = self._hops(out, flow, inbound, rules)
+        for out, flow, inbound, deny in ready:
+            if deny is not None:
+                spans, node, result = self._denied(out, deny, rules)
+            else:
+                spans, node, result = self._hops(out, flow, inbound, rules)
             self.hops.labels(result).inc()
             if not spans:
                 continue
@@ -393,6 +449,80 @@ class KernelHopJoiner:
             out, name, out.start_ns, out.end_ns, attrs, out.failed, Span.SPAN_KIND_INTERNAL
         )
         return [span], known.node, "joined"
+
+    def _denied(
+        self, out: _Outbound, deny: tuple[str, Logged], rules: RuleSet
+    ) -> tuple[list[Span], str, str]:
+        """The caller's connection was dropped by a node's NetworkPolicy rules: the
+        kube-proxy hop that translated it (a Service call), then the policy hop."""
+        node, logged = deny
+        spans: list[Span] = []
+        parent = out.span_id
+        if out.kind == "service":
+            flow = Flow(
+                id=0, event="new", protocol=logged.protocol, original_src=logged.src,
+                original_dst=out.upstream, reply_src=logged.dst, reply_dst=logged.src,
+                status=IPS_DST_NAT, seen_ns=logged.seen_ns,
+            )  # fmt: skip
+            proxy_node = ProxyNode(node, cluster_cidr=addresses.POD_NETWORK_CIDR)
+            attrs = service_flow_attributes(flow, rules, proxy_node)
+            if attrs is not None:
+                attrs.pop("hopscope.conntrack.id", None)
+                attrs["hopscope.conntrack.state"] = "new"
+                attrs["hopscope.decision"] = "DNAT; the SYN was then dropped, never confirmed"
+                attrs.update(self._verdict(logged))  # as the relay's hop carries it
+                attrs["k8s.node.name"] = node
+                attrs[DATAPLANE] = "kernel"
+                name = f"kube-proxy {attrs['k8s.namespace.name']}/{attrs['k8s.service.name']}"
+                hop = _span(out, name, out.start_ns, out.end_ns, attrs, False)
+                spans.append(hop)
+                parent = hop.span_id
+        verdict = self._verdict(logged)
+        dst_ip, port = logged.dst.rsplit(":", 1)
+        attrs = {
+            "hopscope.hop": "network-policy",
+            "k8s.node.name": node,
+            "hopscope.nat.original.src": logged.src,
+            "hopscope.nat.original.dst": logged.dst,
+            "network.peer.address": logged.src.rsplit(":", 1)[0],
+            "server.address": dst_ip,
+            "server.port": int(port),
+            "error.type": "network-policy-denied",
+            "hopscope.policy.nflog_prefix": logged.prefix,
+            "hopscope.rule.chains": ["FORWARD", "HOPSCOPE-POLICY"],
+            DATAPLANE: "kernel",
+            **verdict,
+        }
+        pod = self._pod_at(dst_ip)
+        if pod:
+            attrs["hopscope.endpoint.pod"] = pod
+        name = f"network-policy deny {logged.src} -> {logged.dst}"
+        span = _span(out, name, out.start_ns, out.end_ns, attrs, True, Span.SPAN_KIND_INTERNAL)
+        span.parent_span_id = parent
+        span.status.message = str(verdict.get("hopscope.policy.reason", "denied"))
+        return [*spans, span], node, "denied"
+
+    def _verdict(self, logged: Logged) -> dict[str, Any]:
+        """The model's verdict for the dropped packet: which policies, which side, why."""
+        from mesh.model.policy import PolicyEngine
+
+        state = self.state()
+        if state is None:
+            return {"hopscope.policy.verdict": "deny"}
+        dst_ip, port = logged.dst.rsplit(":", 1)
+        verdict = PolicyEngine(state).check(
+            logged.src.rsplit(":", 1)[0], dst_ip, int(port), logged.protocol.upper()
+        )
+        attrs = verdict.attributes()
+        attrs["hopscope.policy.verdict"] = "deny"  # the kernel dropped it
+        return attrs
+
+    def _pod_at(self, ip: str) -> str:
+        state = self.state()
+        for pod in state.pods if state is not None else []:
+            if pod.ip == ip:
+                return pod.name
+        return ""
 
     def _rejected(self, out: _Outbound, rules: RuleSet) -> tuple[Span | None, str, str]:
         """No flow: a Service without endpoints is REJECTed before conntrack confirms."""

@@ -27,7 +27,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 from mesh import addresses
-from mesh.kernel.conntrack import ConntrackWatcher, Flow, table
+from mesh.kernel.conntrack import ConntrackWatcher, Flow, nflog_socket, parse_nflog, table
 from mesh.kernel.iptables import IptablesRenderer
 from mesh.kernel.proxier import KernelProxier
 from mesh.kernel.renderer import ProxyNode
@@ -166,6 +166,11 @@ EVENTS = Counter(
     "Conntrack events read from a node namespace",
     ["node", "event"],
 )
+DENIES = Counter(
+    "hopscope_kernel_policy_denied_packets",
+    "Packets a node's NetworkPolicy rules dropped (NFLOG)",
+    ["node"],
+)
 OVERRUNS = Counter(
     "hopscope_kernel_conntrack_overruns",
     "Times a node's conntrack event socket overflowed (events lost, ENOBUFS)",
@@ -187,9 +192,50 @@ class FlowReporter:
 
     def start(self) -> None:
         for node in addresses.NODE_IPS:
-            threading.Thread(
-                target=self._watch, args=(node,), name=f"ct-{node}", daemon=True
-            ).start()
+            for target, name in ((self._watch, "ct"), (self._denies, "nflog")):
+                threading.Thread(
+                    target=target, args=(node,), name=f"{name}-{node}", daemon=True
+                ).start()
+
+    def _denies(self, node: str) -> None:
+        """Packets the node's NetworkPolicy rules dropped (their NFLOG group)."""
+        from mesh.kernel.policy import NFLOG_GROUP
+
+        netns = self.network.node_netns(node)
+        while not self._stop.is_set():
+            try:
+                sock = nflog_socket(netns, NFLOG_GROUP)
+            except OSError as exc:
+                log.warning("NFLOG watch restarting", extra={"node": node, "error": str(exc)})
+                self._stop.wait(1.0)
+                continue
+            sock.settimeout(0.5)
+            try:
+                while not self._stop.is_set():
+                    try:
+                        data = sock.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    logged = parse_nflog(data, time.time_ns())
+                    DENIES.labels(node).inc(len(logged))
+                    for packet in logged:
+                        log.warning(
+                            "dropped by NetworkPolicy",
+                            extra={
+                                "node": node,
+                                "rule": packet.prefix,
+                                "src": packet.src,
+                                "dst": packet.dst,
+                            },
+                        )
+                    self._post(
+                        [{**dataclasses.asdict(d), "kind": "deny", "node": node} for d in logged]
+                    )
+            except OSError as exc:
+                log.warning("NFLOG watch restarting", extra={"node": node, "error": str(exc)})
+                self._stop.wait(1.0)
+            finally:
+                sock.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -221,6 +267,9 @@ class FlowReporter:
             for f in flows
             if f.protocol == "tcp" and (f.dnat or f.snat or f.event == "destroy")
         ]
+        self._post(records)
+
+    def _post(self, records: list[dict[str, Any]]) -> None:
         for start in range(0, len(records), 200):
             try:
                 self._out.sendto(json.dumps(records[start : start + 200]).encode(), self.path)

@@ -219,6 +219,12 @@ class BlameCheck:
     produced_by: str
     mentions: tuple[str, ...] = ()
     min_share: float = 0.8
+    kernel_origin: str | None = None
+    """The hop the verdict names on the kernel data path, where it differs (a Service call
+    dropped by NetworkPolicy: the node's ``network-policy`` hop, not kube-proxy's)."""
+
+    def origins(self) -> tuple[str, ...]:
+        return (self.origin,) if self.kernel_origin is None else (self.origin, self.kernel_origin)
 
     def evaluate(
         self, ctx: Context, outcomes: list[Outcome], bad: Callable[[Outcome], bool]
@@ -231,7 +237,7 @@ class BlameCheck:
         for outcome in sample:
             view = ctx.trace(
                 outcome.trace_id,
-                ready=lambda v: not v["verdict"]["ok"] and v["verdict"]["origin"] == self.origin,
+                ready=lambda v: not v["verdict"]["ok"] and v["verdict"]["origin"] in self.origins(),
                 timeout=6,
             )
             if view is None:
@@ -241,7 +247,7 @@ class BlameCheck:
             traces.append(outcome.trace_id)
             good = (
                 not verdict["ok"]
-                and verdict["origin"] == self.origin
+                and verdict["origin"] in self.origins()
                 and verdict.get("produced_by") == self.produced_by
                 and all(m in verdict["reason"] for m in self.mentions)
             )
@@ -249,7 +255,7 @@ class BlameCheck:
             reasons.append(f"{outcome.trace_id[:12]}: {'✓' if good else '✗'} {verdict['reason']}")
         share = matched / len(sample)
         ok = share >= self.min_share
-        want = f"{self.origin} (produced by {self.produced_by})"
+        want = f"{' or '.join(self.origins())} (produced by {self.produced_by})"
         head = (
             f"{len(failing)} of {len(outcomes)} requests failed; {matched}/{len(sample)} traces "
             f"read blame {want}"

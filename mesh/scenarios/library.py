@@ -247,7 +247,9 @@ class NetpolDeny(Scenario):
         "`hopscope get netpol`",
     )
     dashboard = "NetworkPolicy"
-    blame = BlameCheck("kube-proxy", "network-policy", ("shop/catalog", "ingress"))
+    blame = BlameCheck(
+        "kube-proxy", "network-policy", ("shop/catalog", "ingress"), kernel_origin="network-policy"
+    )
 
     def inject(self, ctx: Context) -> None:
         doc = copy.deepcopy(shipped_docs("shop-netpol.yaml", "NetworkPolicy", "catalog")[0])
