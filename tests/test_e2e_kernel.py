@@ -278,6 +278,39 @@ def test_exec_runs_in_the_pods_network_with_the_cluster_dns(kernel_cluster: dict
     assert both.returncode == 2 and "exactly one of --node or --pod" in both.stderr
 
 
+def test_network_policy_drops_are_kernel_rules_named_in_the_trace(
+    kernel_cluster: dict[str, str],
+) -> None:
+    """The shop's own policies are loaded as filter rules; the netpol-deny scenario's drops
+    come back from NFLOG as network-policy hops naming the policies, and the verdict says so."""
+    saved = hopscope("iptables-save", "--node", "node-a", "-t", "filter", env=kernel_cluster).stdout
+    assert '-A FORWARD -m comment --comment "hopscope network policies" -j HOPSCOPE-POLICY' in saved
+    assert "--nflog-group 5" in saved and "-j DROP" in saved
+    run = hopscope("scenario", "run", "netpol-deny", "--json", env=kernel_cluster, timeout=180)
+    result = json.loads(run.stdout)
+    assert result["ok"] is True, dump(result)
+    trace_id = result["trace_ids"][0]
+    view = trace_json(trace_id)
+    [deny] = [s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "network-policy"]
+    a = deny["attributes"]
+    assert a["hopscope.policy.verdict"] == "deny" and a["hopscope.policy.side"] == "ingress"
+    assert "shop/catalog" in a["hopscope.policy.names"]
+    assert a["hopscope.policy.nflog_prefix"].startswith("deny ingress shop/catalog-")
+    assert a["hopscope.dataplane"] == "kernel" and deny["status"] == "error"
+    parent = next(s for s in view["spans"] if s["span_id"] == deny["parent_span_id"])
+    assert parent["attributes"]["hopscope.hop"] == "kube-proxy"
+    assert parent["attributes"]["hopscope.nat.translated.dst"] == a["hopscope.nat.original.dst"]
+    assert view["verdict"]["produced_by"] == "network-policy", dump(view["verdict"])
+
+
+def test_a_service_without_endpoints_is_refused_and_blamed_on_kube_proxy(
+    kernel_cluster: dict[str, str],
+) -> None:
+    run = hopscope("scenario", "run", "no-endpoints", "--json", env=kernel_cluster, timeout=180)
+    result = json.loads(run.stdout)
+    assert result["ok"] is True, dump(result)
+
+
 def test_a_crashed_control_plane_leaves_nothing_on_the_next_up(
     kernel_cluster: dict[str, str],
 ) -> None:

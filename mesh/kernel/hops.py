@@ -26,7 +26,8 @@ Where it cannot join: a connection the watcher never saw (its ``NEW`` event lost
 socket buffer and gone from the table by the time of the dump) gives no hop; a request
 whose callee never answered (no inbound span within :data:`JOIN_WAIT_S`) gets a hop that
 spans the caller's attempt; a Service without endpoints is REJECTed before conntrack
-confirms anything, so its hop is written from the rule set (``REJECT``) instead.
+confirms anything, so its hop is derived from the caller's refused connect, as on the
+userspace path.
 """
 
 from __future__ import annotations
@@ -346,8 +347,13 @@ class KernelHopJoiner:
         if out.kind == "external":
             return self._egress(out, known)
         if known is None:
-            span, node, result = self._rejected(out, rules)
-            return ([span] if span is not None else []), node, result
+            # A Service without endpoints is REJECTed before conntrack confirms anything;
+            # the journey derives that hop from the caller's refused connect, as on the
+            # userspace path (mesh.tracestore.hops._with_refusals). Count it apart.
+            vip, port = out.upstream.rsplit(":", 1)
+            rule = rules.rules.get((vip, int(port)))
+            refused = out.failed and rule is not None and not rule.ready_endpoints
+            return [], "", "rejected" if refused else "no_flow"
         flow = known.flow
         proxy_node = ProxyNode(known.node, cluster_cidr=addresses.POD_NETWORK_CIDR)
         attrs = service_flow_attributes(flow, rules, proxy_node)
@@ -523,32 +529,6 @@ class KernelHopJoiner:
             if pod.ip == ip:
                 return pod.name
         return ""
-
-    def _rejected(self, out: _Outbound, rules: RuleSet) -> tuple[Span | None, str, str]:
-        """No flow: a Service without endpoints is REJECTed before conntrack confirms."""
-        if not out.failed:
-            return None, "", "no_flow"
-        vip, port = out.upstream.rsplit(":", 1)
-        rule = rules.rules.get((vip, int(port)))
-        if rule is None or rule.ready_endpoints:
-            return None, "", "no_flow"
-        node = next(iter(addresses.NODE_IPS))
-        attrs: dict[str, Any] = {
-            "hopscope.hop": rule.hop,
-            "k8s.service.name": rule.name,
-            "k8s.namespace.name": rule.namespace,
-            "hopscope.service.type": rule.service_type,
-            "hopscope.nat.original.src": out.local,
-            "hopscope.nat.original.dst": out.upstream,
-            "hopscope.rule.kind": rule.kind,
-            "hopscope.decision": "REJECT: the Service has no ready endpoint (connect() refused)",
-            DATAPLANE: "kernel",
-            "server.address": rule.vip,
-            "server.port": rule.port,
-            "peer.service": rule.name,
-        }
-        name = f"kube-proxy {rule.namespace}/{rule.name} REJECT"
-        return _span(out, name, out.start_ns, out.start_ns, attrs, True), node, "rejected"
 
 
 def _span(

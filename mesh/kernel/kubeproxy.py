@@ -146,6 +146,7 @@ class KernelKubeProxy:
             addresses.CLUSTER_HOST_IP,
             (addresses.CONTROL_PLANE_PORT, OTLP_HTTP_PORT, OTLP_GRPC_PORT),
             (addresses.SIDECAR_ADMIN_PORT,),
+            addresses.SERVICE_CIDR,
         )
         load = IptablesRenderer().delete_stale(document, self._policy_loaded[node])
         self.network.restore(node, RESTORE, load)

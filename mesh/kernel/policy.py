@@ -6,6 +6,7 @@ Per node, for the pods on that node::
     FORWARD            -j HOPSCOPE-POLICY                      (inserted first, once)
     HOPSCOPE-POLICY    ctstate RELATED,ESTABLISHED -j ACCEPT   (replies of allowed conns)
                        -d <cluster host> telemetry ports -j RETURN
+                       -d <Service CIDR> -j RETURN              (no endpoint: REJECT next)
                        -s <pod>/32 -j HOPSCOPE-EGR-<hash>      (egress-isolated pods)
                        -d <pod>/32 -j HOPSCOPE-ING-<hash>      (ingress-isolated pods)
     HOPSCOPE-EGR-…     one rule per (policy rule, peer, port) -j RETURN
@@ -71,6 +72,7 @@ def render(
     host_ip: str,
     host_ports: tuple[int, ...],
     probe_ports: tuple[int, ...],
+    service_cidr: str,
 ) -> str:
     """The node's whole policy state as one ``iptables-restore --noflush`` document."""
     engine = PolicyEngine(state)
@@ -86,6 +88,12 @@ def render(
     main.append(
         f"-d {host_ip}/32 -p tcp -m multiport --dports {ports} -m comment --comment "
         '"telemetry and API on the cluster host" -j RETURN'
+    )
+    # A Service address still untranslated has no endpoint: kube-proxy's REJECT answers it
+    # (policies apply after DNAT, to pods, never to a ClusterIP).
+    main.append(
+        f'-d {service_cidr} -m comment --comment "Service addresses without endpoints: '
+        'kube-proxy REJECTs them" -j RETURN'
     )
     for side in ("egress", "ingress"):
         for pod in local:
