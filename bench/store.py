@@ -50,10 +50,11 @@ sys.path.insert(0, str(ROOT))
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue  # noqa: E402
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue  # noqa: E402
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span  # noqa: E402
 
 from mesh import addresses  # noqa: E402
+from mesh.tracestore.otlp import key_values  # noqa: E402
 
 API = f"http://{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
 PROTOBUF_TYPE = "application/x-protobuf"
@@ -88,22 +89,8 @@ class BenchError(RuntimeError):
 # -- turning captured traces back into OTLP bodies ------------------------------------------
 
 
-def _any(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, list):
-        out = AnyValue()
-        out.array_value.values.extend(_any(v) for v in value)
-        return out
-    return AnyValue(string_value=str(value))
-
-
 def _kvs(attrs: dict[str, Any]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=_any(v)) for k, v in attrs.items()]
+    return key_values(attrs)
 
 
 def _wire_attributes(span: dict[str, Any]) -> dict[str, Any]:

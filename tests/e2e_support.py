@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -261,3 +262,45 @@ def apply_manifest(env: dict[str, str], directory: Path, name: str, text: str) -
     path.write_text(text)
     hopscope("apply", "-f", str(path), env=env)
     return path
+
+
+SHOP_SERVICES = ("frontend", "catalog", "reviews", "ratings")
+"""The Services a ``GET /`` through the ingress crosses (each with a kube-proxy hop)."""
+
+
+def traced_shop_requests(count: int, timeout: float = 20) -> list[dict[str, Any]]:
+    """Send ``count`` plain requests through the ingress, each with a trace id of its own,
+    and return their traces once complete: every Service's kube-proxy hop and every app's
+    span (another test's traces never mix in, and none is read before its last hop). No
+    client hop (these are not `hopscope curl`) and DNS answers may come from a cache, so
+    those do not count."""
+    trace_ids = []
+    for _ in range(count):
+        trace_id = secrets.token_hex(16)
+        resp = requests.get(
+            "http://127.200.0.1:8080/",
+            headers={
+                "Host": "shop.local",
+                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+            },
+            timeout=10,
+        )
+        assert resp.status_code == 200, resp.text[:300]
+        trace_ids.append(trace_id)
+
+    def complete(trace_id: str) -> dict[str, Any] | None:
+        view = trace_json(trace_id)
+        attrs = [s["attributes"] for s in view["spans"]]
+        hops = sorted(a["k8s.service.name"] for a in attrs if a.get("hopscope.hop") == "kube-proxy")
+        apps = {a.get("service.name") for a in attrs if a.get("hopscope.hop") == "app"}
+        return view if hops == sorted(SHOP_SERVICES) and apps >= set(SHOP_SERVICES) else None
+
+    views = []
+    for trace_id in trace_ids:
+        try:
+            views.append(poll_until(lambda: complete(trace_id), timeout=timeout))  # noqa: B023
+        except AssertionError:
+            raise AssertionError(
+                f"trace incomplete: {dump(trace_json(trace_id)['hops'])}"
+            ) from None
+    return views

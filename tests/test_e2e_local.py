@@ -11,7 +11,6 @@ The cluster is the one the e2e modules share (tests/conftest.py): started with `
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tests.e2e_support import (
     hopscope,
     poll_until,
     trace_json,
+    traced_shop_requests,
 )
 
 pytestmark = pytest.mark.e2e
@@ -144,53 +144,9 @@ def test_kube_proxy_hops_carry_nat_and_point_at_the_serving_pod(cluster: dict[st
         )
 
 
-def _traced_shop_requests(count: int) -> list[dict[str, Any]]:
-    """Send ``count`` plain requests through the ingress, each with a trace id of its own,
-    and return their traces once complete (another test's traces never mix in, and no
-    trace is read before its last hop has arrived)."""
-    trace_ids = []
-    for _ in range(count):
-        trace_id = secrets.token_hex(16)
-        resp = requests.get(
-            "http://127.200.0.1:8080/",
-            headers={
-                "Host": "shop.local",
-                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
-            },
-            timeout=10,
-        )
-        assert resp.status_code == 200, resp.text[:200]
-        trace_ids.append(trace_id)
-
-    def journey_complete(trace_id: str) -> dict[str, Any] | None:
-        # No client hop (not sent by `hopscope curl`) and DNS answers may come from a cache,
-        # so completeness is every Service's kube-proxy hop and every app's span.
-        view = trace_json(trace_id)
-        attrs = [s["attributes"] for s in view["spans"]]
-        balanced = sorted(
-            a["k8s.service.name"] for a in attrs if a.get("hopscope.hop") == "kube-proxy"
-        )
-        apps = {a.get("service.name") for a in attrs if a.get("hopscope.hop") == "app"}
-        return (
-            view
-            if balanced == sorted(EXPECTED_SERVICES) and apps >= set(EXPECTED_SERVICES)
-            else None
-        )
-
-    views = []
-    for trace_id in trace_ids:
-        try:
-            views.append(poll_until(lambda: journey_complete(trace_id), timeout=15))  # noqa: B023
-        except AssertionError:
-            raise AssertionError(
-                f"trace incomplete: {dump(trace_json(trace_id)['hops'])}"
-            ) from None
-    return views
-
-
 def test_requests_spread_over_both_replicas(cluster: dict[str, str]) -> None:
     served: dict[str, set[str]] = {"frontend": set(), "catalog": set()}
-    for view in _traced_shop_requests(16):
+    for view in traced_shop_requests(16):
         for span in view["spans"]:
             a = span["attributes"]
             if a.get("hopscope.hop") == "app" and a.get("service.name") in served:
@@ -202,7 +158,7 @@ def test_requests_spread_over_both_replicas(cluster: dict[str, str]) -> None:
 def test_grpc_requests_ride_an_established_connection(cluster: dict[str, str]) -> None:
     """The sidecar keeps one HTTP/2 connection per destination: kube-proxy balanced it once."""
     states = []
-    for view in _traced_shop_requests(6):
+    for view in traced_shop_requests(6):
         for span in view["spans"]:
             a = span["attributes"]
             if a.get("hopscope.hop") == "kube-proxy" and a["k8s.service.name"] == "reviews":

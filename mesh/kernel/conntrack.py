@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,35 +292,41 @@ def _ct_tuple(data: bytes, span: tuple[int, int] | None) -> tuple[str, str, str]
     return PROTOCOLS[data[num[0]]], address(src, sport), address(dst, dport)
 
 
-def parse_events(data: bytes, seen_ns: int) -> list[Flow]:
-    """The IPv4 TCP/UDP/SCTP flows in one datagram of ctnetlink event messages."""
-    flows = []
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """The netlink messages in one datagram: (type, start of the payload, end)."""
     offset = 0
     while offset + _NLMSG.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
         if length < _NLMSG.size:
-            break
-        end = min(offset + length, len(data))
-        if kind & 0xFF00 == CTNETLINK and data[offset + 16] == socket.AF_INET:
-            top = _attrs(data, offset + 20, end)  # after nlmsghdr and nfgenmsg
-            original, reply = _ct_tuple(data, top.get(1)), _ct_tuple(data, top.get(2))
-            if original is not None and reply is not None:
-                status = top.get(3)
-                ct_id = top.get(12)
-                flows.append(
-                    Flow(
-                        id=int.from_bytes(data[ct_id[0] : ct_id[1]], "big") if ct_id else 0,
-                        event="destroy" if kind & 0xFF == IPCTNL_MSG_CT_DELETE else "new",
-                        protocol=original[0],
-                        original_src=original[1],
-                        original_dst=original[2],
-                        reply_src=reply[1],
-                        reply_dst=reply[2],
-                        status=int.from_bytes(data[status[0] : status[1]], "big") if status else 0,
-                        seen_ns=seen_ns,
-                    )
-                )
+            return
+        yield kind, offset + _NLMSG.size, min(offset + length, len(data))
         offset += (length + 3) & ~3
+
+
+def parse_events(data: bytes, seen_ns: int) -> list[Flow]:
+    """The IPv4 TCP/UDP/SCTP flows in one datagram of ctnetlink event messages."""
+    flows = []
+    for kind, start, end in _messages(data):
+        if kind & 0xFF00 != CTNETLINK or data[start] != socket.AF_INET:
+            continue
+        top = _attrs(data, start + 4, end)  # after the nfgenmsg header
+        original, reply = _ct_tuple(data, top.get(1)), _ct_tuple(data, top.get(2))
+        if original is None or reply is None:
+            continue
+        status, ct_id = top.get(3), top.get(12)
+        flows.append(
+            Flow(
+                id=int.from_bytes(data[ct_id[0] : ct_id[1]]) if ct_id else 0,
+                event="destroy" if kind & 0xFF == IPCTNL_MSG_CT_DELETE else "new",
+                protocol=original[0],
+                original_src=original[1],
+                original_dst=original[2],
+                reply_src=reply[1],
+                reply_dst=reply[2],
+                status=int.from_bytes(data[status[0] : status[1]]) if status else 0,
+                seen_ns=seen_ns,
+            )
+        )
     return flows
 
 
@@ -485,38 +491,34 @@ def nflog_socket(netns: str | None, group: int, copy_range: int = 64) -> socket.
 def parse_nflog(data: bytes, seen_ns: int) -> list[Logged]:
     """The IPv4 TCP/UDP packets in one datagram of NFLOG messages."""
     out = []
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            break
-        end = min(offset + length, len(data))
-        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            top = _attrs(data, offset + 20, end)
-            payload, prefix = top.get(NFULA_PAYLOAD), top.get(NFULA_PREFIX)
-            stamp = top.get(NFULA_TIMESTAMP)
-            when = seen_ns
-            if stamp is not None and stamp[1] - stamp[0] >= 16:  # the packet's own time
-                sec, usec = struct.unpack_from(">QQ", data, stamp[0])
-                when = sec * 1_000_000_000 + usec * 1000 or seen_ns
-            packet = data[payload[0] : payload[1]] if payload else b""
-            if len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] in (6, 17):
-                ihl = (packet[0] & 0x0F) * 4
-                if len(packet) >= ihl + 4:
-                    sport, dport = struct.unpack_from(">HH", packet, ihl)
-                    text = (
-                        data[prefix[0] : prefix[1]].rstrip(b"\0").decode(errors="replace")
-                        if prefix
-                        else ""
-                    )
-                    out.append(
-                        Logged(
-                            text,
-                            PROTOCOLS[packet[9]],
-                            f"{socket.inet_ntoa(packet[12:16])}:{sport}",
-                            f"{socket.inet_ntoa(packet[16:20])}:{dport}",
-                            when,
-                        )
-                    )
-        offset += (length + 3) & ~3
+    for kind, start, end in _messages(data):
+        if kind != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+            continue
+        top = _attrs(data, start + 4, end)
+        payload, prefix, stamp = (
+            top.get(NFULA_PAYLOAD),
+            top.get(NFULA_PREFIX),
+            top.get(NFULA_TIMESTAMP),
+        )
+        packet = data[payload[0] : payload[1]] if payload else b""
+        if len(packet) < 20 or packet[0] >> 4 != 4 or packet[9] not in (6, 17):
+            continue
+        ihl = (packet[0] & 0x0F) * 4
+        if len(packet) < ihl + 4:
+            continue
+        sport, dport = struct.unpack_from(">HH", packet, ihl)
+        when = seen_ns
+        if stamp is not None and stamp[1] - stamp[0] >= 16:  # the packet's own time
+            sec, usec = struct.unpack_from(">QQ", data, stamp[0])
+            when = sec * 1_000_000_000 + usec * 1000 or seen_ns
+        text = data[prefix[0] : prefix[1]].rstrip(b"\0").decode(errors="replace") if prefix else ""
+        out.append(
+            Logged(
+                text,
+                PROTOCOLS[packet[9]],
+                f"{socket.inet_ntoa(packet[12:16])}:{sport}",
+                f"{socket.inet_ntoa(packet[16:20])}:{dport}",
+                when,
+            )
+        )
     return out

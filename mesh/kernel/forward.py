@@ -51,6 +51,21 @@ class Endpoint:
         return f"{self.netns + '/' if self.netns else ''}{self.host}:{self.port}"
 
 
+def _setns(libc: ctypes.CDLL, name: str) -> None:
+    """Move the calling thread into namespace ``name`` (a name under /run/netns)."""
+    path = os.path.join(NETNS_DIR, name)
+    try:
+        target = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise OSError(f"no network namespace {name} ({path})") from None
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(target)
+
+
 @contextlib.contextmanager
 def _in_netns(name: str | None) -> Iterator[None]:
     """Run the block with this thread in namespace ``name`` (None: stay)."""
@@ -58,20 +73,10 @@ def _in_netns(name: str | None) -> Iterator[None]:
         yield
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    path = os.path.join(NETNS_DIR, name)
     with _switch:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
-            try:
-                target = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise OSError(f"no network namespace {name} ({path})") from None
-            try:
-                if libc.setns(target, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
-            finally:
-                os.close(target)
+            _setns(libc, name)
             try:
                 yield
             finally:
@@ -84,18 +89,7 @@ def _in_netns(name: str | None) -> Iterator[None]:
 def enter_netns(name: str) -> None:
     """Move the calling thread into namespace ``name`` for good (threads and processes it
     starts afterwards are born there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    path = os.path.join(NETNS_DIR, name)
-    try:
-        target = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise OSError(f"no network namespace {name} ({path})") from None
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(target)
+    _setns(ctypes.CDLL(None, use_errno=True), name)
 
 
 def socket_in(

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
@@ -57,6 +57,7 @@ from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
 from mesh.model.types import ClusterState
+from mesh.tracestore.otlp import key_values
 
 log = logging.getLogger("kernel-hops")
 
@@ -549,26 +550,10 @@ def _span(
         start_time_unix_nano=start,
         end_time_unix_nano=end,
     )
-    for key, value in attrs.items():
-        span.attributes.append(KeyValue(key=key, value=_any(value)))
+    span.attributes.extend(key_values(attrs))
     if error:
         span.status.code = Status.STATUS_CODE_ERROR
     return span
-
-
-def _any(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, list):
-        out = AnyValue()
-        for item in value:
-            out.array_value.values.append(_any(item))
-        return out
-    return AnyValue(string_value=str(value))
 
 
 def _string_attributes(span: Span) -> dict[str, str]:

@@ -196,13 +196,7 @@ class KernelNetwork:
     def _route_to(self, ipr: Any, peer: NodeNet) -> None:
         network = ipaddress.ip_network(peer.pod_cidr)
         if self.backend == "host-gw":
-            ipr.route(
-                "replace",
-                dst=str(network.network_address),
-                dst_len=network.prefixlen,
-                gateway=peer.node_ip,
-                proto=RTPROT_BOOT,
-            )
+            _route(ipr, network, peer.node_ip)
             return
         vtep = _index(ipr, VXLAN_DEVICE)
         ipr.neigh(
@@ -211,15 +205,7 @@ class KernelNetwork:
         ipr.fdb(
             "replace", ifindex=vtep, lladdr=peer.vtep_mac, dst=peer.node_ip, state=0x80, flags=2
         )  # NUD_PERMANENT, NTF_SELF: the VXLAN device's own forwarding table
-        ipr.route(
-            "replace",
-            dst=str(network.network_address),
-            dst_len=network.prefixlen,
-            gateway=peer.vtep_address,
-            oif=vtep,
-            flags=4,  # RTNH_F_ONLINK
-            proto=RTPROT_BOOT,
-        )
+        _route(ipr, network, peer.vtep_address, oif=vtep, flags=4)  # RTNH_F_ONLINK
 
     def add_pod(
         self, namespace: str, name: str, node: str, ip: str, resolv_conf: str | None = None
@@ -396,23 +382,11 @@ class KernelNetwork:
         with self._ns(self.host_netns) as ipr:
             for node in self.nodes.values():
                 net = ipaddress.ip_network(node.pod_cidr)
-                ipr.route(
-                    "replace",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    gateway=node.node_ip,
-                    proto=RTPROT_BOOT,
-                )
+                _route(ipr, net, node.node_ip)
             if service_cidr and self.nodes:
                 net = ipaddress.ip_network(service_cidr)
                 first = next(iter(self.nodes.values()))
-                ipr.route(
-                    "replace",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    gateway=first.node_ip,
-                    proto=RTPROT_BOOT,
-                )
+                _route(ipr, net, first.node_ip)
 
     def egress_snat(self, node: str, cluster_cidrs: tuple[str, ...], to_source: str) -> None:
         """Pod traffic leaving the cluster is SNATed to ``to_source`` on its node (flannel's
@@ -445,6 +419,12 @@ class KernelNetwork:
         from pyroute2 import NetNS
 
         return NetNS(name)
+
+
+def _route(ipr: Any, network: Any, gateway: str, **extra: Any) -> None:
+    """``ip route replace NETWORK via GATEWAY`` (as ``ip route`` adds it: proto boot)."""
+    dst, dst_len = str(network.network_address), network.prefixlen
+    ipr.route("replace", dst=dst, dst_len=dst_len, gateway=gateway, proto=RTPROT_BOOT, **extra)
 
 
 def _index(ipr: Any, ifname: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 SPAN_KINDS = {
@@ -186,6 +186,26 @@ def decode_export(body: bytes, content_type: str) -> list[SpanRecord]:
 def attributes(items: Any) -> dict[str, Any]:
     """OTLP ``KeyValue`` list as a plain dict."""
     return {kv.key: _value(kv.value) for kv in items}
+
+
+def any_value(value: Any) -> AnyValue:
+    """A Python value as an OTLP ``AnyValue`` (bool, int, float, list, else its string)."""
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, list):
+        out = AnyValue()
+        out.array_value.values.extend(any_value(v) for v in value)
+        return out
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attrs: dict[str, Any]) -> list[KeyValue]:
+    """Attributes as OTLP ``KeyValue``s."""
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()]
 
 
 def _value(value: AnyValue) -> Any:
