@@ -274,6 +274,32 @@ def test_a_service_without_endpoints_is_refused_and_blamed_on_kube_proxy(
     assert result["ok"] is True, dump(result)
 
 
+def test_curl_from_a_pod_runs_in_its_namespace(kernel_cluster: dict[str, str]) -> None:
+    pod = next(p for p in api_get("/api/v1/status")["pods"] if p["name"].startswith("frontend-"))
+    done = hopscope(
+        "curl",
+        "--json",
+        "--from",
+        f"shop/{pod['name']}",
+        "http://catalog:8080/items",
+        env=kernel_cluster,
+    )
+    reply = json.loads(done.stdout)
+    assert reply["status"] == 200, reply
+
+    def with_kube_proxy_hop() -> dict[str, Any] | None:
+        view = trace_json(reply["trace_id"])
+        hops = {s["attributes"].get("hopscope.hop") for s in view["spans"]}
+        return view if "kube-proxy" in hops else None
+
+    view = poll_until(with_kube_proxy_hop, timeout=20)
+    attrs = {s["attributes"].get("hopscope.hop"): s["attributes"] for s in view["spans"]}
+    assert attrs["dns"]  # resolved by the cluster DNS, from the pod, with its search path
+    proxy = attrs["kube-proxy"]
+    assert proxy["hopscope.nat.original.src"].startswith(f"{pod['ip']}:"), proxy
+    assert proxy["k8s.service.name"] == "catalog"
+
+
 def test_a_crashed_control_plane_leaves_nothing_on_the_next_up(
     kernel_cluster: dict[str, str],
 ) -> None:

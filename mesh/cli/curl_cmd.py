@@ -34,6 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from mesh import addresses
 from mesh.apiclient import client_otlp_endpoint
 from mesh.cli._client import APIClient
+from mesh.kernel.forward import in_netns
 from mesh.model.types import ClusterState, Pod
 
 
@@ -299,8 +300,11 @@ def curl(
     tls = tls_context(cacert, insecure) if url.lower().startswith("https:") else None
     state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
     lookup = None
+    netns = None
     if from_pod:
-        target, lookup = _pod_target(url, _find_pod(state, from_pod), state)
+        pod = _find_pod(state, from_pod)
+        target, lookup = _pod_target(url, pod, state)
+        netns = _kernel_pod_netns(pod, lookup[0])
     else:
         target = _outside_target(url, state, tls)
     provider = _tracer_provider()
@@ -319,16 +323,10 @@ def curl(
         if from_pod:
             span.set_attributes({"k8s.pod.name": target.note.split("/")[-1].split(" ")[0]})
         try:
-            if lookup is not None:
-                resolver, name, port = lookup
-                resolver.tracer = tracer
-                ip = resolver.resolve(name)[0]
-                target.extra_headers[addresses.ORIGINAL_DST_HEADER] = f"{ip}:{port}"
-            carrier: dict[str, str] = {}
-            TraceContextTextMapPropagator().inject(carrier)
-            status, reason, body, resp_headers = send_request(
-                target, method, data.encode() if data else None, {**headers, **carrier}
-            )
+            with in_netns(netns):  # the kernel data path: from inside the pod's network
+                status, reason, body, resp_headers = _send(
+                    target, lookup, tracer, method, data, headers
+                )
         except TlsFailure as exc:
             span.set_attributes(target.tls_info)
             span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -356,6 +354,37 @@ def curl(
     provider.force_flush()
     _print(as_json, include, status, reason, body, resp_headers, trace_id, target.tls_info)
     otel_trace.get_tracer_provider()
+
+
+def _send(
+    target: Target,
+    lookup: Any,
+    tracer: Any,
+    method: str,
+    data: str | None,
+    headers: dict[str, str],
+) -> tuple[int, str, bytes, dict[str, str]]:
+    """Resolve like the pod (with ``--from``), then send the request with the trace context."""
+    if lookup is not None:
+        resolver, name, port = lookup
+        resolver.tracer = tracer
+        ip = resolver.resolve(name)[0]
+        target.extra_headers[addresses.ORIGINAL_DST_HEADER] = f"{ip}:{port}"
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return send_request(target, method, data.encode() if data else None, {**headers, **carrier})
+
+
+def _kernel_pod_netns(pod: Pod, resolver: Any) -> str | None:
+    """On the kernel data path, the pod's network namespace (and its resolver pointed at the
+    cluster DNS of that address plan); None on the userspace path."""
+    status = APIClient().get("/api/v1/status")
+    if status.get("dataplane") != "kernel":
+        return None
+    host, _, port = str(status.get("cluster_dns", "")).rpartition(":")
+    if host:
+        resolver.server = (host, int(port))
+    return f"{status['netns_prefix']}-pod-{pod.namespace}-{pod.name}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -280,6 +280,7 @@ class ControlPlane:
             "ingress": f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_PORT}",
             "dataplane": "kernel" if self.kernel_hops is not None else "userspace",
             "netns_prefix": self.kernel_network.prefix if self.kernel_network else None,
+            "cluster_dns": f"{addresses.DNS_SERVICE_IP}:{addresses.DNS_PORT}",
             "pid": os.getpid(),
             "started_at": self.started_at,
             "ready_at": self.ready_at,

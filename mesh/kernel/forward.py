@@ -67,7 +67,7 @@ def _setns(libc: ctypes.CDLL, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _in_netns(name: str | None) -> Iterator[None]:
+def in_netns(name: str | None) -> Iterator[None]:
     """Run the block with this thread in namespace ``name`` (None: stay)."""
     if name is None:
         yield
@@ -99,7 +99,7 @@ def socket_in(
     family: int = socket.AF_INET,
 ) -> socket.socket:
     """A new socket that belongs to namespace ``netns`` (IPv4 unless ``family`` says)."""
-    with _in_netns(netns):
+    with in_netns(netns):
         return socket.socket(family, kind, proto)
 
 
