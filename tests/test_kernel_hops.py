@@ -1,0 +1,164 @@
+"""The kernel hop joiner: conntrack flows + the sidecars' spans -> kube-proxy, overlay and
+policy hops in the trace store, read back through the journey a user sees.
+
+Flows and spans are given as the kernel and Envoy produce them (the tuples of a real DNAT,
+the attributes Envoy's span tags set); the hops are checked in a real ``TraceStore``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client import CollectorRegistry
+
+from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SRC_NAT, Flow, Logged
+from mesh.kernel.hops import KernelHopJoiner
+from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
+from mesh.tracestore.otlp import key_values
+from mesh.tracestore.store import TraceStore
+
+VIP, CALLER, ENDPOINT = "127.96.0.12:8080", "127.244.1.2:40000", "127.244.2.3:8080"
+"""The local plan's addresses (the joiner reads whichever plan the process has)."""
+
+
+def _rules() -> RuleSet:
+    ep = EndpointTarget("127.244.2.3", 8080, "catalog-b", "node-b", True, True, False)
+    rule = ServiceRule(
+        "shop", "catalog", "http", "127.96.0.12", 8080, "TCP", "ClusterIP", None, (ep,)
+    )
+    return RuleSet(1, {rule.key: rule}, {})
+
+
+def _export(trace_id: bytes, spans: list[tuple[Span, dict[str, Any]]]) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for span, attrs in spans:
+        span.trace_id = trace_id
+        span.attributes.extend(key_values(attrs))
+        scope.spans.append(span)
+    return request
+
+
+def _outbound(
+    start: int, failed: bool = False, local: str | None = CALLER
+) -> tuple[Span, dict[str, Any]]:
+    span = Span(
+        span_id=b"\x01" * 8, parent_span_id=b"\x09" * 8, name="out", kind=Span.SPAN_KIND_CLIENT
+    )
+    span.start_time_unix_nano, span.end_time_unix_nano = start, start + 10_000_000
+    if failed:
+        span.status.code = Status.STATUS_CODE_ERROR
+    attrs = {
+        "hopscope.hop": "sidecar-outbound",
+        "hopscope.upstream.address": VIP,
+        "hopscope.downstream.local_address": "127.244.1.2:15001",
+    }
+    if local:
+        attrs["hopscope.upstream.local_address"] = local
+    return span, attrs
+
+
+def _inbound(start: int) -> tuple[Span, dict[str, Any]]:
+    span = Span(
+        span_id=b"\x02" * 8, parent_span_id=b"\x01" * 8, name="in", kind=Span.SPAN_KIND_SERVER
+    )
+    span.start_time_unix_nano, span.end_time_unix_nano = start, start + 8_000_000
+    attrs = {
+        "hopscope.hop": "sidecar-inbound",
+        "hopscope.downstream.remote_address": CALLER,
+        "hopscope.downstream.local_address": ENDPOINT,
+        "k8s.pod.name": "catalog-b",
+    }
+    return span, attrs
+
+
+def _joiner(tmp_path: Path) -> tuple[KernelHopJoiner, TraceStore]:
+    store = TraceStore(registry=CollectorRegistry())
+    joiner = KernelHopJoiner(
+        store.add_export, _rules, tmp_path / "flows.sock", registry=CollectorRegistry()
+    )
+    store.span_hooks.append(joiner.on_spans)
+    return joiner, store
+
+
+def _flow(seen_ns: int) -> Flow:
+    return Flow(1, "new", "tcp", CALLER, VIP, ENDPOINT, CALLER, IPS_DST_NAT, seen_ns)
+
+
+def test_a_dnat_flow_becomes_the_kube_proxy_hop_with_its_overlay(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id = os.urandom(16)
+    t0 = time.time_ns()
+    joiner.add_flow("node-a", _flow(t0 + 500_000))
+    store.add_export(_export(trace_id, [_outbound(t0), _inbound(t0 + 1_000_000)]))
+    view = store.get(trace_id.hex())
+    assert view is not None
+    spans = {s.attributes.get("hopscope.hop"): s for s in view}
+    proxy, overlay = spans["kube-proxy"], spans["cni-overlay"]
+    assert proxy.parent_span_id == "01" * 8
+    assert proxy.attributes["hopscope.conntrack.state"] == "new"
+    assert proxy.attributes["hopscope.nat.translated.dst"] == ENDPOINT
+    assert proxy.attributes["hopscope.endpoint.pod"] == "catalog-b"
+    # it starts when conntrack confirmed the connection and spans the callee's request
+    assert proxy.start_ns == t0 + 500_000 and proxy.end_ns == t0 + 9_000_000
+    assert overlay.parent_span_id == proxy.span_id
+    assert overlay.attributes["hopscope.overlay.outer.dst"] == "127.10.0.2:8472"
+    joiner.stop()
+
+
+def test_a_later_request_on_the_connection_is_established(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id = os.urandom(16)
+    t0 = time.time_ns()
+    joiner.add_flow("node-a", _flow(t0 - 5_000_000_000))  # opened by an earlier request
+    store.add_export(_export(trace_id, [_outbound(t0), _inbound(t0 + 1_000_000)]))
+    [proxy] = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert proxy.attributes["hopscope.conntrack.state"] == "established"
+    assert proxy.start_ns == t0 + 1_000_000  # nothing of its own: the kernel's DNAT
+    joiner.stop()
+
+
+def test_a_policy_drop_is_matched_to_the_failed_connect(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id = os.urandom(16)
+    t0 = time.time_ns()
+    joiner.add_deny(
+        "node-b",
+        Logged("deny ingress shop/catalog-b", "tcp", "127.244.1.2:41000", ENDPOINT, t0 + 100),
+    )
+    store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
+    hops = {s.attributes.get("hopscope.hop"): s for s in store.get(trace_id.hex()) or []}
+    deny = hops["network-policy"]
+    assert deny.parent_span_id == hops["kube-proxy"].span_id
+    assert deny.attributes["hopscope.nat.original.src"] == "127.244.1.2:41000"
+    assert deny.attributes["hopscope.policy.verdict"] == "deny"
+    assert hops["kube-proxy"].attributes["hopscope.nat.translated.dst"] == ENDPOINT
+    joiner.stop()
+
+
+def test_without_a_flow_nothing_is_invented(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id = os.urandom(16)
+    t0 = time.time_ns()
+    store.add_export(_export(trace_id, [_outbound(t0), _inbound(t0 + 1_000_000)]))
+    joiner.settle(time.monotonic() + 60)
+    hops = [s.attributes.get("hopscope.hop") for s in store.get(trace_id.hex()) or []]
+    assert "kube-proxy" not in hops
+    joiner.stop()
+
+
+def test_snat_flows_are_kept_for_egress_hops() -> None:
+    flow = Flow(
+        2, "new", "tcp", CALLER, "127.50.0.10:8080", "127.50.0.10:8080", "127.10.0.1:40000",
+        IPS_SRC_NAT, 0,
+    )  # fmt: skip
+    assert flow.snat and not flow.dnat and flow.translated_src == "127.10.0.1:40000"
