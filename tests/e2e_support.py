@@ -56,7 +56,11 @@ def hopscope(
 
 
 def cluster_env(home: Path) -> dict[str, str]:
-    return {**os.environ, "HOPSCOPE_HOME": str(home)}
+    """The test process's environment for ``hopscope`` commands, without OpenTelemetry
+    settings another test may have left in it (``up`` would forward to them); a spec that
+    wants them sets them (:class:`ClusterSpec`)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "HOPSCOPE_OTLP_"))}
+    return {**clean, "HOPSCOPE_HOME": str(home)}
 
 
 def poll_until(fn: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.2) -> T:

@@ -162,3 +162,15 @@ def test_snat_flows_are_kept_for_egress_hops() -> None:
         IPS_SRC_NAT, 0,
     )  # fmt: skip
     assert flow.snat and not flow.dnat and flow.translated_src == "127.10.0.1:40000"
+
+
+def test_an_export_sent_twice_is_joined_once(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id = os.urandom(16)
+    t0 = time.time_ns()
+    joiner.add_flow("node-a", _flow(t0 + 500_000))
+    for _ in range(2):  # an exporter's retry sends the same spans again
+        store.add_export(_export(trace_id, [_outbound(t0), _inbound(t0 + 1_000_000)]))
+    hops = [s.attributes.get("hopscope.hop") for s in store.get(trace_id.hex())]
+    assert hops.count("kube-proxy") == 1, hops
+    joiner.stop()

@@ -122,6 +122,8 @@ class KernelHopJoiner:
         self._denies_by_ip: dict[str, deque[tuple[str, Logged]]] = {}
         """Source ``ip:port`` -> the node and packet its policy rules dropped."""
         self._pending: dict[tuple[bytes, bytes], _Outbound] = {}
+        self._settled: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        """Caller spans already given their hops (a re-sent export is not joined twice)."""
         self._inbound: dict[tuple[bytes, bytes], list[_Inbound]] = {}
         """(trace id, parent span id) -> inbound spans below that caller span."""
         self._lock = threading.Lock()
@@ -253,8 +255,11 @@ class KernelHopJoiner:
                     trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
                     local, attrs[UPSTREAM], failed, kind,
                 )  # fmt: skip
+                key = (trace_id, span.span_id)
                 with self._lock:
-                    self._pending[(trace_id, span.span_id)] = out
+                    if key in self._pending or key in self._settled:
+                        continue  # an export sent twice (an exporter's retry)
+                    self._pending[key] = out
                 found = True
             elif hop == "sidecar-inbound" and attrs.get(DOWNSTREAM_REMOTE) and span.parent_span_id:
                 inbound = _Inbound(
@@ -298,6 +303,9 @@ class KernelHopJoiner:
                 expired = now - out.arrived > JOIN_WAIT_S
                 if complete or (expired and not only_complete):
                     del self._pending[key]
+                    self._settled[key] = None
+                    while len(self._settled) > MAX_FLOWS:
+                        self._settled.popitem(last=False)
                     self._inbound.pop(key, None)
                     ready.append((out, flow, inbound, deny))
             if not only_complete:

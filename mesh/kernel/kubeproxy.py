@@ -145,7 +145,7 @@ class KernelKubeProxy:
             node,
             addresses.CLUSTER_HOST_IP,
             (addresses.CONTROL_PLANE_PORT, OTLP_HTTP_PORT, OTLP_GRPC_PORT),
-            (addresses.SIDECAR_ADMIN_PORT,),
+            (addresses.SIDECAR_ADMIN_PORT, addresses.APP_METRICS_PORT),
             addresses.SERVICE_CIDR,
         )
         load = IptablesRenderer().delete_stale(document, self._policy_loaded[node])

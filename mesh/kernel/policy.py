@@ -12,7 +12,8 @@ Per node, for the pods on that node::
     HOPSCOPE-EGR-…     one rule per (policy rule, peer, port) -j RETURN
                        -j NFLOG --nflog-group 5 --nflog-prefix "deny egress ns/pod"
                        -j DROP
-    HOPSCOPE-ING-…     kubelet probes from the cluster host -j RETURN, then as above
+    HOPSCOPE-ING-…     kubelet probes and metrics scrapes from the cluster host -j RETURN,
+                       then as above
 
 An allowed packet RETURNs, so a same-node connection is checked on both sides (egress of
 the source, then ingress of the destination) in one pass; a cross-node one on each node.
@@ -40,7 +41,7 @@ POLICY_CHAIN = "HOPSCOPE-POLICY"
 NFLOG_GROUP = 5
 ALLOW_MARK = "0x10000"
 """Set by an ``ipBlock`` chain when its range (outside every ``except``) allows a packet."""
-PROBE_PORTS_NOTE = "kubelet probes"
+PROBE_PORTS_NOTE = "kubelet probes and metrics scrapes"
 
 
 def _hash(text: str) -> str:
