@@ -118,8 +118,11 @@ def start_telemetry(pod: PodIdentity) -> None:
     )
 
 
-def mark_app_span(pod: PodIdentity, span: Any = None, peer: str | None = None) -> None:
-    """Tag the current server span as this pod's ``app`` hop."""
+def mark_app_span(
+    pod: PodIdentity, span: Any = None, peer: str | None = None, peer_port: Any = None
+) -> None:
+    """Tag the current server span as this pod's ``app`` hop (with the connection's peer:
+    for a pod without a sidecar, what the kernel data path joins its conntrack entry by)."""
     span = span or trace.get_current_span()
     if not span.is_recording():
         return
@@ -133,6 +136,8 @@ def mark_app_span(pod: PodIdentity, span: Any = None, peer: str | None = None) -
     )
     if peer:
         span.set_attribute("network.peer.address", peer)
+    if peer_port and str(peer_port).isdigit():
+        span.set_attribute("network.peer.port", int(peer_port))
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,7 @@ def instrument_flask(app: Any, pod: PodIdentity) -> None:
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
     def request_hook(span: Any, environ: dict[str, Any]) -> None:
-        mark_app_span(pod, span, environ.get("REMOTE_ADDR"))
+        mark_app_span(pod, span, environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
 
     FlaskInstrumentor().instrument_app(app, request_hook=request_hook, excluded_urls="healthz")
     log = logging.getLogger(pod.app)

@@ -133,6 +133,20 @@ def node_for_ip(ip: str) -> str | None:
     return None
 
 
+HOST_NODE_IPS: dict[str, str] = dict(NODE_IPS)
+"""Node name → the address the user's machine reaches that node's NodePorts at: the node IP
+itself, except on the kernel data path, whose node IPs exist only inside its namespaces and
+whose forwarder answers here instead."""
+
+HOST_CLIENT_CIDR = CLIENT_CIDR
+"""External clients' addresses on the user's machine (``hopscope curl``, scenarios)."""
+
+KERNEL_CLIENT_CIDR = "10.100.0.0/24"
+"""On the kernel data path, external clients enter the cluster from here: the host's
+forwarder connects from ``10.100.0.N`` for a client at ``127.100.0.N`` (keeping its port),
+so pods see one address per client, as they would behind a load balancer that keeps the
+client's IP. (Loopback addresses cannot leave a namespace.)"""
+
 POD_NETWORK_CIDR = "127.244.0.0/16"
 """The cluster's pod network (``--cluster-cidr``); each node gets a /24 of it."""
 
@@ -161,6 +175,7 @@ if PLAN == "compose":
     EXTERNAL_HOSTS = {"payments.example.net.": "10.50.0.10"}
     EGRESS_POOL_CIDR = "10.50.0.0/24"
     CLUSTER_CIDRS = ("10.244.0.0/16", "10.96.0.0/16", "10.200.0.0/24")
+    HOST_NODE_IPS = dict(NODE_IPS)
 
 CLUSTER_HOST_IP = CONTROL_PLANE_IP
 """Where pods reach the control plane (its API, OTLP receivers) from their namespaces."""
@@ -206,6 +221,34 @@ hold the node (control plane), the ingress, the Collector and Prometheus."""
 
 COMPOSE_EGRESS_IP = "10.50.0.254"
 """In compose, the control-plane container's address on the ``internet`` network."""
+
+
+def kernel_client_address(host_ip: str) -> str:
+    """Where an external client at ``host_ip`` appears inside the kernel data path's
+    namespaces (``127.100.0.N`` → ``10.100.0.N``); other addresses are returned unchanged."""
+    try:
+        addr = ipaddress.ip_address(host_ip)
+    except ValueError:
+        return host_ip
+    host, inside = ipaddress.ip_network(HOST_CLIENT_CIDR), ipaddress.ip_network(KERNEL_CLIENT_CIDR)
+    if addr not in host:
+        return host_ip
+    return str(inside.network_address + (int(addr) - int(host.network_address)))
+
+
+def cluster_side(address: str) -> str:
+    """``ip:port`` as seen from the user's machine → as seen inside the cluster: on the kernel
+    data path a client address (:func:`kernel_client_address`) or a node's host address
+    (:data:`HOST_NODE_IPS`) maps to its inner one; elsewhere the address is the same."""
+    if PLAN != "kernel":
+        return address
+    ip, sep, port = address.rpartition(":")
+    if not sep:
+        return address
+    for node, host_ip in HOST_NODE_IPS.items():
+        if ip == host_ip:
+            return f"{NODE_IPS[node]}:{port}"
+    return f"{kernel_client_address(ip)}:{port}"
 
 
 def prefix_regex(cidrs: tuple[str, ...] | list[str]) -> str:

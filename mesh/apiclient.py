@@ -102,7 +102,12 @@ class APIClient:
     def post(self, path: str, body: Any = None) -> Any:
         return self._request("POST", path, json=body)
 
+    def get_text(self, path: str) -> str:
+        """A GET whose answer is not JSON (the pod proxy: a sidecar's admin page)."""
+        return str(self._request("GET", path, raw=True))
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        raw = kwargs.pop("raw", False)  # the answer as text (get_text)
         try:
             resp = requests.request(
                 method, self.base + path, timeout=self.timeout, headers=self.headers(), **kwargs
@@ -119,7 +124,7 @@ class APIClient:
             except (ValueError, AttributeError):
                 message = resp.text.strip() or resp.reason
             raise APIRequestError(resp.status_code, message)
-        return resp.json()
+        return resp.text if raw else resp.json()
 
     def running(self) -> bool:
         try:

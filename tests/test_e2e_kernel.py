@@ -274,6 +274,64 @@ def test_a_service_without_endpoints_is_refused_and_blamed_on_kube_proxy(
     assert result["ok"] is True, dump(result)
 
 
+@pytest.mark.parametrize(
+    "scenario",
+    ["stale-kube-proxy", "outlier-ejection", "external-traffic-local", "session-affinity"],
+)
+def test_scenarios_that_need_the_nodes_own_rules_pass_on_the_kernel(
+    kernel_cluster: dict[str, str], scenario: str
+) -> None:
+    """Paused rule sync (stale DNAT to pods that are gone), sidecar admin pages read through
+    the API's pod proxy, NodePorts reached from the host with the client's identity kept,
+    and ClientIP affinity read from the ``recent`` lists."""
+    run = hopscope("scenario", "run", scenario, "--json", env=kernel_cluster, timeout=240)
+    result = json.loads(run.stdout)
+    assert result["ok"] is True, dump(result)
+
+
+def test_node_ports_answer_on_the_hosts_node_addresses_with_the_clients_address(
+    kernel_cluster: dict[str, str],
+) -> None:
+    """The lab's NodePorts on 127.10.0.1/2 (the host's node addresses): through node-a the
+    echo pod sees the client's inner address and the trace's kube-proxy hop names the
+    NodePort chains; node-b has no local endpoint and its rule drops, named in the trace."""
+    lab = Path(__file__).resolve().parents[1] / "mesh" / "scenarios" / "manifests" / "lab.yaml"
+    hopscope("apply", "-f", str(lab), env=kernel_cluster)
+    try:
+        poll_until(
+            lambda: [
+                p
+                for p in api_get("/api/v1/status")["pods"]
+                if p["name"].startswith("echo-local") and p["ready"]
+            ],
+            timeout=60,
+        )
+        done = poll_until(
+            lambda: (lambda r: r if r.returncode == 0 else None)(
+                hopscope(
+                    "curl", "--json", "http://127.10.0.1:30090/", env=kernel_cluster, check=False
+                )
+            ),
+            timeout=30,
+        )
+        reply = json.loads(done.stdout)
+        assert reply["status"] == 200, reply
+        assert json.loads(reply["body"])["peer"] == "10.100.0.1", reply  # 127.100.0.1 inside
+
+        def node_port_hop() -> dict[str, Any] | None:
+            view = trace_json(reply["trace_id"])
+            hops = [s for s in view["spans"] if s["attributes"].get("hopscope.hop") == "kube-proxy"]
+            return hops[0]["attributes"] if hops else None
+
+        hop = poll_until(node_port_hop, timeout=20)
+        assert hop["hopscope.rule.kind"] == "node-port" and hop["hopscope.nat.snat"] is False
+        assert "KUBE-NODEPORTS" in hop["hopscope.rule.chains"], hop
+        saved = hopscope("iptables-save", "--node", "node-b", "-t", "filter", env=kernel_cluster)
+        assert "has no local endpoints" in saved.stdout and "-j DROP" in saved.stdout
+    finally:
+        hopscope("delete", "-f", str(lab), env=kernel_cluster, check=False)
+
+
 def test_curl_from_a_pod_runs_in_its_namespace(kernel_cluster: dict[str, str]) -> None:
     pod = next(p for p in api_get("/api/v1/status")["pods"] if p["name"].startswith("frontend-"))
     done = hopscope(

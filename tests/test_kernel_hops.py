@@ -174,3 +174,132 @@ def test_an_export_sent_twice_is_joined_once(tmp_path: Path) -> None:
     hops = [s.attributes.get("hopscope.hop") for s in store.get(trace_id.hex())]
     assert hops.count("kube-proxy") == 1, hops
     joiner.stop()
+
+
+NODE_A_PORT, NODE_B_PORT, CLIENT = "127.10.0.1:30090", "127.10.0.2:30090", "127.100.0.1"
+ECHO = "127.244.1.5:8080"
+
+
+def _node_port_rules() -> RuleSet:
+    """echo-local: NodePort 30090, externalTrafficPolicy Local, its one pod on node-a."""
+    ep = EndpointTarget("127.244.1.5", 8080, "echo-a", "node-a", True, True, False)
+    rules = {}
+    for node, address in (("node-a", NODE_A_PORT), ("node-b", NODE_B_PORT)):
+        ip, port = address.split(":")
+        rule = ServiceRule(
+            "lab", "echo-local", None, ip, int(port), "TCP", "NodePort", None, (ep,),
+            kind="node-port", node=node, external_traffic_policy="Local",
+        )  # fmt: skip
+        rules[rule.key] = rule
+    return RuleSet(1, rules, {})
+
+
+def _client(start: int, upstream: str, local: str | None) -> tuple[Span, dict[str, Any]]:
+    """The traffic generator's span, as it tags its connection."""
+    span = Span(span_id=b"\x05" * 8, name="client GET /", kind=Span.SPAN_KIND_CLIENT)
+    span.start_time_unix_nano, span.end_time_unix_nano = start, start + 10_000_000
+    attrs = {
+        "hopscope.hop": "client",
+        "client.address": CLIENT,
+        "hopscope.upstream.address": upstream,
+    }
+    if local:
+        attrs["hopscope.upstream.local_address"] = local
+    else:
+        span.status.code = Status.STATUS_CODE_ERROR
+    return span, attrs
+
+
+def test_an_external_client_through_a_node_port_is_joined_at_a_pod_without_sidecar(
+    tmp_path: Path,
+) -> None:
+    store = TraceStore(registry=CollectorRegistry())
+    joiner = KernelHopJoiner(
+        store.add_export, _node_port_rules, tmp_path / "f.sock", registry=CollectorRegistry()
+    )
+    store.span_hooks.append(joiner.on_spans)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    local = f"{CLIENT}:50000"
+    joiner.add_flow(
+        "node-a", Flow(7, "new", "tcp", local, NODE_A_PORT, ECHO, local, IPS_DST_NAT, t0 + 300_000)
+    )
+    app = Span(span_id=b"\x06" * 8, parent_span_id=b"\x05" * 8, kind=Span.SPAN_KIND_SERVER)
+    app.start_time_unix_nano, app.end_time_unix_nano = t0 + 1_000_000, t0 + 2_000_000
+    app_attrs = {"hopscope.hop": "app", "network.peer.address": CLIENT, "network.peer.port": 50000}
+    store.add_export(_export(trace_id, [_client(t0, NODE_A_PORT, local), (app, app_attrs)]))
+    [hop] = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert hop.parent_span_id == "05" * 8
+    assert hop.attributes["hopscope.rule.kind"] == "node-port"
+    assert hop.attributes["hopscope.nat.snat"] is False  # Local: the pod sees the client
+    assert "KUBE-NODEPORTS" in hop.attributes["hopscope.rule.chains"]
+    assert hop.attributes["hopscope.endpoint.pod"] == "echo-a"
+    joiner.stop()
+
+
+def test_a_node_without_a_local_endpoint_drops_and_the_trace_says_so(tmp_path: Path) -> None:
+    store = TraceStore(registry=CollectorRegistry())
+    joiner = KernelHopJoiner(
+        store.add_export, _node_port_rules, tmp_path / "f.sock", registry=CollectorRegistry()
+    )
+    store.span_hooks.append(joiner.on_spans)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    prefix = "drop no-local-endpoints lab/echo-local"
+    joiner.add_deny("node-b", Logged(prefix, "tcp", f"{CLIENT}:50001", NODE_B_PORT, t0 + 100))
+    store.add_export(_export(trace_id, [_client(t0, NODE_B_PORT, None)]))
+    [hop] = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert hop.attributes["error.type"] == "no-local-endpoints"
+    assert hop.attributes["k8s.node.name"] == "node-b"
+    assert hop.status == "error" and "no local endpoints on node-b" in hop.status_message
+    joiner.stop()
+
+
+def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    gone = "127.244.2.99:8080"  # stale rules: DNAT to a pod that no longer exists
+    joiner.add_flow(
+        "node-a",
+        Flow(
+            9,
+            "new",
+            "tcp",
+            "127.244.1.2:41000",
+            VIP,
+            gone,
+            "127.244.1.2:41000",
+            IPS_DST_NAT,
+            t0 + 200,
+        ),
+    )
+    store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
+    [hop] = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert hop.attributes["error.type"] == "endpoint-unreachable"
+    assert hop.attributes["hopscope.nat.translated.dst"] == gone
+    assert "never answered" in hop.status_message
+    joiner.stop()
+
+
+def test_recent_list_counts_tell_a_new_client_from_a_sticky_one() -> None:
+    """``/proc/net/xt_recent/NAME`` as the kernel prints it: one timestamp per --set."""
+    from mesh.kernel.conntrack import recent_hits
+
+    lists = {
+        "KUBE-SEP-AAAA": "src=10.100.0.1 ttl: 64 last_seen: 4295 oldest_pkt: 3 4290, 4293, 4295\n"
+        "src=10.100.0.2 ttl: 64 last_seen: 4296 oldest_pkt: 1 4296\n",
+        "KUBE-SEP-BBBB": "src=10.100.0.12 ttl: 64 last_seen: 4297 oldest_pkt: 1 4297\n",
+    }
+    assert recent_hits(lists, "10.100.0.1") == {"KUBE-SEP-AAAA": 3}
+    assert recent_hits(lists, "10.100.0.2") == {"KUBE-SEP-AAAA": 1}  # not 10.100.0.12's
+    assert recent_hits(lists, "10.100.0.9") == {}

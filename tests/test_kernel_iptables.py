@@ -239,6 +239,16 @@ def test_external_traffic_policy_local_keeps_to_node_endpoints() -> None:
     assert len(drops) == 2 and all(line.endswith("-j DROP") for line in drops)
     assert all('"shop/web:http has no local endpoints"' in line for line in drops)
 
+    # Asked to, a node logs each such drop first (NFLOG), so the trace can name it.
+    logged = ProxyNode("node-c", drop_log_group=5)
+    doc_log = IptablesRenderer().render(_rules(*_web("Local", eps), lb), logged)
+    lines = _chain(doc_log, "filter", "KUBE-EXTERNAL-SERVICES")
+    assert [line.rsplit(" -j ", 1)[1].split()[0] for line in lines] == [
+        "NFLOG", "DROP", "NFLOG", "DROP",
+    ]  # fmt: skip
+    assert '--nflog-group 5 --nflog-prefix "drop no-local-endpoints shop/web:http"' in lines[0]
+    assert "-d 10.200.0.1 --dport 80" in lines[0] and "--dst-type LOCAL" in lines[2]
+
 
 def test_terminating_endpoints_only_when_none_is_ready() -> None:
     ready = _endpoint("10.244.1.2")

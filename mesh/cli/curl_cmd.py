@@ -54,6 +54,8 @@ class Target:
     server_name: str = ""
     tls_info: dict[str, str] = field(default_factory=dict)
     """What the handshake agreed (version, cipher, the server's certificate), once sent."""
+    tag_connection: bool = False
+    """Put the connection's own tuple on the client span (a request from outside)."""
 
 
 EXIT_TLS_HANDSHAKE = 35
@@ -204,6 +206,15 @@ def send_request(
         conn.request(
             method, t.path, body=body, headers={"Host": t.host_header, **t.extra_headers, **headers}
         )
+        if t.tag_connection and conn.sock is not None:
+            # as the traffic generator does: the kernel data path joins conntrack by it
+            local = conn.sock.getsockname()
+            otel_trace.get_current_span().set_attributes(
+                {
+                    "hopscope.upstream.local_address": f"{local[0]}:{local[1]}",
+                    "hopscope.upstream.address": f"{t.connect_ip}:{t.connect_port}",
+                }
+            )
         resp = conn.getresponse()
         return resp.status, resp.reason, resp.read(), dict(resp.getheaders())
     finally:
@@ -307,6 +318,7 @@ def curl(
         netns = _kernel_pod_netns(pod, lookup[0])
     else:
         target = _outside_target(url, state, tls)
+        target.tag_connection = True
     provider = _tracer_provider()
     tracer = provider.get_tracer("hopscope.cli")
     with tracer.start_as_current_span(f"client {method} {url}", kind=SpanKind.CLIENT) as span:

@@ -13,6 +13,10 @@ One Flask app serves everything on ``CONTROL_PLANE_IP:CONTROL_PLANE_PORT``:
   stops it alone (to watch telemetry loss being counted), ``true`` starts it again.
 * ``GET  /api/v1/traces`` and ``/api/v1/traces/<id>`` — recent traces, one trace's hops
   (``<id>``: the hex trace id or a prefix of it).
+* ``GET  /api/v1/namespaces/<ns>/pods/<name>:<port>/proxy/<path>`` — a GET to a pod's
+  port, relayed from the control plane (``kubectl get --raw`` of the API server's pod
+  proxy): how the host reaches a sidecar's admin page where pod addresses are inside
+  network namespaces. Needs the API token.
 * ``GET  /metrics`` — the control plane's own Prometheus metrics.
 """
 
@@ -233,6 +237,37 @@ def one_trace(trace_id: str) -> Response:
     view = trace_view(matches[0], spans)
     view["spans"] = [s.to_dict() for s in spans]
     return jsonify(view)
+
+
+POD_PROXY_TIMEOUT_S = 5.0
+
+
+@bp.get("/api/v1/namespaces/<namespace>/pods/<pod_port>/proxy/")
+@bp.get("/api/v1/namespaces/<namespace>/pods/<pod_port>/proxy/<path:path>")
+def pod_proxy(namespace: str, pod_port: str, path: str = "") -> Response:
+    """The API server's pod proxy, GET only: ``<name>:<port>`` of a Running pod."""
+    import requests
+
+    guard: Guard | None = current_app.config["GUARD"]
+    if guard is not None and not guard.authorised():
+        raise APIError(401, "the pod proxy needs the API token")
+    name, _, port = pod_port.rpartition(":")
+    if not name or not port.isdigit() or not 0 < int(port) < 65536:
+        raise APIError(400, f"{pod_port!r}: expected <pod name>:<port>")
+    cluster = current_app.config["CLUSTER"]
+    with cluster.lock:
+        pod = next(
+            (p for p in cluster.state.pods if p.namespace == namespace and p.name == name), None
+        )
+    if pod is None or not pod.ip:
+        raise APIError(404, f"pod {namespace}/{name} not found or has no IP")
+    url = f"http://{pod.ip}:{port}/{path}"
+    try:
+        upstream = requests.get(url, params=request.args.to_dict(), timeout=POD_PROXY_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise APIError(502, f"pod {namespace}/{name} port {port}: {exc}") from None
+    content_type = upstream.headers.get("Content-Type", "application/octet-stream")
+    return Response(upstream.content, upstream.status_code, content_type=content_type)
 
 
 @bp.post("/api/v1/pods/<namespace>/<name>/<action>")

@@ -76,6 +76,9 @@ class Flow:
     """The TCP state (``ESTABLISHED``, ``TIME_WAIT``, …) for TCP entries of a dump."""
     timeout: int | None = None
     """Seconds until the entry expires unless more packets come (table dumps)."""
+    recent: dict[str, int] | None = None
+    """For a new DNATed flow whose client is in ``recent`` lists (ClientIP affinity): list
+    name (the endpoint chain) -> connections it recorded for the client, this one included."""
 
     @property
     def translated_dst(self) -> str:
@@ -340,6 +343,19 @@ def table(netns: str | None) -> list[Flow]:
     return sorted(flows, key=lambda f: (f.start_ns or 0, f.id))
 
 
+def recent_hits(lists: dict[str, str], client_ip: str) -> dict[str, int]:
+    """How many packets each ``xt_recent`` list (``/proc/net/xt_recent/NAME``) recorded for
+    ``client_ip``: its timestamps after ``oldest_pkt``."""
+    wanted = f"src={client_ip} "
+    hits = {}
+    for name, text in lists.items():
+        for line in text.splitlines():
+            if line.startswith(wanted):
+                _, _, stamps = line.partition("oldest_pkt: ")
+                hits[name] = len(stamps.split(" ", 1)[1].split(",")) if " " in stamps else 1
+    return hits
+
+
 def service_flow_attributes(
     flow: Flow, rules: RuleSet, node: ProxyNode | None = None
 ) -> dict[str, Any] | None:
@@ -391,7 +407,11 @@ def service_flow_attributes(
         attrs["hopscope.endpoint.pod"] = endpoint.pod
         attrs["hopscope.endpoint.node"] = endpoint.node
     if rule.session_affinity == "ClientIP":
-        attrs["hopscope.lb.affinity"] = "ClientIP"
+        # the endpoint chain's recent list: this client's first connection, or a later one
+        seen = (flow.recent or {}).get(endpoint_chain(name, protocol, flow.translated_dst))
+        attrs["hopscope.lb.affinity"] = (
+            "ClientIP" if seen is None else "ClientIP (new)" if seen <= 1 else "ClientIP (sticky)"
+        )
     if rule.kind != "cluster-ip":
         attrs["hopscope.traffic_policy"] = rule.external_traffic_policy
     return attrs

@@ -24,6 +24,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from mesh import addresses
 
 log = logging.getLogger("hopscope.forward")
 
@@ -117,18 +120,29 @@ def listener_in(endpoint: Endpoint, backlog: int = 512) -> socket.socket:
 
 
 async def open_in(
-    endpoint: Endpoint, timeout: float = 5.0
+    endpoint: Endpoint, timeout: float = 5.0, source: tuple[str, int] | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to ``endpoint`` from inside its namespace."""
+    """Connect to ``endpoint`` from inside its namespace (from ``source`` if given: its
+    port if free, else any)."""
     sock = socket_in(endpoint.netns)
     sock.setblocking(False)
     try:
+        if source is not None:
+            _bind_source(sock, source)
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(loop.sock_connect(sock, (endpoint.host, endpoint.port)), timeout)
     except BaseException:
         sock.close()
         raise
     return await asyncio.open_connection(sock=sock)
+
+
+def _bind_source(sock: socket.socket, source: tuple[str, int]) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(source)
+    except OSError:
+        sock.bind((source[0], 0))
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -145,9 +159,12 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class Forwarder:
     """Accepts on one endpoint and relays each connection to another."""
 
-    def __init__(self, listen: Endpoint, target: Endpoint) -> None:
+    def __init__(self, listen: Endpoint, target: Endpoint, clients: bool = False) -> None:
         self.listen = listen
         self.target = target
+        self.clients = clients
+        """Connect from the client's inner address (:func:`addresses.kernel_client_address`)
+        and port, so the pod sees which external client it serves."""
         self.connections = 0
         self.failures = 0
         self._server: asyncio.Server | None = None
@@ -157,8 +174,13 @@ class Forwarder:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        source = None
+        if self.clients:
+            peer = writer.get_extra_info("peername")
+            inner = addresses.kernel_client_address(peer[0]) if peer else ""
+            source = (inner, peer[1]) if peer and inner != peer[0] else None
         try:
-            up_reader, up_writer = await open_in(self.target)
+            up_reader, up_writer = await open_in(self.target, source=source)
         except (TimeoutError, OSError) as exc:
             self.failures += 1
             log.warning(
@@ -183,6 +205,77 @@ class Forwarder:
             await self._server.wait_closed()
 
 
+class ServiceForwards:
+    """Forwarders that follow the cluster's Services: each NodePort on each node's host
+    address (:data:`addresses.HOST_NODE_IPS`), and each LoadBalancer address, to the node
+    inside (a cloud load balancer sends to a node's NodePort, preferring nodes with a local
+    endpoint when ``externalTrafficPolicy: Local``). Clients keep their identity
+    (``clients=True``)."""
+
+    def __init__(self, api: str, host_netns: str) -> None:
+        self.api = api
+        self.host_netns = host_netns
+        self.active: dict[Endpoint, Forwarder] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        from mesh.model.watch import StateWatcher
+
+        self._loop = asyncio.get_running_loop()
+        StateWatcher(self.api, self._on_state).start()
+
+    def _on_state(self, state: Any) -> None:
+        assert self._loop is not None
+        wanted = service_forwards(state, self.host_netns)
+        asyncio.run_coroutine_threadsafe(self.apply(wanted), self._loop)
+
+    async def apply(self, wanted: dict[Endpoint, Endpoint]) -> None:
+        for listen in list(self.active):
+            if wanted.get(listen) != self.active[listen].target:
+                await self.active.pop(listen).close()
+        for listen, target in wanted.items():
+            if listen in self.active:
+                continue
+            forwarder = Forwarder(listen, target, clients=True)
+            try:
+                await forwarder.start()
+            except OSError as exc:
+                log.warning("cannot forward", extra={"listen": str(listen), "error": str(exc)})
+                continue
+            self.active[listen] = forwarder
+            log.info("forwarding", extra={"listen": str(listen), "target": str(target)})
+
+
+def service_forwards(state: Any, host_netns: str) -> dict[Endpoint, Endpoint]:
+    """Host address → node address for every NodePort and LoadBalancer port of ``state``."""
+    wanted: dict[Endpoint, Endpoint] = {}
+    ready_nodes: dict[tuple[str, str], set[str]] = {}
+    for eps in state.endpoint_slices:
+        nodes = ready_nodes.setdefault((eps.namespace, eps.service), set())
+        nodes.update(e.node for e in eps.endpoints if e.ready and e.node)
+    for svc in state.services:
+        if svc.type not in ("NodePort", "LoadBalancer"):
+            continue
+        local = svc.external_traffic_policy == "Local"
+        with_endpoint = ready_nodes.get((svc.namespace, svc.name), set())
+        lb_node = next(
+            (n for n in addresses.NODE_IPS if not local or n in with_endpoint),
+            next(iter(addresses.NODE_IPS)),
+        )
+        for port in svc.ports:
+            if not port.node_port or port.protocol != "TCP":
+                continue
+            for node, host_ip in addresses.HOST_NODE_IPS.items():
+                target = Endpoint(None, addresses.NODE_IPS[node], port.node_port)
+                wanted[Endpoint(host_netns, host_ip, port.node_port)] = target
+            for lb_ip in svc.load_balancer_ingress:
+                if lb_ip == addresses.INGRESS_IP:
+                    continue  # the ingress controller's address has its own forwarder
+                target = Endpoint(None, addresses.NODE_IPS[lb_node], port.node_port)
+                wanted[Endpoint(host_netns, lb_ip, port.port)] = target
+    return wanted
+
+
 def parse_rule(text: str) -> tuple[Endpoint, Endpoint]:
     listen, sep, target = text.partition("=")
     if not sep:
@@ -190,10 +283,17 @@ def parse_rule(text: str) -> tuple[Endpoint, Endpoint]:
     return Endpoint.parse(listen), Endpoint.parse(target)
 
 
-async def serve(rules: list[tuple[Endpoint, Endpoint]], ready: asyncio.Event | None = None) -> None:
-    forwarders = [Forwarder(listen, target) for listen, target in rules]
+async def serve(
+    rules: list[tuple[Endpoint, Endpoint]],
+    ready: asyncio.Event | None = None,
+    services: ServiceForwards | None = None,
+    clients: frozenset[Endpoint] = frozenset(),
+) -> None:
+    forwarders = [Forwarder(listen, target, listen in clients) for listen, target in rules]
     for forwarder in forwarders:
         await forwarder.start()
+    if services is not None:
+        services.start()
     print("forwarding " + ", ".join(f"{f.listen} -> {f.target}" for f in forwarders), flush=True)
     if ready is not None:
         ready.set()
@@ -207,16 +307,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "rules", nargs="+", metavar="LISTEN=TARGET", help="[NETNS/]IP:PORT=[NETNS/]IP:PORT"
     )
+    parser.add_argument(
+        "--services",
+        metavar="API_URL",
+        help="also forward every NodePort and LoadBalancer port of the cluster behind this API",
+    )
+    parser.add_argument(
+        "--host-netns",
+        metavar="NAME",
+        help="the namespace the --services forwarders listen in (the user's)",
+    )
+    parser.add_argument(
+        "--clients",
+        action="append",
+        default=[],
+        metavar="LISTEN",
+        help="a listening endpoint whose clients keep their address (may repeat)",
+    )
     args = parser.parse_args(argv)
     try:
         rules = [parse_rule(r) for r in args.rules]
+        clients = frozenset(Endpoint.parse(c) for c in args.clients)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.services and not args.host_netns:
+        parser.error("--services needs --host-netns")
     from telemetry.logs import setup_json_logging
 
     setup_json_logging({"component": "forward"})
     try:
-        asyncio.run(serve(rules))
+        services = ServiceForwards(args.services, args.host_netns) if args.services else None
+        asyncio.run(serve(rules, services=services, clients=clients))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -53,6 +53,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from mesh import addresses
 from mesh.hopattributes import DATAPLANE
 from mesh.kernel.conntrack import IPS_DST_NAT, Flow, Logged, service_flow_attributes
+from mesh.kernel.iptables import NO_LOCAL_PREFIX
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
@@ -118,6 +119,9 @@ class KernelHopJoiner:
         self.state = state
         self._flows: OrderedDict[tuple[str, str], _NodeFlow] = OrderedDict()
         """(original src, original dst) -> the newest flow with that tuple."""
+        self._attempts: dict[tuple[str, str], deque[_NodeFlow]] = {}
+        """(client IP, original destination) -> its newest flows: a caller whose connect
+        failed knows no local port, only when it tried."""
         self._denies: OrderedDict[str, tuple[str, Logged]] = OrderedDict()
         self._denies_by_ip: dict[str, deque[tuple[str, Logged]]] = {}
         """Source ``ip:port`` -> the node and packet its policy rules dropped."""
@@ -197,21 +201,35 @@ class KernelHopJoiner:
                 return
             if flow.protocol != "tcp" or not (flow.dnat or flow.snat):
                 return
-            self._flows[key] = _NodeFlow(node, flow)
+            self._flows[key] = known = _NodeFlow(node, flow)
             self._flows.move_to_end(key)
+            if flow.event == "new" and flow.dnat:
+                attempt = (flow.original_src.rsplit(":", 1)[0], flow.original_dst)
+                self._attempts.setdefault(attempt, deque(maxlen=32)).append(known)
             while len(self._flows) > MAX_FLOWS:
                 self._flows.popitem(last=False)
+
+    def _attempt_near(self, out: _Outbound) -> _NodeFlow | None:
+        """For a caller whose connect failed: the flow its SYN opened meanwhile (DNATed to an
+        endpoint that never answered)."""
+        if not out.local.endswith(":0"):
+            return None
+        margin = 5_000_000
+        for known in reversed(self._attempts.get((out.local[:-2], out.upstream), ())):
+            if out.start_ns - margin <= known.flow.seen_ns <= out.end_ns + margin:
+                return known
+        return None
 
     def _deny_near(self, out: _Outbound, rules: RuleSet | None) -> tuple[str, Logged] | None:
         """For a caller whose connect failed (no local port known): a packet dropped by
         policy from its pod, to the endpoint it was sent to, while it was trying."""
         if not out.local.endswith(":0"):
             return None
-        wanted = {out.upstream}
+        wanted = {out.upstream}  # a pod, or a node's NodePort kube-proxy dropped
         if out.kind == "service" and rules is not None:
             vip, port = out.upstream.rsplit(":", 1)
             rule = rules.rules.get((vip, int(port)))
-            wanted = {e.address for e in rule.endpoints} if rule is not None else set()
+            wanted |= {e.address for e in rule.endpoints} if rule is not None else set()
         margin = 5_000_000
         for node, logged in reversed(self._denies_by_ip.get(out.local[:-2], ())):
             if (
@@ -238,22 +256,37 @@ class KernelHopJoiner:
         for trace_id, span in spans:
             attrs = _string_attributes(span)
             hop = attrs.get("hopscope.hop")
-            caller = hop == "sidecar-outbound" or (
-                hop == "ingress" and span.kind == Span.SPAN_KIND_CLIENT  # its upstream attempt
+            client = hop == "client" and span.kind == Span.SPAN_KIND_CLIENT
+            caller = (
+                client
+                or hop == "sidecar-outbound"
+                or (
+                    hop == "ingress" and span.kind == Span.SPAN_KIND_CLIENT  # its upstream attempt
+                )
             )
             if caller and attrs.get(UPSTREAM):
                 failed = span.status.code == Status.STATUS_CODE_ERROR
                 local = attrs.get(UPSTREAM_LOCAL, "")
-                if not local and failed:
+                upstream = attrs[UPSTREAM]
+                if client:
+                    # an external client (NodePort, LoadBalancer) through the host's
+                    # forwarder, which keeps its port: its addresses inside the cluster
+                    if not local and failed and attrs.get("client.address"):
+                        local = f"{attrs['client.address']}:0"
+                    local, upstream = (
+                        addresses.cluster_side(local),
+                        addresses.cluster_side(upstream),
+                    )
+                elif not local and failed:
                     # the connect failed, so Envoy has no local address: the pod's, port 0
                     listener = attrs.get(DOWNSTREAM_LOCAL, "")
                     local = f"{listener.rsplit(':', 1)[0]}:0" if listener else ""
-                kind = _destination_kind(local, attrs[UPSTREAM]) if local else None
+                kind = _destination_kind(local, upstream) if local else None
                 if kind is None:
                     continue
                 out = _Outbound(
                     trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
-                    local, attrs[UPSTREAM], failed, kind,
+                    local, upstream, failed, kind,
                 )  # fmt: skip
                 key = (trace_id, span.span_id)
                 with self._lock:
@@ -261,10 +294,8 @@ class KernelHopJoiner:
                         continue  # an export sent twice (an exporter's retry)
                     self._pending[key] = out
                 found = True
-            elif hop == "sidecar-inbound" and attrs.get(DOWNSTREAM_REMOTE) and span.parent_span_id:
-                inbound = _Inbound(
-                    span.start_time_unix_nano, span.end_time_unix_nano, attrs[DOWNSTREAM_REMOTE]
-                )
+            elif span.parent_span_id and (remote := _callee_remote(hop, attrs, span)):
+                inbound = _Inbound(span.start_time_unix_nano, span.end_time_unix_nano, remote)
                 with self._lock:
                     self._inbound.setdefault((trace_id, span.parent_span_id), []).append(inbound)
                 found = True
@@ -292,8 +323,11 @@ class KernelHopJoiner:
                 deny = None
                 if out.failed:
                     deny = self._denies.get(out.local) or self._deny_near(out, rules)
+                    if flow is None and deny is None and out.kind == "service":
+                        flow = self._attempt_near(out)
                 complete = (
                     deny is not None
+                    or (out.failed and flow is not None and out.local.endswith(":0"))
                     or {
                         "service": flow is not None and inbound is not None,
                         "pod": inbound is not None,
@@ -343,6 +377,10 @@ class KernelHopJoiner:
             if known.closed_at is not None and now - known.closed_at > FLOW_RETENTION_S:
                 del self._flows[key]
         stale = now - 2 * JOIN_WAIT_S
+        for attempt, recent in list(self._attempts.items()):
+            closed = recent[-1].closed_at
+            if closed is not None and now - closed > FLOW_RETENTION_S:
+                del self._attempts[attempt]
         for span_key, spans in list(self._inbound.items()):
             if span_key not in self._pending and spans[-1].arrived < stale:
                 del self._inbound[span_key]
@@ -372,16 +410,27 @@ class KernelHopJoiner:
         attrs["hopscope.conntrack.state"] = "new" if opened else "established"
         attrs["k8s.node.name"] = known.node
         attrs[DATAPLANE] = "kernel"
+        unreachable = out.failed and inbound is None and out.local.endswith(":0")
         if inbound is not None:
             start = inbound.start_ns
             if opened:  # the connection's first packet went through the node before
                 start = max(out.start_ns, min(flow.seen_ns, inbound.start_ns))
             end = max(inbound.end_ns, start)
             result = "joined"
+        elif unreachable:
+            # DNATed, then nothing answered: a pod gone while the rules still name it
+            attrs["error.type"] = "endpoint-unreachable"
+            start, end, result = max(out.start_ns, flow.seen_ns), out.end_ns, "unreachable"
         else:
             start, end, result = out.start_ns, out.end_ns, "no_callee_span"
         name = f"kube-proxy {attrs['k8s.namespace.name']}/{attrs['k8s.service.name']}"
         hop = _span(out, name, start, end, attrs, out.failed and inbound is None)
+        if unreachable:
+            hop.status.message = (
+                f"DNAT to {flow.translated_dst} "
+                f"({attrs.get('hopscope.endpoint.pod') or 'no pod has that address now'}): "
+                "the SYN was never answered"
+            )
         spans = [hop]
         dst_node = str(attrs.get("hopscope.endpoint.node") or "")
         if dst_node and dst_node != known.node:
@@ -423,7 +472,7 @@ class KernelHopJoiner:
             "hopscope.overlay.dst_node": dst_node,
             "hopscope.overlay.outer.src": outer_src,
             "hopscope.overlay.outer.dst": outer_dst,
-            "hopscope.overlay.delay_ms": 0.0,
+            "hopscope.overlay.delay_ms": self._overlay_delay_ms(),
             "hopscope.nat.original.src": inner_src,
             "hopscope.nat.original.dst": inner_dst,
             "hopscope.nat.translated.src": outer_src,
@@ -471,6 +520,8 @@ class KernelHopJoiner:
         """The caller's connection was dropped by a node's NetworkPolicy rules: the
         kube-proxy hop that translated it (a Service call), then the policy hop."""
         node, logged = deny
+        if logged.prefix.startswith(NO_LOCAL_PREFIX):
+            return self._no_local_endpoints(out, node, logged, rules)
         spans: list[Span] = []
         parent = out.span_id
         if out.kind == "service":
@@ -517,6 +568,44 @@ class KernelHopJoiner:
         span.status.message = str(verdict.get("hopscope.policy.reason", "denied"))
         return [*spans, span], node, "denied"
 
+    def _no_local_endpoints(
+        self, out: _Outbound, node: str, logged: Logged, rules: RuleSet
+    ) -> tuple[list[Span], str, str]:
+        """External traffic to a node without a local endpoint of an
+        ``externalTrafficPolicy: Local`` Service: kube-proxy's filter rule dropped the SYN."""
+        ip, port = logged.dst.rsplit(":", 1)
+        rule = rules.rules.get((ip, int(port)))
+        if rule is None:
+            return [], node, "no_service"
+        attrs: dict[str, Any] = {
+            "hopscope.hop": rule.hop,
+            "k8s.service.name": rule.name,
+            "k8s.namespace.name": rule.namespace,
+            "k8s.node.name": node,
+            "hopscope.service.type": rule.service_type,
+            "hopscope.service.port": rule.port,
+            "hopscope.rule.kind": rule.kind,
+            "hopscope.traffic_policy": rule.external_traffic_policy,
+            "hopscope.nat.original.src": logged.src,
+            "hopscope.nat.original.dst": logged.dst,
+            "network.peer.address": logged.src.rsplit(":", 1)[0],
+            "network.protocol.name": logged.protocol,
+            "server.address": ip,
+            "server.port": int(port),
+            "error.type": "no-local-endpoints",
+            "hopscope.decision": f"{node} has no ready local endpoint: DROP",
+            "hopscope.rule.chains": ["INPUT", "KUBE-EXTERNAL-SERVICES"],
+            "hopscope.rule.nflog_prefix": logged.prefix,
+            DATAPLANE: "kernel",
+        }
+        name = f"kube-proxy {rule.namespace}/{rule.name} DROP (no local endpoints)"
+        span = _span(out, name, out.start_ns, out.end_ns, attrs, True)
+        span.status.message = (
+            f"Service {rule.namespace}/{rule.name} has no local endpoints on {node} "
+            "(externalTrafficPolicy: Local): the SYN was dropped"
+        )
+        return [span], node, "dropped"
+
     def _verdict(self, logged: Logged) -> dict[str, Any]:
         """The model's verdict for the dropped packet: which policies, which side, why."""
         from mesh.model.policy import PolicyEngine
@@ -531,6 +620,11 @@ class KernelHopJoiner:
         attrs = verdict.attributes()
         attrs["hopscope.policy.verdict"] = "deny"  # the kernel dropped it
         return attrs
+
+    def _overlay_delay_ms(self) -> float:
+        """The delay the CNI ConfigMap puts on the VXLAN devices (netem, by kube-proxy)."""
+        state = self.state()
+        return state.network.overlay_delay_ms if state is not None else 0.0
 
     def _pod_at(self, ip: str) -> str:
         state = self.state()
@@ -564,6 +658,20 @@ def _span(
     return span
 
 
+def _callee_remote(hop: str | None, attrs: dict[str, str], span: Span) -> str | None:
+    """The address a callee accepted its connection from: a sidecar's, or (a pod without
+    a sidecar) its app's peer."""
+    if hop == "sidecar-inbound":
+        return attrs.get(DOWNSTREAM_REMOTE) or None
+    if hop != "app" or span.kind != Span.SPAN_KIND_SERVER:
+        return None
+    peer = attrs.get("network.peer.address", "")
+    if not peer:
+        return None
+    port = next((kv.value.int_value for kv in span.attributes if kv.key == "network.peer.port"), 0)
+    return f"{peer}:{port}" if port else None
+
+
 def _string_attributes(span: Span) -> dict[str, str]:
     return {
         kv.key: kv.value.string_value for kv in span.attributes if kv.value.HasField("string_value")
@@ -573,6 +681,7 @@ def _string_attributes(span: Span) -> dict[str, str]:
 _SERVICES = ipaddress.ip_network(addresses.SERVICE_CIDR)
 _PODS = ipaddress.ip_network(addresses.POD_NETWORK_CIDR)
 _CLUSTER = [ipaddress.ip_network(c) for c in addresses.CLUSTER_CIDRS]
+_NODE_IPS = frozenset(addresses.NODE_IPS.values())
 
 
 def _destination_kind(local: str, upstream: str) -> str | None:
@@ -583,8 +692,8 @@ def _destination_kind(local: str, upstream: str) -> str | None:
         dst = ipaddress.ip_address(upstream.rsplit(":", 1)[0])
     except ValueError:
         return None
-    if dst in _SERVICES:
-        return "service"
+    if dst in _SERVICES or str(dst) in _NODE_IPS:
+        return "service"  # a ClusterIP, or a NodePort
     if dst in _PODS:
         src_node = addresses.node_for_ip(str(src))
         dst_node = addresses.node_for_ip(str(dst))

@@ -41,6 +41,8 @@ from mesh.kubeproxy.rules import EndpointTarget, RuleSet
 
 SERVICES = "KUBE-SERVICES"
 EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+NO_LOCAL_PREFIX = "drop no-local-endpoints"
+"""NFLOG prefix of packets dropped for want of a local endpoint (see ``drop_log_group``)."""
 NODEPORTS = "KUBE-NODEPORTS"
 FORWARD = "KUBE-FORWARD"
 FIREWALL = "KUBE-PROXY-FIREWALL"
@@ -299,6 +301,7 @@ class _ServicePortRules:
                     SERVICES, *_comment(f"{v.name} loadbalancer IP"), *match, "-j", self.ext
                 )
             if blocked:
+                self._log_drop(blocked[0], match)
                 self.filt.add(EXTERNAL_SERVICES, *_comment(blocked[1]), *match, "-j", blocked[0])
         if v.node_port:
             match = _port_match(v, None, v.node_port)
@@ -306,9 +309,19 @@ class _ServicePortRules:
                 self.nat.add(NODEPORTS, *_comment(v.name), *match, "-j", self.ext)
             if blocked:
                 local = "-m addrtype --dst-type LOCAL"
+                self._log_drop(blocked[0], [local, *match])
                 self.filt.add(
                     EXTERNAL_SERVICES, *_comment(blocked[1]), local, *match, "-j", blocked[0]
                 )
+
+    def _log_drop(self, target: str, match: list[str]) -> None:
+        """Before a DROP, an NFLOG copy of the packet when the node asks for one."""
+        group = self.node.drop_log_group
+        if group is None or target != "DROP":
+            return
+        prefix = f"{NO_LOCAL_PREFIX} {self.view.name}"[:63]
+        log = f'-j NFLOG --nflog-group {group} --nflog-prefix "{prefix}"'
+        self.filt.add(EXTERNAL_SERVICES, *match, log)
 
     def _external_chain(self) -> None:
         """Cluster policy: masquerade, then any endpoint. Local policy: keep the source

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -27,8 +28,17 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 from mesh import addresses
-from mesh.kernel.conntrack import ConntrackWatcher, Flow, nflog_socket, parse_nflog, table
-from mesh.kernel.iptables import IptablesRenderer
+from mesh.kernel.conntrack import (
+    ConntrackWatcher,
+    Flow,
+    nflog_socket,
+    parse_nflog,
+    recent_hits,
+    table,
+)
+from mesh.kernel.forward import in_netns
+from mesh.kernel.iptables import NO_LOCAL_PREFIX, IptablesRenderer
+from mesh.kernel.policy import NFLOG_GROUP
 from mesh.kernel.proxier import KernelProxier
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError
@@ -41,6 +51,8 @@ from mesh.otlp.grpc_logs import OTLP_GRPC_PORT
 log = logging.getLogger("kube-proxy")
 
 RESTORE = ("iptables-restore", "--noflush")
+XT_RECENT = "/proc/thread-self/net/xt_recent"
+"""The ``recent`` match's lists, of the network namespace of the thread reading them."""
 
 SYNC_DURATION = Histogram(
     "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -69,6 +81,12 @@ class KernelKubeProxy:
         self.synced_version: int | None = None
         self.synced_at: float | None = None
         self.last_error: str | None = None
+        self.overlay_delay_ms = 0.0
+        self.overlay_error: str | None = None
+        """Why the ConfigMap's ``overlayDelay`` could not be put on the VXLAN devices."""
+        self.paused = False
+        """Rule sync stopped (``POST /debug/sync?paused=true``): kube-proxy cut off from the
+        API server keeps the rules it has, as a real one does."""
         self._latest: ClusterState | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -86,6 +104,12 @@ class KernelKubeProxy:
         self._latest = state
         self._wake.set()
 
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        log.warning("rule sync " + ("paused" if paused else "resumed"))
+        if not paused:
+            self._wake.set()  # catch up with everything that changed meanwhile
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait()
@@ -93,7 +117,7 @@ class KernelKubeProxy:
             if self._stop.is_set():
                 return
             state = self._latest
-            if state is not None:
+            if state is not None and not self.paused:
                 self.sync(state)
             time.sleep(self.min_sync_period)
 
@@ -104,10 +128,15 @@ class KernelKubeProxy:
             for node in addresses.NODE_IPS:
                 proxier = self.proxiers.get(node)
                 if proxier is None:
-                    proxy_node = ProxyNode(node, cluster_cidr=addresses.POD_NETWORK_CIDR)
+                    proxy_node = ProxyNode(
+                        node,
+                        cluster_cidr=addresses.POD_NETWORK_CIDR,
+                        drop_log_group=NFLOG_GROUP,  # the trace names what was dropped
+                    )
                     proxier = self.proxiers[node] = KernelProxier(self.network, proxy_node)
                 proxier.sync(rules)
                 self._sync_policies(state, node)
+            self._sync_overlay_delay(state.network.overlay_delay_ms)
         except KernelNetworkError as exc:
             SYNC_FAILURES.inc()
             self.last_error = str(exc)
@@ -131,6 +160,34 @@ class KernelKubeProxy:
                 "ms": round(took * 1000, 2),
             },
         )
+
+    def _sync_overlay_delay(self, delay_ms: float) -> None:
+        """The CNI ConfigMap's ``overlayDelay`` as a netem qdisc on each node's VXLAN device
+        (a slow or congested underlay)."""
+        if delay_ms == self.overlay_delay_ms:
+            return
+        import subprocess
+
+        from mesh.kernel.topology import VXLAN_DEVICE
+
+        self.overlay_error = None
+        for node in addresses.NODE_IPS:
+            netns = self.network.node_netns(node)
+            tc = ["tc", "qdisc", "replace", "dev", VXLAN_DEVICE, "root", "netem"]
+            argv = [*tc, "delay", f"{delay_ms:g}ms"] if delay_ms else [
+                "tc", "qdisc", "del", "dev", VXLAN_DEVICE, "root",
+            ]  # fmt: skip
+            done = subprocess.run(
+                self.network.exec_argv(netns, argv), capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0 and delay_ms:
+                reason = done.stderr.strip() or f"tc exited {done.returncode}"
+                if "unknown" in reason.lower():
+                    reason = "this kernel has no netem qdisc (sch_netem)"
+                self.overlay_error = f"cannot delay {VXLAN_DEVICE} on {node}: {reason}"
+                log.error("overlay delay not applied", extra={"error": self.overlay_error})
+                return
+        self.overlay_delay_ms = delay_ms
 
     def _sync_policies(self, state: ClusterState, node: str) -> None:
         """The CNI's policy agent, beside kube-proxy: the node's NetworkPolicy rules."""
@@ -159,6 +216,12 @@ class KernelKubeProxy:
             "synced_version": self.synced_version,
             "synced_at": self.synced_at,
             "last_error": self.last_error,
+            "lastUpdated": self.synced_at,
+            "currentTime": time.time(),
+            "healthy": self.synced_version is not None and not self.paused,
+            "syncPaused": self.paused,
+            "overlayDelayMs": self.overlay_delay_ms,
+            "overlayDelayError": self.overlay_error,
         }
 
 
@@ -169,7 +232,7 @@ EVENTS = Counter(
 )
 DENIES = Counter(
     "hopscope_kernel_policy_denied_packets",
-    "Packets a node's NetworkPolicy rules dropped (NFLOG)",
+    "Packets a node's NetworkPolicy rules (or kube-proxy's no-local-endpoint rule) dropped",
     ["node"],
 )
 OVERRUNS = Counter(
@@ -199,9 +262,8 @@ class FlowReporter:
                 ).start()
 
     def _denies(self, node: str) -> None:
-        """Packets the node's NetworkPolicy rules dropped (their NFLOG group)."""
-        from mesh.kernel.policy import NFLOG_GROUP
-
+        """Packets the node's NetworkPolicy rules dropped, and external packets dropped for
+        want of a local endpoint (one NFLOG group, told apart by prefix)."""
         netns = self.network.node_netns(node)
         while not self._stop.is_set():
             try:
@@ -220,8 +282,11 @@ class FlowReporter:
                     logged = parse_nflog(data, time.time_ns())
                     DENIES.labels(node).inc(len(logged))
                     for packet in logged:
+                        no_local = packet.prefix.startswith(NO_LOCAL_PREFIX)
                         log.warning(
-                            "dropped by NetworkPolicy",
+                            "dropped: no local endpoint"
+                            if no_local
+                            else "dropped by NetworkPolicy",
                             extra={
                                 "node": node,
                                 "rule": packet.prefix,
@@ -263,12 +328,36 @@ class FlowReporter:
                 watcher.close()
 
     def _send(self, node: str, flows: list[Flow]) -> None:
+        flows = self._with_recent(node, flows)
         records = [
             {**dataclasses.asdict(f), "node": node}
             for f in flows
             if f.protocol == "tcp" and (f.dnat or f.snat or f.event == "destroy")
         ]
         self._post(records)
+
+    def _with_recent(self, node: str, flows: list[Flow]) -> list[Flow]:
+        """New DNATed flows with what the node's ``recent`` lists (ClientIP affinity) hold for
+        their client, read right after the rule that set them ran."""
+        if not any(f.event == "new" and f.dnat for f in flows):
+            return flows
+        lists: dict[str, str] = {}
+        with in_netns(self.network.node_netns(node)):
+            try:
+                for name in os.listdir(XT_RECENT):
+                    with open(os.path.join(XT_RECENT, name)) as fh:
+                        lists[name] = fh.read()
+            except OSError:
+                return flows  # no recent lists: no Service with affinity on this node
+        if not lists:
+            return flows
+        out = []
+        for flow in flows:
+            if flow.event == "new" and flow.dnat:
+                hits = recent_hits(lists, flow.original_src.rsplit(":", 1)[0])
+                flow = dataclasses.replace(flow, recent=hits) if hits else flow
+            out.append(flow)
+        return out
 
     def _post(self, records: list[dict[str, Any]]) -> None:
         for start in range(0, len(records), 200):
@@ -298,8 +387,15 @@ def admin_app(proxy: KernelKubeProxy) -> Callable[..., Iterable[bytes]]:
                 [("Content-Type", "application/json")],
             )
             return [body]
+        if path == "/debug/sync":
+            # POST ?paused=true|false: kube-proxy losing (or regaining) the API server
+            if environ.get("REQUEST_METHOD") == "POST":
+                proxy.set_paused("paused=true" in environ.get("QUERY_STRING", ""))
+            body = json.dumps({"paused": proxy.paused, "lastUpdated": proxy.synced_at}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /healthz or /metrics\n"]
+        return [b"not found: try /healthz, /metrics or /debug/sync\n"]
 
     return app
 

@@ -31,6 +31,9 @@ class ProxyNode:
     cluster_cidr: str | None = None
     """kube-proxy's ``--cluster-cidr`` (``detectLocalMode: ClusterCIDR``): sources inside it
     are pods. ``None`` renders no local-traffic rules, like a kube-proxy without a detector."""
+    drop_log_group: int | None = None
+    """An NFLOG group that also gets each packet dropped for having no local endpoint (a
+    hopscope addition: the trace can then name the drop; kube-proxy itself only drops)."""
     masquerade_bit: int = 14
     """``iptables.masqueradeBit``: the packet-mark bit that asks KUBE-POSTROUTING to SNAT."""
 

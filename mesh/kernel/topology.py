@@ -358,16 +358,18 @@ class KernelNetwork:
 
     def create_host(self, host_ip: str, local_addresses: tuple[str, ...] = ()) -> None:
         """The cluster host on the underlay at ``host_ip`` (every node's default gateway),
-        with ``local_addresses`` (/32 on ``lo``: the DNS VIP, the playground's internet
-        hosts) and a name for the caller's own namespace."""
+        with ``local_addresses`` (on ``lo``, /32 unless given: the DNS VIP, the
+        playground's internet hosts, the external clients' range) and a name for the
+        caller's own namespace."""
         if not self._exists(self.underlay_netns):
             self._create_underlay()
         self._create_netns(self.host_netns)
         self._plug_into_underlay(self.host_netns, "ul-host", host_ip)
         with self._ns(self.host_netns) as ipr:
             lo = _index(ipr, "lo")
-            for address in local_addresses:
-                ipr.addr("add", index=lo, address=address, prefixlen=32)
+            for address in local_addresses:  # a prefix on lo is local as a whole (AnyIP)
+                ip, _, prefixlen = address.partition("/")
+                ipr.addr("add", index=lo, address=ip, prefixlen=int(prefixlen or 32))
         done = subprocess.run(
             ["ip", "netns", "attach", self.root_netns, str(os.getpid())],
             capture_output=True,

@@ -57,7 +57,11 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
     try:
         network.create_host(
             addresses.CLUSTER_HOST_IP,
-            (addresses.DNS_SERVICE_IP, *addresses.EXTERNAL_HOSTS.values()),
+            (
+                addresses.DNS_SERVICE_IP,
+                *addresses.EXTERNAL_HOSTS.values(),
+                addresses.KERNEL_CLIENT_CIDR,
+            ),
         )
         enter_netns(network.host_netns)
     except (KernelNetworkError, OSError) as exc:
@@ -150,6 +154,7 @@ class KernelRuntime(LocalRuntime):
         api = f"{addresses.CONTROL_PLANE_CLIENT_HOST}:{addresses.CONTROL_PLANE_PORT}"
         otlp = f"{addresses.CONTROL_PLANE_CLIENT_HOST}:{OTLP_HTTP_PORT}"
         root, host = self.network.root_netns, addresses.CLUSTER_HOST_IP
+        admin = f"{KUBE_PROXY_METRICS_IP}:{addresses.KUBE_PROXY_METRICS_PORT}"
         rules = [
             f"{root}/{api}={api}",
             f"{root}/{otlp}={otlp}",
@@ -157,15 +162,18 @@ class KernelRuntime(LocalRuntime):
                 f"{root}/{addresses.INGRESS_IP}:{port}={addresses.INGRESS_IP}:{port}"
                 for port in (addresses.INGRESS_PORT, addresses.INGRESS_TLS_PORT)
             ),
+            # kube-proxy's /healthz, /metrics and /debug/sync where the host expects them
+            f"{root}/{admin}={admin}",
             f"{host}:{addresses.CONTROL_PLANE_PORT}={api}",
             f"{host}:{OTLP_HTTP_PORT}={otlp}",
         ]
         if self.host_log_sink is not None:
             port = self.host_log_sink.rsplit(":", 1)[1]
             rules.append(f"{host}:{port}={self.host_log_sink}")
-        self.processes.start(
-            FORWARD_PROCESS, [sys.executable, "-m", "mesh.kernel.forward", *rules], process_env()
-        )
+        argv = [sys.executable, "-m", "mesh.kernel.forward", *rules]
+        # NodePorts and LoadBalancer addresses follow the Services (clients keep their address)
+        argv += ["--services", f"http://{api}", "--host-netns", root]
+        self.processes.start(FORWARD_PROCESS, argv, process_env())
         # ready once the pods' side answers: the forwarder is up and relays to the API
         url = f"http://{host}:{addresses.CONTROL_PLANE_PORT}/metrics"
         return SystemComponent("host-forward", "forward", url, FORWARD_PROCESS)

@@ -132,8 +132,35 @@ class Context:
         except requests.RequestException as exc:
             raise ScenarioError(f"kube-proxy admin endpoint unavailable: {exc}") from None
 
+    def wait_overlay_delay(self, delay_ms: float, timeout: float = 10) -> None:
+        """On the kernel data path: until kube-proxy has put the delay on the VXLAN devices
+        (a netem qdisc), or says why it cannot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                health = requests.get(f"{KUBE_PROXY_ADMIN}/healthz", timeout=5).json()
+            except (requests.RequestException, ValueError) as exc:
+                raise ScenarioError(f"kube-proxy admin endpoint unavailable: {exc}") from None
+            if health.get("overlayDelayError"):
+                raise ScenarioError(
+                    f"{health['overlayDelayError']}; this scenario needs netem on the kernel "
+                    "data path (or run the cluster with `hopscope up --dataplane userspace`)"
+                )
+            if health.get("overlayDelayMs") == delay_ms:
+                return
+            time.sleep(0.2)
+        raise ScenarioError(f"kube-proxy did not apply the overlay delay within {timeout:g} s")
+
     def metrics(self, url: str) -> str:
         return requests.get(url, timeout=5).text
+
+    def pod_get(self, namespace: str, pod: str, port: int, path: str) -> str:
+        """A page of a pod's port (a sidecar's admin), through the API's pod proxy: pod
+        addresses are not reachable from the host on the kernel data path."""
+        return self.api.get_text(f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/{path}")
+
+    def dataplane(self) -> str:
+        return str(self.api.get("/api/v1/status").get("dataplane", "userspace"))
 
     # -- traffic ------------------------------------------------------------------------
 

@@ -460,8 +460,8 @@ class ExternalTrafficLocal(_Lab):
     story = (
         "The echo-local Service is a NodePort with externalTrafficPolicy: Local and one pod, "
         "on node-a. Through node-a the pod sees the real client address (no SNAT); through "
-        "node-b there is no local endpoint and kube-proxy refuses the connection — which is "
-        "why a cloud load balancer health-checks each node."
+        "node-b there is no local endpoint and kube-proxy drops the connection (the userspace "
+        "relay refuses it) — which is why a cloud load balancer health-checks each node."
     )
     breaks = "deploys the lab: echo-local (1 pod on node-a) behind NodePort 30090, Local"
     traffic = "5 requests to node-a:30090 and 5 to node-b:30090 from 127.100.0.1"
@@ -494,10 +494,13 @@ class ExternalTrafficLocal(_Lab):
             for span in spans_of(view, "kube-proxy"):
                 refused[span["attributes"].get("error.type", "")] += 1
         a_ok = all(o.status == 200 for o in a_out)
+        client = addresses.EXTERNAL_CLIENT_IP
+        if ctx.dataplane() == "kernel":  # the host's forwarder keeps one address per client
+            client = addresses.kernel_client_address(client)
         b_refused = all(o.status == 0 for o in b_out)
         ok = (
             a_ok
-            and peers == {addresses.EXTERNAL_CLIENT_IP}
+            and peers == {client}
             and snat == {False}
             and b_refused
             and refused["no-local-endpoints"] > 0
@@ -588,6 +591,8 @@ class CrossNodeLatency(Scenario):
         doc = copy.deepcopy(shipped_docs("cni.yaml", "ConfigMap", "hopscope-cni")[0])
         doc["data"]["overlayDelay"] = "50ms"
         ctx.apply([doc])
+        if ctx.dataplane() == "kernel":
+            ctx.wait_overlay_delay(50)
         ctx.send("/", 1)
 
     def drive(self, ctx: Context) -> list[Outcome]:
@@ -625,6 +630,14 @@ class CrossNodeLatency(Scenario):
                 if inner:
                     # time in the tunnel: the overlay hop minus what the pod behind it took
                     tunnel_ms.append(_ms(overlay[0]) - max(_ms(k) for k in inner))
+                elif overlay[0]["attributes"].get("hopscope.dataplane") == "kernel":
+                    # the kernel's hop spans the pod's own time: the tunnel's is what the
+                    # caller waited beyond it
+                    caller = next(
+                        (s for s in view["spans"] if s["span_id"] == kp["parent_span_id"]), None
+                    )
+                    if caller is not None:
+                        tunnel_ms.append(_ms(caller) - _ms(overlay[0]))
         if not tunnel_ms or not local_legs:
             return Finding(
                 False,

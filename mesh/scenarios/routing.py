@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh import addresses
-from mesh.cni.gateway import is_pod_ip
 from mesh.scenarios.base import BlameCheck, Context, Finding, ScenarioError, lab_docs, spans_of
 from mesh.scenarios.library import SCENARIOS, Scenario, _catalog_with, _reapply
 from mesh.traffic.engine import Outcome
@@ -394,11 +393,13 @@ class OutlierEjection(Scenario):
     def inject(self, ctx: Context) -> None:
         _with_v2(ctx, {"HOPSCOPE_FAULT_ERROR_RATE": "1"})
         ctx.apply([OUTLIER_RULE], self.name)
+        # the cluster's own pod addresses (this process may not share its address plan)
+        catalog_ips = {p.ip for p in ctx.pods("shop", "catalog")}
         until_outbound(
             ctx,
             lambda a: (
                 a.get("k8s.service.name") == "catalog"
-                and is_pod_ip(str(a.get("hopscope.upstream.address", "")).rpartition(":")[0])
+                and str(a.get("hopscope.upstream.address", "")).rpartition(":")[0] in catalog_ips
             ),
             "the catalog's pods as their hosts",
         )
@@ -422,10 +423,10 @@ class OutlierEjection(Scenario):
         # What each caller's Envoy says: the hosts it ejected (admin /clusters health flags).
         ejected_by = []
         for frontend in ctx.pods("shop", "frontend"):
-            admin = f"http://{frontend.ip}:{addresses.SIDECAR_ADMIN_PORT}/clusters"
+            clusters = ctx.pod_get("shop", frontend.name, addresses.SIDECAR_ADMIN_PORT, "clusters")
             flagged = [
                 line
-                for line in ctx.metrics(admin).splitlines()
+                for line in clusters.splitlines()
                 if f"::{bad_pod.ip}:" in line and "failed_outlier_check" in line
             ]
             if flagged:

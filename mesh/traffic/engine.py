@@ -149,7 +149,7 @@ class Generator:
         return self.rng.choices(self.mix, weights=[r.weight for r in self.mix])[0]
 
     async def run(self, on_tick: Callable[[Stats], None] | None = None) -> Stats:
-        connector = aiohttp.TCPConnector(
+        connector = _TaggingConnector(
             limit=self.concurrency,
             local_addr=(self.target.source_ip, 0),
             force_close=not self.reuse_connections,
@@ -206,6 +206,9 @@ class Generator:
                     "client.address": self.target.source_ip,
                     "server.address": self.target.connect_ip,
                     "server.port": self.target.connect_port,
+                    "hopscope.upstream.address": (
+                        f"{self.target.connect_ip}:{self.target.connect_port}"
+                    ),
                 }
             )
             trace_id = format(span.get_span_context().trace_id, "032x")
@@ -221,6 +224,9 @@ class Generator:
                 error = "timeout"
             except aiohttp.ClientError as exc:
                 error = _short_error(exc)
+            local = _TaggingConnector.local_of(session, headers)
+            if local:
+                span.set_attribute("hopscope.upstream.local_address", local)
             latency_us = int((loop.time() - due) * 1_000_000)
             if status:
                 span.set_attribute("http.response.status_code", status)
@@ -236,6 +242,32 @@ class Generator:
             return 0.0
         wall = (self.finished or time.time()) - self.started
         return (_cpu_seconds() - self._cpu_start) / wall if wall > 0 else 0.0
+
+
+class _TaggingConnector(aiohttp.TCPConnector):
+    """Remembers each request's connection's local address, by its ``traceparent``: the
+    client span carries it beside its destination, as Envoy tags its upstream calls, and the
+    kernel data path joins the node's conntrack entry by it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.local: dict[str, str] = {}
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        transport = conn.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        key = req.headers.get("traceparent")
+        if local and key:
+            self.local[key] = f"{local[0]}:{local[1]}"
+        return conn
+
+    @staticmethod
+    def local_of(session: aiohttp.ClientSession, headers: dict[str, str]) -> str | None:
+        connector = session.connector
+        if not isinstance(connector, _TaggingConnector):
+            return None
+        return connector.local.pop(headers.get("traceparent", ""), None)
 
 
 def _cpu_seconds() -> float:
