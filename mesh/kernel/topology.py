@@ -356,10 +356,13 @@ class KernelNetwork:
         there. Removing the name leaves the namespace itself alone."""
         return f"{self.prefix}-root"
 
-    def create_host(self, host_ip: str, local_addresses: tuple[str, ...] = ()) -> None:
+    def create_host(
+        self, host_ip: str, local_addresses: tuple[str, ...] = (), name_root: bool = True
+    ) -> None:
         """The cluster host on the underlay at ``host_ip`` (every node's default gateway),
         with ``local_addresses`` (/32 on ``lo``: the DNS VIP, the playground's internet
-        hosts) and a name for the caller's own namespace."""
+        hosts) and, if ``name_root``, a name for the caller's own namespace (a rootless
+        cluster's caller is not in the user's namespace: its port broker is)."""
         if not self._exists(self.underlay_netns):
             self._create_underlay()
         self._create_netns(self.host_netns)
@@ -368,6 +371,8 @@ class KernelNetwork:
             lo = _index(ipr, "lo")
             for address in local_addresses:
                 ipr.addr("add", index=lo, address=address, prefixlen=32)
+        if not name_root:
+            return
         done = subprocess.run(
             ["ip", "netns", "attach", self.root_netns, str(os.getpid())],
             capture_output=True,
@@ -442,7 +447,11 @@ def kernel_support() -> str | None:
     if not sys.platform.startswith("linux"):
         return "network namespaces need Linux"
     if os.geteuid() != 0:
-        return "creating named network namespaces needs root"
+        from mesh.kernel.rootless import userns_support
+
+        reason = userns_support()
+        if reason:
+            return f"not root, and {reason}"
     for tool in ("ip", "iptables", "iptables-restore"):
         if not shutil.which(tool):
             return f"{tool} is not installed (apt install iproute2 iptables)"

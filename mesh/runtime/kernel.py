@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from mesh import addresses
+from mesh.kernel.rootless import forward_args
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError, NodeNet, kernel_support
 from mesh.model.types import ClusterState, Pod
 from mesh.otlp import OTLP_HTTP_PORT
@@ -45,6 +46,7 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
     """Remove what a previous run left, create the underlay and the cluster host, and move
     this process into the cluster host's namespace (call it before any thread starts:
     threads and children inherit the namespace of the thread that made them)."""
+    from mesh.kernel import rootless
     from mesh.kernel.forward import enter_netns
 
     if addresses.PLAN != "kernel":
@@ -52,12 +54,19 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
     reason = kernel_support()
     if reason:
         raise KernelSetupError(f"the kernel data path cannot run here: {reason}")
+    is_rootless = rootless.broker_socket() is not None
+    if is_rootless:  # names only this user namespace sees, gone with it
+        try:
+            rootless.private_namespace_dirs()
+        except rootless.RootlessError as exc:
+            raise KernelSetupError(f"cannot set up the rootless cluster: {exc}") from None
     network = KernelNetwork(prefix=prefix)
     network.cleanup()
     try:
         network.create_host(
             addresses.CLUSTER_HOST_IP,
             (addresses.DNS_SERVICE_IP, *addresses.EXTERNAL_HOSTS.values()),
+            name_root=not is_rootless,
         )
         enter_netns(network.host_netns)
     except (KernelNetworkError, OSError) as exc:
@@ -163,9 +172,8 @@ class KernelRuntime(LocalRuntime):
         if self.host_log_sink is not None:
             port = self.host_log_sink.rsplit(":", 1)[1]
             rules.append(f"{host}:{port}={self.host_log_sink}")
-        self.processes.start(
-            FORWARD_PROCESS, [sys.executable, "-m", "mesh.kernel.forward", *rules], process_env()
-        )
+        argv = [sys.executable, "-m", "mesh.kernel.forward", *forward_args(root), *rules]
+        self.processes.start(FORWARD_PROCESS, argv, process_env())
         # ready once the pods' side answers: the forwarder is up and relays to the API
         url = f"http://{host}:{addresses.CONTROL_PLANE_PORT}/metrics"
         return SystemComponent("host-forward", "forward", url, FORWARD_PROCESS)
