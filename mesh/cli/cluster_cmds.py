@@ -81,7 +81,7 @@ def _validate(paths: list[Path]) -> None:
     show_default="userspace, or $HOPSCOPE_DATAPLANE",
     help="userspace: kube-proxy and the overlay are relay processes. kernel: nodes and pods "
     "are network namespaces; kube-proxy's iptables rules, conntrack, the bridge and VXLAN are "
-    "the kernel's (Linux, root).",
+    "the kernel's (Linux; root, or rootless in a user namespace).",
 )
 def up(
     paths: tuple[Path, ...],
@@ -308,7 +308,12 @@ def down(timeout: float) -> None:
     if pid is None:
         console.print("no hopscope cluster is running.")
         return
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise click.ClickException(
+            f"the running cluster (pid {pid}) belongs to another user; stop it as that user"
+        ) from None
     deadline = time.monotonic() + timeout
     with console.status(f"stopping the cluster (pid {pid})…"):
         while pid_alive(pid) and time.monotonic() < deadline:
