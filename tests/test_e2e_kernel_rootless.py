@@ -49,7 +49,13 @@ def _unsupported() -> str | None:
         return "needs root (to run the cluster as nobody)"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
-    probe = [PYTHON, "-c", "import mesh.cli, pyroute2, envoy"]
+    # as the cluster will: a process of nobody's starts the interpreter (setpriv itself
+    # may still reach a path nobody cannot)
+    child = "import mesh.cli, pyroute2, envoy"
+    probe = [
+        "sh", "-c", 'exec "$0" -c "import subprocess, sys; '
+        'subprocess.run([sys.executable, \'-c\', sys.argv[1]], check=True)" "$1"', PYTHON, child,
+    ]  # fmt: skip
     env = {"PATH": PATH, "PYTHONPATH": str(ROOT)}
     if why := _as_nobody(probe, env):
         return (
