@@ -81,7 +81,7 @@ def _validate(paths: list[Path]) -> None:
     show_default="userspace, or $HOPSCOPE_DATAPLANE",
     help="userspace: kube-proxy and the overlay are relay processes. kernel: nodes and pods "
     "are network namespaces; kube-proxy's iptables rules, conntrack, the bridge and VXLAN are "
-    "the kernel's (Linux, root).",
+    "the kernel's (Linux; root, or rootless in a user namespace).",
 )
 def up(
     paths: tuple[Path, ...],
@@ -98,7 +98,13 @@ def up(
 
         reason = kernel_support()
         if reason:
-            raise click.ClickException(f"--dataplane kernel cannot run here: {reason}")
+            console.print(
+                f"[yellow]--dataplane kernel cannot run here ({reason}): "
+                "using the userspace data path[/]",
+                markup=True,
+                soft_wrap=True,
+            )
+            dataplane = "userspace"
     _validate(manifests)
     _forwarding_env(otlp_endpoint)
     client = APIClient()
@@ -183,6 +189,10 @@ def _spawn(
     env = dict(os.environ)
     if dataplane == "kernel":
         env["HOPSCOPE_ADDRESS_PLAN"] = "kernel"
+        if os.geteuid() != 0:  # in a user namespace of its own, below the port broker
+            from mesh.kernel.rootless import runner_argv
+
+            argv = runner_argv(home, argv)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             argv,
@@ -298,7 +308,12 @@ def down(timeout: float) -> None:
     if pid is None:
         console.print("no hopscope cluster is running.")
         return
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise click.ClickException(
+            f"the running cluster (pid {pid}) belongs to another user; stop it as that user"
+        ) from None
     deadline = time.monotonic() + timeout
     with console.status(f"stopping the cluster (pid {pid})…"):
         while pid_alive(pid) and time.monotonic() < deadline:
@@ -307,8 +322,21 @@ def down(timeout: float) -> None:
     if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
         console.print(f"[yellow]control plane did not stop in {timeout:.0f}s; killed it[/]")
+    _wait_for_broker(home)
     (home / "controlplane.pid").unlink(missing_ok=True)
     console.print("cluster stopped.")
+
+
+def _wait_for_broker(home: Path, timeout: float = 10.0) -> None:
+    """A rootless cluster's port broker exits once it has cleared the cluster's user
+    namespace; wait for that, so nothing of the cluster runs when ``down`` returns."""
+    from mesh.kernel.rootless import broker_pid
+
+    pid = broker_pid(home)
+    deadline = time.monotonic() + timeout
+    while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.1)
 
 
 def _running_pid(home: Path) -> int | None:

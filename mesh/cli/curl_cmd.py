@@ -390,8 +390,10 @@ def _send(
 def _kernel_pod_netns(pod: Pod, resolver: Any) -> str | None:
     """On the kernel data path, the pod's network namespace (and its resolver pointed at the
     cluster DNS of that address plan); None on the userspace path."""
-    status = APIClient().get("/api/v1/status")
-    if status.get("dataplane") != "kernel":
+    from mesh.cli.kernel_cmds import kernel_status
+
+    status = kernel_status()
+    if status is None:
         return None
     host, _, port = str(status.get("cluster_dns", "")).rpartition(":")
     if host:

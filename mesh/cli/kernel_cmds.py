@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from typing import Any
 
 import click
@@ -24,9 +25,29 @@ USERSPACE_NOTE = (
 
 
 def kernel_status() -> dict[str, Any] | None:
-    """The running cluster's status if it runs the kernel data path, else None."""
+    """The running cluster's status if it runs the kernel data path, else None. A rootless
+    cluster's namespaces are reachable only from inside its user namespace: this command
+    then runs again there (:func:`enter_cluster`) and does not return."""
     status: dict[str, Any] = APIClient().get("/api/v1/status")
-    return status if status.get("dataplane") == "kernel" else None
+    if status.get("dataplane") != "kernel":
+        return None
+    enter_cluster(status)
+    return status
+
+
+def enter_cluster(status: dict[str, Any]) -> None:
+    """For a rootless cluster, run this same command again inside the control plane's user,
+    mount and network namespaces (as their root); nothing for a root cluster, or once inside."""
+    from mesh.kernel.rootless import INSIDE_ENV, enter_argv
+
+    if status.get("privileges") != "rootless" or os.environ.get(INSIDE_ENV):
+        return
+    if shutil.which("nsenter") is None:
+        raise click.ClickException("`nsenter` (util-linux) is not installed")
+    argv = enter_argv(int(status["pid"]), [sys.executable, "-m", "mesh.cli", *sys.argv[1:]])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, {**os.environ, INSIDE_ENV: "1"})
 
 
 def node_netns(status: dict[str, Any], node: str) -> str:

@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["userspace", "kernel"],
         default="userspace",
         help="userspace: kube-proxy and the overlay are relays; kernel: nodes and pods are "
-        "network namespaces with real netfilter rules, bridges and VXLAN (local runtime, root)",
+        "network namespaces with real netfilter rules, bridges and VXLAN (local runtime; root, "
+        "or root of a user namespace)",
     )
     parser.add_argument("--image", default="hopscope/hopscope", help="pod image (docker runtime)")
     parser.add_argument("--project", default="hopscope", help="label of the pod containers")

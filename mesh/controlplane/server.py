@@ -29,6 +29,7 @@ from mesh.controlplane.ingress import IngressController
 from mesh.controlplane.kubelet import Kubelet
 from mesh.controlplane.mesh import IDENTITY_DIR, MeshController
 from mesh.identity.ca import IdentityError
+from mesh.kernel.rootless import privileges
 from mesh.model.controllers import Cluster
 from mesh.model.manifests import load_manifests
 from mesh.otlp import OTLP_HTTP_PORT
@@ -280,6 +281,7 @@ class ControlPlane:
             "ingress": f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_PORT}",
             "dataplane": "kernel" if self.kernel_hops is not None else "userspace",
             "netns_prefix": self.kernel_network.prefix if self.kernel_network else None,
+            "privileges": privileges(),
             "cluster_dns": f"{addresses.DNS_SERVICE_IP}:{addresses.DNS_PORT}",
             "pid": os.getpid(),
             "started_at": self.started_at,

@@ -6,7 +6,9 @@ namespace: it switches its thread into the target namespace (``setns``) just lon
 create each socket (:func:`socket_in`). Nothing is added to the host's own network.
 
 ``python -m mesh.kernel.forward LISTEN=CONNECT ...`` runs forwarders until killed; each side
-is ``[NETNS/]IP:PORT`` (no ``NETNS/``: the process's own namespace). Bytes are copied both
+is ``[NETNS/]IP:PORT`` (no ``NETNS/``: the process's own namespace). A cluster without root
+cannot enter the user's namespace: ``--port-broker NETNS=SOCKET`` has the listeners there
+bound by the port broker of :mod:`mesh.kernel.rootless` instead. Bytes are copied both
 ways, with half-closes passed on; a target that refuses or cannot be reached closes the
 client's connection at once, and the forwarder keeps serving the others.
 """
@@ -33,6 +35,8 @@ log = logging.getLogger("hopscope.forward")
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 _switch = threading.Lock()
+_brokers: dict[str, str] = {}
+"""Namespace name -> the socket of the port broker that listens there (rootless clusters)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,21 @@ def socket_in(
         return socket.socket(family, kind, proto)
 
 
+def use_port_broker(netns: str, path: str) -> None:
+    """Listeners in ``netns`` come from the port broker at ``path`` from now on."""
+    _brokers[netns] = path
+
+
 def listener_in(endpoint: Endpoint, backlog: int = 512) -> socket.socket:
+    """A non-blocking socket listening on ``endpoint`` in its namespace (bound by the port
+    broker when one serves that namespace)."""
+    broker = _brokers.get(endpoint.netns or "")
+    if broker is not None:
+        from mesh.kernel.rootless import request_listener
+
+        sock = request_listener(broker, endpoint.host, endpoint.port, backlog)
+        sock.setblocking(False)
+        return sock
     sock = socket_in(endpoint.netns)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -324,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LISTEN",
         help="a listening endpoint whose clients keep their address (may repeat)",
     )
+    parser.add_argument(
+        "--port-broker",
+        action="append",
+        default=[],
+        metavar="NETNS=SOCKET",
+        help="listen in NETNS through the port broker at SOCKET (rootless clusters)",
+    )
     args = parser.parse_args(argv)
     try:
         rules = [parse_rule(r) for r in args.rules]
@@ -332,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.services and not args.host_netns:
         parser.error("--services needs --host-netns")
+    for spec in args.port_broker:
+        netns, sep, path = spec.partition("=")
+        if not sep or not netns or not path:
+            parser.error(f"--port-broker {spec!r}: expected NETNS=SOCKET")
+        use_port_broker(netns, path)
     from telemetry.logs import setup_json_logging
 
     setup_json_logging({"component": "forward"})

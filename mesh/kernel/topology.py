@@ -356,11 +356,14 @@ class KernelNetwork:
         there. Removing the name leaves the namespace itself alone."""
         return f"{self.prefix}-root"
 
-    def create_host(self, host_ip: str, local_addresses: tuple[str, ...] = ()) -> None:
+    def create_host(
+        self, host_ip: str, local_addresses: tuple[str, ...] = (), name_root: bool = True
+    ) -> None:
         """The cluster host on the underlay at ``host_ip`` (every node's default gateway),
         with ``local_addresses`` (on ``lo``, /32 unless given: the DNS VIP, the
-        playground's internet hosts, the external clients' range) and a name for the
-        caller's own namespace."""
+        playground's internet hosts, the external clients' range) and, if ``name_root``, a
+        name for the caller's own namespace (a rootless cluster's caller is not in the
+        user's namespace: its port broker is)."""
         if not self._exists(self.underlay_netns):
             self._create_underlay()
         self._create_netns(self.host_netns)
@@ -370,6 +373,8 @@ class KernelNetwork:
             for address in local_addresses:  # a prefix on lo is local as a whole (AnyIP)
                 ip, _, prefixlen = address.partition("/")
                 ipr.addr("add", index=lo, address=ip, prefixlen=int(prefixlen or 32))
+        if not name_root:
+            return
         done = subprocess.run(
             ["ip", "netns", "attach", self.root_netns, str(os.getpid())],
             capture_output=True,
@@ -444,7 +449,11 @@ def kernel_support() -> str | None:
     if not sys.platform.startswith("linux"):
         return "network namespaces need Linux"
     if os.geteuid() != 0:
-        return "creating named network namespaces needs root"
+        from mesh.kernel.rootless import userns_support
+
+        reason = userns_support()
+        if reason:
+            return f"not root, and {reason}"
     for tool in ("ip", "iptables", "iptables-restore"):
         if not shutil.which(tool):
             return f"{tool} is not installed (apt install iproute2 iptables)"

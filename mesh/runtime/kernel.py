@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from mesh import addresses
+from mesh.kernel.rootless import forward_args
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError, NodeNet, kernel_support
 from mesh.model.types import ClusterState, Pod
 from mesh.otlp import OTLP_HTTP_PORT
@@ -45,6 +46,7 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
     """Remove what a previous run left, create the underlay and the cluster host, and move
     this process into the cluster host's namespace (call it before any thread starts:
     threads and children inherit the namespace of the thread that made them)."""
+    from mesh.kernel import rootless
     from mesh.kernel.forward import enter_netns
 
     if addresses.PLAN != "kernel":
@@ -52,6 +54,12 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
     reason = kernel_support()
     if reason:
         raise KernelSetupError(f"the kernel data path cannot run here: {reason}")
+    is_rootless = rootless.broker_socket() is not None
+    if is_rootless:  # names only this user namespace sees, gone with it
+        try:
+            rootless.private_namespace_dirs()
+        except rootless.RootlessError as exc:
+            raise KernelSetupError(f"cannot set up the rootless cluster: {exc}") from None
     network = KernelNetwork(prefix=prefix)
     network.cleanup()
     try:
@@ -62,6 +70,7 @@ def enter_cluster_host(prefix: str = PREFIX) -> KernelNetwork:
                 *addresses.EXTERNAL_HOSTS.values(),
                 addresses.KERNEL_CLIENT_CIDR,
             ),
+            name_root=not is_rootless,
         )
         enter_netns(network.host_netns)
     except (KernelNetworkError, OSError) as exc:
@@ -170,7 +179,7 @@ class KernelRuntime(LocalRuntime):
         if self.host_log_sink is not None:
             port = self.host_log_sink.rsplit(":", 1)[1]
             rules.append(f"{host}:{port}={self.host_log_sink}")
-        argv = [sys.executable, "-m", "mesh.kernel.forward", *rules]
+        argv = [sys.executable, "-m", "mesh.kernel.forward", *forward_args(root), *rules]
         # NodePorts and LoadBalancer addresses follow the Services (clients keep their address)
         argv += ["--services", f"http://{api}", "--host-netns", root]
         self.processes.start(FORWARD_PROCESS, argv, process_env())
