@@ -11,6 +11,7 @@ unprivileged user namespaces; the module is skipped, saying which is missing, ot
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -44,20 +45,55 @@ def _as_nobody(argv: list[str], env: dict[str, str] | None = None, timeout: floa
     return "" if done.returncode == 0 else (lines[-1] if lines else f"exit {done.returncode}")
 
 
+def _cannot_run(python: str) -> str:
+    """Why ``nobody`` cannot run the project with ``python`` ('' when it can): probed as the
+    cluster will, a process of nobody's starting the interpreter (setpriv itself may still
+    reach a path nobody cannot)."""
+    child = "import mesh.cli, pyroute2, envoy"
+    probe = [
+        "sh", "-c", 'exec "$0" -c "import subprocess, sys; '
+        'subprocess.run([sys.executable, \'-c\', sys.argv[1]], check=True)" "$1"', python, child,
+    ]  # fmt: skip
+    return _as_nobody(probe, {"PATH": PATH, "PYTHONPATH": str(ROOT)})
+
+
+def _nobodys_interpreter() -> str | None:
+    """The test's interpreter often lives under root's home (pyenv): a venv of the system's
+    Python 3 of the same minor version, seeing this environment's packages, that nobody can
+    run; None if there is no such Python."""
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None:
+        return None
+    version = subprocess.run(
+        [system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
+    if version != str(tuple(sys.version_info[:2])):
+        return None
+    venv = Path(tempfile.mkdtemp(prefix="hopscope-rootless-python-"))
+    atexit.register(shutil.rmtree, venv, True)
+    os.chmod(venv, 0o755)
+    if subprocess.run([system, "-m", "venv", "--without-pip", str(venv)]).returncode != 0:
+        return None
+    site = next((p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()), None)
+    if site is None:
+        return None
+    [target] = list((venv / "lib").glob("python3*/site-packages"))
+    (target / "hopscope-test.pth").write_text(f"import site; site.addsitedir({site!r})\n")
+    return str(venv / "bin" / "python")
+
+
 def _unsupported() -> str | None:
+    global PYTHON
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         return "needs root (to run the cluster as nobody)"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
-    # as the cluster will: a process of nobody's starts the interpreter (setpriv itself
-    # may still reach a path nobody cannot)
-    child = "import mesh.cli, pyroute2, envoy"
-    probe = [
-        "sh", "-c", 'exec "$0" -c "import subprocess, sys; '
-        'subprocess.run([sys.executable, \'-c\', sys.argv[1]], check=True)" "$1"', PYTHON, child,
-    ]  # fmt: skip
-    env = {"PATH": PATH, "PYTHONPATH": str(ROOT)}
-    if why := _as_nobody(probe, env):
+    why = _cannot_run(PYTHON)
+    if why and "HOPSCOPE_TEST_ROOTLESS_PYTHON" not in os.environ:
+        other = _nobodys_interpreter()
+        if other is not None and not _cannot_run(other):
+            PYTHON, why = other, ""
+    if why:
         return (
             f"nobody cannot run {PYTHON} with {ROOT} ({why}); set "
             "HOPSCOPE_TEST_ROOTLESS_PYTHON to an interpreter with the project's packages "
