@@ -196,6 +196,42 @@ def test_vxlan_device_is_programmed_as_flannel_does(cluster: Cluster) -> None:
     assert "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink" in routes, routes
 
 
+def test_the_vxlan_packet_that_opens_a_connection_is_logged_with_its_outer_tuple(
+    cluster: Cluster,
+) -> None:
+    """kube-proxy's observer rule: the encapsulated SYN leaving node-a reaches NFLOG with
+    the outer UDP tuple (source port: the kernel's hash of the inner flow) and the inner
+    tuple it carries; later packets of the connection are not logged."""
+    if cluster.net.backend != "vxlan":
+        pytest.skip("VXLAN backend only")
+    from mesh.kernel.conntrack import nflog_socket, parse_nflog
+    from mesh.kernel.kubeproxy import NFLOG_COPY, VXLAN_LOG_CHAIN, vxlan_log_rules
+    from mesh.kernel.policy import NFLOG_GROUP
+
+    if VXLAN_LOG_CHAIN not in cluster.net.save("node-a", "filter"):
+        cluster.net.restore("node-a", ("iptables-restore", "--noflush"), vxlan_log_rules())
+    sock = nflog_socket(cluster.net.node_netns("node-a"), NFLOG_GROUP, copy_range=NFLOG_COPY)
+    try:
+        [reply] = cluster.connect("a1", "10.244.2.7", 8080)
+        sock.settimeout(2)
+        logged = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                logged += [d for d in parse_nflog(sock.recv(1 << 16), 0) if d.vni is not None]
+            except TimeoutError:
+                break
+    finally:
+        sock.close()
+    mine = [d for d in logged if d.inner_src == reply["local"]]
+    assert len(mine) == 1, logged  # the SYN only, not the rest of the connection
+    [syn] = mine
+    assert syn.vni == 1 and syn.inner_dst == "10.244.2.7:8080"
+    outer_ip, outer_port = syn.src.split(":")
+    assert outer_ip == "10.10.0.1" and 0 < int(outer_port) < 65536
+    assert syn.dst == "10.10.0.2:8472" and syn.protocol == "udp"
+
+
 def test_cluster_ip_is_dnat_keeping_the_clients_address_and_port(cluster: Cluster) -> None:
     replies = cluster.connect("a1", WEB, count=5)
     for reply in replies:

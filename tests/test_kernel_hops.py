@@ -303,3 +303,23 @@ def test_recent_list_counts_tell_a_new_client_from_a_sticky_one() -> None:
     assert recent_hits(lists, "10.100.0.1") == {"KUBE-SEP-AAAA": 3}
     assert recent_hits(lists, "10.100.0.2") == {"KUBE-SEP-AAAA": 1}  # not 10.100.0.12's
     assert recent_hits(lists, "10.100.0.9") == {}
+
+
+def test_the_overlay_hop_carries_the_outer_tuple_of_the_logged_vxlan_packet(
+    tmp_path: Path,
+) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    joiner.add_flow("node-a", _flow(t0 + 500_000))
+    syn = Logged("vxlan", "udp", "127.10.0.1:43210", "127.10.0.2:8472", t0, 1, CALLER, ENDPOINT)
+    joiner.add_tunnel(syn)
+    store.add_export(_export(trace_id, [_outbound(t0), _inbound(t0 + 1_000_000)]))
+    [overlay] = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "cni-overlay"
+    ]
+    assert overlay.attributes["hopscope.overlay.outer.src"] == "127.10.0.1:43210"
+    assert overlay.attributes["hopscope.nat.translated.src"] == "127.10.0.1:43210"
+    assert overlay.attributes["hopscope.overlay.outer.dst"] == "127.10.0.2:8472"
+    joiner.stop()

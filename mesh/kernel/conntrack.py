@@ -18,6 +18,7 @@ matched) by looking the original destination up in the rule set the node was syn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -478,6 +479,11 @@ class Logged:
     src: str
     dst: str
     seen_ns: int
+    vni: int | None = None
+    """For a VXLAN packet (UDP to :data:`VXLAN_UDP_PORT`): its network identifier, and the
+    tuple of the packet it carries."""
+    inner_src: str | None = None
+    inner_dst: str | None = None
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -532,13 +538,39 @@ def parse_nflog(data: bytes, seen_ns: int) -> list[Logged]:
             sec, usec = struct.unpack_from(">QQ", data, stamp[0])
             when = sec * 1_000_000_000 + usec * 1000 or seen_ns
         text = data[prefix[0] : prefix[1]].rstrip(b"\0").decode(errors="replace") if prefix else ""
-        out.append(
-            Logged(
-                text,
-                PROTOCOLS[packet[9]],
-                f"{socket.inet_ntoa(packet[12:16])}:{sport}",
-                f"{socket.inet_ntoa(packet[16:20])}:{dport}",
-                when,
-            )
+        logged = Logged(
+            text,
+            PROTOCOLS[packet[9]],
+            f"{socket.inet_ntoa(packet[12:16])}:{sport}",
+            f"{socket.inet_ntoa(packet[16:20])}:{dport}",
+            when,
         )
+        if packet[9] == 17 and dport == VXLAN_UDP_PORT:
+            logged = _with_vxlan_inner(logged, packet, ihl + 8)
+        out.append(logged)
     return out
+
+
+VXLAN_UDP_PORT = 8472
+"""flannel's VXLAN port (the IANA port is 4789)."""
+
+
+def _with_vxlan_inner(logged: Logged, packet: bytes, at: int) -> Logged:
+    """``logged`` with the VXLAN header's VNI and the inner IPv4 TCP/UDP tuple, when the
+    copied bytes hold them (8 bytes VXLAN, 14 Ethernet, the inner IP and ports)."""
+    inner = at + 8 + 14
+    if len(packet) < inner + 20 or not packet[at] & 0x08:  # the I flag: a valid VNI
+        return logged
+    vni = int.from_bytes(packet[at + 4 : at + 7], "big")
+    if packet[inner - 2 : inner] != b"\x08\x00" or packet[inner] >> 4 != 4:
+        return logged
+    ihl = (packet[inner] & 0x0F) * 4
+    if packet[inner + 9] not in (6, 17) or len(packet) < inner + ihl + 4:
+        return logged
+    sport, dport = struct.unpack_from(">HH", packet, inner + ihl)
+    return dataclasses.replace(
+        logged,
+        vni=vni,
+        inner_src=f"{socket.inet_ntoa(packet[inner + 12 : inner + 16])}:{sport}",
+        inner_dst=f"{socket.inet_ntoa(packet[inner + 16 : inner + 20])}:{dport}",
+    )

@@ -67,6 +67,8 @@ JOIN_WAIT_S = 5.0
 FLOW_RETENTION_S = 60.0
 """How long a closed connection's flow stays joinable (spans arrive in batches, late)."""
 MAX_FLOWS = 200_000
+MAX_TUNNELS = 20_000
+"""VXLAN packets kept for their outer tuple (one per connection that crossed nodes)."""
 UPSTREAM_LOCAL = "hopscope.upstream.local_address"
 UPSTREAM = "hopscope.upstream.address"
 DOWNSTREAM_REMOTE = "hopscope.downstream.remote_address"
@@ -119,6 +121,8 @@ class KernelHopJoiner:
         self.state = state
         self._flows: OrderedDict[tuple[str, str], _NodeFlow] = OrderedDict()
         """(original src, original dst) -> the newest flow with that tuple."""
+        self._tunnels: OrderedDict[tuple[str, str], Logged] = OrderedDict()
+        """(inner src, inner dst) -> the VXLAN packet that carried the connection's SYN."""
         self._attempts: dict[tuple[str, str], deque[_NodeFlow]] = {}
         """(client IP, original destination) -> its newest flows: a caller whose connect
         failed knows no local port, only when it tried."""
@@ -181,8 +185,11 @@ class KernelHopJoiner:
                 records = json.loads(data)
                 for record in records:
                     node = record.pop("node")
-                    if record.pop("kind", "flow") == "deny":
+                    kind = record.pop("kind", "flow")
+                    if kind == "deny":
                         self.add_deny(node, Logged(**record))
+                    elif kind == "vxlan":
+                        self.add_tunnel(Logged(**record))
                     else:
                         self.add_flow(node, Flow(**record))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -238,6 +245,17 @@ class KernelHopJoiner:
             ):
                 return node, logged
         return None
+
+    def add_tunnel(self, logged: Logged) -> None:
+        """A VXLAN packet that carried a connection's SYN: its outer tuple, by inner tuple."""
+        if logged.inner_src is None or logged.inner_dst is None:
+            return
+        with self._lock:
+            key = (logged.inner_src, logged.inner_dst)
+            self._tunnels[key] = logged
+            self._tunnels.move_to_end(key)
+            while len(self._tunnels) > MAX_TUNNELS:
+                self._tunnels.popitem(last=False)
 
     def add_deny(self, node: str, logged: Logged) -> None:
         """A packet a node's policy rules dropped, keyed by its source (a SYN: the caller's
@@ -458,10 +476,15 @@ class KernelHopJoiner:
         self, out: _Outbound, parent: bytes, src_node: str, dst_node: str, inner_src: str,
         inner_dst: str, pod: str, start: int, end: int,
     ) -> Span:  # fmt: skip
-        """The ``cni-overlay`` hop: the packet crossed nodes inside VXLAN (outer source port:
-        the kernel's hash of the inner flow, not observed, so left out)."""
+        """The ``cni-overlay`` hop: the packet crossed nodes inside VXLAN. The outer source
+        port is the kernel's hash of the inner flow: known from the logged packet that
+        carried the connection's SYN, else left out (the node address alone)."""
         outer_src = addresses.NODE_IPS.get(src_node, "")
         outer_dst = f"{addresses.NODE_IPS.get(dst_node, '')}:{VXLAN_PORT}"
+        with self._lock:
+            carried = self._tunnels.get((inner_src, inner_dst))
+        if carried is not None:
+            outer_src, outer_dst = carried.src, carried.dst
         attrs: dict[str, Any] = {
             "hopscope.hop": "cni-overlay",
             "k8s.node.name": src_node,

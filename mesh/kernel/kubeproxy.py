@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_late
 
 from mesh import addresses
 from mesh.kernel.conntrack import (
+    VXLAN_UDP_PORT,
     ConntrackWatcher,
     Flow,
     nflog_socket,
@@ -242,6 +243,30 @@ OVERRUNS = Counter(
 )
 
 
+VXLAN_LOG_CHAIN = "HOPSCOPE-VXLAN-LOG"
+NFLOG_COPY = 128
+"""Bytes of each logged packet: outer IP and UDP, VXLAN, inner Ethernet, IP and ports."""
+INNER_TCP_SYN = "0>>22&0x3C@36&0xFF=6&&0>>22&0x3C@30>>22&0x3C@40&0x12=0x02"
+"""``u32``: past the outer IP header to the UDP header; 30 bytes on (UDP, VXLAN, inner
+Ethernet) the inner IP header, protocol TCP; past it, TCP flags SYN without ACK."""
+
+
+def vxlan_log_rules() -> str:
+    """The filter rules that NFLOG a node's VXLAN packets carrying an inner TCP SYN."""
+    comment = '-m comment --comment "hopscope: the overlay hop reads the outer tuple"'
+    return "\n".join(
+        [
+            "*filter",
+            f":{VXLAN_LOG_CHAIN} - [0:0]",
+            f"-I OUTPUT -p udp -m udp --dport {VXLAN_UDP_PORT} {comment} -j {VXLAN_LOG_CHAIN}",
+            f'-A {VXLAN_LOG_CHAIN} -m u32 --u32 "{INNER_TCP_SYN}" '
+            f'-j NFLOG --nflog-group {NFLOG_GROUP} --nflog-prefix "vxlan"',
+            "COMMIT",
+            "",
+        ]
+    )
+
+
 class FlowReporter:
     """Watches each node's conntrack events; sends the NATed TCP flows to the control
     plane's socket (one JSON list per datagram), after a dump of what is already there."""
@@ -267,7 +292,8 @@ class FlowReporter:
         netns = self.network.node_netns(node)
         while not self._stop.is_set():
             try:
-                sock = nflog_socket(netns, NFLOG_GROUP)
+                self._log_vxlan(node)
+                sock = nflog_socket(netns, NFLOG_GROUP, copy_range=NFLOG_COPY)
             except OSError as exc:
                 log.warning("NFLOG watch restarting", extra={"node": node, "error": str(exc)})
                 self._stop.wait(1.0)
@@ -280,6 +306,15 @@ class FlowReporter:
                     except TimeoutError:
                         continue
                     logged = parse_nflog(data, time.time_ns())
+                    tunnels = [d for d in logged if d.vni is not None]
+                    if tunnels:  # the overlay's packets that opened connections
+                        self._post(
+                            [
+                                {**dataclasses.asdict(d), "kind": "vxlan", "node": node}
+                                for d in tunnels
+                            ]
+                        )
+                        logged = [d for d in logged if d.vni is None]
                     DENIES.labels(node).inc(len(logged))
                     for packet in logged:
                         no_local = packet.prefix.startswith(NO_LOCAL_PREFIX)
@@ -302,6 +337,16 @@ class FlowReporter:
                 self._stop.wait(1.0)
             finally:
                 sock.close()
+
+    def _log_vxlan(self, node: str) -> None:
+        """Once per node: log each VXLAN packet leaving it whose inner packet opens a TCP
+        connection, for the overlay hop's outer tuple (the outer source port is the kernel's
+        hash of the inner flow: only the packet says it)."""
+        try:
+            if VXLAN_LOG_CHAIN not in self.network.save(node, "filter"):
+                self.network.restore(node, RESTORE, vxlan_log_rules())
+        except KernelNetworkError as exc:
+            log.warning("cannot log VXLAN packets", extra={"node": node, "error": str(exc)})
 
     def stop(self) -> None:
         self._stop.set()
