@@ -854,6 +854,9 @@ def main() -> None:
             log(f"kernel    kube-proxy hop self-time p50 {hop_self} µs per connection")
     print(json.dumps(report))
     problems = []
+    userspace_errors = [name for name, path in report.get("paths", {}).items() if path["errors"]]
+    if userspace_errors:  # a trial with errors is not a measurement
+        problems.append(f"userspace paths with errors: {', '.join(userspace_errors)}")
     if kernel_errors:
         problems.append(f"kernel data path: {len(kernel_errors)} errors (see kernel.errors)")
     if failed or PROPAGATION_ERRORS:
