@@ -24,24 +24,38 @@ TYPES = ("A", "AAAA", "SRV", "PTR", "CNAME", "ANY", "TXT", "NS", "SOA")
 
 
 def _ask(
-    name: str, rdtype: str, source: str | None, tcp: bool
+    name: str,
+    rdtype: str,
+    source: str | None,
+    tcp: bool,
+    server: tuple[str, int] = (addresses.DNS_SERVICE_IP, addresses.DNS_PORT),
+    netns: str | None = None,
 ) -> tuple[dns.message.Message, float]:
+    """One query to ``server``, from ``source`` or from inside ``netns`` (the kernel data
+    path: the pod's namespace, or the cluster host's)."""
+    from mesh.kernel.forward import in_netns
+
     query = dns.message.make_query(name, rdtype)
     query.flags |= dns.flags.RD
-    server, port = addresses.DNS_SERVICE_IP, addresses.DNS_PORT
+    host, port = server
     start = time.perf_counter()
     try:
-        if tcp:
-            reply = dns.query.tcp(query, server, port=port, timeout=3, source=source)
-        else:
-            reply = dns.query.udp(query, server, port=port, timeout=3, source=source)
+        with in_netns(netns):
+            return _send(query, host, port, source, tcp), (time.perf_counter() - start) * 1000
     except dns.exception.Timeout:
         raise click.ClickException(
-            f"no answer from cluster DNS at {server}:{port} within 3 s (is the cluster up?)"
+            f"no answer from cluster DNS at {host}:{port} within 3 s (is the cluster up?)"
         ) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot reach cluster DNS at {server}:{port}: {exc}") from None
-    return reply, (time.perf_counter() - start) * 1000
+        raise click.ClickException(f"cannot reach cluster DNS at {host}:{port}: {exc}") from None
+
+
+def _send(
+    query: dns.message.Message, server: str, port: int, source: str | None, tcp: bool
+) -> dns.message.Message:
+    if tcp:
+        return dns.query.tcp(query, server, port=port, timeout=3, source=source)
+    return dns.query.udp(query, server, port=port, timeout=3, source=source)
 
 
 def _records(section: list[Any]) -> list[dict[str, Any]]:
@@ -76,24 +90,36 @@ def dig(name: str, rdtype: str, from_pod: str | None, tcp: bool, as_json: bool) 
     `<ns>.svc.cluster.local svc.cluster.local cluster.local` and ndots:5, so a short name
     like `catalog` works and an outside name first costs the search-path NXDOMAINs.
     """
+    from mesh.cli.kernel_cmds import kernel_status
     from mesh.dns.resolver import candidates
 
     rdtype = rdtype.upper()
     source = None
     names = [name if name.endswith(".") else name + "."]
+    server = (addresses.DNS_SERVICE_IP, addresses.DNS_PORT)
+    netns = None
+    status = kernel_status()  # the kernel data path: ask from inside the cluster's network
+    prefix = ""
+    if status is not None:
+        host, _, port = str(status["cluster_dns"]).rpartition(":")
+        prefix = str(status["netns_prefix"])
+        server, netns = (host, int(port)), f"{prefix}-host"
+    pod_ip = None
     if from_pod:
         state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
         ns, _, pod_name = from_pod.rpartition("/")
         pod = next((p for p in state.pods if p.name == pod_name and ns in ("", p.namespace)), None)
         if pod is None:
             raise click.ClickException(f"pod {from_pod!r} not found (`hopscope get pods`)")
-        source = pod.ip
+        source = pod_ip = pod.ip
+        if netns is not None:  # from the pod's own namespace, its address the only one
+            source, netns = None, f"{prefix}-pod-{pod.namespace}-{pod.name}"
         search = [f"{pod.namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
         names = candidates(name, search, 5)
     tried = []
     reply, elapsed = None, 0.0
     for qname in names:
-        reply, took = _ask(qname, rdtype, source, tcp)
+        reply, took = _ask(qname, rdtype, source, tcp, server, netns)
         elapsed += took
         tried.append({"name": qname, "status": dns.rcode.to_text(reply.rcode())})
         if reply.rcode() == dns.rcode.NOERROR and reply.answer:
@@ -102,9 +128,9 @@ def dig(name: str, rdtype: str, from_pod: str | None, tcp: bool, as_json: bool) 
     doc = {
         "name": name,
         "type": rdtype,
-        "server": f"{addresses.DNS_SERVICE_IP}#{addresses.DNS_PORT}",
+        "server": f"{server[0]}#{server[1]}",
         "protocol": "TCP" if tcp else "UDP",
-        "from": source,
+        "from": pod_ip,
         "status": dns.rcode.to_text(reply.rcode()),
         "flags": dns.flags.to_text(reply.flags).lower().split(),
         "queries": tried,
