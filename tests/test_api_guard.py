@@ -246,6 +246,8 @@ READ_ONLY_GETS = {
     "/api/v1/traces/<trace_id>",
     "/api/v1/sd/prometheus",
     "/api/v1/debug/receiver",
+    "/api/v1/namespaces/<namespace>/pods/<pod_port>/proxy/",
+    "/api/v1/namespaces/<namespace>/pods/<pod_port>/proxy/<path:path>",
     "/metrics",
 }
 """Every GET route the API has, each checked to only read (a new one fails the walk below)."""
@@ -289,6 +291,20 @@ def test_every_route_is_guarded(tmp_path: Path) -> None:
     assert {"/api/v1/apply", "/api/v1/pods/<namespace>/<name>/<action>", "/v1/traces"} <= changes
     assert gets <= READ_ONLY_GETS, f"GET routes not known to only read: {gets - READ_ONLY_GETS}"
     assert "/api/v1/state" in gets
+
+
+def test_the_pod_proxy_needs_the_token_and_a_pod_port(guarded: tuple[Any, str, str]) -> None:
+    """GET only, like the API server's: a sidecar's admin pages hold keys (config dump)."""
+    client, token, _ = guarded
+    path = "/api/v1/namespaces/shop/pods/catalog-1:15000/proxy/clusters"
+    resp = client.get(path, headers={"Host": HOST})
+    assert resp.status_code == 401 and "needs the API token" in resp.get_json()["error"]
+    auth = {"Host": HOST, "Authorization": f"Bearer {token}"}
+    bad = client.get("/api/v1/namespaces/shop/pods/catalog-1/proxy/", headers=auth)
+    assert bad.status_code == 400 and "<pod name>:<port>" in bad.get_json()["error"]
+    gone = client.get(path, headers=auth)
+    assert gone.status_code == 404 and "shop/catalog-1 not found" in gone.get_json()["error"]
+    assert client.post(path, headers=auth).status_code == 405
 
 
 def test_a_trace_id_that_is_not_hex_is_a_bad_request(guarded: tuple[Any, str, str]) -> None:
