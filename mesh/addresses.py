@@ -138,6 +138,10 @@ HOST_NODE_IPS: dict[str, str] = dict(NODE_IPS)
 itself, except on the kernel data path, whose node IPs exist only inside its namespaces and
 whose forwarder answers here instead."""
 
+HOST_DNS_SERVICE_IP = DNS_SERVICE_IP
+"""Where the user's machine reaches cluster DNS's metrics (:data:`DNS_METRICS_PORT`): the
+local plan's address, forwarded into the cluster host on the kernel data path."""
+
 HOST_CLIENT_CIDR = CLIENT_CIDR
 """External clients' addresses on the user's machine (``hopscope curl``, scenarios)."""
 

@@ -123,9 +123,51 @@ class ClusterSpec:
     env: Mapping[str, str | None] = field(default_factory=dict)
 
 
-SHARED_SPEC = ClusterSpec(manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS))
+SHARED_SPEC = ClusterSpec(
+    manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS), up_args=("--dataplane", "userspace")
+)
 """The cluster most e2e modules share: the sample shop plus the echo Services of
-``tests/manifests`` (their own namespace, so the shop is exactly as shipped)."""
+``tests/manifests`` (their own namespace, so the shop is exactly as shipped), on the
+userspace data path (named, whatever ``$HOPSCOPE_DATAPLANE`` says)."""
+
+KERNEL_SHARED_SPEC = ClusterSpec(
+    manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS), up_args=("--dataplane", "kernel")
+)
+"""The same cluster on the kernel data path (modules that run on both paths)."""
+
+
+def dataplane() -> str:
+    """The running cluster's data path (``userspace`` or ``kernel``)."""
+    return str(api_get("/api/v1/status").get("dataplane", "userspace"))
+
+
+def pod_page(
+    env: dict[str, str],
+    namespace: str,
+    pod: str,
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+) -> requests.Response:
+    """A page of a pod's port (``/metrics``, a sidecar's ``/stats/prometheus``): straight to
+    the pod's address on the userspace path; through the API's pod proxy (with the cluster's
+    token) on the kernel path, whose pod addresses exist only inside its namespaces."""
+    from mesh.apiclient import TOKEN_FILE
+
+    if dataplane() != "kernel":
+        ip = next(
+            p["ip"]
+            for p in api_get("/api/v1/state")["pods"]
+            if p["namespace"] == namespace and p["name"] == pod
+        )
+        url = f"http://{ip}:{port}/{path.lstrip('/')}"
+        return requests.get(url, headers=headers, timeout=5)
+    token = (Path(env["HOPSCOPE_HOME"]) / TOKEN_FILE).read_text().strip()
+    return requests.get(
+        f"{API}/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/{path.lstrip('/')}",
+        headers={**(headers or {}), "Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
 
 
 class LocalCluster:

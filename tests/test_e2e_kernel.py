@@ -145,6 +145,9 @@ def test_live_rules_and_conntrack_entries_are_the_kernels(kernel_cluster: dict[s
     assert {e["node"] for e in entries} <= {"node-a", "node-b"}
     table = hopscope("conntrack", env=kernel_cluster).stdout
     assert "shop/catalog:http" in table and "DNAT" in table
+    # entries of no Service (egress SNAT) in the table do not trip the filter
+    only = hopscope("conntrack", "-o", "json", "--service", "catalog", env=kernel_cluster)
+    assert {e["service"] for e in json.loads(only.stdout)} == {"shop/catalog:http"}
 
 
 def test_vxlan_carries_the_cross_node_calls(kernel_cluster: dict[str, str]) -> None:

@@ -204,12 +204,18 @@ def test_the_vxlan_packet_that_opens_a_connection_is_logged_with_its_outer_tuple
     tuple it carries; later packets of the connection are not logged."""
     if cluster.net.backend != "vxlan":
         pytest.skip("VXLAN backend only")
-    from mesh.kernel.conntrack import nflog_socket, parse_nflog
-    from mesh.kernel.kubeproxy import NFLOG_COPY, VXLAN_LOG_CHAIN, vxlan_log_rules
+    from mesh.kernel.conntrack import (
+        NFLOG_COPY,
+        VXLAN_LOG_CHAIN,
+        nflog_socket,
+        parse_nflog,
+        vxlan_log_rules,
+    )
     from mesh.kernel.policy import NFLOG_GROUP
 
     if VXLAN_LOG_CHAIN not in cluster.net.save("node-a", "filter"):
-        cluster.net.restore("node-a", ("iptables-restore", "--noflush"), vxlan_log_rules())
+        rules = vxlan_log_rules(NFLOG_GROUP)
+        cluster.net.restore("node-a", ("iptables-restore", "--noflush"), rules)
     sock = nflog_socket(cluster.net.node_netns("node-a"), NFLOG_GROUP, copy_range=NFLOG_COPY)
     try:
         [reply] = cluster.connect("a1", "10.244.2.7", 8080)

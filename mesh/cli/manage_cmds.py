@@ -252,5 +252,6 @@ def _kernel_conntrack(status: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _service_matches(entry_service: str, wanted: str) -> bool:
+    """``ns/name[:port]`` against NAME or NAMESPACE/NAME (an entry of no Service: never)."""
     base = entry_service.split(":", 1)[0]
-    return wanted in (base, base.split("/", 1)[1])
+    return bool(base) and wanted in (base, base.rpartition("/")[2])

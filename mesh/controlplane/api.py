@@ -263,7 +263,12 @@ def pod_proxy(namespace: str, pod_port: str, path: str = "") -> Response:
         raise APIError(404, f"pod {namespace}/{name} not found or has no IP")
     url = f"http://{pod.ip}:{port}/{path}"
     try:
-        upstream = requests.get(url, params=request.args.to_dict(), timeout=POD_PROXY_TIMEOUT_S)
+        upstream = requests.get(
+            url,
+            params=request.args.to_dict(),
+            headers={"Accept": request.headers.get("Accept", "*/*")},  # OpenMetrics, say
+            timeout=POD_PROXY_TIMEOUT_S,
+        )
     except requests.RequestException as exc:
         raise APIError(502, f"pod {namespace}/{name} port {port}: {exc}") from None
     content_type = upstream.headers.get("Content-Type", "application/octet-stream")

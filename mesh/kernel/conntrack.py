@@ -574,3 +574,28 @@ def _with_vxlan_inner(logged: Logged, packet: bytes, at: int) -> Logged:
         inner_src=f"{socket.inet_ntoa(packet[inner + 12 : inner + 16])}:{sport}",
         inner_dst=f"{socket.inet_ntoa(packet[inner + 16 : inner + 20])}:{dport}",
     )
+
+
+VXLAN_LOG_CHAIN = "HOPSCOPE-VXLAN-LOG"
+NFLOG_COPY = 128
+"""Bytes of each logged packet: outer IP and UDP, VXLAN, inner Ethernet, IP and ports."""
+INNER_TCP_SYN = "0>>22&0x3C@36&0xFF=6&&0>>22&0x3C@30>>22&0x3C@40&0x12=0x02"
+"""``u32``: past the outer IP header to the UDP header; 30 bytes on (UDP, VXLAN, inner
+Ethernet) the inner IP header, protocol TCP; past it, TCP flags SYN without ACK."""
+
+
+def vxlan_log_rules(group: int) -> str:
+    """The filter rules that NFLOG (``group``) a node's VXLAN packets carrying an inner
+    TCP SYN: what kube-proxy's observer reads the overlay's outer tuple from."""
+    comment = '-m comment --comment "hopscope: the overlay hop reads the outer tuple"'
+    return "\n".join(
+        [
+            "*filter",
+            f":{VXLAN_LOG_CHAIN} - [0:0]",
+            f"-I OUTPUT -p udp -m udp --dport {VXLAN_UDP_PORT} {comment} -j {VXLAN_LOG_CHAIN}",
+            f'-A {VXLAN_LOG_CHAIN} -m u32 --u32 "{INNER_TCP_SYN}" '
+            f'-j NFLOG --nflog-group {group} --nflog-prefix "vxlan"',
+            "COMMIT",
+            "",
+        ]
+    )

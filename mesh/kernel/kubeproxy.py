@@ -29,13 +29,15 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_late
 
 from mesh import addresses
 from mesh.kernel.conntrack import (
-    VXLAN_UDP_PORT,
+    NFLOG_COPY,
+    VXLAN_LOG_CHAIN,
     ConntrackWatcher,
     Flow,
     nflog_socket,
     parse_nflog,
     recent_hits,
     table,
+    vxlan_log_rules,
 )
 from mesh.kernel.forward import in_netns
 from mesh.kernel.iptables import NO_LOCAL_PREFIX, IptablesRenderer
@@ -243,30 +245,6 @@ OVERRUNS = Counter(
 )
 
 
-VXLAN_LOG_CHAIN = "HOPSCOPE-VXLAN-LOG"
-NFLOG_COPY = 128
-"""Bytes of each logged packet: outer IP and UDP, VXLAN, inner Ethernet, IP and ports."""
-INNER_TCP_SYN = "0>>22&0x3C@36&0xFF=6&&0>>22&0x3C@30>>22&0x3C@40&0x12=0x02"
-"""``u32``: past the outer IP header to the UDP header; 30 bytes on (UDP, VXLAN, inner
-Ethernet) the inner IP header, protocol TCP; past it, TCP flags SYN without ACK."""
-
-
-def vxlan_log_rules() -> str:
-    """The filter rules that NFLOG a node's VXLAN packets carrying an inner TCP SYN."""
-    comment = '-m comment --comment "hopscope: the overlay hop reads the outer tuple"'
-    return "\n".join(
-        [
-            "*filter",
-            f":{VXLAN_LOG_CHAIN} - [0:0]",
-            f"-I OUTPUT -p udp -m udp --dport {VXLAN_UDP_PORT} {comment} -j {VXLAN_LOG_CHAIN}",
-            f'-A {VXLAN_LOG_CHAIN} -m u32 --u32 "{INNER_TCP_SYN}" '
-            f'-j NFLOG --nflog-group {NFLOG_GROUP} --nflog-prefix "vxlan"',
-            "COMMIT",
-            "",
-        ]
-    )
-
-
 class FlowReporter:
     """Watches each node's conntrack events; sends the NATed TCP flows to the control
     plane's socket (one JSON list per datagram), after a dump of what is already there."""
@@ -344,7 +322,7 @@ class FlowReporter:
         hash of the inner flow: only the packet says it)."""
         try:
             if VXLAN_LOG_CHAIN not in self.network.save(node, "filter"):
-                self.network.restore(node, RESTORE, vxlan_log_rules())
+                self.network.restore(node, RESTORE, vxlan_log_rules(NFLOG_GROUP))
         except KernelNetworkError as exc:
             log.warning("cannot log VXLAN packets", extra={"node": node, "error": str(exc)})
 

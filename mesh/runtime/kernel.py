@@ -164,6 +164,9 @@ class KernelRuntime(LocalRuntime):
         otlp = f"{addresses.CONTROL_PLANE_CLIENT_HOST}:{OTLP_HTTP_PORT}"
         root, host = self.network.root_netns, addresses.CLUSTER_HOST_IP
         admin = f"{KUBE_PROXY_METRICS_IP}:{addresses.KUBE_PROXY_METRICS_PORT}"
+        dns_metrics = f"{addresses.DNS_METRICS_IP}:{addresses.DNS_METRICS_PORT}"
+        dns_metrics_host = f"{addresses.HOST_DNS_SERVICE_IP}:{addresses.DNS_METRICS_PORT}"
+        ingress_admin = f"{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}"
         rules = [
             f"{root}/{api}={api}",
             f"{root}/{otlp}={otlp}",
@@ -171,8 +174,11 @@ class KernelRuntime(LocalRuntime):
                 f"{root}/{addresses.INGRESS_IP}:{port}={addresses.INGRESS_IP}:{port}"
                 for port in (addresses.INGRESS_PORT, addresses.INGRESS_TLS_PORT)
             ),
-            # kube-proxy's /healthz, /metrics and /debug/sync where the host expects them
+            # kube-proxy's /healthz, /metrics and /debug/sync, the DNS metrics and the
+            # ingress's Envoy admin where the host expects them (as in local mode)
             f"{root}/{admin}={admin}",
+            f"{root}/{dns_metrics_host}={dns_metrics}",
+            f"{root}/{ingress_admin}={ingress_admin}",
             f"{host}:{addresses.CONTROL_PLANE_PORT}={api}",
             f"{host}:{OTLP_HTTP_PORT}={otlp}",
         ]
