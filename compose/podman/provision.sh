@@ -57,13 +57,17 @@ CONF
 sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
 
 # Start a daemon with no file descriptor but stdio: run under `flock FILE …` (as the tests
-# are), an inherited lock descriptor would keep that lock held for as long as it runs.
+# are), an inherited lock descriptor would keep that lock held for as long as it runs. And in
+# /: a daemon left in the caller's directory (a checkout the tests run in) breaks once that
+# directory is deleted — Podman's conmon then fails every container start with
+# "write child: broken pipe".
 daemon() {
   (
     for fd in /proc/$BASHPID/fd/*; do
       fd=${fd##*/}
       [[ $fd -gt 2 ]] && eval "exec $fd>&-"
     done
+    cd /
     exec setsid "$@" </dev/null >/dev/null 2>&1
   ) &
 }
