@@ -593,9 +593,9 @@ def idle_cpu(cluster: Cluster, seconds: float) -> dict[str, float]:
 def measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     cluster = Cluster()
     cluster.dataplane = args.dataplane
-    result["dataplane"] = args.dataplane
     try:
         cluster.up()
+        result["dataplane"] = cluster.status().get("dataplane", "userspace")
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = API_URL
         from telemetry.tracing import setup_tracing
 
@@ -658,9 +658,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument(
         "--dataplane",
-        choices=["userspace", "kernel"],
-        default="userspace",
-        help="the data path `hopscope up` runs (kernel: namespaces and netfilter; root)",
+        choices=["auto", "userspace", "kernel"],
+        default="auto",
+        help="the data path `hopscope up` runs (as its --dataplane; the one that ran is reported)",
     )
     parser.add_argument("--json", action="store_true", help="no summary table on stderr")
     args = parser.parse_args()

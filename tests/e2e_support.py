@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 import requests
 
 from mesh import addresses
@@ -27,6 +29,8 @@ HOPSCOPE = [sys.executable, "-m", "mesh.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_MANIFESTS = ROOT / "apps" / "manifests"
 TEST_MANIFESTS = ROOT / "tests" / "manifests"
+E2E_DATAPLANE = os.environ.get("HOPSCOPE_E2E_DATAPLANE", "userspace")
+"""The data path the e2e modules' clusters run on; ``scripts/test`` runs them once per path."""
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -60,7 +64,7 @@ def cluster_env(home: Path) -> dict[str, str]:
     settings another test may have left in it (``up`` would forward to them); a spec that
     wants them sets them (:class:`ClusterSpec`)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "HOPSCOPE_OTLP_"))}
-    return {**clean, "HOPSCOPE_HOME": str(home)}
+    return {**clean, "HOPSCOPE_HOME": str(home), "HOPSCOPE_DATAPLANE": E2E_DATAPLANE}
 
 
 def poll_until(fn: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.2) -> T:
@@ -124,16 +128,11 @@ class ClusterSpec:
 
 
 SHARED_SPEC = ClusterSpec(
-    manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS), up_args=("--dataplane", "userspace")
+    manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS), up_args=("--dataplane", E2E_DATAPLANE)
 )
 """The cluster most e2e modules share: the sample shop plus the echo Services of
-``tests/manifests`` (their own namespace, so the shop is exactly as shipped), on the
-userspace data path (named, whatever ``$HOPSCOPE_DATAPLANE`` says)."""
-
-KERNEL_SHARED_SPEC = ClusterSpec(
-    manifests=(SAMPLE_MANIFESTS, TEST_MANIFESTS), up_args=("--dataplane", "kernel")
-)
-"""The same cluster on the kernel data path (modules that run on both paths)."""
+``tests/manifests`` (their own namespace, so the shop is exactly as shipped), on
+:data:`E2E_DATAPLANE` (named, whatever ``$HOPSCOPE_DATAPLANE`` says)."""
 
 
 def dataplane() -> str:
@@ -168,6 +167,128 @@ def pod_page(
         headers={**(headers or {}), "Authorization": f"Bearer {token}"},
         timeout=10,
     )
+
+
+# -- what the tests see of the data path the cluster runs -----------------------------------
+
+
+def userspace_only(reason: str) -> pytest.MarkDecorator:
+    """Skip on the kernel path (:data:`E2E_DATAPLANE`), saying why and what covers it there."""
+    return pytest.mark.skipif(
+        E2E_DATAPLANE == "kernel", reason=f"the userspace data path's: {reason}"
+    )
+
+
+def node_addresses(env: dict[str, str], node: str) -> set[str]:
+    """A node's own IPv4 addresses: its host address on the userspace path; on the kernel
+    path the addresses of its namespace (underlay, ``cni0``, ``flannel.1``), as
+    ``ip -4 addr`` lists them — masquerade picks the one of the way out."""
+    if dataplane() != "kernel":
+        return {addresses.NODE_IPS[node]}
+    out = hopscope("exec", "--node", node, "--", "ip", "-4", "-o", "addr", "show", env=env)
+    found = {line.split()[3].split("/")[0] for line in out.stdout.splitlines()}
+    return found - {"127.0.0.1"}
+
+
+_PLANS: dict[str, dict[str, Any]] = {}
+
+
+def plan() -> dict[str, Any]:
+    """The running cluster's address plan, as :mod:`mesh.addresses` has it inside: the local
+    plan (this process's) on the userspace path; the kernel plan (pods ``10.244/16``, the
+    playground internet ``10.50/16``, outside clients ``10.100.0.N``) on the kernel path,
+    whose addresses exist only inside its namespaces."""
+    path = dataplane()
+    if path not in _PLANS:
+        names = [
+            "NODE_IPS", "EXTERNAL_HOSTS", "DNS_SERVICE_IP", "KUBERNETES_SERVICE_IP",
+            "POD_NETWORK_CIDR", "SERVICE_CIDR", "DNS_PORT",
+        ]  # fmt: skip
+        script = (
+            "import json; from mesh import addresses as a; "
+            f"print(json.dumps({{n: getattr(a, n) for n in {names!r}}}))"
+        )
+        env = {**os.environ, "HOPSCOPE_ADDRESS_PLAN": "kernel" if path == "kernel" else "local"}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        _PLANS[path] = json.loads(out.stdout)
+    return _PLANS[path]
+
+
+def client_seen_as(host_client: str) -> str:
+    """The address a pod sees for an outside client that sent from ``host_client``
+    (``127.100.0.N``): the same on the userspace path; ``10.100.0.N`` on the kernel path,
+    where the forwarder lets the client in under its inner address."""
+    if dataplane() != "kernel":
+        return host_client
+    return addresses.KERNEL_CLIENT_CIDR.rsplit(".", 1)[0] + "." + host_client.rsplit(".", 1)[1]
+
+
+def node_metrics() -> str:
+    """The page with the CNI's series: the CNI daemon's on the userspace path; kube-proxy's
+    on the kernel path (its conntrack observer counts the overlay too)."""
+    port = (
+        addresses.KUBE_PROXY_METRICS_PORT if dataplane() == "kernel" else addresses.CNI_METRICS_PORT
+    )
+    url = f"http://{addresses.NODE_IPS['node-a']}:{port}/metrics"
+    resp = requests.get(url, timeout=5)
+    resp.raise_for_status()
+    return resp.text
+
+
+def outside_socket(client: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket of outside client ``client`` (``127.100.0.N``) for cluster addresses (a
+    ClusterIP, a pod, the cluster DNS): on the host on the userspace path; on the kernel
+    path in the cluster host's namespace, beside the nodes, under the client's inner
+    address (:func:`client_seen_as`) — ClusterIPs are not routed to the user's machine
+    there, as in a real cluster."""
+    if dataplane() != "kernel":
+        sock = socket.socket(socket.AF_INET, kind)
+    else:
+        from mesh.kernel.forward import socket_in
+        from mesh.kernel.topology import host_netns_name
+
+        status = api_get("/api/v1/status")
+        sock = socket_in(host_netns_name(str(status["netns_prefix"])), kind)
+    try:
+        sock.bind((client_seen_as(client), 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextmanager
+def connect_from_outside(
+    address: tuple[str, int], client: str, timeout: float = 5
+) -> Iterator[socket.socket]:
+    """A TCP connection to a cluster address from :func:`outside_socket`."""
+    sock = outside_socket(client)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def http_from_outside(
+    address: tuple[str, int], client: str, path: str = "/", timeout: float = 5
+) -> tuple[int, bytes]:
+    """``GET path`` over :func:`connect_from_outside`: (status, body)."""
+    import http.client
+
+    with connect_from_outside(address, client, timeout) as sock:
+        conn = http.client.HTTPConnection(*address, timeout=timeout)
+        conn.sock = sock
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
 
 
 class LocalCluster:

@@ -22,15 +22,10 @@ import psutil
 import pytest
 import requests
 
-from mesh.kernel.topology import kernel_support
 from tests.e2e_support import (
     API,
     CATALOG_OUTLIER_RULE,
     CATALOG_STRICT,
-    KERNEL_SHARED_SPEC,
-    SHARED_SPEC,
-    ClusterPool,
-    LocalCluster,
     api_get,
     apply_manifest,
     cluster_processes,
@@ -46,14 +41,6 @@ from tests.e2e_support import (
 
 pytestmark = pytest.mark.e2e
 
-DATAPLANES = [
-    "userspace",
-    pytest.param(
-        "kernel",
-        marks=pytest.mark.skipif(kernel_support() is not None, reason=str(kernel_support())),
-    ),
-]
-
 HTTP_BRANCH = ["dns", "sidecar-outbound", "kube-proxy", "sidecar-inbound", "app"]
 POD_TO_POD = ["dns", "sidecar-outbound", "sidecar-inbound", "app"]
 EXPECTED_HOPS = [
@@ -68,13 +55,6 @@ EXPECTED_HOPS = [
     *HTTP_BRANCH,  # ratings over gRPC, called by reviews
 ]
 EXPECTED_SERVICES = ["frontend", "catalog", "reviews", "ratings"]
-
-
-@pytest.fixture(scope="module", params=DATAPLANES)
-def local_cluster(cluster_pool: ClusterPool, request: pytest.FixtureRequest) -> LocalCluster:
-    """The shared cluster on each data path in turn (tests/conftest.py's pool)."""
-    spec = KERNEL_SHARED_SPEC if request.param == "kernel" else SHARED_SPEC
-    return cluster_pool.acquire(spec, f"{request.module.__name__}[{request.param}]")
 
 
 def _service_prefix() -> str:
@@ -260,11 +240,12 @@ def test_request_histograms_carry_trace_id_exemplars_of_stored_traces(
             )  # fmt: skip
             app_ids |= _exemplar_trace_ids(resp, "hopscope_request_duration_seconds")
     kube_proxy = f"http://{addresses.NODE_IPS['node-a']}:{addresses.KUBE_PROXY_METRICS_PORT}"
-    proxy_ids: set[str] = set()
-    if dataplane() == "userspace":  # the relay times every request; the kernel's DNAT is no
-        resp = requests.get(kube_proxy + "/metrics", headers={"Accept": OPENMETRICS}, timeout=5)
-        proxy_ids = _exemplar_trace_ids(resp, "hopscope_kubeproxy_request_duration_seconds")
-        assert proxy_ids
+    # The relay times every request it carries; on the kernel path the control plane times
+    # the kube-proxy hops it writes from conntrack.
+    timed_by = kube_proxy if dataplane() == "userspace" else API
+    resp = requests.get(timed_by + "/metrics", headers={"Accept": OPENMETRICS}, timeout=5)
+    proxy_ids = _exemplar_trace_ids(resp, "hopscope_kubeproxy_request_duration_seconds")
+    assert proxy_ids
     assert app_ids, app_ids
     for trace_id in app_ids | proxy_ids:
         assert len(trace_id) == 32 and int(trace_id, 16) >= 0, trace_id
@@ -479,25 +460,41 @@ def _promql_parts(expr: str) -> tuple[set[str], set[str]]:
     return promql_metric_names(expr), labels - {"le"}
 
 
-def _scrape_everything() -> dict[str, set[str]]:
-    """Every sample name the running cluster exposes, with the label names seen on it."""
+def _scrape_everything(env: dict[str, str]) -> dict[str, set[str]]:
+    """Every sample name the running cluster exposes, with the label names seen on it. On
+    the kernel path the pods' pages are read through the API's pod proxy, and the CNI's
+    series come from kube-proxy (the conntrack observer counts both)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    kernel = dataplane() == "kernel"
     target_labels = {"job", "instance"}
-    urls = [
-        (f"{API}/metrics", target_labels),
-        ("http://127.10.0.1:10249/metrics", target_labels),
-        ("http://127.96.0.10:9153/metrics", target_labels),
-        ("http://127.10.0.1:9091/metrics", target_labels),
+    # (URL, or the pod's namespace, name and port; path; the labels the scrape attaches)
+    pages: list[tuple[str | tuple[str, str, int], str, set[str]]] = [
+        (url, "/metrics", target_labels)
+        for url in (
+            API,
+            "http://127.10.0.1:10249",
+            "http://127.96.0.10:9153",
+            *(() if kernel else ("http://127.10.0.1:9091",)),
+        )
     ]
+    pods = {(p["namespace"], p["name"]) for p in api_get("/api/v1/state")["pods"]}
     for target in api_get("/api/v1/sd/prometheus"):
         path = target["labels"].get("__metrics_path__", "/metrics")
         # labels Prometheus attaches to every series of a discovered target
         attached = target_labels | {k for k in target["labels"] if not k.startswith("__")}
-        urls += [(f"http://{t}{path}", attached) for t in target["targets"]]
+        pod = (target["labels"].get("namespace"), target["labels"].get("pod"))
+        for address in target["targets"]:
+            if kernel and pod in pods:
+                pages.append(((*pod, int(address.rsplit(":", 1)[1])), path, attached))
+            else:
+                pages.append((f"http://{address}", path, attached))
     seen: dict[str, set[str]] = {}
-    for url, attached in urls:
-        text = requests.get(url, timeout=5).text
+    for where, path, attached in pages:
+        if isinstance(where, tuple):
+            text = pod_page(env, *where, path).text
+        else:
+            text = requests.get(where + path, timeout=5).text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 # the parser appends _total to counters; Prometheus keeps the exposed name
@@ -511,12 +508,6 @@ def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
 ) -> None:
     """What every dashboard panel and recording rule queries, the cluster really emits."""
     import json
-
-    if dataplane() == "kernel":
-        pytest.skip(
-            "the kernel data path has no relay metrics (hopscope_kubeproxy_*, hopscope_cni_*) "
-            "yet: the kube-proxy and overlay panels stay blank there"
-        )
 
     import yaml
 
@@ -559,7 +550,7 @@ def test_no_blank_panel_every_queried_metric_and_label_is_emitted(
         poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
         time.sleep(2)  # the sidecars take the new listener and clusters from their files
         poll_until(lambda: _curl(cluster)[0] == 200, timeout=30)
-        emitted = _scrape_everything()
+        emitted = _scrape_everything(cluster)
     finally:
         hopscope("delete", "-f", str(strict), env=cluster)
     missing = []

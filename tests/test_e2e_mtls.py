@@ -9,6 +9,7 @@ running sidecar without a restart. Each test puts the shop back as shipped (no p
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.e2e_support import (
     SHOP_STRICT,
     api_get,
     apply_manifest,
+    dataplane,
     dump,
     hopscope,
     poll_until,
@@ -97,7 +99,16 @@ def _mtls_call(env: dict[str, str]) -> dict[str, Any]:
 def test_strict_gives_every_sidecar_hop_mtls_with_identities(
     cluster: dict[str, str], strict: Path
 ) -> None:
-    doc = _mtls_call(cluster)
+    # once the catalog's sidecar has the policy too, its cache calls go over mTLS as well
+    # (each sidecar reads its files on its own: they settle a moment apart)
+    doc = poll_until(
+        lambda: (
+            (d := _mtls_call(cluster))
+            and json.loads(d["body"] or "{}").get("cache") in ("hit", "miss")
+            and d
+        ),
+        timeout=20,
+    )
     (out,) = _spans(doc["trace_id"], "sidecar-outbound")[:1]
     a = out["attributes"]
     assert a["hopscope.upstream.peer_identity"] == IDENTITY, dump(a)
@@ -120,9 +131,25 @@ def test_a_plaintext_client_is_refused_under_strict_and_the_sidecar_logs_why(
 ) -> None:
     _mtls_call(cluster)
     catalog = _pod("catalog")
-    # The host is outside the mesh: no sidecar, no certificate.
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://{catalog['ip']}:8080/items", timeout=5)
+    if dataplane() == "userspace":
+        # The host is outside the mesh: no sidecar, no certificate.
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{catalog['ip']}:8080/items", timeout=5)
+    else:
+        # Pod addresses exist inside the cluster only, behind the shop's policies: a
+        # frontend pod's own process (its sidecar left out) calls in plaintext.
+        frontend = _pod("frontend")
+        script = (
+            "import http.client as h\n"
+            f"c = h.HTTPConnection('{catalog['ip']}', 8080, timeout=5)\n"
+            "try:\n c.request('GET', '/items'); print(c.getresponse().status)\n"
+            "except (OSError, h.HTTPException) as e:\n print('refused', type(e).__name__)\n"
+        )
+        run = hopscope(
+            "exec", "--pod", f"shop/{frontend['name']}", "--", sys.executable, "-c", script,
+            env=cluster,
+        )  # fmt: skip
+        assert run.stdout.startswith("refused"), run.stdout
     log = Path(cluster["HOPSCOPE_HOME"]) / "logs" / f"shop_{catalog['name']}_envoy.log"
 
     def refused() -> dict[str, Any] | None:

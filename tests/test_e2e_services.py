@@ -11,6 +11,7 @@ import http.client
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -24,11 +25,17 @@ from mesh import addresses
 from mesh.envoy.common import HEADER_LIMITS
 from tests.e2e_support import (
     api_get,
+    client_seen_as,
+    connect_from_outside,
+    dataplane,
     dump,
     hop_names,
     hopscope,
+    http_from_outside,
+    node_addresses,
     poll_until,
     trace_json,
+    userspace_only,
 )
 
 pytestmark = pytest.mark.e2e
@@ -38,6 +45,13 @@ CLIENT = "127.100.0.7"
 
 
 def _echo(ip: str, port: int, client: str = CLIENT) -> dict[str, Any]:
+    """What the echo pod saw of one ``GET /`` from outside client ``client``: to a node's or
+    load balancer's host address from the host; to a ClusterIP from where the data path
+    routes it (:func:`~tests.e2e_support.http_from_outside`)."""
+    if not ip.startswith("127."):
+        status, body = http_from_outside((ip, port), client)
+        assert status == 200
+        return json.loads(body)  # type: ignore[no-any-return]
     conn = http.client.HTTPConnection(ip, port, timeout=5, source_address=(client, 0))
     try:
         conn.request("GET", "/")
@@ -66,7 +80,10 @@ def test_node_port_cluster_policy_snats_to_the_node_and_may_cross_nodes(
     cluster: dict[str, str],
 ) -> None:
     replies = [_echo(NODE_A, 30080) for _ in range(24)]
-    assert {r["peer"] for r in replies} == {NODE_A}  # SNAT to the receiving node's IP
+    # SNAT to the receiving node's address (on the kernel path: of the interface the packet
+    # leaves by, cni0 or flannel.1, as MASQUERADE picks it)
+    peers = {r["peer"] for r in replies}
+    assert peers and peers <= node_addresses(cluster, "node-a"), peers
     assert {r["node"] for r in replies} == {"node-a", "node-b"}  # may forward to node-b
 
 
@@ -75,7 +92,7 @@ def test_node_port_local_policy_keeps_the_client_and_stays_on_the_node(
 ) -> None:
     for node_ip, node in ((NODE_A, "node-a"), (NODE_B, "node-b")):
         replies = [_echo(node_ip, 30081) for _ in range(8)]
-        assert {r["peer"] for r in replies} == {CLIENT}
+        assert {r["peer"] for r in replies} == {client_seen_as(CLIENT)}
         assert {r["node"] for r in replies} == {node}
 
 
@@ -83,7 +100,7 @@ def test_load_balancer_gets_an_address_and_is_its_own_hop(cluster: dict[str, str
     svc = _service("echo-lb")
     (lb_ip,) = svc["load_balancer_ingress"]
     assert lb_ip.startswith("127.200.0.")
-    assert _echo(lb_ip, 8080)["peer"] == CLIENT  # Local policy behind a passthrough LB
+    assert _echo(lb_ip, 8080)["peer"] == client_seen_as(CLIENT)  # Local, passthrough LB
     port = svc["health_check_node_port"]
     for node_ip in (NODE_A, NODE_B):
         conn = http.client.HTTPConnection(node_ip, port, timeout=5)
@@ -118,18 +135,15 @@ def test_client_ip_affinity_sticks_and_spreads_again_when_switched_off(
 def test_service_without_ready_endpoints_refuses_connect_at_once(cluster: dict[str, str]) -> None:
     """Like kube-proxy's REJECT rule: ``connect()`` itself fails, no handshake then reset."""
     vip = _service("echo-empty")["cluster_ip"]
-    sock = socket.socket()
-    sock.settimeout(2)
-    sock.bind((CLIENT, 0))
     start = time.monotonic()
-    with pytest.raises(ConnectionRefusedError):
-        sock.connect((vip, 8080))
-    sock.close()
+    with pytest.raises(ConnectionRefusedError), connect_from_outside((vip, 8080), CLIENT, 2):
+        pass
     assert time.monotonic() - start < 0.1
     health = requests.get(f"http://{NODE_A}:{addresses.KUBE_PROXY_METRICS_PORT}/healthz", timeout=5)
     assert f"{vip}:8080 (echo/echo-empty)" in health.json()["rejecting"]
 
 
+@userspace_only("no IPVS in this kernel: the kernel path runs iptables mode (and says so)")
 def test_ipvs_round_robin_via_kube_proxy_configuration(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:
@@ -185,9 +199,11 @@ def test_kube_proxy_restart_keeps_services_working(cluster: dict[str, str]) -> N
     os.kill(old["pid"], signal.SIGKILL)
     killed = time.monotonic()
 
+    node_a = node_addresses(cluster, "node-a")
+
     def serving() -> bool:
         try:
-            return _echo(NODE_A, 30080)["peer"] == NODE_A
+            return _echo(NODE_A, 30080)["peer"] in node_a
         except (OSError, http.client.HTTPException):
             return False
 
@@ -199,6 +215,10 @@ def test_kube_proxy_restart_keeps_services_working(cluster: dict[str, str]) -> N
     assert recovered < 3.0, recovered
 
 
+@userspace_only(
+    "binds a pod's address on the host; tests/test_kernel_datapath.py checks hairpin and "
+    "DNAT-only in real pod namespaces"
+)
 def test_pod_to_cluster_ip_keeps_the_pod_address_and_hairpin_is_masqueraded(
     cluster: dict[str, str],
 ) -> None:
@@ -269,6 +289,8 @@ def _raw_get(ip: str, port: int, host: str, trace_id: str, extra: int = 0) -> tu
 def test_packet_walk_starts_with_a_plain_clients_packet_as_sent(
     cluster: dict[str, str], entry: str
 ) -> None:
+    if entry != "ingress" and dataplane() == "kernel":
+        pytest.skip(RAW_CLIENT_ON_KERNEL)
     (lb_ip,) = _service("echo-lb")["load_balancer_ingress"]
     ip, port, host = {
         "node-port": (NODE_A, 30080, "echo"),
@@ -297,6 +319,10 @@ def test_packet_walk_starts_with_a_plain_clients_packet_as_sent(
     except AssertionError:
         raise AssertionError(dump([(v["hops"], v["packet_walk"]) for v in seen])) from None
     first, last = rows[0], rows[-1]
+    # the client as the cluster saw it (on the kernel path under its inner address, its
+    # port kept)
+    me_ip, me_port = me.rsplit(":", 1)
+    me = f"{client_seen_as(me_ip)}:{me_port}"
     assert first["stage"] == "request sent", dump(rows)
     assert (first["src"], first["dst"]) == (me, f"{ip}:{port}"), dump(rows)  # address AND port
     assert last["stage"] == "reply received", dump(rows)
@@ -305,6 +331,14 @@ def test_packet_walk_starts_with_a_plain_clients_packet_as_sent(
     assert len(rows) >= 4, dump(rows)  # at least one rewrite between sending and serving
 
 
+RAW_CLIENT_ON_KERNEL = (
+    "a plain client exports no span, and on the kernel path a NodePort's kube-proxy hop is "
+    "joined to the caller's span by its connection (hopscope curl and traffic tag theirs: "
+    "tests/test_e2e_kernel.py checks NodePorts that way)"
+)
+
+
+@userspace_only(RAW_CLIENT_ON_KERNEL)
 def test_trace_shows_the_kube_proxy_hops_conntrack_state(cluster: dict[str, str]) -> None:
     trace_id = os.urandom(16).hex()
     assert _raw_get(NODE_A, 30080, "echo", trace_id)[0] == 200
@@ -319,6 +353,7 @@ def test_trace_shows_the_kube_proxy_hops_conntrack_state(cluster: dict[str, str]
     assert {h["conntrack"] for h in as_json["hops"] if h["hop"] == "kube-proxy"} == {"new"}
 
 
+@userspace_only(RAW_CLIENT_ON_KERNEL)
 def test_trace_shows_established_for_a_second_request_on_a_kept_alive_connection(
     cluster: dict[str, str],
 ) -> None:
@@ -363,12 +398,19 @@ def test_too_many_headers_get_431_from_the_ingress_not_the_app(cluster: dict[str
     assert status == 200
 
 
+@userspace_only(
+    "on the kernel path about one request in thirty through the host's NodePort forwarder "
+    "stalls 5 s (open issue); the sidecars' header limits are the same on both paths"
+)
 def test_too_many_headers_through_a_node_port_get_431_from_the_sidecar_not_the_app(
     cluster: dict[str, str], tmp_path: Path
 ) -> None:
     """A NodePort straight to a sidecar-injected pod: the sidecar's inbound listener is the
     first proxy on the way, so it answers 431 itself; what it admits, the app serves."""
     manifest = tmp_path / "frontend-np.yaml"
+    # the nodes' own addresses: on the kernel path those the nodes masquerade to
+    nodes = sorted(node_addresses(cluster, "node-a") | node_addresses(cluster, "node-b"))
+    blocks = ", ".join(f"{{ipBlock: {{cidr: {ip}/32}}}}" for ip in nodes)
     manifest.write_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: frontend-np, namespace: shop}\n"
         "spec:\n  type: NodePort\n  selector: {app: frontend}\n"
@@ -379,7 +421,7 @@ def test_too_many_headers_through_a_node_port_get_431_from_the_sidecar_not_the_a
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
         "metadata: {name: frontend-from-nodes, namespace: shop}\n"
         "spec:\n  podSelector: {matchLabels: {app: frontend}}\n  policyTypes: [Ingress]\n"
-        "  ingress: [{from: [{ipBlock: {cidr: 127.10.0.0/24}}], ports: [{port: http}]}]\n"
+        f"  ingress: [{{from: [{blocks}], ports: [{{port: http}}]}}]\n"
     )
     hopscope("apply", "-f", str(manifest), env=cluster)
     try:
@@ -401,6 +443,7 @@ def test_too_many_headers_through_a_node_port_get_431_from_the_sidecar_not_the_a
         hopscope("delete", "-f", str(manifest), env=cluster)
 
 
+@userspace_only("binds a pod's address on the host (the sidecars' limits are the same on both)")
 def test_too_many_headers_from_an_app_get_431_from_its_own_sidecar(
     cluster: dict[str, str],
 ) -> None:
@@ -466,8 +509,16 @@ def test_iptables_save_shows_kube_proxys_chains_for_the_live_endpoints(
     assert ready, state["endpoint_slices"]
     out = hopscope("iptables-save", "--node", "node-a", "-t", "nat", env=cluster).stdout
     svc = service_chain(port_name)
-    jump = [line for line in out.splitlines() if line.endswith(f"-j {svc}")]
-    assert len(jump) == 1 and f"-d {catalog['cluster_ip']} --dport {port['port']}" in jump[0], out
+    # KUBE-SERVICES jumps to it (the first one whose destination is the ClusterIP: the
+    # kernel's own iptables-save writes /32 and the tcp match, and KUBE-SVC's masquerade
+    # rule names the ClusterIP too)
+    jump = [
+        line
+        for line in out.splitlines()
+        if line.startswith("-A KUBE-SERVICES ") and line.endswith(f"-j {svc}")
+    ]
+    vip = re.escape(catalog["cluster_ip"])
+    assert len(jump) == 1 and re.search(rf"-d {vip}(/32)? .*--dport {port['port']}\b", jump[0]), out
     seps = [
         line for line in out.splitlines() if line.startswith(f"-A {svc} ") and "KUBE-SEP-" in line
     ]
@@ -477,7 +528,9 @@ def test_iptables_save_shows_kube_proxys_chains_for_the_live_endpoints(
         assert f"-A {chain} " in out and f"--to-destination {endpoint}" in out, (endpoint, out)
     if len(ready) > 1:
         assert "--mode random --probability" in seps[0], seps
-    assert out.startswith("# Generated by hopscope for node-a") and "*filter" not in out
+    live = dataplane() == "kernel"  # the node's own rules, as iptables-save prints them
+    first = "# Generated by iptables-save" if live else "# Generated by hopscope for node-a"
+    assert out.startswith(first) and "*filter" not in out
     bad = hopscope("iptables-save", "--node", "node-z", env=cluster, check=False)
     assert bad.returncode == 1 and "node 'node-z' not found" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr

@@ -9,6 +9,7 @@ with a bad enum value.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from mesh.cli.get_cmds import _pod_rows
 from mesh.model.controllers import Cluster
 from mesh.model.k8s_objects import list_object, to_object
 from mesh.model.manifests import KUBERNETES_VERSION, default_manifest_paths, load_manifests
-from tests.e2e_support import api_get, hopscope
+from tests.e2e_support import api_get, hopscope, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ECHO = ROOT / "tests" / "manifests" / "echo.yaml"
@@ -197,7 +198,8 @@ def test_cli_json_and_yaml_are_kubernetes_objects(cluster: dict[str, str]) -> No
         assert jq(as_yaml, ".items[].metadata.name") == jq(doc, ".items[].metadata.name")
     pods = json.loads(_get(cluster, "pods", "-n", "shop", "-o", "json"))
     ips = jq(pods, ".items[].status.podIP")
-    assert len(ips) == 10 and all(ip.startswith("127.244.") for ip in ips)
+    pods_cidr = ipaddress.ip_network(plan()["POD_NETWORK_CIDR"])
+    assert len(ips) == 10 and all(ipaddress.ip_address(ip) in pods_cidr for ip in ips)
     assert set(jq(pods, ".items[].spec.nodeName")) == {"node-a", "node-b"}
     one = json.loads(_get(cluster, "pods", pods["items"][0]["metadata"]["name"], "-o", "json"))
     assert one["kind"] == "Pod"

@@ -156,7 +156,10 @@ def _journey(env: dict[str, str]) -> dict[str, Any]:
     def complete() -> dict[str, Any] | None:
         view = trace_json(doc["trace_id"])
         hops = hop_names(view)
-        return view if hops.count("app") >= 5 and len(view["spans"]) >= 28 else None
+        # every app, and kube-proxy in front of each of the four Services (on the kernel
+        # path its hops are written once the callee's span is in)
+        whole = hops.count("app") >= 5 and hops.count("kube-proxy") >= 4
+        return view if whole and len(view["spans"]) >= 24 else None
 
     return poll_until(complete, timeout=15)
 

@@ -37,7 +37,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import addresses
-from mesh.apiclient import read_token
+from mesh.apiclient import TOKEN_FILE, read_token
 from tests.e2e_support import (
     API,
     CATALOG_STRICT,
@@ -45,7 +45,9 @@ from tests.e2e_support import (
     ClusterSpec,
     api_get,
     apply_manifest,
+    dataplane,
     hopscope,
+    pod_page,
     poll_until,
 )
 from tests.test_otlp_forward import Backend
@@ -125,7 +127,10 @@ def test_every_signal_of_every_component_kind_reaches_the_users_endpoint(
     hopscope("dig", "catalog.shop.svc.cluster.local", env=env)
     hopscope("traffic", "--rps", "5", "--duration", "2", env=env)
 
+    # (on the kernel path the control plane writes the kube-proxy and overlay hops from
+    # conntrack, under those components' names, and forwards them too)
     want_traces = {"frontend", "catalog", "ingress", "kube-proxy", "cni", "hopscope-traffic"}
+    kernel = dataplane() == "kernel"
 
     def traced() -> bool:
         names = _resource_names(backend.of("/v1/traces"), "resource_spans")
@@ -137,6 +142,8 @@ def test_every_signal_of_every_component_kind_reaches_the_users_endpoint(
     # Envoy access logs (OTLP/gRPC in, OTLP/HTTP out), app log records, and the system
     # components' own log records
     want_logs = {"frontend", "ingress", "kube-proxy", "cluster-dns", "cni"}
+    if kernel:  # the kernel carries pod traffic: there is no CNI daemon to log
+        want_logs.discard("cni")
     try:
         poll_until(
             lambda: want_logs <= _resource_names(backend.of("/v1/logs"), "resource_logs"),
@@ -147,6 +154,8 @@ def test_every_signal_of_every_component_kind_reaches_the_users_endpoint(
         raise AssertionError(f"no log records from {sorted(want_logs - got)}") from None
     # every /metrics target: apps, Envoys, kube-proxy, DNS, CNI, the control plane
     want_jobs = {"apps", "envoy", "kube-proxy", "cluster-dns", "cni", "controlplane"}
+    if kernel:  # kube-proxy's page carries the CNI's series there
+        want_jobs.discard("cni")
     poll_until(
         lambda: want_jobs <= _resource_names(backend.of("/v1/metrics"), "resource_metrics"),
         timeout=30,
@@ -181,7 +190,10 @@ def test_every_signal_of_every_component_kind_reaches_the_users_endpoint(
 
 
 def _scrape(url: str, name: str, **labels: str) -> float:
-    text = requests.get(url, timeout=5).text
+    return _count(requests.get(url, timeout=5).text, name, **labels)
+
+
+def _count(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -193,11 +205,21 @@ def _scrape(url: str, name: str, **labels: str) -> float:
     return total
 
 
-def _loss_readings(frontend_ips: list[str]) -> dict[str, float]:
-    """Loss counters; the frontend's summed over its replicas (any of them may serve)."""
+def _loss_readings(env: dict[str, str], frontends: list[str]) -> dict[str, float]:
+    """Loss counters; the frontend's summed over its replicas (any of them may serve). On
+    the kernel path kube-proxy and the overlay export nothing (their hops are the control
+    plane's, from conntrack): no such counters there."""
     node = addresses.NODE_IPS["node-a"]
-    ingress_stats = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/stats/prometheus"
     failed = {"outcome": "failed"}
+
+    def frontend(name: str) -> float:
+        return sum(
+            _count(pod_page(env, "shop", pod, addresses.APP_METRICS_PORT, "metrics").text,
+                   name, **failed)
+            for pod in frontends
+        )  # fmt: skip
+
+    ingress_stats = f"http://{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}/stats/prometheus"
     spans = "hopscope_otel_exported_spans_total"
     completed = _scrape(
         ingress_stats, "envoy_cluster_upstream_rq_completed", envoy_cluster_name="hopscope_otlp"
@@ -208,28 +230,20 @@ def _loss_readings(frontend_ips: list[str]) -> dict[str, float]:
         envoy_cluster_name="hopscope_otlp",
         envoy_response_code_class="2",
     )
-    return {
-        "frontend": sum(
-            _scrape(f"http://{ip}:{addresses.APP_METRICS_PORT}/metrics", spans, **failed)
-            for ip in frontend_ips
-        ),
-        "frontend_logs": sum(
-            _scrape(
-                f"http://{ip}:{addresses.APP_METRICS_PORT}/metrics",
-                "hopscope_otel_exported_log_records_total",
-                **failed,
-            )
-            for ip in frontend_ips
-        ),
-        "kube-proxy": _scrape(
-            f"http://{node}:{addresses.KUBE_PROXY_METRICS_PORT}/metrics", spans, **failed
-        ),
-        "cni": _scrape(f"http://{node}:{addresses.CNI_METRICS_PORT}/metrics", spans, **failed),
+    readings = {
+        "frontend": frontend(spans),
+        "frontend_logs": frontend("hopscope_otel_exported_log_records_total"),
         "ingress-envoy": completed - ok,
         "receiver-unavailable": _scrape(
             f"{API}/metrics", "hopscope_otlp_receiver_requests_total", outcome="unavailable"
         ),
     }
+    if dataplane() == "userspace":
+        kube_proxy = f"http://{node}:{addresses.KUBE_PROXY_METRICS_PORT}/metrics"
+        readings["kube-proxy"] = _scrape(kube_proxy, spans, **failed)
+        cni = f"http://{node}:{addresses.CNI_METRICS_PORT}/metrics"
+        readings["cni"] = _scrape(cni, spans, **failed)
+    return readings
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,25 +259,31 @@ LOCAL_TARGETS = {
 """The local cluster's addresses of the compose Prometheus' static targets, by job."""
 
 
-def _local_prometheus_config() -> dict[str, Any]:
+def _local_prometheus_config(home: Path) -> dict[str, Any]:
     """The compose stack's Prometheus configuration (jobs, discovery, relabelling), pointed
     at the local cluster and scraping every second. Prometheus 2.42 (Debian) does not know
-    ``scrape_protocols`` (it asks for OpenMetrics first on its own); no rules are needed."""
+    ``scrape_protocols`` (it asks for OpenMetrics first on its own); no rules are needed.
+    On the kernel path the pods' pages come through the API's pod proxy (``?via=api``,
+    the API token as bearer credentials), and the CNI's series with kube-proxy's."""
+    kernel = dataplane() == "kernel"
     config = yaml.safe_load(COMPOSE_PROMETHEUS.read_text())
     config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s"}
     config.pop("rule_files", None)
     for job in config["scrape_configs"]:
         if "static_configs" in job:
-            assert job["job_name"] in LOCAL_TARGETS, f"no local address for {job['job_name']}"
-            job["static_configs"] = [{"targets": [LOCAL_TARGETS[job["job_name"]]]}]
+            name = "kube-proxy" if kernel and job["job_name"] == "cni" else job["job_name"]
+            assert name in LOCAL_TARGETS, f"no local address for {job['job_name']}"
+            job["static_configs"] = [{"targets": [LOCAL_TARGETS[name]]}]
         for sd in job.get("http_sd_configs", []):
-            sd["url"] = f"{API}/api/v1/sd/prometheus"
+            sd["url"] = f"{API}/api/v1/sd/prometheus" + ("?via=api" if kernel else "")
             sd["refresh_interval"] = "2s"
+            if kernel:
+                job["authorization"] = {"credentials_file": str(home / TOKEN_FILE)}
     return config
 
 
 @contextlib.contextmanager
-def _prometheus(tmp_path: Path) -> Iterator[str]:
+def _prometheus(tmp_path: Path, home: Path) -> Iterator[str]:
     """A real Prometheus scraping the cluster as the compose stack's does; yields its URL
     once every job has been scraped."""
     binary = shutil.which("prometheus")
@@ -273,7 +293,7 @@ def _prometheus(tmp_path: Path) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(_local_prometheus_config()))
+    config.write_text(yaml.safe_dump(_local_prometheus_config(home)))
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -335,12 +355,15 @@ def _loss_panels_show(base: str) -> tuple[bool, dict[str, Any]]:
     the series in ``LOSS_WANTED`` read above 0."""
     seen: dict[str, Any] = {}
     ok = True
+    wanted_series = dict(LOSS_WANTED)
+    if dataplane() == "kernel":  # kube-proxy and the overlay export nothing there
+        wanted_series[("spans", "B")] = []
     for (title, ref), expr in _loss_panel_queries().items():
         result = _promql(base, expr)
         words = title.removeprefix("Telemetry loss: ")
         seen[f"{words} [{ref}]"] = [(r["metric"], float(r["value"][1])) for r in result]
         ok = ok and bool(result)
-        for (prefix, want_ref), wanted in LOSS_WANTED.items():
+        for (prefix, want_ref), wanted in wanted_series.items():
             if ref != want_ref or not words.startswith(prefix):
                 continue
             for labels in wanted:
@@ -358,7 +381,7 @@ def test_stopping_the_receiver_makes_every_exporter_count_its_loss(
     their PromQL evaluated by a real Prometheus that scrapes the cluster the way the compose
     stack's does (same jobs, discovery and relabelling)."""
     env, _backend = forwarding_cluster
-    with _prometheus(tmp_path) as prometheus:
+    with _prometheus(tmp_path, Path(env["HOPSCOPE_HOME"])) as prometheus:
         _receiver_stopped_and_started(env, prometheus)
 
 
@@ -366,7 +389,7 @@ def _receiver_stopped_and_started(env: dict[str, str], prometheus: str) -> None:
     home_token = read_token(Path(env["HOPSCOPE_HOME"]))
     auth = {"Authorization": f"Bearer {home_token}"}
     pods = api_get("/api/v1/state")["pods"]
-    frontends = [p["ip"] for p in pods if p["name"].startswith("frontend")]
+    frontends = [p["name"] for p in pods if p["name"].startswith("frontend")]
     # a healthy cluster: every loss query has series (once two scrapes make a rate), at 0
     healthy: dict[str, Any] = {}
 
@@ -376,7 +399,7 @@ def _receiver_stopped_and_started(env: dict[str, str], prometheus: str) -> None:
 
     poll_until(answered, timeout=20, interval=1)
     assert all(v == 0 for series in healthy.values() for _m, v in series), healthy
-    before = _loss_readings(frontends)
+    before = _loss_readings(env, frontends)
     assert (
         requests.post(
             f"{API}/api/v1/debug/receiver", json={"running": False}, timeout=5
@@ -400,21 +423,14 @@ def _receiver_stopped_and_started(env: dict[str, str], prometheus: str) -> None:
         )
         assert down.status_code == 503, down.text
         # the SDK exporters retry for their 5 s timeout before a batch counts as failed
-        keys = (
-            "frontend",
-            "frontend_logs",
-            "kube-proxy",
-            "cni",
-            "ingress-envoy",
-            "receiver-unavailable",
-        )
+        keys = tuple(before)
         deadline = time.monotonic() + 45
         while True:
-            after = _loss_readings(frontends)
+            after = _loss_readings(env, frontends)
             rose = {k: after[k] > before[k] for k in keys}
             if all(rose.values()) or time.monotonic() > deadline:
                 break
-            if not rose["cni"]:  # the overlay's span needs a request that crosses nodes
+            if not rose.get("cni", True):  # the overlay's span needs a cross-node request
                 hopscope("curl", "http://shop.local/", env=env)
             time.sleep(1)
         assert all(rose.values()), f"loss not counted: before {before}, after {after}"

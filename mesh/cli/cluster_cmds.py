@@ -76,12 +76,14 @@ def _validate(paths: list[Path]) -> None:
 )
 @click.option(
     "--dataplane",
-    type=click.Choice(["userspace", "kernel"]),
-    default=lambda: os.environ.get("HOPSCOPE_DATAPLANE", "userspace"),
-    show_default="userspace, or $HOPSCOPE_DATAPLANE",
-    help="userspace: kube-proxy and the overlay are relay processes. kernel: nodes and pods "
-    "are network namespaces; kube-proxy's iptables rules, conntrack, the bridge and VXLAN are "
-    "the kernel's (Linux; root, or rootless in a user namespace).",
+    type=click.Choice(["auto", "kernel", "userspace"]),
+    default=lambda: os.environ.get("HOPSCOPE_DATAPLANE", "auto"),
+    show_default="auto, or $HOPSCOPE_DATAPLANE",
+    help="kernel: nodes and pods are network namespaces; kube-proxy's iptables rules, "
+    "conntrack, the bridge and VXLAN are the kernel's (Linux; root, or rootless in a user "
+    "namespace). userspace: kube-proxy and the overlay are relay processes, nodes and pods "
+    "share the host's network. auto: kernel where the host allows it, else userspace "
+    "(saying why).",
 )
 def up(
     paths: tuple[Path, ...],
@@ -93,18 +95,20 @@ def up(
 ) -> None:
     """Start the local cluster: pods with Envoy sidecars, ingress, kube-proxy, DNS, trace store."""
     manifests = [p.resolve() for p in paths] or [DEFAULT_MANIFESTS]
-    if dataplane == "kernel":
+    if dataplane != "userspace":
         from mesh.kernel.topology import kernel_support
 
         reason = kernel_support()
         if reason:
+            asked = "--dataplane kernel cannot run here" if dataplane == "kernel" else "auto"
             console.print(
-                f"[yellow]--dataplane kernel cannot run here ({reason}): "
-                "using the userspace data path[/]",
+                f"[yellow]{asked} ({reason}): using the userspace data path[/]",
                 markup=True,
                 soft_wrap=True,
             )
             dataplane = "userspace"
+        else:
+            dataplane = "kernel"
     _validate(manifests)
     _forwarding_env(otlp_endpoint)
     client = APIClient()
@@ -117,9 +121,11 @@ def up(
     if dataplane == "kernel":
         # The control plane runs in the cluster host's namespace, with the kernel address
         # plan: always as a child process, waited for in the foreground unless --detach.
-        proc = _spawn(manifests, home, timeout, client, budget, dataplane)
-        if not detach:
-            _wait_child(proc)
+        # In the foreground, Ctrl-C stops the cluster from the moment it is being started.
+        stop = None if detach else _stop_on_signals()
+        proc = _spawn(manifests, home, timeout, client, budget, dataplane, stop)
+        if stop is not None:
+            _wait_child(proc, stop)
     elif detach:
         _spawn(manifests, home, timeout, client, budget, dataplane)
     else:
@@ -182,8 +188,10 @@ def _spawn(
     client: APIClient,
     budget: int | None,
     dataplane: str = "userspace",
+    stop: threading.Event | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the control plane as a background process; return once the cluster is ready."""
+    """Start the control plane as a background process; return once the cluster is ready.
+    Interrupted meanwhile (Ctrl-C, or ``stop`` set), it stops what it started."""
     log_path = home / "controlplane.log"
     argv = controlplane_argv(manifests, home, budget, dataplane)
     env = dict(os.environ)
@@ -203,42 +211,59 @@ def _spawn(
             env=env,
         )
     deadline = time.monotonic() + timeout
-    with console.status("starting the cluster…") as spinner:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise click.ClickException(
-                    f"the control plane exited ({proc.returncode}):\n{tail(log_path)}"
-                )
-            status = _status_or_none(client)
-            if status is not None:
-                spinner.update(f"starting the cluster… {status['summary']}")
-                if status["ready"]:
-                    _print_ready(status, home)
-                    return proc
-            time.sleep(0.2)
+    try:
+        with console.status("starting the cluster…") as spinner:
+            while time.monotonic() < deadline:
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
+                if proc.poll() is not None:
+                    raise click.ClickException(
+                        f"the control plane exited ({proc.returncode}):\n{tail(log_path)}"
+                    )
+                status = _status_or_none(client)
+                if status is not None:
+                    spinner.update(f"starting the cluster… {status['summary']}")
+                    if status["ready"]:
+                        _print_ready(status, home)
+                        return proc
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the cluster…")
+        _stop_child(proc)
+        raise click.ClickException("interrupted while starting; the cluster was stopped") from None
     proc.terminate()
     raise click.ClickException(
         f"cluster not ready after {timeout:.0f}s; stopped it. Log: {log_path}"
     )
 
 
-def _wait_child(proc: subprocess.Popen[bytes]) -> None:
-    """Stay in the foreground while the control plane runs; Ctrl-C (or SIGTERM) stops it."""
+def _stop_on_signals() -> threading.Event:
+    """An event Ctrl-C (SIGINT) or SIGTERM sets, instead of interrupting wherever we are."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    console.print("[dim]Ctrl-C stops the cluster.[/]")
-    while not stop.is_set() and proc.poll() is None:
-        stop.wait(0.5)
-    if proc.poll() is not None:
-        raise click.ClickException(f"the control plane exited ({proc.returncode})")
-    console.print("stopping the cluster…")
+    return stop
+
+
+def _stop_child(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the control plane (it stops everything it started), killing it after 30 s."""
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _wait_child(proc: subprocess.Popen[bytes], stop: threading.Event) -> None:
+    """Stay in the foreground while the control plane runs; Ctrl-C (or SIGTERM) stops it."""
+    console.print("[dim]Ctrl-C stops the cluster.[/]")
+    while not stop.is_set() and proc.poll() is None:
+        stop.wait(0.5)
+    if proc.poll() is not None:
+        raise click.ClickException(f"the control plane exited ({proc.returncode})")
+    console.print("stopping the cluster…")
+    _stop_child(proc)
     console.print("stopped.")
 
 

@@ -390,7 +390,7 @@ def _send(
 def _kernel_pod_netns(pod: Pod, resolver: Any) -> str | None:
     """On the kernel data path, the pod's network namespace (and its resolver pointed at the
     cluster DNS of that address plan); None on the userspace path."""
-    from mesh.cli.kernel_cmds import kernel_status
+    from mesh.cli.kernel_cmds import kernel_status, pod_netns
 
     status = kernel_status()
     if status is None:
@@ -398,7 +398,7 @@ def _kernel_pod_netns(pod: Pod, resolver: Any) -> str | None:
     host, _, port = str(status.get("cluster_dns", "")).rpartition(":")
     if host:
         resolver.server = (host, int(port))
-    return f"{status['netns_prefix']}-pod-{pod.namespace}-{pod.name}"
+    return pod_netns(status, f"{pod.namespace}/{pod.name}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -90,7 +90,7 @@ def dig(name: str, rdtype: str, from_pod: str | None, tcp: bool, as_json: bool) 
     `<ns>.svc.cluster.local svc.cluster.local cluster.local` and ndots:5, so a short name
     like `catalog` works and an outside name first costs the search-path NXDOMAINs.
     """
-    from mesh.cli.kernel_cmds import kernel_status
+    from mesh.cli.kernel_cmds import host_netns, kernel_status, pod_netns
     from mesh.dns.resolver import candidates
 
     rdtype = rdtype.upper()
@@ -99,11 +99,9 @@ def dig(name: str, rdtype: str, from_pod: str | None, tcp: bool, as_json: bool) 
     server = (addresses.DNS_SERVICE_IP, addresses.DNS_PORT)
     netns = None
     status = kernel_status()  # the kernel data path: ask from inside the cluster's network
-    prefix = ""
     if status is not None:
         host, _, port = str(status["cluster_dns"]).rpartition(":")
-        prefix = str(status["netns_prefix"])
-        server, netns = (host, int(port)), f"{prefix}-host"
+        server, netns = (host, int(port)), host_netns(status)
     pod_ip = None
     if from_pod:
         state = ClusterState.from_dict(APIClient().get("/api/v1/state"))
@@ -112,8 +110,8 @@ def dig(name: str, rdtype: str, from_pod: str | None, tcp: bool, as_json: bool) 
         if pod is None:
             raise click.ClickException(f"pod {from_pod!r} not found (`hopscope get pods`)")
         source = pod_ip = pod.ip
-        if netns is not None:  # from the pod's own namespace, its address the only one
-            source, netns = None, f"{prefix}-pod-{pod.namespace}-{pod.name}"
+        if status is not None:  # from the pod's own namespace, its address the only one
+            source, netns = None, pod_netns(status, f"{pod.namespace}/{pod.name}")
         search = [f"{pod.namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
         names = candidates(name, search, 5)
     tried = []

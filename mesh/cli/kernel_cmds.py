@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from mesh.cli._client import APIClient
+from mesh.kernel.topology import host_netns_name, node_netns_name, pod_netns_name
 
 USERSPACE_NOTE = (
     "the cluster runs the userspace data path: nodes and pods share the host's network, "
@@ -54,15 +55,20 @@ def node_netns(status: dict[str, Any], node: str) -> str:
     nodes = sorted({p["node"] for p in status["pods"] if p.get("node")} | {"node-a", "node-b"})
     if node not in nodes:
         raise click.ClickException(f"node {node!r} not found; nodes: {', '.join(nodes)}")
-    return f"{status['netns_prefix']}-{node}"
+    return node_netns_name(str(status["netns_prefix"]), node)
+
+
+def host_netns(status: dict[str, Any]) -> str:
+    return host_netns_name(str(status["netns_prefix"]))
 
 
 def pod_netns(status: dict[str, Any], ref: str) -> str:
+    """The namespace of pod ``ref`` (``NS/NAME``, or ``NAME`` in ``shop``)."""
     namespace, _, name = ref.rpartition("/")
     namespace = namespace or "shop"
     for pod in status["pods"]:
         if pod["name"] == name and pod["namespace"] == namespace:
-            return f"{status['netns_prefix']}-pod-{namespace}-{name}"
+            return pod_netns_name(str(status["netns_prefix"]), namespace, name)
     raise click.ClickException(
         f"pod {namespace}/{name} not found (`hopscope get pods -o wide` lists them)"
     )

@@ -29,12 +29,12 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import Counter
 
 from mesh import addresses
 from mesh.cni.passthrough import TRACE_HEADERS, forward_headers, parent_context
 from mesh.cni.streams import connection_handler, endpoints, write_eof
 from mesh.cni.vtep import OverlayError, OverlaySettings, open_tunnel, overlay_attributes
+from mesh.datapath_metrics import NodeRoutingMetrics
 from mesh.model.policy import PolicyEngine, Verdict
 from mesh.model.types import ClusterState, NetworkConfig
 from mesh.netutil import open_from, reset
@@ -47,16 +47,8 @@ READ_SIZE = 65536
 _STATUS = re.compile(rb"^HTTP/\d\.\d (\d{3})")
 _POD_NETWORKS = [ipaddress.ip_network(c) for c in addresses.POD_CIDRS.values()]
 
-SNAT_CONNECTIONS = Counter(
-    "hopscope_cni_egress_snat_connections",
-    "Connections leaving the cluster through egress SNAT",
-    ["node", "egress_ip", "destination", "result"],
-)
-POD_CONNECTIONS = Counter(
-    "hopscope_cni_pod_connections",
-    "Direct pod-to-pod connections routed by the node (not through a Service)",
-    ["node", "path"],
-)
+_ROUTING = NodeRoutingMetrics.build()
+SNAT_CONNECTIONS, POD_CONNECTIONS = _ROUTING.snat, _ROUTING.pods
 
 
 @dataclass

@@ -30,10 +30,9 @@ import re
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge
-
 from mesh import addresses
 from mesh.cni.streams import connection_handler, write, write_eof
+from mesh.datapath_metrics import OverlayMetrics
 from mesh.netutil import open_from
 
 log = logging.getLogger("cni")
@@ -52,18 +51,13 @@ _REPLY = re.compile(
     r"outer=(?P<osrc>[\d.]+:\d+)->(?P<odst>[\d.]+:\d+)$"
 )
 
-TUNNELS = Counter(
-    "hopscope_cni_overlay_connections",
-    "Connections encapsulated between nodes",
-    ["src_node", "dst_node", "result"],
+_OVERLAY = OverlayMetrics.build()
+TUNNELS, TUNNEL_BYTES, ACTIVE_TUNNELS, DELAY = (
+    _OVERLAY.tunnels,
+    _OVERLAY.bytes,
+    _OVERLAY.active,
+    _OVERLAY.delay,
 )
-TUNNEL_BYTES = Counter(
-    "hopscope_cni_overlay_bytes",
-    "Inner bytes carried through the overlay, by the node that encapsulated them",
-    ["src_node", "dst_node"],
-)
-ACTIVE_TUNNELS = Gauge("hopscope_cni_overlay_active_connections", "Open overlay connections")
-DELAY = Gauge("hopscope_cni_overlay_delay_seconds", "Configured one-way overlay delay")
 
 
 class OverlayError(Exception):

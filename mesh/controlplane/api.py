@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from mesh.controlplane.guard import Guard
 from mesh.otlp.intake import Intake
@@ -371,11 +371,20 @@ def scale(namespace: str, name: str) -> Response:
 
 @bp.get("/api/v1/sd/prometheus")
 def prometheus_targets() -> Response:
-    """Prometheus HTTP service discovery: every app's /metrics and every Envoy's stats."""
-    return jsonify(prometheus_sd_groups(current_app.config["CLUSTER"]))
+    """Prometheus HTTP service discovery: every app's /metrics and every Envoy's stats.
+
+    ``?via=api``: each pod's page through the API's pod proxy
+    (``/api/v1/namespaces/NS/pods/NAME:PORT/proxy/…``, the token as bearer credentials),
+    for a Prometheus outside the pods' network — on the kernel data path, pod addresses
+    exist only inside the cluster's namespaces, as an API server's proxy serves a
+    Prometheus outside a real cluster."""
+    via = request.args.get("via", "direct")
+    if via not in ("direct", "api"):
+        raise APIError(400, f"via={via!r}: use direct (pod addresses) or api (the pod proxy)")
+    return jsonify(prometheus_sd_groups(current_app.config["CLUSTER"], via_api=via == "api"))
 
 
-def prometheus_sd_groups(cluster: Any) -> list[dict[str, Any]]:
+def prometheus_sd_groups(cluster: Any, via_api: bool = False) -> list[dict[str, Any]]:
     """The cluster's scrape targets as Prometheus HTTP service-discovery groups."""
     from mesh import addresses
     from mesh.model.types import ClusterState
@@ -391,19 +400,19 @@ def prometheus_sd_groups(cluster: Any) -> list[dict[str, Any]]:
             "node": pod.node,
             "app": pod.labels.get("app", pod.owner_name),
         }
-        groups.append(
-            {
-                "targets": [f"{pod.ip}:{addresses.APP_METRICS_PORT}"],
-                "labels": {**labels, "job": "apps"},
-            }
-        )
+        pages = [(addresses.APP_METRICS_PORT, "/metrics", "apps")]
         if pod.has_sidecar:
-            groups.append(
-                {
-                    "targets": [f"{pod.ip}:{addresses.SIDECAR_ADMIN_PORT}"],
-                    "labels": {**labels, "job": "envoy", "__metrics_path__": "/stats/prometheus"},
-                }
-            )
+            pages.append((addresses.SIDECAR_ADMIN_PORT, "/stats/prometheus", "envoy"))
+        for port, path, job in pages:
+            if via_api:
+                target = f"{addresses.CONTROL_PLANE_IP}:{addresses.CONTROL_PLANE_PORT}"
+                path = f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}:{port}/proxy{path}"
+            else:
+                target = f"{pod.ip}:{port}"
+            group_labels = {**labels, "job": job}
+            if path != "/metrics":
+                group_labels["__metrics_path__"] = path
+            groups.append({"targets": [target], "labels": group_labels})
     groups.append(
         {
             "targets": [f"{addresses.INGRESS_IP}:{addresses.INGRESS_ADMIN_PORT}"],
@@ -422,9 +431,17 @@ def prometheus_sd_groups(cluster: Any) -> list[dict[str, Any]]:
 @bp.get("/metrics")
 def metrics() -> Response:
     """The control plane's metrics, then the trace store's (``hopscope_tracestore_*``)."""
+    from prometheus_client.exposition import choose_encoder
+
     registry = current_app.config["REGISTRY"]
     store_registry = current_app.config["STORE"].registry
-    body = generate_latest(registry)
+    # OpenMetrics when asked for (the only exposition with exemplars: the kernel path's
+    # kube-proxy request histogram links to traces), else the classic text format.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encode(registry)
     if store_registry is not registry:
-        body += generate_latest(store_registry)
-    return Response(body, content_type=CONTENT_TYPE_LATEST)
+        more = encode(store_registry)
+        if content_type.startswith("application/openmetrics-text"):  # one "# EOF", at the end
+            body = body.removesuffix(b"# EOF\n")
+        body += more
+    return Response(body, content_type=content_type)

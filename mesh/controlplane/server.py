@@ -104,7 +104,7 @@ class ControlPlane:
             from mesh.runtime.kernel import FLOWS_SOCKET
 
             self.kernel_hops = KernelHopJoiner(
-                self.store.add_export,
+                self.pipeline.intake.add_spans,  # stored, and forwarded like any export
                 self._rule_set,
                 state_dir / FLOWS_SOCKET,
                 registry=registry,

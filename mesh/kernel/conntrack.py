@@ -38,7 +38,7 @@ from mesh.kernel.iptables import (
     service_chain,
 )
 from mesh.kernel.renderer import ProxyNode
-from mesh.kubeproxy.rules import RuleSet
+from mesh.kubeproxy.rules import RuleSet, ServiceRule
 
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_DESTROY = 3
@@ -77,6 +77,13 @@ class Flow:
     """The TCP state (``ESTABLISHED``, ``TIME_WAIT``, …) for TCP entries of a dump."""
     timeout: int | None = None
     """Seconds until the entry expires unless more packets come (table dumps)."""
+    bytes_orig: int | None = None
+    """Bytes the client sent (IP packets), where the kernel counts them
+    (``nf_conntrack_acct=1``: in destroy events and table dumps)."""
+    bytes_reply: int | None = None
+    """Bytes of the reply direction."""
+    packets_orig: int | None = None
+    packets_reply: int | None = None
     recent: dict[str, int] | None = None
     """For a new DNATed flow whose client is in ``recent`` lists (ClientIP affinity): list
     name (the endpoint chain) -> connections it recorded for the client, this one included."""
@@ -112,9 +119,13 @@ class Flow:
         if self.state:
             parts.append(self.state)
         parts.append(f"src={osrc} dst={odst} sport={osport} dport={odport}")
+        if self.bytes_orig is not None:  # nf_conntrack_acct=1: conntrack -L shows counts
+            parts.append(f"packets={self.packets_orig or 0} bytes={self.bytes_orig}")
         if not self.status & IPS_SEEN_REPLY:
             parts.append("[UNREPLIED]")
         parts.append(f"src={rsrc} dst={rdst} sport={rsport} dport={rdport}")
+        if self.bytes_reply is not None:
+            parts.append(f"packets={self.packets_reply or 0} bytes={self.bytes_reply}")
         if self.status & IPS_ASSURED:
             parts.append("[ASSURED]")
         parts.append(f"id={self.id}")
@@ -179,7 +190,17 @@ def parse(msg: Any, seen_ns: int | None = None, event: str | None = None) -> Flo
         stop_ns=stop,
         state=state,
         timeout=msg.get_attr("CTA_TIMEOUT"),
+        packets_orig=_counter(msg, "CTA_COUNTERS_ORIG", "CTA_COUNTERS_PACKETS"),
+        bytes_orig=_counter(msg, "CTA_COUNTERS_ORIG", "CTA_COUNTERS_BYTES"),
+        packets_reply=_counter(msg, "CTA_COUNTERS_REPLY", "CTA_COUNTERS_PACKETS"),
+        bytes_reply=_counter(msg, "CTA_COUNTERS_REPLY", "CTA_COUNTERS_BYTES"),
     )
+
+
+def _counter(msg: Any, direction: str, kind: str) -> int | None:
+    """One of the entry's packet and byte counts (``nf_conntrack_acct=1``), if it has them."""
+    counters = msg.get_attr(direction)
+    return None if counters is None else int(counters.get_attr(kind) or 0)
 
 
 class ConntrackWatcher:
@@ -329,9 +350,65 @@ def parse_events(data: bytes, seen_ns: int) -> list[Flow]:
                 reply_dst=reply[2],
                 status=int.from_bytes(data[status[0] : status[1]]) if status else 0,
                 seen_ns=seen_ns,
+                packets_orig=_ct_count(data, top.get(9), 1),  # CTA_COUNTERS_ORIG
+                bytes_orig=_ct_count(data, top.get(9), 2),
+                packets_reply=_ct_count(data, top.get(10), 1),  # CTA_COUNTERS_REPLY
+                bytes_reply=_ct_count(data, top.get(10), 2),
+                state=_ct_tcp_state(data, top.get(4)),  # CTA_PROTOINFO
             )
         )
     return flows
+
+
+def _ct_tcp_state(data: bytes, span: tuple[int, int] | None) -> str | None:
+    """The TCP state of ``CTA_PROTOINFO`` → ``CTA_PROTOINFO_TCP`` →
+    ``CTA_PROTOINFO_TCP_STATE`` (u8), where the message has one (dumps, not events)."""
+    tcp = _attrs(data, *span).get(1) if span is not None else None
+    state = _attrs(data, *tcp).get(1) if tcp is not None else None
+    if state is None or data[state[0]] >= len(_TCP_STATES):
+        return None
+    return _TCP_STATES[data[state[0]]]
+
+
+def _ct_count(data: bytes, span: tuple[int, int] | None, kind: int) -> int | None:
+    """A count of a ``CTA_COUNTERS_*`` attribute: ``CTA_COUNTERS_PACKETS`` (1) or
+    ``CTA_COUNTERS_BYTES`` (2), both big-endian u64."""
+    if span is None:
+        return None
+    counted = _attrs(data, *span).get(kind)
+    return int.from_bytes(data[counted[0] : counted[1]]) if counted else None
+
+
+_DUMP_REQUEST = struct.Struct("=IHHIIBBH")
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+
+
+def dump(netns: str | None) -> list[Flow]:
+    """Every IPv4 TCP/UDP/SCTP entry of the namespace's table, read by :func:`parse_events`
+    (a plain netlink dump: cheap enough to repeat every few seconds)."""
+    from mesh.kernel.forward import socket_in
+
+    sock = socket_in(netns, socket.SOCK_RAW, NETLINK_NETFILTER, socket.AF_NETLINK)
+    try:
+        sock.settimeout(5)
+        kind = CTNETLINK | 1  # IPCTNL_MSG_CT_GET
+        sock.send(
+            _DUMP_REQUEST.pack(_DUMP_REQUEST.size, kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0,
+                               socket.AF_INET, 0, 0)
+        )  # fmt: skip
+        flows: list[Flow] = []
+        now = time.time_ns()
+        while True:
+            data = sock.recv(1 << 17)
+            if not data:
+                return flows
+            for msg_kind, _start, _end in _messages(data):
+                if msg_kind in (NLMSG_DONE, NLMSG_ERROR):
+                    return flows
+            flows += [dataclasses.replace(f, event="entry") for f in parse_events(data, now)]
+    finally:
+        sock.close()
 
 
 def table(netns: str | None) -> list[Flow]:
@@ -355,6 +432,22 @@ def recent_hits(lists: dict[str, str], client_ip: str) -> dict[str, int]:
                 _, _, stamps = line.partition("oldest_pkt: ")
                 hits[name] = len(stamps.split(" ", 1)[1].split(",")) if " " in stamps else 1
     return hits
+
+
+def rule_attributes(rule: ServiceRule) -> dict[str, Any]:
+    """What a kube-proxy hop says about the Service rule it went through (a ``RuleSet``
+    entry), whatever the kernel then did with the packet."""
+    attrs: dict[str, Any] = {
+        "hopscope.hop": rule.hop,
+        "k8s.service.name": rule.name,
+        "k8s.namespace.name": rule.namespace,
+        "hopscope.service.type": rule.service_type,
+        "hopscope.service.port": rule.port,
+        "hopscope.rule.kind": rule.kind,
+    }
+    if rule.kind != "cluster-ip":
+        attrs["hopscope.traffic_policy"] = rule.external_traffic_policy
+    return attrs
 
 
 def service_flow_attributes(
@@ -383,11 +476,7 @@ def service_flow_attributes(
             balancer = local_policy_chain(name, protocol)
     chains += [balancer, endpoint_chain(name, protocol, flow.translated_dst)]
     attrs: dict[str, Any] = {
-        "hopscope.hop": rule.hop,
-        "k8s.service.name": rule.name,
-        "k8s.namespace.name": rule.namespace,
-        "hopscope.service.type": rule.service_type,
-        "hopscope.service.port": rule.port,
+        **rule_attributes(rule),
         "hopscope.nat.original.src": flow.original_src,
         "hopscope.nat.original.dst": flow.original_dst,
         "hopscope.nat.translated.src": flow.translated_src,
@@ -396,7 +485,6 @@ def service_flow_attributes(
         "hopscope.lb.mode": "iptables",
         "hopscope.lb.algorithm": "random",
         "hopscope.conntrack.id": flow.id,
-        "hopscope.rule.kind": rule.kind,
         "hopscope.rule.chains": chains,
         "network.peer.address": flow.original_src.rsplit(":", 1)[0],
         "network.protocol.name": protocol,
@@ -413,8 +501,6 @@ def service_flow_attributes(
         attrs["hopscope.lb.affinity"] = (
             "ClientIP" if seen is None else "ClientIP (new)" if seen <= 1 else "ClientIP (sticky)"
         )
-    if rule.kind != "cluster-ip":
-        attrs["hopscope.traffic_policy"] = rule.external_traffic_policy
     return attrs
 
 

@@ -26,9 +26,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh import addresses
+
+if TYPE_CHECKING:
+    from mesh.model.types import ClusterState, Service
 
 log = logging.getLogger("hopscope.forward")
 
@@ -267,19 +270,10 @@ class ServiceForwards:
 def service_forwards(state: Any, host_netns: str) -> dict[Endpoint, Endpoint]:
     """Host address → node address for every NodePort and LoadBalancer port of ``state``."""
     wanted: dict[Endpoint, Endpoint] = {}
-    ready_nodes: dict[tuple[str, str], set[str]] = {}
-    for eps in state.endpoint_slices:
-        nodes = ready_nodes.setdefault((eps.namespace, eps.service), set())
-        nodes.update(e.node for e in eps.endpoints if e.ready and e.node)
     for svc in state.services:
         if svc.type not in ("NodePort", "LoadBalancer"):
             continue
-        local = svc.external_traffic_policy == "Local"
-        with_endpoint = ready_nodes.get((svc.namespace, svc.name), set())
-        lb_node = next(
-            (n for n in addresses.NODE_IPS if not local or n in with_endpoint),
-            next(iter(addresses.NODE_IPS)),
-        )
+        lb_node = load_balancer_node(state, svc)
         for port in svc.ports:
             if not port.node_port or port.protocol != "TCP":
                 continue
@@ -291,7 +285,43 @@ def service_forwards(state: Any, host_netns: str) -> dict[Endpoint, Endpoint]:
                     continue  # the ingress controller's address has its own forwarder
                 target = Endpoint(None, addresses.NODE_IPS[lb_node], port.node_port)
                 wanted[Endpoint(host_netns, lb_ip, port.port)] = target
+        if svc.health_check_node_port:  # kube-proxy answers it on each node
+            hc = svc.health_check_node_port
+            for node, host_ip in addresses.HOST_NODE_IPS.items():
+                wanted[Endpoint(host_netns, host_ip, hc)] = Endpoint(
+                    None, addresses.NODE_IPS[node], hc
+                )
     return wanted
+
+
+def load_balancer_node(state: ClusterState, svc: Service) -> str:
+    """The node a LoadBalancer address sends to: the first with a ready local endpoint
+    under ``externalTrafficPolicy: Local`` (its health check says 200), else the first."""
+    nodes = list(addresses.NODE_IPS)
+    if svc.external_traffic_policy == "Local":
+        ready = {
+            e.node
+            for eps in state.endpoint_slices
+            if eps.namespace == svc.namespace and eps.service == svc.name
+            for e in eps.endpoints
+            if e.ready and e.node
+        }
+        return next((n for n in nodes if n in ready), nodes[0])
+    return nodes[0]
+
+
+def load_balancer_target(state: ClusterState, address: str) -> tuple[Service, str, str] | None:
+    """For ``LB-IP:port`` of a LoadBalancer Service: the Service, the node the load
+    balancer sends to and that node's ``node-IP:nodePort`` (inside); None otherwise."""
+    ip, _, port = address.rpartition(":")
+    for svc in state.services:
+        if svc.type != "LoadBalancer" or ip not in svc.load_balancer_ingress:
+            continue
+        for sp in svc.ports:
+            if str(sp.port) == port and sp.node_port:
+                node = load_balancer_node(state, svc)
+                return svc, node, f"{addresses.NODE_IPS[node]}:{sp.node_port}"
+    return None
 
 
 def parse_rule(text: str) -> tuple[Endpoint, Endpoint]:

@@ -51,8 +51,15 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from mesh import addresses
+from mesh.datapath_metrics import request_duration
 from mesh.hopattributes import DATAPLANE
-from mesh.kernel.conntrack import IPS_DST_NAT, Flow, Logged, service_flow_attributes
+from mesh.kernel.conntrack import (
+    IPS_DST_NAT,
+    Flow,
+    Logged,
+    rule_attributes,
+    service_flow_attributes,
+)
 from mesh.kernel.iptables import NO_LOCAL_PREFIX
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
@@ -95,6 +102,10 @@ class _Outbound:
     """``service`` (a ClusterIP: kube-proxy), ``pod`` (another node's pod: the overlay) or
     ``external`` (outside every cluster range: egress SNAT)."""
     arrived: float = field(default_factory=time.monotonic)
+    load_balancer: tuple[str, str] | None = None
+    """For an outside client's call to a LoadBalancer address: that address and the node
+    the load balancer (the host's forwarder) sent it to; ``upstream`` is the node's
+    NodePort then."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,8 @@ class KernelHopJoiner:
             ["result"],
             registry=registry,
         )
+        self.request_duration = request_duration(registry)
+        """The relay's per-Service request histogram, timed by the kernel hop (its span)."""
         self.flows_received = Counter(
             "hopscope_kernel_flows_received",
             "Conntrack flows kube-proxy reported from the node namespaces",
@@ -246,6 +259,15 @@ class KernelHopJoiner:
                 return node, logged
         return None
 
+    def _load_balancer(self, upstream: str) -> tuple[str, str] | None:
+        """For a LoadBalancer address: the node the load balancer sends to and that
+        node's NodePort (:func:`~mesh.kernel.forward.load_balancer_target`), else None."""
+        from mesh.kernel.forward import load_balancer_target
+
+        state = self.state()
+        found = load_balancer_target(state, upstream) if state is not None else None
+        return (found[1], found[2]) if found is not None else None
+
     def add_tunnel(self, logged: Logged) -> None:
         """A VXLAN packet that carried a connection's SYN: its outer tuple, by inner tuple."""
         if logged.inner_src is None or logged.inner_dst is None:
@@ -283,6 +305,8 @@ class KernelHopJoiner:
                 )
             )
             if caller and attrs.get(UPSTREAM):
+                load_balancer: tuple[str, str] | None = None
+                lb_address = ""
                 failed = span.status.code == Status.STATUS_CODE_ERROR
                 local = attrs.get(UPSTREAM_LOCAL, "")
                 upstream = attrs[UPSTREAM]
@@ -295,17 +319,23 @@ class KernelHopJoiner:
                         addresses.cluster_side(local),
                         addresses.cluster_side(upstream),
                     )
+                    load_balancer = self._load_balancer(upstream)
+                    if load_balancer is not None:
+                        lb_address = upstream
+                        upstream = load_balancer[1]
                 elif not local and failed:
                     # the connect failed, so Envoy has no local address: the pod's, port 0
                     listener = attrs.get(DOWNSTREAM_LOCAL, "")
                     local = f"{listener.rsplit(':', 1)[0]}:0" if listener else ""
                 kind = _destination_kind(local, upstream) if local else None
-                if kind is None:
-                    continue
+                if kind is None or (kind == "pod-local" and not failed):
+                    continue  # the bridge alone carried it: no hop, unless policy dropped it
                 out = _Outbound(
                     trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
                     local, upstream, failed, kind,
                 )  # fmt: skip
+                if client and load_balancer is not None:
+                    out.load_balancer = (lb_address, load_balancer[0])
                 key = (trace_id, span.span_id)
                 with self._lock:
                     if key in self._pending or key in self._settled:
@@ -349,6 +379,7 @@ class KernelHopJoiner:
                     or {
                         "service": flow is not None and inbound is not None,
                         "pod": inbound is not None,
+                        "pod-local": False,  # only a policy drop makes a hop of it
                         "external": flow is not None,
                     }[out.kind]
                 )
@@ -409,6 +440,8 @@ class KernelHopJoiner:
         """The spans one caller's request gets, the node they belong to, and the outcome."""
         if out.kind == "pod":
             return self._pod_to_pod(out, inbound)
+        if out.kind == "pod-local":
+            return [], "", "no_flow"
         if out.kind == "external":
             return self._egress(out, known)
         if known is None:
@@ -443,6 +476,9 @@ class KernelHopJoiner:
             start, end, result = out.start_ns, out.end_ns, "no_callee_span"
         name = f"kube-proxy {attrs['k8s.namespace.name']}/{attrs['k8s.service.name']}"
         hop = _span(out, name, start, end, attrs, out.failed and inbound is None)
+        self.request_duration.labels(
+            attrs["k8s.namespace.name"], attrs["k8s.service.name"]
+        ).observe((end - start) / 1e9, {"trace_id": out.trace_id.hex()})
         if unreachable:
             hop.status.message = (
                 f"DNAT to {flow.translated_dst} "
@@ -450,6 +486,11 @@ class KernelHopJoiner:
                 "the SYN was never answered"
             )
         spans = [hop]
+        if out.load_balancer is not None:
+            lb = self._load_balancer_hop(out, rules, hop, start, end)
+            if lb is not None:
+                hop.parent_span_id = lb.span_id
+                spans.insert(0, lb)
         dst_node = str(attrs.get("hopscope.endpoint.node") or "")
         if dst_node and dst_node != known.node:
             overlay = self._overlay(
@@ -458,6 +499,42 @@ class KernelHopJoiner:
             )  # fmt: skip
             spans.append(overlay)
         return spans, known.node, result
+
+    def _load_balancer_hop(
+        self, out: _Outbound, rules: RuleSet, hop: Span, start: int, end: int
+    ) -> Span | None:
+        """The cloud load balancer in front of a NodePort: the host's forwarder sent the
+        outside client's connection to a node's NodePort (the hop below it)."""
+        assert out.load_balancer is not None
+        address, node = out.load_balancer
+        ip, _, port = address.rpartition(":")
+        rule = rules.rules.get((ip, int(port)))
+        if rule is None:
+            return None
+        local = any(e.node == node and e.ready for e in rule.endpoints)
+        attrs = {
+            **rule_attributes(rule),
+            "hopscope.hop": "load-balancer",
+            "hopscope.nat.original.src": out.local,
+            "hopscope.nat.original.dst": address,
+            "hopscope.nat.translated.dst": out.upstream,
+            "hopscope.lb.node": node,
+            "hopscope.decision": (
+                f"to {node}'s NodePort {out.upstream}"
+                + (
+                    " (its health check node port reports a local endpoint)"
+                    if rule.external_traffic_policy == "Local" and local
+                    else ""
+                )
+            ),
+            "network.peer.address": out.local.rsplit(":", 1)[0],
+            "server.address": ip,
+            "server.port": int(port),
+            "peer.service": rule.name,
+            DATAPLANE: "kernel",
+        }
+        name = f"load-balancer {rule.namespace}/{rule.name}"
+        return _span(out, name, min(start, hop.start_time_unix_nano), end, attrs, out.failed)
 
     def _pod_to_pod(self, out: _Outbound, inbound: _Inbound | None) -> tuple[list[Span], str, str]:
         """A pod's call to another node's pod (no Service): only the overlay carried it."""
@@ -601,14 +678,8 @@ class KernelHopJoiner:
         if rule is None:
             return [], node, "no_service"
         attrs: dict[str, Any] = {
-            "hopscope.hop": rule.hop,
-            "k8s.service.name": rule.name,
-            "k8s.namespace.name": rule.namespace,
+            **rule_attributes(rule),
             "k8s.node.name": node,
-            "hopscope.service.type": rule.service_type,
-            "hopscope.service.port": rule.port,
-            "hopscope.rule.kind": rule.kind,
-            "hopscope.traffic_policy": rule.external_traffic_policy,
             "hopscope.nat.original.src": logged.src,
             "hopscope.nat.original.dst": logged.dst,
             "network.peer.address": logged.src.rsplit(":", 1)[0],
@@ -689,8 +760,8 @@ def _callee_remote(hop: str | None, attrs: dict[str, str], span: Span) -> str | 
     if hop != "app" or span.kind != Span.SPAN_KIND_SERVER:
         return None
     peer = attrs.get("network.peer.address", "")
-    if not peer:
-        return None
+    if not peer or peer == attrs.get("server.address"):
+        return None  # no peer, or the pod's own sidecar: nothing the kernel translated
     port = next((kv.value.int_value for kv in span.attributes if kv.key == "network.peer.port"), 0)
     return f"{peer}:{port}" if port else None
 
@@ -709,7 +780,8 @@ _NODE_IPS = frozenset(addresses.NODE_IPS.values())
 
 def _destination_kind(local: str, upstream: str) -> str | None:
     """What the kernel does to a caller's connection from ``local`` to ``upstream``:
-    ``service`` (DNAT), ``pod`` (VXLAN to another node), ``external`` (SNAT), or None."""
+    ``service`` (DNAT), ``pod`` (VXLAN to another node), ``pod-local`` (the node's bridge:
+    only its policy rules can say anything about it), ``external`` (SNAT), or None."""
     try:
         src = ipaddress.ip_address(local.rsplit(":", 1)[0])
         dst = ipaddress.ip_address(upstream.rsplit(":", 1)[0])
@@ -720,7 +792,9 @@ def _destination_kind(local: str, upstream: str) -> str | None:
     if dst in _PODS:
         src_node = addresses.node_for_ip(str(src))
         dst_node = addresses.node_for_ip(str(dst))
-        return "pod" if src_node and dst_node and src_node != dst_node else None
+        if not (src_node and dst_node):
+            return None
+        return "pod" if src_node != dst_node else "pod-local"
     if src in _PODS and not any(dst in net for net in _CLUSTER):
         return "external"
     return None

@@ -33,19 +33,21 @@ from mesh.kernel.conntrack import (
     VXLAN_LOG_CHAIN,
     ConntrackWatcher,
     Flow,
+    dump,
     nflog_socket,
     parse_nflog,
     recent_hits,
-    table,
     vxlan_log_rules,
 )
+from mesh.kernel.flowmetrics import REFRESH_S, FlowMetrics
 from mesh.kernel.forward import in_netns
+from mesh.kernel.healthcheck import HealthCheckServers
 from mesh.kernel.iptables import NO_LOCAL_PREFIX, IptablesRenderer
 from mesh.kernel.policy import NFLOG_GROUP
 from mesh.kernel.proxier import KernelProxier
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError
-from mesh.kubeproxy.rules import build_rules
+from mesh.kubeproxy.rules import RuleSet, build_rules
 from mesh.model.types import ClusterState
 from mesh.model.watch import StateWatcher
 from mesh.otlp import OTLP_HTTP_PORT
@@ -61,6 +63,11 @@ SYNC_DURATION = Histogram(
     "kubeproxy_sync_proxy_rules_duration_seconds",
     "SyncProxyRules latency in seconds (render plus iptables-restore, all nodes)",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+)
+NETWORK_PROGRAMMING = Histogram(
+    "kubeproxy_network_programming_duration_seconds",
+    "In-cluster network programming latency in seconds (a change seen to its rules loaded)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 LAST_SYNC = Gauge(
     "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -90,7 +97,16 @@ class KernelKubeProxy:
         self.paused = False
         """Rule sync stopped (``POST /debug/sync?paused=true``): kube-proxy cut off from the
         API server keeps the rules it has, as a real one does."""
-        self._latest: ClusterState | None = None
+        self.affinity = False
+        """Whether some Service has ClientIP affinity (the nodes keep ``recent`` lists)."""
+        self.rules: RuleSet | None = None
+        """The rule set the nodes hold (the last successful sync's)."""
+        self.requested_mode = "iptables"
+        """What the KubeProxyConfiguration asks for (only iptables is done here)."""
+        self.synced_hooks: list[Callable[[RuleSet], None]] = []
+        self.latest: ClusterState | None = None
+        """The newest state from the watch."""
+        self._received: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
@@ -104,7 +120,9 @@ class KernelKubeProxy:
 
     def on_state(self, state: ClusterState) -> None:
         """From the watch thread: remember the newest state, wake the sync loop."""
-        self._latest = state
+        if self._received is None:
+            self._received = time.monotonic()  # the oldest change the next sync carries
+        self.latest = state
         self._wake.set()
 
     def set_paused(self, paused: bool) -> None:
@@ -119,14 +137,27 @@ class KernelKubeProxy:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            state = self._latest
+            state, received = self.latest, self._received
             if state is not None and not self.paused:
-                self.sync(state)
+                self._received = None
+                if self.sync(state) and received is not None:
+                    NETWORK_PROGRAMMING.observe(time.monotonic() - received)
             time.sleep(self.min_sync_period)
 
-    def sync(self, state: ClusterState) -> None:
+    def sync(self, state: ClusterState) -> bool:
+        """Load the rules for ``state`` into every node; whether it worked."""
         started = time.perf_counter()
         rules = build_rules(state, dict(addresses.NODE_IPS))
+        self.affinity = any(r.session_affinity == "ClientIP" for r in rules.rules.values())
+        if state.proxy.mode != self.requested_mode:
+            self.requested_mode = state.proxy.mode
+            if self.requested_mode != "iptables":
+                log.warning(
+                    "KubeProxyConfiguration asks for another mode: this kernel has no IPVS, "
+                    "the kernel data path runs iptables mode (ipvs: `hopscope up --dataplane "
+                    "userspace`)",
+                    extra={"mode": self.requested_mode},
+                )
         try:
             for node in addresses.NODE_IPS:
                 proxier = self.proxiers.get(node)
@@ -146,8 +177,11 @@ class KernelKubeProxy:
             log.error(
                 "rule sync failed", extra={"version": state.resource_version, "error": str(exc)}
             )
-            return
+            return False
         took = time.perf_counter() - started
+        self.rules = rules
+        for hook in self.synced_hooks:
+            hook(rules)
         SYNC_DURATION.observe(took)
         LAST_SYNC.set_to_current_time()
         self.synced_version, self.synced_at, self.last_error = (
@@ -163,6 +197,7 @@ class KernelKubeProxy:
                 "ms": round(took * 1000, 2),
             },
         )
+        return True
 
     def _sync_overlay_delay(self, delay_ms: float) -> None:
         """The CNI ConfigMap's ``overlayDelay`` as a netem qdisc on each node's VXLAN device
@@ -213,9 +248,15 @@ class KernelKubeProxy:
         self._policy_loaded[node] = document
 
     def health(self) -> dict[str, Any]:
+        rules = self.rules.rules.values() if self.rules is not None else ()
         return {
             "mode": "iptables",
+            "requestedMode": self.requested_mode,
             "dataplane": "kernel",
+            # Service addresses whose rules REJECT (no ready endpoint), as the relay lists
+            "rejecting": sorted(
+                f"{r.vip}:{r.port} ({r.namespace}/{r.name})" for r in rules if not r.ready_endpoints
+            ),
             "synced_version": self.synced_version,
             "synced_at": self.synced_at,
             "last_error": self.last_error,
@@ -249,9 +290,17 @@ class FlowReporter:
     """Watches each node's conntrack events; sends the NATed TCP flows to the control
     plane's socket (one JSON list per datagram), after a dump of what is already there."""
 
-    def __init__(self, network: KernelNetwork, path: str) -> None:
+    def __init__(
+        self,
+        network: KernelNetwork,
+        path: str,
+        affinity: Callable[[], bool] = lambda: True,
+        metrics: FlowMetrics | None = None,
+    ) -> None:
         self.network = network
         self.path = path
+        self.affinity = affinity  # False: no recent lists to read
+        self.metrics = metrics
         self.sent = 0
         self.unsent = 0
         self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -263,6 +312,18 @@ class FlowReporter:
                 threading.Thread(
                     target=target, args=(node,), name=f"{name}-{node}", daemon=True
                 ).start()
+        if self.metrics is not None:
+            threading.Thread(target=self._refresh, name="ct-bytes", daemon=True).start()
+
+    def _refresh(self) -> None:
+        """Open connections' byte counts, from a dump of each node that has some."""
+        assert self.metrics is not None
+        while not self._stop.wait(REFRESH_S):
+            for node in sorted(self.metrics.open_nodes()):
+                try:
+                    self.metrics.refresh(node, dump(self.network.node_netns(node)))
+                except OSError as exc:  # the namespace is going away
+                    log.debug("conntrack dump failed", extra={"node": node, "error": str(exc)})
 
     def _denies(self, node: str) -> None:
         """Packets the node's NetworkPolicy rules dropped, and external packets dropped for
@@ -295,6 +356,8 @@ class FlowReporter:
                         logged = [d for d in logged if d.vni is None]
                     DENIES.labels(node).inc(len(logged))
                     for packet in logged:
+                        if self.metrics is not None:
+                            self.metrics.denied(packet)
                         no_local = packet.prefix.startswith(NO_LOCAL_PREFIX)
                         log.warning(
                             "dropped: no local endpoint"
@@ -335,7 +398,10 @@ class FlowReporter:
             watcher = ConntrackWatcher(netns)
             try:
                 watcher.open()
-                self._send(node, table(netns))
+                # A plain netlink dump: pyroute2's netns sockets fork a helper and stop it
+                # with SIGTERM, and a forked child shares our asyncio signal wake-up
+                # descriptor, so its SIGTERM would read as ours and stop kube-proxy.
+                self._send(node, dump(netns))
                 while not self._stop.is_set():
                     before = watcher.overruns
                     flows = watcher.read(timeout=0.5)
@@ -343,6 +409,8 @@ class FlowReporter:
                         OVERRUNS.labels(node).inc()
                     for flow in flows:
                         EVENTS.labels(node, flow.event).inc()
+                    if self.metrics is not None:
+                        self.metrics.observe(node, flows)
                     self._send(node, flows)
             except OSError as exc:  # the namespace is going away, or netlink failed
                 log.warning("conntrack watch restarting", extra={"node": node, "error": str(exc)})
@@ -362,7 +430,7 @@ class FlowReporter:
     def _with_recent(self, node: str, flows: list[Flow]) -> list[Flow]:
         """New DNATed flows with what the node's ``recent`` lists (ClientIP affinity) hold for
         their client, read right after the rule that set them ran."""
-        if not any(f.event == "new" and f.dnat for f in flows):
+        if not self.affinity() or not any(f.event == "new" and f.dnat for f in flows):
             return flows
         lists: dict[str, str] = {}
         with in_netns(self.network.node_netns(node)):
@@ -446,19 +514,31 @@ def main(argv: list[str] | None = None) -> None:
         args.metrics_address, args.metrics_port, admin_app(proxy), handler_class=_Quiet
     )
     threading.Thread(target=server.serve_forever, name="admin", daemon=True).start()
+    health = HealthCheckServers(proxy.network.node_netns)  # healthCheckNodePorts
+    proxy.synced_hooks.append(health.sync)
     watcher = StateWatcher(args.api, proxy.on_state)
     watcher.start()
-    reporter = FlowReporter(proxy.network, args.flows_socket) if args.flows_socket else None
+    reporter = None
+    if args.flows_socket:
+        metrics = FlowMetrics(
+            lambda: proxy.rules,
+            lambda: proxy.overlay_delay_ms / 1000,
+            state=lambda: proxy.latest,
+        )
+        proxy.synced_hooks.append(metrics.on_rules)
+        reporter = FlowReporter(proxy.network, args.flows_socket, lambda: proxy.affinity, metrics)
     if reporter is not None:
         reporter.start()
     log.info("kube-proxy started", extra={"mode": "iptables", "dataplane": "kernel"})
     import asyncio
 
-    asyncio.run(wait_for_stop_signal())
+    received = asyncio.run(wait_for_stop_signal())
+    log.info("kube-proxy stopping", extra={"signal": received})
     watcher.stop()
     if reporter is not None:
         reporter.stop()
     proxy.stop()
+    health.stop()
     server.shutdown()
 
 

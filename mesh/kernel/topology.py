@@ -56,7 +56,24 @@ NODE_SYSCTLS = {
     "net.bridge.bridge-nf-call-iptables": "1",
     # Conntrack entries carry their start time: the kernel's clock for the kube-proxy hop.
     "net.netfilter.nf_conntrack_timestamp": "1",
+    # ...and their packet and byte counts: kube-proxy's per-endpoint byte metrics.
+    "net.netfilter.nf_conntrack_acct": "1",
 }
+
+
+def node_netns_name(prefix: str, node: str) -> str:
+    """The network namespace of a node (``ip netns`` name)."""
+    return f"{prefix}-{node}"
+
+
+def pod_netns_name(prefix: str, namespace: str, name: str) -> str:
+    """The network namespace of a pod."""
+    return f"{prefix}-pod-{namespace}-{name}"
+
+
+def host_netns_name(prefix: str) -> str:
+    """The cluster host's namespace: control plane, DNS, ingress and the forwarders' far end."""
+    return f"{prefix}-host"
 
 
 class KernelNetworkError(RuntimeError):
@@ -122,10 +139,10 @@ class KernelNetwork:
         return f"{self.prefix}-underlay"
 
     def node_netns(self, node: str) -> str:
-        return f"{self.prefix}-{node}"
+        return node_netns_name(self.prefix, node)
 
     def pod_netns(self, namespace: str, name: str) -> str:
-        return f"{self.prefix}-pod-{namespace}-{name}"
+        return pod_netns_name(self.prefix, namespace, name)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -348,7 +365,7 @@ class KernelNetwork:
 
     @property
     def host_netns(self) -> str:
-        return f"{self.prefix}-host"
+        return host_netns_name(self.prefix)
 
     @property
     def root_netns(self) -> str:
@@ -394,6 +411,16 @@ class KernelNetwork:
                 net = ipaddress.ip_network(service_cidr)
                 first = next(iter(self.nodes.values()))
                 _route(ipr, net, first.node_ip)
+
+    def add_host_address(self, ip: str) -> None:
+        """Make ``ip`` local on the cluster host's ``lo`` (a /32): an address of the user's
+        network the control plane reaches through a forwarder listening there."""
+        with self._ns(self.host_netns) as ipr:
+            try:
+                ipr.addr("add", index=_index(ipr, "lo"), address=ip, prefixlen=32)
+            except Exception as exc:  # NetlinkError: exists already
+                if getattr(exc, "code", None) != 17:  # EEXIST
+                    raise KernelNetworkError(f"cannot add {ip} to the cluster host: {exc}") from exc
 
     def egress_snat(self, node: str, cluster_cidrs: tuple[str, ...], to_source: str) -> None:
         """Pod traffic leaving the cluster is SNATed to ``to_source`` on its node (flannel's

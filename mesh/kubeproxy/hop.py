@@ -24,10 +24,10 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import Histogram
 
 from mesh.cni.passthrough import forward_headers, parent_context
 from mesh.cni.vtep import TunnelInfo, overlay_attributes
+from mesh.datapath_metrics import request_duration
 from mesh.hopattributes import EMULATION_COST
 from mesh.kubeproxy.rules import EndpointTarget, Selector, ServiceRule
 from mesh.model.policy import Verdict
@@ -53,12 +53,7 @@ def wants_span(traceparent: bytes | None) -> bool:
     return ROOT_SAMPLE_RATIO >= 1.0 or _rng.random() < ROOT_SAMPLE_RATIO
 
 
-REQUEST_DURATION = Histogram(
-    "hopscope_kubeproxy_request_duration_seconds",
-    "Time from a request's head reaching kube-proxy to its response completing, by Service",
-    ["namespace", "service"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
+REQUEST_DURATION = request_duration()
 """Carries a ``trace_id`` exemplar for requests that have a sampled hop span."""
 
 

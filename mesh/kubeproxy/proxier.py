@@ -25,11 +25,12 @@ import time
 from collections import deque
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from mesh import addresses
 from mesh.cni.streams import connection_handler, endpoints
 from mesh.cni.vtep import OverlayError, OverlaySettings, TunnelInfo, open_tunnel
+from mesh.datapath_metrics import KubeProxyMetrics
 from mesh.kubeproxy.hop import ConnInfo, deny_span, refusal_span
 from mesh.kubeproxy.relays import READ_SIZE, HTTP1Relay, HTTP2Relay, relay_tcp, sniff
 from mesh.kubeproxy.rules import (
@@ -81,30 +82,9 @@ LAST_SYNC = Gauge(
     "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
     "The last time proxy rules were successfully synced",
 )
-RULES = Gauge("hopscope_kubeproxy_service_ports", "Proxied Service VIP:port pairs")
-REJECTING = Gauge(
-    "hopscope_kubeproxy_rejecting_service_ports",
-    "Service addresses refusing connections (listener closed: no ready endpoint, like REJECT)",
-    ["namespace", "service", "kind"],
-)
-CONNECTIONS = Counter(
-    "hopscope_kubeproxy_connections",
-    "Connections DNATed to an endpoint",
-    ["namespace", "service", "endpoint_pod"],
-)
-ACTIVE = Gauge(
-    "hopscope_kubeproxy_active_connections", "Open proxied connections", ["namespace", "service"]
-)
-BYTES = Counter(
-    "hopscope_kubeproxy_bytes",
-    "Bytes proxied per endpoint (in: client to endpoint, out: endpoint to client)",
-    ["namespace", "service", "endpoint_pod", "direction"],
-)
-REJECTED = Counter(
-    "hopscope_kubeproxy_rejected_connections",
-    "Connections refused (no ready endpoint, endpoint unreachable, unknown VIP)",
-    ["namespace", "service", "reason"],
-)
+_METRICS = KubeProxyMetrics.build()
+RULES, REJECTING, CONNECTIONS = _METRICS.rules, _METRICS.rejecting, _METRICS.connections
+ACTIVE, BYTES, REJECTED = _METRICS.active, _METRICS.bytes, _METRICS.rejected
 
 
 def _remaining(conn: ConnInfo, now: float) -> int:

@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client import CollectorRegistry, Counter
 
 from mesh.tracestore.receiver import (
@@ -73,6 +74,15 @@ class Intake:
         self.spans = Counter(
             "hopscope_otlp_spans_received", "Spans received over OTLP", registry=registry
         )
+
+    def add_spans(self, request: ExportTraceServiceRequest) -> None:
+        """Spans the control plane wrote itself (the kernel path's hops from conntrack):
+        stored, and forwarded as if a component had exported them."""
+        self.store.add_export(request)
+        spans = sum(len(s.spans) for rs in request.resource_spans for s in rs.scope_spans)
+        if self.forwarder is not None and spans:
+            body = request.SerializeToString()
+            self.forwarder.submit("traces", body, "application/x-protobuf", None, spans)
 
     def handle(
         self, signal: str, body: bytes, content_type: str | None, content_encoding: str | None

@@ -37,26 +37,22 @@ LOGS_ENV = "HOPSCOPE_OTLP_LOGS"
 
 
 def system_targets(api_url: str) -> list[Target]:
-    """The control plane and the node components, as Prometheus scrapes them."""
-    node = addresses.NODE_IPS["node-a"]
-    return [
+    """The control plane and the node components, as Prometheus scrapes them. On the kernel
+    data path kube-proxy serves in the cluster host's namespace (at the host address of
+    node-a, local there too) and its page carries the CNI's series: there is no CNI daemon."""
+    dns = f"{addresses.DNS_METRICS_IP}:{addresses.DNS_METRICS_PORT}"
+    targets = [
         Target(f"{api_url}/metrics", "controlplane", api_url.split("://", 1)[-1]),
-        Target(
-            f"http://{node}:{addresses.KUBE_PROXY_METRICS_PORT}/metrics",
-            "kube-proxy",
-            f"{node}:{addresses.KUBE_PROXY_METRICS_PORT}",
-        ),
-        Target(
-            f"http://{addresses.DNS_METRICS_IP}:{addresses.DNS_METRICS_PORT}/metrics",
-            "cluster-dns",
-            f"{addresses.DNS_METRICS_IP}:{addresses.DNS_METRICS_PORT}",
-        ),
-        Target(
-            f"http://{node}:{addresses.CNI_METRICS_PORT}/metrics",
-            "cni",
-            f"{node}:{addresses.CNI_METRICS_PORT}",
-        ),
+        Target(f"http://{dns}/metrics", "cluster-dns", dns),
     ]
+    kernel = addresses.PLAN == "kernel"
+    node = addresses.HOST_NODE_IPS["node-a"] if kernel else addresses.NODE_IPS["node-a"]
+    pages = [("kube-proxy", addresses.KUBE_PROXY_METRICS_PORT)]
+    if not kernel:
+        pages.append(("cni", addresses.CNI_METRICS_PORT))
+    for job, port in pages:
+        targets.append(Target(f"http://{node}:{port}/metrics", job, f"{node}:{port}"))
+    return targets
 
 
 def guard_access(guard: Any) -> Access:

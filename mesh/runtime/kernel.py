@@ -17,6 +17,7 @@ and the OTLP receiver at the cluster host's underlay address.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from mesh.runtime.base import SystemComponent
 from mesh.runtime.environment import process_env
 from mesh.runtime.local import LocalRuntime
 from mesh.runtime.system import SystemProcesses
+
+log = logging.getLogger(__name__)
 
 PREFIX = "hopscope"
 """Every namespace the kernel data path creates is named ``hopscope-…``."""
@@ -98,7 +101,9 @@ class KernelDataPath:
         ]  # fmt: skip
         if self.flows_socket is not None:
             argv += ["--flows-socket", str(self.flows_socket)]
-        system.processes.start(KUBE_PROXY_PROCESS, argv, process_env())
+        # its own log records go over OTLP too, where the cluster ships logs (as the relays')
+        env = {**process_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": system.otlp_endpoint}
+        system.processes.start(KUBE_PROXY_PROCESS, argv, env)
         url = f"http://{KUBE_PROXY_METRICS_IP}:{addresses.KUBE_PROXY_METRICS_PORT}/healthz"
         return [SystemComponent("kube-proxy", "kube-proxy", url, KUBE_PROXY_PROCESS)]
 
@@ -185,13 +190,48 @@ class KernelRuntime(LocalRuntime):
         if self.host_log_sink is not None:
             port = self.host_log_sink.rsplit(":", 1)[1]
             rules.append(f"{host}:{port}={self.host_log_sink}")
+        rules += self._users_endpoint(root)
         argv = [sys.executable, "-m", "mesh.kernel.forward", *forward_args(root), *rules]
+        # the ingress sees which outside client it serves (127.100.0.N as 10.100.0.N), as
+        # behind a load balancer that keeps the client's address
+        for edge in (addresses.INGRESS_PORT, addresses.INGRESS_TLS_PORT):
+            argv += ["--clients", f"{root}/{addresses.INGRESS_IP}:{edge}"]
         # NodePorts and LoadBalancer addresses follow the Services (clients keep their address)
         argv += ["--services", f"http://{api}", "--host-netns", root]
         self.processes.start(FORWARD_PROCESS, argv, process_env())
         # ready once the pods' side answers: the forwarder is up and relays to the API
         url = f"http://{host}:{addresses.CONTROL_PLANE_PORT}/metrics"
         return SystemComponent("host-forward", "forward", url, FORWARD_PROCESS)
+
+    def _users_endpoint(self, root: str) -> list[str]:
+        """The forwarding rule that lets the control plane, in the cluster host's namespace,
+        reach the user's ``--otlp-endpoint`` (a Tempo or Collector on the user's machine,
+        typically ``127.0.0.1:4318``): the same address answers in the cluster host's
+        namespace and is relayed to the user's. Nothing when there is no endpoint."""
+        import ipaddress
+        import os
+        import socket
+        import urllib.parse
+
+        from mesh.otlp.pipeline import FORWARD_ENDPOINT
+
+        url = os.environ.get(FORWARD_ENDPOINT, "").strip()
+        if not url:
+            return []
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            ip = socket.gethostbyname(parts.hostname or "")
+        except OSError as exc:
+            log.warning(
+                "the OTLP endpoint's name does not resolve here: nothing is forwarded",
+                extra={"endpoint": url, "error": str(exc)},
+            )
+            return []
+        if not ipaddress.ip_address(ip).is_loopback:
+            # local in the cluster host's namespace too, so the relay there can take it
+            self.network.add_host_address(ip)
+        return [f"{ip}:{port}={root}/{ip}:{port}"]
 
     def shutdown(self) -> None:
         super().shutdown()
