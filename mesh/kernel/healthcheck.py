@@ -18,7 +18,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mesh.kernel.forward import socket_in
-from mesh.kubeproxy.rules import HealthCheck, RuleSet
+from mesh.kubeproxy.rules import HealthCheck, RuleSet, health_check_reply
 
 log = logging.getLogger("kube-proxy")
 
@@ -37,18 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:
-        check = self.server.check()
-        body: dict[str, object]
-        if check is None:
-            status, body = 404, {"error": "no such health check"}
-        else:
-            status = 200 if check.local_endpoints else 503
-            body = {
-                "service": {"namespace": check.namespace, "name": check.name},
-                "localEndpoints": check.local_endpoints,
-                "node": check.node,
-                "serviceProxyHealthy": True,
-            }
+        status, body = health_check_reply(self.server.check())
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

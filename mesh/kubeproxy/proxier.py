@@ -42,6 +42,7 @@ from mesh.kubeproxy.rules import (
     build_rules,
     decide,
     hairpin_snat,
+    health_check_reply,
     make_selector,
 )
 from mesh.kubeproxy.tlsconn import relay_tls
@@ -275,17 +276,8 @@ class Proxier:
             writer.close()
             return
         check: HealthCheck | None = self.rules.health_checks.get(key)  # type: ignore[arg-type]
-        body: dict[str, Any]
-        if check is None:
-            status, body = "404 Not Found", {"error": "no such health check"}
-        else:
-            status = "200 OK" if check.local_endpoints else "503 Service Unavailable"
-            body = {
-                "service": {"namespace": check.namespace, "name": check.name},
-                "localEndpoints": check.local_endpoints,
-                "node": check.node,
-                "serviceProxyHealthy": True,
-            }
+        code, body = health_check_reply(check)
+        status = {200: "200 OK", 503: "503 Service Unavailable"}.get(code, "404 Not Found")
         data = json.dumps(body).encode()
         head = (
             f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"

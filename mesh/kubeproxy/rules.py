@@ -90,6 +90,21 @@ class HealthCheck:
     local_endpoints: int
 
 
+def health_check_reply(check: HealthCheck | None) -> tuple[int, dict[str, object]]:
+    """What kube-proxy answers on a health check node port: 200 with the node's local
+    endpoints, 503 when it has none (a load balancer then skips the node), 404 when the
+    port is no Service's."""
+    if check is None:
+        return 404, {"error": "no such health check"}
+    body = {
+        "service": {"namespace": check.namespace, "name": check.name},
+        "localEndpoints": check.local_endpoints,
+        "node": check.node,
+        "serviceProxyHealthy": True,
+    }
+    return (200 if check.local_endpoints else 503), body
+
+
 @dataclass(frozen=True)
 class RuleSet:
     version: int = 0
