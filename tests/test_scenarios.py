@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mesh.scenarios import SCENARIOS, BlameCheck, reset, run
-from tests.e2e_support import hopscope
+from tests.e2e_support import dataplane, hopscope
 
 pytestmark = pytest.mark.e2e
 
@@ -23,6 +23,9 @@ def test_list_describes_every_scenario(cluster: dict[str, str]) -> None:
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_check_finds_the_culprit(cluster: dict[str, str], name: str) -> None:
     proc = hopscope("scenario", "run", name, "--json", env=cluster, timeout=240, check=False)
+    if name == "cross-node-latency" and dataplane() == "kernel" and "netem" in proc.stderr:
+        # the overlay delay is a netem qdisc there; a kernel without sch_netem cannot
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
     result = json.loads(proc.stdout)
     assert result["ok"], json.dumps(result, indent=2)
     assert proc.returncode == 0
