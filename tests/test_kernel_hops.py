@@ -12,13 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import CollectorRegistry
 
 from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SRC_NAT, Flow, Logged
-from mesh.kernel.hops import KernelHopJoiner
+from mesh.kernel.hops import JOIN_WAIT_S, KernelHopJoiner
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
+from mesh.model.types import ClusterState
+from mesh.tracestore.hops import trace_view
 from mesh.tracestore.otlp import key_values
 from mesh.tracestore.store import TraceStore
 
@@ -145,6 +148,35 @@ def test_a_policy_drop_is_matched_to_the_failed_connect(tmp_path: Path) -> None:
     joiner.stop()
 
 
+def test_a_drop_by_rules_behind_the_objects_says_so(tmp_path: Path) -> None:
+    """The node's rules dropped what the policies (now) allow: a pod just created, its
+    address not yet in the rules. The trace names the side and why, not empty fields."""
+    store = TraceStore(registry=CollectorRegistry())
+    joiner = KernelHopJoiner(
+        store.add_export,
+        _rules,
+        tmp_path / "flows.sock",
+        state=ClusterState,
+        registry=CollectorRegistry(),
+    )
+    store.span_hooks.append(joiner.on_spans)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    joiner.add_deny(
+        "node-a",
+        Logged("deny egress shop/frontend-a", "tcp", "127.244.1.2:41000", ENDPOINT, t0 + 100),
+    )
+    store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
+    spans = store.get(trace_id.hex()) or []
+    [deny] = [s for s in spans if s.attributes.get("hopscope.hop") == "network-policy"]
+    assert deny.attributes["hopscope.policy.side"] == "egress"
+    assert "had not caught up" in deny.status_message
+    verdict = trace_view(trace_id.hex(), spans)["verdict"]
+    assert "NetworkPolicy denied the connection (egress side: the node's policy rules" in str(
+        verdict
+    ), verdict
+    joiner.stop()
+
+
 def test_without_a_flow_nothing_is_invented(tmp_path: Path) -> None:
     joiner, store = _joiner(tmp_path)
     trace_id = os.urandom(16)
@@ -261,24 +293,22 @@ def test_a_node_without_a_local_endpoint_drops_and_the_trace_says_so(tmp_path: P
     joiner.stop()
 
 
-def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("syn_at_ms", "queued"),
+    [(0.0002, False), (-400, True)],
+    ids=["its-own-attempt", "queued-on-an-attempt-under-way"],
+)
+def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(
+    tmp_path: Path, syn_at_ms: float, queued: bool
+) -> None:
+    """Its own SYN, or (Envoy queues a request on a connection still opening) the SYN
+    another request sent less than a connect timeout before it."""
     joiner, store = _joiner(tmp_path)
     trace_id, t0 = os.urandom(16), time.time_ns()
     gone = "127.244.2.99:8080"  # stale rules: DNAT to a pod that no longer exists
-    joiner.add_flow(
-        "node-a",
-        Flow(
-            9,
-            "new",
-            "tcp",
-            "127.244.1.2:41000",
-            VIP,
-            gone,
-            "127.244.1.2:41000",
-            IPS_DST_NAT,
-            t0 + 200,
-        ),
-    )
+    caller = "127.244.1.2:41000"
+    seen = t0 + int(syn_at_ms * 1e6)
+    joiner.add_flow("node-a", Flow(9, "new", "tcp", caller, VIP, gone, caller, IPS_DST_NAT, seen))
     store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
     [hop] = [
         s
@@ -287,7 +317,29 @@ def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(tmp_path:
     ]
     assert hop.attributes["error.type"] == "endpoint-unreachable"
     assert hop.attributes["hopscope.nat.translated.dst"] == gone
+    assert hop.attributes["hopscope.conntrack.state"] == "new"
     assert "never answered" in hop.status_message
+    assert ("queued on a connection attempt begun 400 ms" in hop.status_message) is queued
+    assert hop.start_ns == max(t0, seen)  # this request's wait, not the other's
+    joiner.stop()
+
+
+def test_an_attempt_older_than_a_connect_timeout_is_not_this_requests(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    caller, gone = "127.244.1.2:41000", "127.244.2.99:8080"
+    joiner.add_flow(
+        "node-a",
+        Flow(9, "new", "tcp", caller, VIP, gone, caller, IPS_DST_NAT, t0 - 1_500_000_000),
+    )
+    store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
+    joiner.settle(time.monotonic() + JOIN_WAIT_S + 1)
+    hops = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert hops == []
     joiner.stop()
 
 

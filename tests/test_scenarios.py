@@ -26,6 +26,7 @@ def test_scenario_check_finds_the_culprit(cluster: dict[str, str], name: str) ->
     if name == "cross-node-latency" and dataplane() == "kernel" and "netem" in proc.stderr:
         # the overlay delay is a netem qdisc there; a kernel without sch_netem cannot
         pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.stdout.strip(), f"exit {proc.returncode}, no result:\n{proc.stderr}"
     result = json.loads(proc.stdout)
     assert result["ok"], json.dumps(result, indent=2)
     assert proc.returncode == 0

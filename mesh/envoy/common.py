@@ -44,6 +44,10 @@ ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","
 INBOUND_IDLE_TIMEOUT = "60s"
 """How long a sidecar keeps an idle connection to its app."""
 
+CONNECT_TIMEOUT_S = 1
+"""How long Envoy waits for an upstream connection to open (every cluster's
+``connect_timeout``). Requests that arrive meanwhile queue on that attempt and fail with it."""
+
 RUNTIME = {
     # Export spans promptly — a learner runs `hopscope trace --last` right after a request —
     # but in batches: the tracer flushes on this timer, or as soon as this many spans wait.
@@ -110,7 +114,7 @@ def static_cluster(
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
-        "connect_timeout": "1s",
+        "connect_timeout": f"{CONNECT_TIMEOUT_S}s",
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(ip, port)}}]}],

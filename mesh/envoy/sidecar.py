@@ -18,6 +18,7 @@ from typing import Any
 
 from mesh import addresses
 from mesh.envoy.common import (
+    CONNECT_TIMEOUT_S,
     INBOUND_IDLE_TIMEOUT,
     bootstrap,
     go_duration,
@@ -700,7 +701,7 @@ def _original_dst_cluster(name: str, bind_ip: str, http2: bool) -> dict[str, Any
         "name": name,
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
-        "connect_timeout": "1s",
+        "connect_timeout": f"{CONNECT_TIMEOUT_S}s",
         "cleanup_interval": "30s",
         "original_dst_lb_config": {
             "use_http_header": True,

@@ -52,6 +52,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from mesh import addresses
 from mesh.datapath_metrics import request_duration
+from mesh.envoy.common import CONNECT_TIMEOUT_S
 from mesh.hopattributes import DATAPLANE
 from mesh.kernel.conntrack import (
     IPS_DST_NAT,
@@ -231,12 +232,19 @@ class KernelHopJoiner:
 
     def _attempt_near(self, out: _Outbound) -> _NodeFlow | None:
         """For a caller whose connect failed: the flow its SYN opened meanwhile (DNATed to an
-        endpoint that never answered)."""
+        endpoint that never answered), else the attempt already under way when the request
+        came (Envoy queues a request on a connection that is still opening, and fails it
+        with that connection)."""
         if not out.local.endswith(":0"):
             return None
         margin = 5_000_000
-        for known in reversed(self._attempts.get((out.local[:-2], out.upstream), ())):
+        attempts = self._attempts.get((out.local[:-2], out.upstream), ())
+        for known in reversed(attempts):
             if out.start_ns - margin <= known.flow.seen_ns <= out.end_ns + margin:
+                return known
+        opening_since = out.start_ns - CONNECT_TIMEOUT_S * 1_000_000_000 - margin
+        for known in reversed(attempts):
+            if opening_since <= known.flow.seen_ns < out.start_ns:
                 return known
         return None
 
@@ -471,6 +479,7 @@ class KernelHopJoiner:
         elif unreachable:
             # DNATed, then nothing answered: a pod gone while the rules still name it
             attrs["error.type"] = "endpoint-unreachable"
+            attrs["hopscope.conntrack.state"] = "new"  # SYN_SENT, whoever's request opened it
             start, end, result = max(out.start_ns, flow.seen_ns), out.end_ns, "unreachable"
         else:
             start, end, result = out.start_ns, out.end_ns, "no_callee_span"
@@ -485,6 +494,12 @@ class KernelHopJoiner:
                 f"({attrs.get('hopscope.endpoint.pod') or 'no pod has that address now'}): "
                 "the SYN was never answered"
             )
+            if flow.seen_ns < out.start_ns:
+                waited = (out.start_ns - flow.seen_ns) / 1e6
+                hop.status.message += (
+                    f" (this request queued on a connection attempt begun {waited:.0f} ms "
+                    "before it)"
+                )
         spans = [hop]
         if out.load_balancer is not None:
             lb = self._load_balancer_hop(out, rules, hop, start, end)
@@ -713,6 +728,17 @@ class KernelHopJoiner:
         )
         attrs = verdict.attributes()
         attrs["hopscope.policy.verdict"] = "deny"  # the kernel dropped it
+        if verdict.allowed:
+            # the node's rules were behind the objects (a pod just created, a policy just
+            # changed): the drop is the kernel's, the side is in the rule's NFLOG prefix
+            words = logged.prefix.split()
+            side = words[1] if len(words) > 1 and words[1] in ("egress", "ingress") else ""
+            if side:
+                attrs["hopscope.policy.side"] = side
+            attrs["hopscope.policy.reason"] = (
+                "the node's policy rules had not caught up with the cluster yet "
+                "(the policies allow this connection now)"
+            )
         return attrs
 
     def _overlay_delay_ms(self) -> float:

@@ -51,7 +51,7 @@ def until_outbound(
     ctx: Context,
     test: Callable[[dict[str, Any]], bool],
     what: str,
-    timeout: float = 30,
+    timeout: float = 60,
     in_a_row: int = 8,
 ) -> None:
     """Until the frontend's sidecar-outbound spans pass ``test`` (their attributes) — the

@@ -377,7 +377,9 @@ def _policy(span: SpanRecord) -> str:
     if a.get("hopscope.policy.verdict") != "deny":
         return ""
     side, names = a.get("hopscope.policy.side", ""), a.get("hopscope.policy.names", "")
-    return f"{side} side, {names}: {a.get('hopscope.policy.reason', '')}"
+    where = ", ".join(str(part) for part in (f"{side} side" if side else "", names) if part)
+    reason = str(a.get("hopscope.policy.reason", "") or "")
+    return ": ".join(part for part in (where, reason) if part) or "denied"
 
 
 def _flags(span: SpanRecord) -> str:
