@@ -324,6 +324,31 @@ def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(
     joiner.stop()
 
 
+def test_a_failed_tls_handshake_is_not_an_unreachable_endpoint(tmp_path: Path) -> None:
+    """Envoy gives no local address when the handshake fails either; its TLS error says
+    the SYN was answered: kube-proxy's hop is a good DNAT, and no earlier attempt is taken."""
+    joiner, store = _joiner(tmp_path)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    caller = "127.244.1.2:41000"
+    earlier = Flow(8, "new", "tcp", "127.244.1.2:40999", VIP, ENDPOINT, caller, IPS_DST_NAT, t0)
+    joiner.add_flow("node-a", earlier)
+    own = Flow(9, "new", "tcp", caller, VIP, ENDPOINT, caller, IPS_DST_NAT, t0 + 900_000_000)
+    joiner.add_flow("node-a", own)
+    span, attrs = _outbound(t0 + 899_000_000, failed=True, local=None)
+    attrs["hopscope.upstream.failure"] = (
+        "TLS_error:|268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:"
+        "verify_cert_failed:_certificate_has_expired:TLS_error_end"
+    )
+    store.add_export(_export(trace_id, [(span, attrs)]))
+    spans = store.get(trace_id.hex()) or []
+    [hop] = [s for s in spans if s.attributes.get("hopscope.hop") == "kube-proxy"]
+    assert "error.type" not in hop.attributes
+    assert hop.status != "error"
+    assert hop.attributes["hopscope.nat.original.src"] == caller
+    assert "TLS handshake failed" in hop.attributes["hopscope.decision"]
+    joiner.stop()
+
+
 def test_an_attempt_older_than_a_connect_timeout_is_not_this_requests(tmp_path: Path) -> None:
     joiner, store = _joiner(tmp_path)
     trace_id, t0 = os.urandom(16), time.time_ns()

@@ -61,6 +61,34 @@ def _outbound_to_catalog(view: dict[str, Any]) -> dict[str, Any] | None:
     )
 
 
+def _failing_call_verdict(env: dict[str, str], words: str) -> dict[str, Any]:
+    """Call until a request fails with 503 and its trace's verdict reason says ``words``:
+    the verdict, with the outbound spans' TLS failure reasons. Each attempt raises what it
+    saw, so a poll that gives up says how far it got."""
+
+    def attempt() -> dict[str, Any]:
+        doc = _call(env)
+        if doc["status"] != 503:
+            raise AssertionError(f"status {doc['status']}, trace {doc.get('trace_id')}")
+
+        def named() -> dict[str, Any]:
+            # the sidecars' spans come in batches: read the trace until they are in
+            view = trace_json(doc["trace_id"])
+            failures = [
+                s["attributes"].get("hopscope.upstream.failure")
+                for s in view["spans"]
+                if s["attributes"].get("hopscope.hop") == "sidecar-outbound"
+            ]
+            verdict = {**view["verdict"], "failures": failures}
+            if words not in verdict["reason"]:
+                raise AssertionError(dump(verdict))
+            return verdict
+
+        return poll_until(named, timeout=5, interval=0.5)
+
+    return poll_until(attempt, timeout=45, interval=0.5)
+
+
 def test_the_kube_proxy_hop_of_an_mtls_call_is_paired_into_its_trace(
     cluster: dict[str, str], strict: Path
 ) -> None:
@@ -69,15 +97,15 @@ def test_the_kube_proxy_hop_of_an_mtls_call_is_paired_into_its_trace(
     kernel = dataplane() == "kernel"
 
     def paired_view(trace_id: str) -> dict[str, Any] | None:
+        # whole once the catalog call's kube-proxy hop is in (on the userspace path: paired
+        # by its connection, whose span comes when the connection closes)
         view = trace_json(trace_id)
-        if kernel:
-            out = _outbound_to_catalog(view)
-            below = [h for h in view["hops"] if out and h["parent_hop_id"] == out["span_id"]]
-            whole = any(h["hop"] == "kube-proxy" for h in below) and any(
-                h["hop"] == "sidecar-inbound" for h in view["hops"]
-            )
-            return view if whole else None
-        return view if any(h["paired_by"] == "connection" for h in view["hops"]) else None
+        out = _outbound_to_catalog(view)
+        below = [h for h in view["hops"] if out and h["parent_hop_id"] == out["span_id"]]
+        whole = any(
+            h["hop"] == "kube-proxy" and (kernel or h["paired_by"] == "connection") for h in below
+        ) and any(h["hop"] == "sidecar-inbound" for h in view["hops"])
+        return view if whole else None
 
     def paired() -> dict[str, Any] | None:
         doc = _call(cluster)
@@ -121,15 +149,7 @@ def test_a_plaintext_call_to_strict_is_named_in_the_verdict(
     poll_until(lambda: _call(cluster)["status"] == 200, timeout=20, interval=0.5)
     rule = apply_manifest(cluster, tmp_path, "rule", CATALOG_PLAINTEXT_RULE)
     try:
-
-        def refused() -> dict[str, Any] | None:
-            doc = _call(cluster)
-            if doc["status"] != 503:
-                return None
-            verdict = trace_json(doc["trace_id"])["verdict"]
-            return verdict if "refused a plaintext connection" in verdict["reason"] else None
-
-        verdict = poll_until(refused, timeout=30, interval=0.5)
+        verdict = _failing_call_verdict(cluster, "refused a plaintext connection")
         assert verdict["produced_by"] == "sidecar-inbound", dump(verdict)
         assert (
             "the catalog sidecar refused a plaintext connection: STRICT mTLS in namespace shop "
@@ -147,21 +167,7 @@ def test_an_expired_callee_certificate_is_named_in_the_verdict(
     for name in names:  # every catalog replica, whichever kube-proxy picks
         hopscope("cert", "pod", name, "--expire", "-o", "json", env=cluster)
     try:
-
-        def rejected() -> dict[str, Any] | None:
-            doc = _call(cluster)
-            if doc["status"] != 503:
-                return None
-            view = trace_json(doc["trace_id"])
-            failures = [
-                s["attributes"].get("hopscope.upstream.failure")
-                for s in view["spans"]
-                if s["attributes"].get("hopscope.hop") == "sidecar-outbound"
-            ]
-            verdict = {**view["verdict"], "failures": failures}
-            return verdict if "certificate" in verdict["reason"] else None
-
-        verdict = poll_until(rejected, timeout=30, interval=0.5)
+        verdict = _failing_call_verdict(cluster, "certificate")
         assert verdict["produced_by"] == "sidecar-outbound", dump(verdict)
         assert (
             "sidecar rejected catalog's certificate: certificate has expired" in (verdict["reason"])

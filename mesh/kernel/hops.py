@@ -53,7 +53,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from mesh import addresses
 from mesh.datapath_metrics import request_duration
 from mesh.envoy.common import CONNECT_TIMEOUT_S
-from mesh.hopattributes import DATAPLANE
+from mesh.hopattributes import DATAPLANE, UPSTREAM_FAILURE
 from mesh.kernel.conntrack import (
     IPS_DST_NAT,
     Flow,
@@ -67,6 +67,7 @@ from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_POR
 from mesh.kubeproxy.rules import RuleSet
 from mesh.model.types import ClusterState
 from mesh.tracestore.otlp import key_values
+from mesh.tracestore.tlsverdict import read_tls_error
 
 log = logging.getLogger("kernel-hops")
 
@@ -103,6 +104,9 @@ class _Outbound:
     """``service`` (a ClusterIP: kube-proxy), ``pod`` (another node's pod: the overlay) or
     ``external`` (outside every cluster range: egress SNAT)."""
     arrived: float = field(default_factory=time.monotonic)
+    answered: bool = False
+    """The connect failed in TLS (Envoy's transport failure reason is a TLS error): the SYN
+    was answered and the connection opened; the handshake above it failed."""
     load_balancer: tuple[str, str] | None = None
     """For an outside client's call to a LoadBalancer address: that address and the node
     the load balancer (the host's forwarder) sent it to; ``upstream`` is the node's
@@ -242,6 +246,8 @@ class KernelHopJoiner:
         for known in reversed(attempts):
             if out.start_ns - margin <= known.flow.seen_ns <= out.end_ns + margin:
                 return known
+        if out.answered:
+            return None  # a handshake fails on the request's own connection
         opening_since = out.start_ns - CONNECT_TIMEOUT_S * 1_000_000_000 - margin
         for known in reversed(attempts):
             if opening_since <= known.flow.seen_ns < out.start_ns:
@@ -344,6 +350,9 @@ class KernelHopJoiner:
                 )  # fmt: skip
                 if client and load_balancer is not None:
                     out.load_balancer = (lb_address, load_balancer[0])
+                out.answered = (
+                    failed and read_tls_error(attrs.get(UPSTREAM_FAILURE, "")) is not None
+                )
                 key = (trace_id, span.span_id)
                 with self._lock:
                     if key in self._pending or key in self._settled:
@@ -469,13 +478,19 @@ class KernelHopJoiner:
         attrs["hopscope.conntrack.state"] = "new" if opened else "established"
         attrs["k8s.node.name"] = known.node
         attrs[DATAPLANE] = "kernel"
-        unreachable = out.failed and inbound is None and out.local.endswith(":0")
+        unreachable = (
+            out.failed and inbound is None and out.local.endswith(":0") and not out.answered
+        )
         if inbound is not None:
             start = inbound.start_ns
             if opened:  # the connection's first packet went through the node before
                 start = max(out.start_ns, min(flow.seen_ns, inbound.start_ns))
             end = max(inbound.end_ns, start)
             result = "joined"
+        elif out.answered and inbound is None:
+            # the connection opened (kube-proxy's part done); the TLS handshake above it failed
+            attrs["hopscope.decision"] = "DNAT; the connection opened, its TLS handshake failed"
+            start, end, result = max(out.start_ns, flow.seen_ns), out.end_ns, "handshake_failed"
         elif unreachable:
             # DNATed, then nothing answered: a pod gone while the rules still name it
             attrs["error.type"] = "endpoint-unreachable"
@@ -484,7 +499,9 @@ class KernelHopJoiner:
         else:
             start, end, result = out.start_ns, out.end_ns, "no_callee_span"
         name = f"kube-proxy {attrs['k8s.namespace.name']}/{attrs['k8s.service.name']}"
-        hop = _span(out, name, start, end, attrs, out.failed and inbound is None)
+        hop = _span(
+            out, name, start, end, attrs, out.failed and inbound is None and not out.answered
+        )
         self.request_duration.labels(
             attrs["k8s.namespace.name"], attrs["k8s.service.name"]
         ).observe((end - start) / 1e9, {"trace_id": out.trace_id.hex()})
