@@ -295,14 +295,14 @@ def test_a_node_without_a_local_endpoint_drops_and_the_trace_says_so(tmp_path: P
 
 @pytest.mark.parametrize(
     ("syn_at_ms", "queued"),
-    [(0.0002, False), (-400, True)],
+    [(0.0002, False), (-990, True)],
     ids=["its-own-attempt", "queued-on-an-attempt-under-way"],
 )
 def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(
     tmp_path: Path, syn_at_ms: float, queued: bool
 ) -> None:
     """Its own SYN, or (Envoy queues a request on a connection still opening) the SYN
-    another request sent less than a connect timeout before it."""
+    another request sent before it, whose connect timeout (1 s) ended both."""
     joiner, store = _joiner(tmp_path)
     trace_id, t0 = os.urandom(16), time.time_ns()
     gone = "127.244.2.99:8080"  # stale rules: DNAT to a pod that no longer exists
@@ -319,7 +319,7 @@ def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(
     assert hop.attributes["hopscope.nat.translated.dst"] == gone
     assert hop.attributes["hopscope.conntrack.state"] == "new"
     assert "never answered" in hop.status_message
-    assert ("queued on a connection attempt begun 400 ms" in hop.status_message) is queued
+    assert ("queued on a connection attempt begun 990 ms" in hop.status_message) is queued
     assert hop.start_ns == max(t0, seen)  # this request's wait, not the other's
     joiner.stop()
 
@@ -349,15 +349,27 @@ def test_a_failed_tls_handshake_is_not_an_unreachable_endpoint(tmp_path: Path) -
     joiner.stop()
 
 
-def test_an_attempt_older_than_a_connect_timeout_is_not_this_requests(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("opened_ms", "failure"),
+    [(-1500, ""), (-990, "delayed_connect_error:_111")],
+    ids=["older-than-a-connect-timeout", "refused-not-timed-out"],
+)
+def test_an_earlier_attempt_that_did_not_fail_this_request_is_not_its_hop(
+    tmp_path: Path, opened_ms: int, failure: str
+) -> None:
+    """An attempt whose connect timeout did not end with the request, or a request that
+    failed otherwise (a REJECT's refusal: no flow of its own) takes no earlier flow."""
     joiner, store = _joiner(tmp_path)
     trace_id, t0 = os.urandom(16), time.time_ns()
     caller, gone = "127.244.1.2:41000", "127.244.2.99:8080"
     joiner.add_flow(
         "node-a",
-        Flow(9, "new", "tcp", caller, VIP, gone, caller, IPS_DST_NAT, t0 - 1_500_000_000),
+        Flow(9, "new", "tcp", caller, VIP, gone, caller, IPS_DST_NAT, t0 + opened_ms * 10**6),
     )
-    store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
+    span, attrs = _outbound(t0, failed=True, local=None)
+    if failure:
+        attrs["hopscope.upstream.failure"] = failure
+    store.add_export(_export(trace_id, [(span, attrs)]))
     joiner.settle(time.monotonic() + JOIN_WAIT_S + 1)
     hops = [
         s

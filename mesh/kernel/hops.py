@@ -76,6 +76,8 @@ JOIN_WAIT_S = 5.0
 FLOW_RETENTION_S = 60.0
 """How long a closed connection's flow stays joinable (spans arrive in batches, late)."""
 MAX_FLOWS = 200_000
+QUEUED_SLACK_NS = 250_000_000
+"""How far a queued request's end may lie from its connection attempt's connect timeout."""
 MAX_TUNNELS = 20_000
 """VXLAN packets kept for their outer tuple (one per connection that crossed nodes)."""
 UPSTREAM_LOCAL = "hopscope.upstream.local_address"
@@ -107,6 +109,9 @@ class _Outbound:
     answered: bool = False
     """The connect failed in TLS (Envoy's transport failure reason is a TLS error): the SYN
     was answered and the connection opened; the handshake above it failed."""
+    timed_out: bool = False
+    """Failed with no transport failure reason at all: Envoy's connect timeout (a refused
+    connect says ``delayed connect error``, a handshake its TLS error)."""
     load_balancer: tuple[str, str] | None = None
     """For an outside client's call to a LoadBalancer address: that address and the node
     the load balancer (the host's forwarder) sent it to; ``upstream`` is the node's
@@ -246,11 +251,13 @@ class KernelHopJoiner:
         for known in reversed(attempts):
             if out.start_ns - margin <= known.flow.seen_ns <= out.end_ns + margin:
                 return known
-        if out.answered:
-            return None  # a handshake fails on the request's own connection
-        opening_since = out.start_ns - CONNECT_TIMEOUT_S * 1_000_000_000 - margin
+        if not out.timed_out:
+            return None  # refused, or a handshake: on the request's own connection
+        # queued: it failed when that attempt's connect timeout ran out
+        timeout = CONNECT_TIMEOUT_S * 1_000_000_000
         for known in reversed(attempts):
-            if opening_since <= known.flow.seen_ns < out.start_ns:
+            opened = known.flow.seen_ns
+            if opened < out.start_ns and abs(out.end_ns - opened - timeout) <= QUEUED_SLACK_NS:
                 return known
         return None
 
@@ -350,9 +357,9 @@ class KernelHopJoiner:
                 )  # fmt: skip
                 if client and load_balancer is not None:
                     out.load_balancer = (lb_address, load_balancer[0])
-                out.answered = (
-                    failed and read_tls_error(attrs.get(UPSTREAM_FAILURE, "")) is not None
-                )
+                failure = attrs.get(UPSTREAM_FAILURE, "")
+                out.answered = failed and read_tls_error(failure) is not None
+                out.timed_out = failed and failure in ("", "-")
                 key = (trace_id, span.span_id)
                 with self._lock:
                     if key in self._pending or key in self._settled:
