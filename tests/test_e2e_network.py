@@ -213,7 +213,7 @@ def test_overlay_delay_makes_cross_node_legs_slower(
 def test_external_name_and_egress_snat(cluster: dict[str, str]) -> None:
     status, trace_id = _curl(cluster, "/checkout")
     assert status == 200
-    spans = _spans(trace_id, {"egress-snat", "dns"})
+    spans = _spans(trace_id, {"egress-snat", "dns", "app"})  # the app span names the pod
     egress = next(s for s in spans if s["attributes"].get("hopscope.hop") == "egress-snat")
     a = egress["attributes"]
     frontend = _pods()[

@@ -7,6 +7,7 @@ the attributes Envoy's span tags set); the hops are checked in a real ``TraceSto
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import CollectorRegistry
 
-from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SRC_NAT, Flow, Logged
+from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, Flow, Logged
 from mesh.kernel.hops import JOIN_WAIT_S, KernelHopJoiner
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
 from mesh.model.types import ClusterState
@@ -60,6 +61,7 @@ def _outbound(
         "hopscope.hop": "sidecar-outbound",
         "hopscope.upstream.address": VIP,
         "hopscope.downstream.local_address": "127.244.1.2:15001",
+        "response_flags": "UF" if failed else "-",  # an upstream connection failure
     }
     if local:
         attrs["hopscope.upstream.local_address"] = local
@@ -295,8 +297,8 @@ def test_a_node_without_a_local_endpoint_drops_and_the_trace_says_so(tmp_path: P
 
 @pytest.mark.parametrize(
     ("syn_at_ms", "queued"),
-    [(0.0002, False), (-990, True)],
-    ids=["its-own-attempt", "queued-on-an-attempt-under-way"],
+    [(0.0002, False), (-3, False), (-990, True)],
+    ids=["its-own-attempt", "its-own-just-before-its-span", "queued-on-an-attempt-under-way"],
 )
 def test_a_connect_to_an_endpoint_that_is_gone_is_endpoint_unreachable(
     tmp_path: Path, syn_at_ms: float, queued: bool
@@ -350,15 +352,21 @@ def test_a_failed_tls_handshake_is_not_an_unreachable_endpoint(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("opened_ms", "failure"),
-    [(-1500, ""), (-990, "delayed_connect_error:_111")],
-    ids=["older-than-a-connect-timeout", "refused-not-timed-out"],
+    ("opened_ms", "failure", "flags"),
+    [
+        (-1500, "", "UF"),
+        (-990, "delayed_connect_error:_111", "UF"),
+        (-990, "", "UO"),
+        (-990, "TLS_error:|268435581:SSL_routines:OPENSSL_internal:WRONG_VERSION_NUMBER", "UF"),
+    ],
+    ids=["older-than-a-connect-timeout", "refused", "circuit-breaker-overflow", "tls-handshake"],
 )
 def test_an_earlier_attempt_that_did_not_fail_this_request_is_not_its_hop(
-    tmp_path: Path, opened_ms: int, failure: str
+    tmp_path: Path, opened_ms: int, failure: str, flags: str
 ) -> None:
     """An attempt whose connect timeout did not end with the request, or a request that
-    failed otherwise (a REJECT's refusal: no flow of its own) takes no earlier flow."""
+    failed otherwise (a REJECT's refusal, an overflow that never connected, a handshake on
+    a connection of its own) takes no earlier flow."""
     joiner, store = _joiner(tmp_path)
     trace_id, t0 = os.urandom(16), time.time_ns()
     caller, gone = "127.244.1.2:41000", "127.244.2.99:8080"
@@ -367,6 +375,7 @@ def test_an_earlier_attempt_that_did_not_fail_this_request_is_not_its_hop(
         Flow(9, "new", "tcp", caller, VIP, gone, caller, IPS_DST_NAT, t0 + opened_ms * 10**6),
     )
     span, attrs = _outbound(t0, failed=True, local=None)
+    attrs["response_flags"] = flags
     if failure:
         attrs["hopscope.upstream.failure"] = failure
     store.add_export(_export(trace_id, [(span, attrs)]))
@@ -377,6 +386,41 @@ def test_an_earlier_attempt_that_did_not_fail_this_request_is_not_its_hop(
         if s.attributes.get("hopscope.hop") == "kube-proxy"
     ]
     assert hops == []
+    joiner.stop()
+
+
+def test_a_queued_request_takes_the_unanswered_attempt_whose_timeout_ended_it(
+    tmp_path: Path,
+) -> None:
+    """Of the caller's earlier attempts, not a newer one that was answered (its destroy
+    event has SEEN_REPLY), and of the rest the one whose connect timeout fits best."""
+    joiner, store = _joiner(tmp_path)
+    trace_id, t0 = os.urandom(16), time.time_ns()
+    gone, live = "127.244.2.99:8080", ENDPOINT
+
+    def attempt(ct_id: int, port: int, endpoint: str, at_ms: int) -> Flow:
+        src = f"127.244.1.2:{port}"
+        return Flow(ct_id, "new", "tcp", src, VIP, endpoint, src, IPS_DST_NAT, t0 + at_ms * 10**6)
+
+    stale, near, answered = (
+        attempt(7, 41007, gone, -960),  # its connect timeout ends 30 ms from the request's
+        attempt(8, 41008, gone, -1150),  # within the slack, but a worse fit
+        attempt(9, 41009, live, -1008),  # the best fit, but a reply came
+    )
+    for flow in (near, stale, answered):
+        joiner.add_flow("node-a", flow)
+    joiner.add_flow(
+        "node-a",
+        dataclasses.replace(answered, event="destroy", status=IPS_DST_NAT | IPS_SEEN_REPLY),
+    )
+    store.add_export(_export(trace_id, [_outbound(t0, failed=True, local=None)]))
+    [hop] = [
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert hop.attributes["hopscope.nat.original.src"] == stale.original_src
+    assert "queued on a connection attempt begun 960 ms" in hop.status_message
     joiner.stop()
 
 

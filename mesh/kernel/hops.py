@@ -56,6 +56,7 @@ from mesh.envoy.common import CONNECT_TIMEOUT_S
 from mesh.hopattributes import DATAPLANE, UPSTREAM_FAILURE
 from mesh.kernel.conntrack import (
     IPS_DST_NAT,
+    IPS_SEEN_REPLY,
     Flow,
     Logged,
     rule_attributes,
@@ -91,6 +92,9 @@ class _NodeFlow:
     node: str
     flow: Flow
     closed_at: float | None = None
+    answered: bool = False
+    """A reply came (its destroy event has ``SEEN_REPLY``, or a callee span joined it):
+    it cannot be the attempt a queued request timed out on."""
 
 
 @dataclass
@@ -110,8 +114,11 @@ class _Outbound:
     """The connect failed in TLS (Envoy's transport failure reason is a TLS error): the SYN
     was answered and the connection opened; the handshake above it failed."""
     timed_out: bool = False
-    """Failed with no transport failure reason at all: Envoy's connect timeout (a refused
-    connect says ``delayed connect error``, a handshake its TLS error)."""
+    """A sidecar's or the ingress's upstream connection failure (``UF``) with no transport
+    failure reason: Envoy's connect timeout (a refused connect says ``delayed connect
+    error``, a handshake its TLS error)."""
+    queued: bool = False
+    """Its hop's flow is another request's attempt, which this one queued on."""
     load_balancer: tuple[str, str] | None = None
     """For an outside client's call to a LoadBalancer address: that address and the node
     the load balancer (the host's forwarder) sent it to; ``upstream`` is the node's
@@ -228,6 +235,7 @@ class KernelHopJoiner:
                 known = self._flows.get(key)
                 if known is not None and known.flow.id == flow.id:
                     known.closed_at = time.monotonic()
+                    known.answered = known.answered or bool(flow.status & IPS_SEEN_REPLY)
                 return
             if flow.protocol != "tcp" or not (flow.dnat or flow.snat):
                 return
@@ -253,13 +261,21 @@ class KernelHopJoiner:
                 return known
         if not out.timed_out:
             return None  # refused, or a handshake: on the request's own connection
-        # queued: it failed when that attempt's connect timeout ran out
+        # queued: it failed when that attempt's connect timeout ran out (the closest such
+        # attempt that was never answered)
         timeout = CONNECT_TIMEOUT_S * 1_000_000_000
-        for known in reversed(attempts):
-            opened = known.flow.seen_ns
-            if opened < out.start_ns and abs(out.end_ns - opened - timeout) <= QUEUED_SLACK_NS:
-                return known
-        return None
+        candidates = [
+            (abs(out.end_ns - known.flow.seen_ns - timeout), known)
+            for known in attempts
+            if known.flow.seen_ns < out.start_ns and not known.answered
+        ]
+        if not candidates:
+            return None
+        slack, closest = min(candidates, key=lambda c: c[0])
+        if slack > QUEUED_SLACK_NS:
+            return None
+        out.queued = True
+        return closest
 
     def _deny_near(self, out: _Outbound, rules: RuleSet | None) -> tuple[str, Logged] | None:
         """For a caller whose connect failed (no local port known): a packet dropped by
@@ -358,8 +374,9 @@ class KernelHopJoiner:
                 if client and load_balancer is not None:
                     out.load_balancer = (lb_address, load_balancer[0])
                 failure = attrs.get(UPSTREAM_FAILURE, "")
+                flags = set(attrs.get("response_flags", "").split(","))
                 out.answered = failed and read_tls_error(failure) is not None
-                out.timed_out = failed and failure in ("", "-")
+                out.timed_out = failed and not client and "UF" in flags and failure in ("", "-")
                 key = (trace_id, span.span_id)
                 with self._lock:
                     if key in self._pending or key in self._settled:
@@ -414,6 +431,8 @@ class KernelHopJoiner:
                     while len(self._settled) > MAX_FLOWS:
                         self._settled.popitem(last=False)
                     self._inbound.pop(key, None)
+                    if flow is not None and inbound is not None:
+                        flow.answered = True  # a callee took it: no queued request's attempt
                     ready.append((out, flow, inbound, deny))
             if not only_complete:
                 self._forget(now)
@@ -518,7 +537,7 @@ class KernelHopJoiner:
                 f"({attrs.get('hopscope.endpoint.pod') or 'no pod has that address now'}): "
                 "the SYN was never answered"
             )
-            if flow.seen_ns < out.start_ns:
+            if out.queued:
                 waited = (out.start_ns - flow.seen_ns) / 1e6
                 hop.status.message += (
                     f" (this request queued on a connection attempt begun {waited:.0f} ms "
@@ -754,7 +773,9 @@ class KernelHopJoiner:
         attrs["hopscope.policy.verdict"] = "deny"  # the kernel dropped it
         if verdict.allowed:
             # the node's rules were behind the objects (a pod just created, a policy just
-            # changed): the drop is the kernel's, the side is in the rule's NFLOG prefix
+            # changed): the drop is the kernel's, the side is in the rule's NFLOG prefix;
+            # the policies the model names now are those that allow it, not the drop's
+            attrs.pop("hopscope.policy.names", None)
             words = logged.prefix.split()
             side = words[1] if len(words) > 1 and words[1] in ("egress", "ingress") else ""
             if side:
