@@ -9,7 +9,9 @@ from prometheus_client import CollectorRegistry
 
 from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, Flow
 from mesh.kernel.flowmetrics import FlowMetrics
+from mesh.kernel.policy import nflog_prefix, read_nflog_prefix
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
+from mesh.model.types import Pod
 
 # the local plan's addresses (the process's plan): node-a's pods 127.244.1/24, node-b's .2/24
 VIP, CALLER, REMOTE, LOCAL = "127.96.0.12:8080", "127.244.1.2", "127.244.2.3", "127.244.1.9"
@@ -134,3 +136,9 @@ def test_a_closing_connection_leaves_the_open_gauges_once() -> None:
     metrics.observe("node-a", [_service_flow("destroy", IPS_DST_NAT | IPS_SEEN_REPLY)])
     assert _value(registry, "hopscope_kubeproxy_active_connections", **service) == 0
     assert _value(registry, "hopscope_cni_overlay_active_connections") == 0
+
+
+def test_the_deny_rules_prefix_reads_back_as_written() -> None:
+    pod = Pod("frontend-a", "shop", {}, "node-a", "10.244.1.2", [])
+    assert read_nflog_prefix(nflog_prefix("egress", pod)) == ("egress", "shop", "frontend-a")
+    assert read_nflog_prefix("drop no-local-endpoints shop/web") is None

@@ -44,6 +44,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from mesh import addresses
 from mesh.datapath_metrics import KubeProxyMetrics, NodeRoutingMetrics, OverlayMetrics
 from mesh.kernel.conntrack import IPS_SEEN_REPLY, Flow, Logged
+from mesh.kernel.policy import read_nflog_prefix
 from mesh.kubeproxy.rules import RuleSet
 from mesh.model.types import ClusterState
 from mesh.policy_metrics import PolicyEnforcementMetrics
@@ -142,10 +143,10 @@ class FlowMetrics:
     def denied(self, logged: Logged) -> None:
         """A packet a NetworkPolicy rule dropped: a denied connection, unless it is a
         retransmit of one already counted."""
-        if not logged.prefix.startswith("deny "):
+        parts = read_nflog_prefix(logged.prefix)
+        if parts is None:
             return
-        _, side, target = [*logged.prefix.split(" ", 2), "", ""][:3]
-        namespace, _, pod = target.partition("/")
+        side, namespace, pod = parts
         now = time.monotonic()
         key = (logged.src, logged.dst)
         with self._lock:

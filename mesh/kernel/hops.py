@@ -63,6 +63,7 @@ from mesh.kernel.conntrack import (
     service_flow_attributes,
 )
 from mesh.kernel.iptables import NO_LOCAL_PREFIX
+from mesh.kernel.policy import read_nflog_prefix
 from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
@@ -373,10 +374,11 @@ class KernelHopJoiner:
                 )  # fmt: skip
                 if client and load_balancer is not None:
                     out.load_balancer = (lb_address, load_balancer[0])
-                failure = attrs.get(UPSTREAM_FAILURE, "")
-                flags = set(attrs.get("response_flags", "").split(","))
-                out.answered = failed and read_tls_error(failure) is not None
-                out.timed_out = failed and not client and "UF" in flags and failure in ("", "-")
+                if failed:
+                    failure = attrs.get(UPSTREAM_FAILURE, "")
+                    flags = attrs.get("response_flags", "").split(",")
+                    out.answered = read_tls_error(failure) is not None
+                    out.timed_out = not client and "UF" in flags and failure in ("", "-")
                 key = (trace_id, span.span_id)
                 with self._lock:
                     if key in self._pending or key in self._settled:
@@ -776,10 +778,9 @@ class KernelHopJoiner:
             # changed): the drop is the kernel's, the side is in the rule's NFLOG prefix;
             # the policies the model names now are those that allow it, not the drop's
             attrs.pop("hopscope.policy.names", None)
-            words = logged.prefix.split()
-            side = words[1] if len(words) > 1 and words[1] in ("egress", "ingress") else ""
-            if side:
-                attrs["hopscope.policy.side"] = side
+            parts = read_nflog_prefix(logged.prefix)
+            if parts is not None:
+                attrs["hopscope.policy.side"] = parts[0]
             attrs["hopscope.policy.reason"] = (
                 "the node's policy rules had not caught up with the cluster yet "
                 "(the policies allow this connection now)"

@@ -58,6 +58,16 @@ def nflog_prefix(side: str, pod: Pod) -> str:
     return f"deny {side} {pod.namespace}/{pod.name}"[:63]
 
 
+def read_nflog_prefix(prefix: str) -> tuple[str, str, str] | None:
+    """(side, namespace, pod) of a :func:`nflog_prefix`; None for any other prefix."""
+    word, _, rest = prefix.partition(" ")
+    side, _, target = rest.partition(" ")
+    if word != "deny" or side not in ("egress", "ingress"):
+        return None
+    namespace, _, pod = target.partition("/")
+    return side, namespace, pod
+
+
 def setup() -> str:
     """The jump from FORWARD, loaded once into a fresh node."""
     return (
