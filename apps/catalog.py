@@ -11,10 +11,10 @@ import json
 import logging
 import zlib
 
-import requests
 from flask import Flask, abort, jsonify
 from flask.typing import ResponseReturnValue
-from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+from urllib3.exceptions import HTTPError
 
 from apps.common import PodIdentity, instrument_flask, run_http_app
 from apps.podnet import ServiceHTTPClient
@@ -25,6 +25,10 @@ CACHE_PORT = 6380
 CACHE_TTL_SECONDS = 600
 
 log = logging.getLogger("catalog")
+
+
+class CacheError(Exception):
+    """The cache shard answered with an error status."""
 
 
 def cache_url(key: str) -> str:
@@ -43,7 +47,7 @@ ITEMS = [
 def create_app(pod: PodIdentity) -> Flask:
     app = Flask("catalog")
     instrument_flask(app, pod)
-    RequestsInstrumentor().instrument()
+    URLLib3Instrumentor().instrument()
     resolver = pod.resolver()
     http = ServiceHTTPClient(resolver, pod.sidecar_outbound, pod.ip)
 
@@ -52,12 +56,13 @@ def create_app(pod: PodIdentity) -> Flask:
         url = cache_url("items")
         try:
             resp = http.get(url, timeout=3)
-            resp.raise_for_status()
+            if resp.status >= 400:
+                raise CacheError(f"{url} answered {resp.status}")
             if resp.json().get("hit"):
                 return "hit"
             http.request("PUT", f"{url}?ttl={CACHE_TTL_SECONDS}", data=json.dumps(ITEMS))
             return "miss"
-        except (ResolveError, requests.RequestException, ValueError) as exc:
+        except (ResolveError, HTTPError, CacheError, ValueError) as exc:
             # A cache is an optimisation: serve without it, but say so.
             log.warning("cache unavailable", extra={"error": str(exc)})
             return "unavailable"

@@ -7,11 +7,11 @@ import os
 from typing import Any
 
 import grpc
-import requests
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
-from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+from urllib3.exceptions import HTTPError
 
 from apps.common import PodIdentity, instrument_flask, run_http_app
 from apps.grpc_gen import shop_pb2, shop_pb2_grpc
@@ -30,7 +30,7 @@ log = logging.getLogger("frontend")
 def create_app(pod: PodIdentity) -> Flask:
     app = Flask("frontend")
     instrument_flask(app, pod)
-    RequestsInstrumentor().instrument()
+    URLLib3Instrumentor().instrument()
     resolver = pod.resolver()
     http = ServiceHTTPClient(resolver, pod.sidecar_outbound, pod.ip)
     channel = grpc_channel(pod.sidecar_outbound, f"{REVIEWS[0]}:{REVIEWS[1]}")
@@ -67,12 +67,12 @@ def create_app(pod: PodIdentity) -> Flask:
     def index() -> ResponseReturnValue:
         try:
             resp = http.get(CATALOG_URL)
-        except (ResolveError, requests.RequestException) as exc:
+        except (ResolveError, HTTPError) as exc:
             log.error("catalog unreachable", extra={"error": str(exc)})
             return jsonify(error=f"catalog: {exc}", served_by=pod.name), 502
-        if resp.status_code != 200:
-            log.error("catalog failed", extra={"status": resp.status_code})
-            return jsonify(error=f"catalog answered {resp.status_code}", served_by=pod.name), 502
+        if resp.status != 200:
+            log.error("catalog failed", extra={"status": resp.status})
+            return jsonify(error=f"catalog answered {resp.status}", served_by=pod.name), 502
         catalog = resp.json()
         fields, error = product_reviews_or_error(catalog["items"][0]["id"])
         if fields is None:
@@ -96,12 +96,12 @@ def create_app(pod: PodIdentity) -> Flask:
     def checkout() -> ResponseReturnValue:
         try:
             resp = http.request("POST", PAYMENTS_URL, data=b'{"amount": 9.5}')
-        except (ResolveError, requests.RequestException) as exc:
+        except (ResolveError, HTTPError) as exc:
             log.error("payments unreachable", extra={"error": str(exc)})
             return jsonify(error=f"payments: {exc}", served_by=pod.name), 502
-        if resp.status_code != 200:
-            log.error("payments failed", extra={"status": resp.status_code})
-            return jsonify(error=f"payments answered {resp.status_code}"), 502
+        if resp.status != 200:
+            log.error("payments failed", extra={"status": resp.status})
+            return jsonify(error=f"payments answered {resp.status}"), 502
         return jsonify(served_by=pod.name, payment=resp.json())
 
     return app

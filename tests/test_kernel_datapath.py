@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from mesh.kernel import ProxyNode, endpoint_chain, service_chain
-from mesh.kernel.conntrack import ConntrackWatcher, Flow, service_flow_attributes, table
+from mesh.kernel.conntrack import ConntrackWatcher, Flow, dump, service_flow_attributes, table
 from mesh.kernel.proxier import KernelProxier
 from mesh.kernel.topology import KernelNetwork, KernelNetworkError, NodeNet, kernel_support
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
@@ -328,6 +328,57 @@ def test_conntrack_events_become_the_kube_proxy_hop(cluster: Cluster) -> None:
         ours,
         listed,
     )
+
+
+def test_a_dump_for_some_ids_reads_those_entries_and_a_destroy_keeps_the_nat_status(
+    cluster: Cluster,
+) -> None:
+    """What kube-proxy's byte refresh and its flow reports rely on: a dump asked for some
+    conntrack ids returns exactly those entries, as the full dump has them; a destroy event
+    says the entry was DNATed (flows are reported to the joiner by that status)."""
+    netns = cluster.net.node_netns("node-a")
+    flows: list[Flow] = []
+
+    async def connect_then_delete() -> set[str]:
+        # watching before the connections exist: an entry created with no listener carries
+        # no event cache (nf_conntrack_events=2) and sends no destroy event
+        async with ConntrackWatcher(netns) as watcher:
+
+            async def collect() -> None:
+                async for flow in watcher:
+                    flows.append(flow)
+
+            task = asyncio.create_task(collect())
+            await asyncio.sleep(0.1)
+            replies = await asyncio.to_thread(cluster.connect, "a1", WEB, 80, 2)
+            ours = {r["local"] for r in replies}
+            full = [f for f in dump(netns) if f.original_src in ours]
+            assert len(full) == 2 and all(f.dnat and f.event == "entry" for f in full), full
+            wanted = full[0]
+            [picked] = dump(netns, {wanted.id})
+            assert (picked.id, picked.original_src, picked.translated_dst, picked.status) == (
+                wanted.id, wanted.original_src, wanted.translated_dst, wanted.status,
+            )  # fmt: skip
+            assert (picked.bytes_orig, picked.state) == (wanted.bytes_orig, wanted.state)
+            assert dump(netns, set()) == []
+            for src in ours:  # as the entries' TIME_WAIT running out would
+                ip, port = src.rsplit(":", 1)
+                await asyncio.to_thread(
+                    cluster.node_run, "node-a", "conntrack", "-D", "-p", "tcp",
+                    "--orig-src", ip, "--sport", port, "--orig-dst", WEB,
+                )  # fmt: skip
+            deadline = time.monotonic() + 5
+            while (
+                sum(f.event == "destroy" and f.original_src in ours for f in flows) < 2
+                and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+            task.cancel()
+            return ours
+
+    ours = asyncio.run(connect_then_delete())
+    gone = [f for f in flows if f.event == "destroy" and f.original_src in ours]
+    assert len(gone) == 2 and all(f.dnat for f in gone), flows
 
 
 def test_a_sync_deletes_the_chains_of_removed_services(cluster: Cluster) -> None:

@@ -19,7 +19,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import CollectorRegistry
 
 from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, Flow, Logged
-from mesh.kernel.hops import JOIN_WAIT_S, KernelHopJoiner
+from mesh.kernel.hops import FLOW_RETENTION_S, JOIN_WAIT_S, KernelHopJoiner
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
 from mesh.model.types import ClusterState
 from mesh.tracestore.hops import trace_view
@@ -187,6 +187,29 @@ def test_without_a_flow_nothing_is_invented(tmp_path: Path) -> None:
     joiner.settle(time.monotonic() + 60)
     hops = [s.attributes.get("hopscope.hop") for s in store.get(trace_id.hex()) or []]
     assert "kube-proxy" not in hops
+    joiner.stop()
+
+
+def test_closed_flows_are_forgotten_after_their_retention_not_a_newer_one_on_the_tuple(
+    tmp_path: Path,
+) -> None:
+    joiner, _store = _joiner(tmp_path)
+    t0 = time.time_ns()
+    first = _flow(t0)
+    joiner.add_flow("node-a", first)
+    joiner.add_flow("node-a", dataclasses.replace(first, event="destroy", status=IPS_DST_NAT))
+    key = (CALLER, VIP)
+    assert joiner._flows[key].closed_at is not None
+    # the client reuses the port: a new flow on the same tuple, still open
+    joiner.add_flow("node-a", dataclasses.replace(first, id=2, seen_ns=t0 + 1))
+    later = time.monotonic() + FLOW_RETENTION_S + 1
+    joiner.settle(later)
+    assert joiner._flows[key].flow.id == 2  # the first's retention ended; the newer one stays
+    joiner.add_flow("node-a", dataclasses.replace(first, id=2, event="destroy"))
+    joiner.settle(later + 0.5)  # within the forget period: nothing is walked yet
+    assert key in joiner._flows
+    joiner.settle(time.monotonic() + 2 * FLOW_RETENTION_S + 3)
+    assert key not in joiner._flows and not joiner._closed
     joiner.stop()
 
 

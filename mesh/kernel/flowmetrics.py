@@ -260,10 +260,16 @@ class FlowMetrics:
         if counted.egress is not None:
             self.routing.snat.labels(*counted.egress, result).inc()
 
-    def open_nodes(self) -> set[str]:
-        """Nodes with open counted connections (whose tables a refresh should read)."""
+    def open_ids(self) -> dict[str, set[int]]:
+        """The conntrack ids of the open counted connections, by node: the entries a
+        refresh reads from those nodes' tables. One a dump saw closing (``TIME_WAIT`` for
+        two minutes, most of a busy table) is left to its destroy event's final count."""
+        by_node: dict[str, set[int]] = {}
         with self._lock:
-            return {node for node, _ in self._open}
+            for (node, flow_id), counted in self._open.items():
+                if not counted.closing:
+                    by_node.setdefault(node, set()).add(flow_id)
+        return by_node
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

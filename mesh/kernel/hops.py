@@ -32,6 +32,7 @@ userspace path.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -68,7 +69,7 @@ from mesh.kernel.renderer import ProxyNode
 from mesh.kernel.topology import EGRESS_CHAIN, VXLAN_DEVICE, VXLAN_ID, VXLAN_PORT
 from mesh.kubeproxy.rules import RuleSet
 from mesh.model.types import ClusterState
-from mesh.tracestore.otlp import key_values
+from mesh.tracestore.otlp import add_key_values
 from mesh.tracestore.tlsverdict import read_tls_error
 
 log = logging.getLogger("kernel-hops")
@@ -80,6 +81,8 @@ FLOW_RETENTION_S = 60.0
 MAX_FLOWS = 200_000
 QUEUED_SLACK_NS = 250_000_000
 """How far a queued request's end may lie from its connection attempt's connect timeout."""
+FORGET_EVERY_S = 1.0
+"""How often closed flows past their retention and unclaimed callee spans are dropped."""
 MAX_TUNNELS = 20_000
 """VXLAN packets kept for their outer tuple (one per connection that crossed nodes)."""
 UPSTREAM_LOCAL = "hopscope.upstream.local_address"
@@ -163,6 +166,10 @@ class KernelHopJoiner:
         """Caller spans already given their hops (a re-sent export is not joined twice)."""
         self._inbound: dict[tuple[bytes, bytes], list[_Inbound]] = {}
         """(trace id, parent span id) -> inbound spans below that caller span."""
+        self._closed: deque[tuple[float, tuple[str, str], _NodeFlow]] = deque()
+        """Flows as they closed, oldest first: what :meth:`_forget` drops once retained
+        long enough, without walking every flow."""
+        self._forgotten_at = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Bound now, read once started: flows kube-proxy sends meanwhile wait in the buffer.
@@ -237,6 +244,7 @@ class KernelHopJoiner:
                 if known is not None and known.flow.id == flow.id:
                     known.closed_at = time.monotonic()
                     known.answered = known.answered or bool(flow.status & IPS_SEEN_REPLY)
+                    self._closed.append((known.closed_at, key, known))
                 return
             if flow.protocol != "tcp" or not (flow.dnat or flow.snat):
                 return
@@ -436,7 +444,8 @@ class KernelHopJoiner:
                     if flow is not None and inbound is not None:
                         flow.answered = True  # a callee took it: no queued request's attempt
                     ready.append((out, flow, inbound, deny))
-            if not only_complete:
+            if not only_complete and now - self._forgotten_at >= FORGET_EVERY_S:
+                self._forgotten_at = now
                 self._forget(now)
         if not ready or rules is None:
             return
@@ -467,8 +476,9 @@ class KernelHopJoiner:
 
     def _forget(self, now: float) -> None:
         """Drop closed flows past their retention and callee spans nobody waits for."""
-        for key, known in list(self._flows.items()):
-            if known.closed_at is not None and now - known.closed_at > FLOW_RETENTION_S:
+        while self._closed and now - self._closed[0][0] > FLOW_RETENTION_S:
+            _closed_at, key, known = self._closed.popleft()
+            if self._flows.get(key) is known:  # not replaced by a newer flow on that tuple
                 del self._flows[key]
         stale = now - 2 * JOIN_WAIT_S
         for attempt, recent in list(self._attempts.items()):
@@ -818,7 +828,7 @@ def _span(
         start_time_unix_nano=start,
         end_time_unix_nano=end,
     )
-    span.attributes.extend(key_values(attrs))
+    add_key_values(span.attributes, attrs)
     if error:
         span.status.code = Status.STATUS_CODE_ERROR
     return span
@@ -838,10 +848,28 @@ def _callee_remote(hop: str | None, attrs: dict[str, str], span: Span) -> str | 
     return f"{peer}:{port}" if port else None
 
 
-def _string_attributes(span: Span) -> dict[str, str]:
-    return {
-        kv.key: kv.value.string_value for kv in span.attributes if kv.value.HasField("string_value")
+_JOIN_KEYS = frozenset(
+    {
+        "hopscope.hop",
+        UPSTREAM,
+        UPSTREAM_LOCAL,
+        UPSTREAM_FAILURE,
+        DOWNSTREAM_LOCAL,
+        DOWNSTREAM_REMOTE,
+        "client.address",
+        "response_flags",
+        "network.peer.address",
+        "server.address",
     }
+)
+"""The string attributes :meth:`KernelHopJoiner.on_spans` reads of a span."""
+
+
+def _string_attributes(span: Span) -> dict[str, str]:
+    """The attributes the joiner reads (:data:`_JOIN_KEYS`) as strings; a value of another
+    type reads as "", as if absent. Every stored span passes here: reading only these
+    names' values halves its cost."""
+    return {kv.key: kv.value.string_value for kv in span.attributes if kv.key in _JOIN_KEYS}
 
 
 _SERVICES = ipaddress.ip_network(addresses.SERVICE_CIDR)
@@ -854,9 +882,16 @@ def _destination_kind(local: str, upstream: str) -> str | None:
     """What the kernel does to a caller's connection from ``local`` to ``upstream``:
     ``service`` (DNAT), ``pod`` (VXLAN to another node), ``pod-local`` (the node's bridge:
     only its policy rules can say anything about it), ``external`` (SNAT), or None."""
+    return _address_kind(local.rsplit(":", 1)[0], upstream.rsplit(":", 1)[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_kind(local_ip: str, upstream_ip: str) -> str | None:
+    """:func:`_destination_kind` by addresses (a pair of pods or a pod and a Service
+    repeats: parsed once)."""
     try:
-        src = ipaddress.ip_address(local.rsplit(":", 1)[0])
-        dst = ipaddress.ip_address(upstream.rsplit(":", 1)[0])
+        src = ipaddress.ip_address(local_ip)
+        dst = ipaddress.ip_address(upstream_ip)
     except ValueError:
         return None
     if dst in _SERVICES or str(dst) in _NODE_IPS:

@@ -33,6 +33,7 @@ loaded with ``iptables-restore --noflush`` so rules others own in the same table
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last r
 # -- chain names ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _hash16(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 

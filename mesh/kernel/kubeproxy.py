@@ -316,12 +316,13 @@ class FlowReporter:
             threading.Thread(target=self._refresh, name="ct-bytes", daemon=True).start()
 
     def _refresh(self) -> None:
-        """Open connections' byte counts, from a dump of each node that has some."""
+        """Open connections' byte counts, from a dump of each node that has some (only
+        their entries are read: a busy node's table is mostly ``TIME_WAIT``)."""
         assert self.metrics is not None
         while not self._stop.wait(REFRESH_S):
-            for node in sorted(self.metrics.open_nodes()):
+            for node, ids in sorted(self.metrics.open_ids().items()):
                 try:
-                    self.metrics.refresh(node, dump(self.network.node_netns(node)))
+                    self.metrics.refresh(node, dump(self.network.node_netns(node), ids))
                 except OSError as exc:  # the namespace is going away
                     log.debug("conntrack dump failed", extra={"node": node, "error": str(exc)})
 
@@ -421,9 +422,10 @@ class FlowReporter:
     def _send(self, node: str, flows: list[Flow]) -> None:
         flows = self._with_recent(node, flows)
         records = [
-            {**dataclasses.asdict(f), "node": node}
+            {**vars(f), "node": node}  # flat fields: no deep copy as asdict() makes
             for f in flows
-            if f.protocol == "tcp" and (f.dnat or f.snat or f.event == "destroy")
+            # the joiner keeps only NATed flows: another's destroy event has nothing to close
+            if f.protocol == "tcp" and (f.dnat or f.snat)
         ]
         self._post(records)
 
