@@ -67,6 +67,7 @@ def _otlp_handler(static: dict[str, Any]) -> logging.Handler:
     from opentelemetry.sdk.resources import Resource
 
     from telemetry.export_counts import CountingBatchLogRecordProcessor, default_counters
+    from telemetry.tracing import receiver_session
 
     endpoint = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/logs"
     name = os.environ.get("OTEL_SERVICE_NAME") or str(static.get("component", "hopscope"))
@@ -79,7 +80,7 @@ def _otlp_handler(static: dict[str, Any]) -> logging.Handler:
         if os.environ.get(env):
             resource[key] = os.environ[env]
     provider = LoggerProvider(resource=Resource.create(resource))
-    exporter = OTLPLogExporter(endpoint=endpoint, timeout=5)
+    exporter = OTLPLogExporter(endpoint=endpoint, timeout=5, session=receiver_session())
     provider.add_log_record_processor(
         CountingBatchLogRecordProcessor(exporter, default_counters().log_records)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -65,4 +66,17 @@ def _otlp_exporter_from_env() -> SpanExporter | None:
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=5)
+    return OTLPSpanExporter(
+        endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=5, session=receiver_session()
+    )
+
+
+def receiver_session() -> Any:
+    """The HTTP session an OTLP exporter sends with: the receiver is the cluster's own, so
+    no proxy or ``.netrc`` from the environment applies, and not looking them up spares
+    every export request that work."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    return session

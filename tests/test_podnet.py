@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from apps.podnet import ServiceHTTPClient
 from mesh import addresses
+from tests.http_stub import serving
 
 POD_IP = "127.244.1.77"
 
@@ -60,11 +60,8 @@ class _Resolver:
 @pytest.fixture()
 def sidecar() -> Iterator[http.server.ThreadingHTTPServer]:
     _Sidecar.peers = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sidecar)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(_Sidecar) as server:
+        yield server
 
 
 def test_a_call_goes_to_the_sidecar_naming_the_resolved_service_and_is_traced(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -622,11 +623,14 @@ def _convert(tp: Any, value: Any) -> Any:
     if origin is dict:
         return dict(value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        hints = typing.get_type_hints(tp)
-        kwargs = {
-            f.name: _convert(hints[f.name], value[f.name])
-            for f in dataclasses.fields(tp)
-            if f.name in value
-        }
+        kwargs = {name: _convert(hint, value[name]) for name, hint in _fields(tp) if name in value}
         return tp(**kwargs)
     return value
+
+
+@functools.cache
+def _fields(tp: type) -> tuple[tuple[str, Any], ...]:
+    """A dataclass's fields with their resolved types: ``get_type_hints`` evaluates every
+    annotation string, the bulk of a state's conversion when done per object."""
+    hints = typing.get_type_hints(tp)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(tp))
