@@ -173,8 +173,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-    except (ConnectionError, OSError, RuntimeError):
-        # RuntimeError: uvloop's word for a write to a transport that closed under us
+    except (ConnectionError, OSError):
         writer.transport.abort()
 
 
@@ -393,15 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not netns or not path:
             parser.error(f"--port-broker {spec!r}: expected NETNS=SOCKET")
         use_port_broker(netns, path)
-    import uvloop
-
     from telemetry.logs import setup_json_logging
 
     setup_json_logging({"component": "forward"})
     try:
         services = ServiceForwards(args.services, args.host_netns) if args.services else None
-        # uvloop: libuv's loop under asyncio's API, fewer microseconds per relayed chunk
-        uvloop.run(serve(rules, services=services, clients=clients))
+        asyncio.run(serve(rules, services=services, clients=clients))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
