@@ -338,8 +338,7 @@ class KernelHopJoiner:
 
     def on_spans(self, spans: list[tuple[bytes, Span]]) -> None:
         """Called with each stored export's spans (trace id, span)."""
-        # the caller spans this export may complete: new ones, and those whose callee came
-        touched: set[tuple[bytes, bytes]] = set()
+        found = False
         for trace_id, span in spans:
             attrs = _string_attributes(span)
             hop = attrs.get("hopscope.hop")
@@ -393,38 +392,26 @@ class KernelHopJoiner:
                     if key in self._pending or key in self._settled:
                         continue  # an export sent twice (an exporter's retry)
                     self._pending[key] = out
-                touched.add(key)
+                found = True
             elif span.parent_span_id and (remote := _callee_remote(hop, attrs, span)):
                 inbound = _Inbound(span.start_time_unix_nano, span.end_time_unix_nano, remote)
-                key = (trace_id, span.parent_span_id)
                 with self._lock:
-                    self._inbound.setdefault(key, []).append(inbound)
-                touched.add(key)
-        if touched:
-            self.settle(time.monotonic(), only_complete=True, keys=touched)
+                    self._inbound.setdefault((trace_id, span.parent_span_id), []).append(inbound)
+                found = True
+        if found:
+            self.settle(time.monotonic(), only_complete=True)
 
     # -- joining -------------------------------------------------------------------------
 
-    def settle(
-        self,
-        now: float,
-        only_complete: bool = False,
-        keys: set[tuple[bytes, bytes]] | None = None,
-    ) -> None:
+    def settle(self, now: float, only_complete: bool = False) -> None:
         """Write the hops whose flow and callee span are known; give up waiting on the
-        others after :data:`JOIN_WAIT_S`. ``keys``: look only at these caller spans (what
-        one export touched; the settle loop looks at every one, flows that came since
-        included, ten times a second)."""
+        others after :data:`JOIN_WAIT_S`."""
         rules = self.rules()
         ready: list[
             tuple[_Outbound, _NodeFlow | None, _Inbound | None, tuple[str, Logged] | None]
         ] = []
         with self._lock:
-            if keys is None:
-                candidates = list(self._pending.items())
-            else:
-                candidates = [(k, self._pending[k]) for k in keys if k in self._pending]
-            for key, out in candidates:
+            for key, out in list(self._pending.items()):
                 flow = self._flows.get((out.local, out.upstream))
                 inbound = None
                 if out.kind != "external":
