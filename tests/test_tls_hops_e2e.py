@@ -51,11 +51,15 @@ def _call(env: dict[str, str]) -> dict[str, Any]:
 
 
 def _outbound_to_catalog(view: dict[str, Any]) -> dict[str, Any] | None:
+    """The frontend sidecar's mTLS call to catalog (under STRICT, catalog's own call to its
+    cache is an mTLS outbound hop too, and it has no kube-proxy below it)."""
     return next(
         (
             h
             for h in view["hops"]
-            if h["hop"] == "sidecar-outbound" and h["tls"].startswith("mTLS TLSv1.")
+            if h["hop"] == "sidecar-outbound"
+            and h["where"].startswith("frontend")
+            and h["tls"].startswith("mTLS TLSv1.")
         ),
         None,
     )
