@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.exception
 import dns.message
+import dns.query
 import dns.rcode
 import pytest
 from prometheus_client import CollectorRegistry
@@ -29,6 +32,18 @@ def server() -> Iterator[DNSServer]:
     srv.set_state(cluster.state)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_until_complete, args=(serve(srv),), daemon=True).start()
+    # answering on UDP before any test sends there: a query sent before the socket is bound
+    # is lost, and a resolver would walk on down its search list
+    deadline = time.monotonic() + 10
+    probe = dns.message.make_query("kubernetes.default.svc.cluster.local.", "A")
+    while True:
+        try:
+            dns.query.udp(probe, DNS_IP, port=DNS_PORT, timeout=0.2)
+            break
+        except (dns.exception.Timeout, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     yield srv
 
 
