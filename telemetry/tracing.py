@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -12,6 +12,9 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from telemetry.export_counts import CountingBatchSpanProcessor, ExportCounters, default_counters
+
+if TYPE_CHECKING:
+    import requests
 
 OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 """Base URL of the OTLP/HTTP receiver; traces go to ``<base>/v1/traces``. Default: unset,
@@ -71,7 +74,7 @@ def _otlp_exporter_from_env() -> SpanExporter | None:
     )
 
 
-def receiver_session() -> Any:
+def receiver_session() -> requests.Session:
     """The HTTP session an OTLP exporter sends with: the receiver is the cluster's own, so
     no proxy or ``.netrc`` from the environment applies, and not looking them up spares
     every export request that work."""

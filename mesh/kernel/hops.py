@@ -166,7 +166,7 @@ class KernelHopJoiner:
         """Caller spans already given their hops (a re-sent export is not joined twice)."""
         self._inbound: dict[tuple[bytes, bytes], list[_Inbound]] = {}
         """(trace id, parent span id) -> inbound spans below that caller span."""
-        self._closed: deque[tuple[float, tuple[str, str], _NodeFlow]] = deque()
+        self._closed: deque[tuple[tuple[str, str], _NodeFlow]] = deque()
         """Flows as they closed, oldest first: what :meth:`_forget` drops once retained
         long enough, without walking every flow."""
         self._forgotten_at = 0.0
@@ -244,7 +244,7 @@ class KernelHopJoiner:
                 if known is not None and known.flow.id == flow.id:
                     known.closed_at = time.monotonic()
                     known.answered = known.answered or bool(flow.status & IPS_SEEN_REPLY)
-                    self._closed.append((known.closed_at, key, known))
+                    self._closed.append((key, known))
                 return
             if flow.protocol != "tcp" or not (flow.dnat or flow.snat):
                 return
@@ -476,8 +476,8 @@ class KernelHopJoiner:
 
     def _forget(self, now: float) -> None:
         """Drop closed flows past their retention and callee spans nobody waits for."""
-        while self._closed and now - self._closed[0][0] > FLOW_RETENTION_S:
-            _closed_at, key, known = self._closed.popleft()
+        while self._closed and now - (self._closed[0][1].closed_at or now) > FLOW_RETENTION_S:
+            key, known = self._closed.popleft()
             if self._flows.get(key) is known:  # not replaced by a newer flow on that tuple
                 del self._flows[key]
         stale = now - 2 * JOIN_WAIT_S
