@@ -258,3 +258,11 @@ def test_empty_ingress_list_denies_and_empty_rule_allows_all() -> None:
     assert not engine.check(FRONTEND, OTHER_FE, 8080).allowed
     engine.policies.append(NetworkPolicy("all", "other", {"podSelector": {}, "ingress": [{}]}))
     assert engine.check(FRONTEND, OTHER_FE, 8080).allowed
+
+
+def test_one_engine_per_state_object() -> None:
+    first, second = ClusterState(), ClusterState()
+    engine = PolicyEngine.for_state(first)
+    assert PolicyEngine.for_state(first) is engine  # a flood of drops: built once
+    assert PolicyEngine.for_state(second) is not engine  # a changed state: a new engine
+    assert PolicyEngine.for_state(second).state is second

@@ -185,6 +185,12 @@ class KernelHopJoiner:
         self._load_balanced: OrderedDict[str, tuple[str, str]] = OrderedDict()
         """Client ``ip:port`` -> the LoadBalancer address and node the forwarder sent it
         through (:class:`mesh.kernel.forward.LoadBalancerReport`)."""
+        self._lb_answers: tuple[ClusterState | None, dict[str, tuple[str, str] | None]] = (
+            None,
+            {},
+        )
+        """:meth:`_load_balancer`'s answers for the state they were read from (every request
+        of the traffic generator is a client span that asks)."""
         self._closed: deque[tuple[tuple[str, str], _NodeFlow]] = deque()
         """Flows as they closed, oldest first: what :meth:`_forget` drops once retained
         long enough, without walking every flow."""
@@ -337,8 +343,18 @@ class KernelHopJoiner:
         from mesh.kernel.forward import load_balancer_target
 
         state = self.state()
-        found = load_balancer_target(state, upstream) if state is not None else None
-        return (found[1], found[2]) if found is not None else None
+        if state is None:
+            return None
+        cached_state, answers = self._lb_answers
+        if cached_state is not state:  # a new state: answers are looked up again
+            answers = {}
+            self._lb_answers = (state, answers)
+        if upstream not in answers:
+            if len(answers) >= 4096:  # clients dialing every address: keep it bounded
+                answers.clear()
+            found = load_balancer_target(state, upstream)
+            answers[upstream] = (found[1], found[2]) if found is not None else None
+        return answers[upstream]
 
     def add_load_balanced(self, client: str, address: str, node: str) -> None:
         """A connection the host's forwarder carried from a LoadBalancer ``address`` to
@@ -872,7 +888,7 @@ class KernelHopJoiner:
         if state is None:
             return {"hopscope.policy.verdict": "deny"}
         dst_ip, port = logged.dst.rsplit(":", 1)
-        verdict = PolicyEngine(state).check(
+        verdict = PolicyEngine.for_state(state).check(
             logged.src.rsplit(":", 1)[0], dst_ip, int(port), logged.protocol.upper()
         )
         attrs = verdict.attributes()

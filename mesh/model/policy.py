@@ -95,10 +95,24 @@ def selects(policy: NetworkPolicy, pod: Pod) -> bool:
 class PolicyEngine:
     """Answers ``check(src_ip, dst_ip, port)`` for one cluster state."""
 
+    _last: tuple[ClusterState, PolicyEngine] | None = None
+    """The engine of the state :meth:`for_state` was last asked about."""
+
     def __init__(self, state: ClusterState) -> None:
         self.state = state
         self.policies = list(state.network_policies)
         self.pods_by_ip = {p.ip: p for p in state.pods if p.ip and p.phase != "Terminating"}
+
+    @classmethod
+    def for_state(cls, state: ClusterState) -> PolicyEngine:
+        """The engine of ``state``, built once per state object: a watcher replaces its
+        state on each change, and a flood of dropped packets is judged against one state
+        (the kernel path judges each drop's NFLOG record)."""
+        last = cls._last
+        if last is None or last[0] is not state:
+            last = (state, cls(state))
+            cls._last = last  # one assignment: another thread sees the old pair or this one
+        return last[1]
 
     def check(
         self,
