@@ -266,3 +266,6 @@ def test_one_engine_per_state_object() -> None:
     assert PolicyEngine.for_state(first) is engine  # a flood of drops: built once
     assert PolicyEngine.for_state(second) is not engine  # a changed state: a new engine
     assert PolicyEngine.for_state(second).state is second
+    changed = PolicyEngine.for_state(second)
+    second.resource_version += 1  # the control plane's state changes in place
+    assert PolicyEngine.for_state(second) is not changed

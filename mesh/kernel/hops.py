@@ -185,8 +185,9 @@ class KernelHopJoiner:
         self._load_balanced: OrderedDict[str, tuple[str, str]] = OrderedDict()
         """Client ``ip:port`` -> the LoadBalancer address and node the forwarder sent it
         through (:class:`mesh.kernel.forward.LoadBalancerReport`)."""
-        self._lb_answers: tuple[ClusterState | None, dict[str, tuple[str, str] | None]] = (
+        self._lb_answers: tuple[ClusterState | None, int, dict[str, tuple[str, str] | None]] = (
             None,
+            -1,
             {},
         )
         """:meth:`_load_balancer`'s answers for the state they were read from (every request
@@ -345,10 +346,10 @@ class KernelHopJoiner:
         state = self.state()
         if state is None:
             return None
-        cached_state, answers = self._lb_answers
-        if cached_state is not state:  # a new state: answers are looked up again
-            answers = {}
-            self._lb_answers = (state, answers)
+        cached_state, version, answers = self._lb_answers
+        if cached_state is not state or version != state.resource_version:
+            answers = {}  # a changed state (in place, or a new one): looked up again
+            self._lb_answers = (state, state.resource_version, answers)
         if upstream not in answers:
             if len(answers) >= 4096:  # clients dialing every address: keep it bounded
                 answers.clear()

@@ -148,6 +148,7 @@ def _health(proxier: Proxier) -> dict[str, Any]:
     """The body of ``/healthz``: kube-proxy's fields plus the emulator's sync state."""
     return {
         "lastUpdated": proxier.synced_at,
+        "synced_version": proxier.rules.version if proxier.synced_at is not None else None,
         "currentTime": time.time(),
         "healthy": proxier.synced_at is not None and not proxier.paused,
         "syncPaused": proxier.paused,

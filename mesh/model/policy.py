@@ -95,8 +95,8 @@ def selects(policy: NetworkPolicy, pod: Pod) -> bool:
 class PolicyEngine:
     """Answers ``check(src_ip, dst_ip, port)`` for one cluster state."""
 
-    _last: tuple[ClusterState, PolicyEngine] | None = None
-    """The engine of the state :meth:`for_state` was last asked about."""
+    _last: tuple[ClusterState, int, PolicyEngine] | None = None
+    """The engine of the state (and its version) :meth:`for_state` was last asked about."""
 
     def __init__(self, state: ClusterState) -> None:
         self.state = state
@@ -105,14 +105,15 @@ class PolicyEngine:
 
     @classmethod
     def for_state(cls, state: ClusterState) -> PolicyEngine:
-        """The engine of ``state``, built once per state object: a watcher replaces its
-        state on each change, and a flood of dropped packets is judged against one state
-        (the kernel path judges each drop's NFLOG record)."""
+        """The engine of ``state`` at its current ``resource_version``, built once per
+        version (a watcher gets a new state object per change; the control plane's own
+        state changes in place and bumps its version): a flood of dropped packets is judged
+        against one engine (the kernel path judges each drop's NFLOG record)."""
         last = cls._last
-        if last is None or last[0] is not state:
-            last = (state, cls(state))
-            cls._last = last  # one assignment: another thread sees the old pair or this one
-        return last[1]
+        if last is None or last[0] is not state or last[1] != state.resource_version:
+            last = (state, state.resource_version, cls(state))
+            cls._last = last  # one assignment: another thread sees the old triple or this one
+        return last[2]
 
     def check(
         self,

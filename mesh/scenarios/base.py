@@ -122,6 +122,29 @@ class Context:
             time.sleep(0.2)
         raise ScenarioError(f"{namespace}/{app} did not reach {replicas} ready pods in {timeout}s")
 
+    def wait_kube_proxy_synced(self, timeout: float = 10) -> None:
+        """Until kube-proxy's rules are those of the cluster's state as it is now (its
+        ``/healthz`` names the state version it last synced)."""
+        wanted = self.state().resource_version
+        deadline = time.monotonic() + timeout
+        synced = None
+        while time.monotonic() < deadline:
+            try:
+                synced = (
+                    requests.get(f"{KUBE_PROXY_ADMIN}/healthz", timeout=5)
+                    .json()
+                    .get("synced_version")
+                )
+            except (requests.RequestException, ValueError) as exc:
+                raise ScenarioError(f"kube-proxy admin endpoint unavailable: {exc}") from None
+            if isinstance(synced, int) and synced >= wanted:
+                return
+            time.sleep(0.1)
+        raise ScenarioError(
+            f"kube-proxy did not sync state version {wanted} within {timeout:g} s "
+            f"(it last synced {synced})"
+        )
+
     def kube_proxy_paused(self, paused: bool) -> None:
         try:
             requests.post(

@@ -107,7 +107,7 @@ class PodNotReady(Scenario):
         self.victim = pods[0].name
         ctx.say(f"marking {self.victim} unready")
         ctx.set_ready("shop", self.victim, False)
-        ctx.send("/", 1)  # let the change reach kube-proxy
+        ctx.wait_kube_proxy_synced()  # the victim's rules are gone before traffic starts
 
     def drive(self, ctx: Context) -> list[Outcome]:
         return ctx.send("/", 20)
