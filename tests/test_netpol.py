@@ -260,7 +260,7 @@ def test_empty_ingress_list_denies_and_empty_rule_allows_all() -> None:
     assert engine.check(FRONTEND, OTHER_FE, 8080).allowed
 
 
-def test_one_engine_per_state_object() -> None:
+def test_one_engine_per_state_version() -> None:
     first, second = ClusterState(), ClusterState()
     engine = PolicyEngine.for_state(first)
     assert PolicyEngine.for_state(first) is engine  # a flood of drops: built once

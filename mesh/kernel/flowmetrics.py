@@ -161,15 +161,14 @@ class FlowMetrics:
         if state is None:
             return
         dst_ip, _, port = logged.dst.rpartition(":")
-        engine = PolicyEngine.for_state(state)
-        verdict = engine.check(
+        verdict = PolicyEngine.for_state(state).check(
             logged.src.rsplit(":", 1)[0], dst_ip, int(port), logged.protocol.upper()
         )
         if verdict.allowed:  # the rules were older than the state: count what dropped it
             self.policy.denied.labels(namespace, pod, "", side).inc()
             return
         # the connection's destination pod (an egress drop names the sender in its prefix)
-        target_pod = engine.pods_by_ip.get(dst_ip)
+        target_pod = next((p for p in state.pods if p.ip == dst_ip), None)
         if target_pod is not None:
             namespace, pod = target_pod.namespace, target_pod.name
         self.policy.count_denied(namespace, pod, verdict)

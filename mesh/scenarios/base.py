@@ -127,22 +127,24 @@ class Context:
         ``/healthz`` names the state version it last synced)."""
         wanted = self.state().resource_version
         deadline = time.monotonic() + timeout
-        synced = None
+        health: dict[str, Any] = {}
         while time.monotonic() < deadline:
             try:
-                synced = (
-                    requests.get(f"{KUBE_PROXY_ADMIN}/healthz", timeout=5)
-                    .json()
-                    .get("synced_version")
-                )
+                health = requests.get(f"{KUBE_PROXY_ADMIN}/healthz", timeout=5).json()
             except (requests.RequestException, ValueError) as exc:
                 raise ScenarioError(f"kube-proxy admin endpoint unavailable: {exc}") from None
+            synced = health.get("synced_version")
             if isinstance(synced, int) and synced >= wanted:
                 return
             time.sleep(0.1)
+        paused = (
+            "; its rule sync is paused (`hopscope scenario reset`)"
+            if health.get("syncPaused")
+            else ""
+        )
         raise ScenarioError(
             f"kube-proxy did not sync state version {wanted} within {timeout:g} s "
-            f"(it last synced {synced})"
+            f"(it last synced {health.get('synced_version')}){paused}"
         )
 
     def kube_proxy_paused(self, paused: bool) -> None:
