@@ -112,6 +112,16 @@ def test_pod_resolver_over_real_udp_records_every_query(server: DNSServer) -> No
     assert err.value.queries[-1] == "api.example.com."
 
 
+def test_a_failed_lookup_names_each_querys_answer_when_they_differ() -> None:
+    """A lost first query followed by NXDOMAINs is not an NXDOMAIN for the name."""
+    mixed = ResolveError(
+        "catalog", "NXDOMAIN", ["catalog.shop.", "catalog."], ["TIMEOUT", "NXDOMAIN"]
+    )
+    assert str(mixed) == "could not resolve 'catalog': catalog.shop. TIMEOUT, catalog. NXDOMAIN"
+    same = ResolveError("x", "NXDOMAIN", ["x.a.", "x."], ["NXDOMAIN", "NXDOMAIN"])
+    assert str(same) == "could not resolve 'x': NXDOMAIN (tried x.a., x.)"
+
+
 EXTRA_IP, EXTRA_PORT = "127.96.250.11", 10154
 
 

@@ -171,6 +171,37 @@ def test_pods_reach_pods_on_the_other_node_with_their_own_address(cluster: Clust
         assert "10.244.2.0/24 via 10.10.0.2 dev eth0" in routes, routes
 
 
+def test_the_bridge_keeps_its_mac_while_pods_come_and_go(cluster: Cluster) -> None:
+    """A pod whose veth has a lower MAC than the bridge joins node-a and leaves: ``cni0``
+    keeps the MAC derived from its address, so a1's ARP entry for its gateway stays right
+    and its next packets are not sent to a MAC nobody answers."""
+    node = NODES[0]
+
+    def bridge_mac() -> str:
+        return cluster.node_run("node-a", "cat", "/sys/class/net/cni0/address").strip()
+
+    assert bridge_mac() == node.bridge_mac
+    cluster.connect("a1", PODS["b1"][1], 8080)  # a1 has an ARP entry for its gateway now
+    pod = cluster.net.add_pod("shop", "low-mac", "node-a", "10.244.1.9")
+    try:
+        cluster.node_run(
+            "node-a", "ip", "link", "set", pod.host_veth, "address", "02:00:00:00:00:01"
+        )
+        assert bridge_mac() == node.bridge_mac
+    finally:
+        cluster.net.remove_pod("shop", "low-mac")
+    assert bridge_mac() == node.bridge_mac
+    neigh = subprocess.run(
+        cluster.net.exec_argv(cluster.net.pod_netns("shop", "a1"), ["ip", "neigh", "show"]),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"{node.gateway} dev eth0 lladdr {node.bridge_mac}" in neigh, neigh
+    [reply] = cluster.connect("a1", PODS["b1"][1], 8080)
+    assert reply.get("error") is None and reply["ms"] < 1000, reply
+
+
 def _overlay_packets(cluster: Cluster) -> dict[tuple[str, str], int]:
     if cluster.net.backend != "vxlan":
         return {}

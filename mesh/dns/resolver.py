@@ -35,11 +35,20 @@ DNS_TIMEOUT = 2.0
 class ResolveError(Exception):
     """A name did not resolve; ``rcode`` is the last answer's code (or ``TIMEOUT``)."""
 
-    def __init__(self, name: str, rcode: str, queries: list[str]) -> None:
-        super().__init__(f"could not resolve {name!r}: {rcode} (tried {', '.join(queries)})")
+    def __init__(
+        self, name: str, rcode: str, queries: list[str], rcodes: list[str] | None = None
+    ) -> None:
+        rcodes = rcodes or []
+        if len(rcodes) == len(queries) and len(set(rcodes)) > 1:  # each query's own answer
+            tried = ", ".join(f"{q} {r}" for q, r in zip(queries, rcodes, strict=True))
+            message = f"could not resolve {name!r}: {tried}"
+        else:
+            message = f"could not resolve {name!r}: {rcode} (tried {', '.join(queries)})"
+        super().__init__(message)
         self.name = name
         self.rcode = rcode
         self.queries = queries
+        self.rcodes = rcodes
 
 
 @dataclass
@@ -225,5 +234,5 @@ class PodResolver:
             if not result.answer:
                 rcode = result.rcodes[-1] if result.rcodes else "NOANSWER"
                 span.set_status(Status(StatusCode.ERROR, rcode))
-                raise ResolveError(name, rcode, result.queries)
+                raise ResolveError(name, rcode, result.queries, result.rcodes)
             return result.answer

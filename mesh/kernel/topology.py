@@ -93,6 +93,16 @@ class NodeNet:
         return str(ipaddress.ip_network(self.pod_cidr).network_address + 1)
 
     @property
+    def bridge_mac(self) -> str:
+        """``cni0``'s MAC, fixed from its address (``0a:58`` and the gateway's four bytes, as
+        the CNI bridge plugin derives it). A bridge left to itself takes the lowest MAC of its
+        ports: a pod with a lower one changes it on arrival and again on leaving, and every
+        other pod's ARP entry for the gateway then points at an address nobody answers
+        until it is probed again (kubernetes/kubernetes#30783)."""
+        octets = ipaddress.ip_address(self.gateway).packed
+        return ":".join(f"{b:02x}" for b in (0x0A, 0x58, *octets))
+
+    @property
     def vtep_address(self) -> str:
         """The VXLAN device's address: the pod CIDR's network address, as flannel assigns."""
         return str(ipaddress.ip_network(self.pod_cidr).network_address)
@@ -176,7 +186,7 @@ class KernelNetwork:
             # A node has a default route (here: the cluster host). Without one, a Service
             # address with no rule is "network unreachable" instead of REJECTed.
             ipr.route("add", dst="0.0.0.0/0", gateway=self._router_ip(node), proto=RTPROT_BOOT)
-            ipr.link("add", ifname=BRIDGE, kind="bridge")
+            ipr.link("add", ifname=BRIDGE, kind="bridge", address=node.bridge_mac)
             bridge = _index(ipr, BRIDGE)
             prefixlen = ipaddress.ip_network(node.pod_cidr).prefixlen
             ipr.addr("add", index=bridge, address=node.gateway, prefixlen=prefixlen)
