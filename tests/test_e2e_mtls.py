@@ -52,7 +52,9 @@ def _pod(prefix: str) -> dict[str, Any]:
 def _call(env: dict[str, str], url: str = "http://catalog:8080/items") -> dict[str, Any]:
     frontend = _pod("frontend")["name"]
     proc = hopscope("curl", "--json", "--from", f"shop/{frontend}", url, env=env, check=False)
-    return json.loads(proc.stdout) if proc.stdout.strip() else {"status": None}
+    if proc.stdout.strip():
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    return {"status": None, "error": proc.stderr.strip()[-500:]}
 
 
 def _until_status(env: dict[str, str], status: int) -> dict[str, Any]:
@@ -86,12 +88,15 @@ def _mtls_call(env: dict[str, str]) -> dict[str, Any]:
     """A frontend → catalog call once the sidecars run the policy (files reach Envoy
     within a moment of the apply)."""
 
-    def settled() -> dict[str, Any] | None:
+    def settled() -> dict[str, Any]:
         doc = _call(env)
-        if doc["status"] != 200:
-            return None
+        if doc["status"] != 200:  # kept as poll_until's last error if it never settles
+            raise AssertionError(f"frontend -> catalog: {doc.get('status')} {doc.get('error', '')}")
         (out,) = _spans(doc["trace_id"], "sidecar-outbound")[:1]
-        return doc if out["attributes"].get("hopscope.tls.mode") == "mtls" else None
+        mode = out["attributes"].get("hopscope.tls.mode")
+        if mode != "mtls":
+            raise AssertionError(f"frontend -> catalog went {mode}, not mtls (yet)")
+        return doc
 
     return poll_until(settled, timeout=20, interval=0.5)
 

@@ -11,6 +11,11 @@ cannot enter the user's namespace: ``--port-broker NETNS=SOCKET`` has the listen
 bound by the port broker of :mod:`mesh.kernel.rootless` instead. Bytes are copied both
 ways, with half-closes passed on; a target that refuses or cannot be reached closes the
 client's connection at once, and the forwarder keeps serving the others.
+
+A client that half-closes (or gives up) while the target is still answering leaves its
+side out of the event loop: asyncio then holds the relay only weakly, and the garbage
+collector used to end it mid-way ("Task was destroyed but it is pending!"), cutting the
+answer off. Each connection's task is held until it ends (:func:`connection_handler`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mesh import addresses
+from mesh.cni.streams import connection_handler
 
 if TYPE_CHECKING:
     from mesh.model.types import ClusterState, Service
@@ -193,6 +199,7 @@ class Forwarder:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, sock=listener_in(self.listen))
 
+    @connection_handler  # referenced until it ends: see the module's notes on half-closes
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         source = None
