@@ -55,8 +55,36 @@ def hopscope(
     if check and proc.returncode != 0:
         raise AssertionError(
             f"hopscope {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            + complaints(env)
         )
     return proc
+
+
+def complaints(env: dict[str, str], lines: int = 12) -> str:
+    """The cluster's latest warnings and errors (control plane and system components), for
+    a failure message: what CI prints is all there is to go on once its machine is gone."""
+    home = Path(env.get("HOPSCOPE_HOME", ""))
+    if not env.get("HOPSCOPE_HOME") or not home.is_dir():
+        return ""
+    logs = [home / "controlplane.log", *sorted((home / "logs").glob("kube-system_*.log"))]
+    found: list[str] = []
+    for log in logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        bad = [
+            f"{log.stem}: {line[: 6000 if 'API request slow' in line else 400]}"
+            for line in text.splitlines()
+            if '"level": "warning"' in line or '"level": "error"' in line or "Traceback" in line
+        ]
+        found += bad[-lines:]
+    found.sort(key=lambda line: line.partition('"time": "')[2][:24])
+    return (
+        "\nlatest warnings and errors in the cluster's logs:\n" + "\n".join(found[-lines:])
+        if found
+        else ""
+    )
 
 
 def cluster_env(home: Path) -> dict[str, str]:

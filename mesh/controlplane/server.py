@@ -28,6 +28,7 @@ from mesh.controlplane.guard import Guard, create_tokens
 from mesh.controlplane.ingress import IngressController
 from mesh.controlplane.kubelet import Kubelet
 from mesh.controlplane.mesh import IDENTITY_DIR, MeshController
+from mesh.controlplane.slowrequests import SlowRequests
 from mesh.identity.ca import IdentityError
 from mesh.kernel.rootless import privileges
 from mesh.model.controllers import Cluster
@@ -118,6 +119,7 @@ class ControlPlane:
             raise StartupError(str(exc)) from None
         self.kubelet = Kubelet(self.cluster, self.runtime, registry=registry, mesh=self.mesh)
         self.components: list[SystemComponent] = []
+        self._slow_requests: SlowRequests | None = None
         self.ready_at: float | None = None
         self.started_at = time.time()
         self._server: BaseWSGIServer | None = None
@@ -176,9 +178,14 @@ class ControlPlane:
             guard=guard,
             pipeline=self.pipeline,
         )
+        self._slow_requests = SlowRequests(app)
+        self._slow_requests.start()
         try:
             self._server = make_server(
-                addresses.CONTROL_PLANE_IP, addresses.CONTROL_PLANE_PORT, app, threaded=True
+                addresses.CONTROL_PLANE_IP,
+                addresses.CONTROL_PLANE_PORT,
+                self._slow_requests,
+                threaded=True,
             )
         except OSError as exc:
             raise StartupError(
@@ -225,6 +232,8 @@ class ControlPlane:
         if self.ingress is not None:
             self.ingress.stop()
         self.kubelet.stop()
+        if self._slow_requests is not None:
+            self._slow_requests.stop()
         self.mesh.stop()
         if self.kernel_hops is not None:
             self.kernel_hops.stop()
