@@ -19,6 +19,13 @@ complete traces), ``cpu_ms_per_request`` at 50 req/s, ``unloaded_p50_ms`` (``GET
 5 req/s) and the median self-time (duration minus its child hops') of kube-proxy and
 cni-overlay hops.
 
+``--connections keep-alive`` first applies a ``DestinationRule`` per Service a ``GET /``
+crosses through kube-proxy (:data:`KEEP_ALIVE_SERVICES`) with
+``connectionPool.http.maxRequestsPerConnection: 0``: the callers' sidecars and the ingress
+then reuse their connections, where the shop as shipped opens one per HTTP/1.1 request
+(see "Connection reuse is part of the lesson" in ``docs/design.md``). The JSON names the
+setting it measured (``connections``).
+
 A step that cannot be measured (cluster not ready, generator failure, no trace readable)
 ends the run: the error is in the JSON and the exit status is 1. Nothing unmeasured is
 reported as a number.
@@ -89,6 +96,23 @@ ROUTE_EDGES: dict[str, tuple[tuple[str, str, bool], ...]] = {
 ``(caller, callee, through a Service VIP)``. ``ingress`` is the ingress hop, ``egress``
 an ``egress-snat`` hop; other names are app ``service.name``s. The catalog reaches its
 cache shard by pod DNS name (headless Service), so no kube-proxy hop there."""
+
+KEEP_ALIVE_SERVICES = ("frontend", "catalog", "reviews", "ratings")
+"""The shop's Services behind kube-proxy (namespace ``shop``) that ``--connections
+keep-alive`` gives a rule reusing connections."""
+
+
+def keep_alive_rules() -> str:
+    """One ``DestinationRule`` per :data:`KEEP_ALIVE_SERVICES`: unlimited requests per
+    connection (Istio's default), connections idle for up to 30 s."""
+    pool = "{connectionPool: {http: {maxRequestsPerConnection: 0, idleTimeout: 30s}}}"
+    return "".join(
+        f"---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+        f"metadata: {{name: {name}-keep-alive, namespace: shop}}\n"
+        f"spec: {{host: {name}, trafficPolicy: {pool}}}\n"
+        for name in KEEP_ALIVE_SERVICES
+    )
+
 
 NAT_HOPS = ("kube-proxy", "cni-overlay")
 COMPONENT_ORDER = (
@@ -596,6 +620,14 @@ def measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     try:
         cluster.up()
         result["dataplane"] = cluster.status().get("dataplane", "userspace")
+        result["connections"] = args.connections
+        if args.connections == "keep-alive":
+            rules = Path(cluster.home) / "keep-alive.yaml"
+            rules.write_text(keep_alive_rules())
+            proc = cluster.cli("apply", "-f", str(rules))
+            if proc.returncode != 0:
+                raise BenchError(f"hopscope apply failed: {proc.stderr.strip()[-500:]}")
+            log(f"applied {len(KEEP_ALIVE_SERVICES)} DestinationRules reusing connections")
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = API_URL
         from telemetry.tracing import setup_tracing
 
@@ -661,6 +693,13 @@ def main() -> None:
         choices=["auto", "userspace", "kernel"],
         default="auto",
         help="the data path `hopscope up` runs (as its --dataplane; the one that ran is reported)",
+    )
+    parser.add_argument(
+        "--connections",
+        choices=["per-request", "keep-alive"],
+        default="per-request",
+        help="the shop as shipped (a new connection per HTTP/1.1 request through kube-proxy), "
+        "or with DestinationRules reusing connections (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="no summary table on stderr")
     args = parser.parse_args()

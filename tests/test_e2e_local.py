@@ -182,6 +182,45 @@ def test_grpc_requests_ride_an_established_connection(cluster: dict[str, str]) -
     assert set(states) <= {"new", "established"}
 
 
+CATALOG_KEEP_ALIVE_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog-keep-alive, namespace: shop}
+spec:
+  host: catalog
+  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 0, idleTimeout: 30s}}}
+"""
+
+
+def test_a_rule_keeping_connections_alive_makes_kube_proxy_decide_once_per_connection(
+    cluster: dict[str, str], tmp_path: Path
+) -> None:
+    """``maxRequestsPerConnection: 0`` (Istio's unlimited): the frontend sidecars reuse their
+    connection to catalog, so later requests meet an established conntrack entry and the
+    pod kube-proxy picked for the connection."""
+    rule = apply_manifest(cluster, tmp_path, "catalog-keep-alive", CATALOG_KEEP_ALIVE_RULE)
+    try:
+
+        def connections() -> dict[str, list[dict[str, Any]]] | None:
+            by_client: dict[str, list[dict[str, Any]]] = {}
+            for view in traced_shop_requests(8):
+                for span in sorted(view["spans"], key=lambda s: s["start_ns"]):
+                    a = span["attributes"]
+                    if a.get("hopscope.hop") == "kube-proxy" and a["k8s.service.name"] == "catalog":
+                        by_client.setdefault(a["hopscope.nat.original.src"], []).append(a)
+            reused = any(len(hops) > 1 for hops in by_client.values())
+            return by_client if reused else None
+
+        by_client = poll_until(connections, timeout=30)
+        assert by_client, "no connection to catalog carried two requests"
+        for client, hops in by_client.items():
+            assert len({a["hopscope.nat.translated.dst"] for a in hops}) == 1, dump(hops)
+            later = [a["hopscope.conntrack.state"] for a in hops[1:]]
+            assert set(later) <= {"established"}, (client, later)
+    finally:
+        hopscope("delete", "-f", str(rule), env=cluster)
+
+
 def test_logs_are_json_with_trace_ids(cluster: dict[str, str]) -> None:
     import json
 

@@ -12,7 +12,8 @@ import pytest
 
 from mesh.controlplane.mesh import MeshController
 from mesh.envoy import validate_config
-from mesh.envoy.common import bootstrap, otlp_cluster
+from mesh.envoy.common import CONNECT_TIMEOUT_S, HTTP_PROTOCOL_OPTIONS, bootstrap, otlp_cluster
+from mesh.envoy.ingress import ingress_config
 from mesh.envoy.sidecar import sidecar_resources
 from mesh.identity.ca import CertificateAuthority
 from mesh.identity.sds import CERT_FILE, write_secrets
@@ -152,6 +153,62 @@ def test_outlier_detection_gives_callers_the_pods_through_their_node_gateway(
     bad = _rule({"host": "catalog", "trafficPolicy": {"outlierDetection": {"splitExternal": 1}}})
     with pytest.raises(ManifestError, match=r"spec.trafficPolicy.outlierDetection"):
         load_document(bad, "bad.yaml")
+
+
+def _common_options(cluster: dict[str, Any]) -> dict[str, Any]:
+    options = cluster["typed_extension_protocol_options"][HTTP_PROTOCOL_OPTIONS]
+    return options.get("common_http_protocol_options") or {}
+
+
+def _catalog_cluster(cluster: Cluster) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    frontend = _pod(cluster, "frontend")
+    listeners, clusters = sidecar_resources(frontend, cluster.state, OTLP)
+    catalog = next(c for c in clusters if c["name"].startswith("outbound|8080||catalog."))
+    return catalog, listeners, clusters
+
+
+def test_connection_pool_sets_how_long_caller_connections_live(cluster: Cluster) -> None:
+    default, _, _ = _catalog_cluster(cluster)
+    assert _common_options(default) == {"max_requests_per_connection": 1}
+    assert default["connect_timeout"] == f"{CONNECT_TIMEOUT_S}s"
+    pool = {
+        "tcp": {"connectTimeout": "250ms", "maxConnectionDuration": "30s", "maxConnections": 4},
+        "http": {"maxRequestsPerConnection": 0, "idleTimeout": "5s"},
+    }
+    _apply(cluster, _rule({"host": "catalog", "trafficPolicy": {"connectionPool": pool}}))
+    catalog, listeners, clusters = _catalog_cluster(cluster)
+    assert catalog["connect_timeout"] == "0.250s"
+    assert _common_options(catalog) == {
+        "idle_timeout": "5.000s",
+        "max_connection_duration": "30.000s",
+    }
+    assert catalog["circuit_breakers"]["thresholds"] == [{"max_connections": 4}]
+    ok, output = validate_config(_static(listeners, clusters), ("frontend", "frontend"))
+    assert ok, output[-2000:]
+    pool = {"http": {"maxRequestsPerConnection": 20}}
+    _apply(cluster, _rule({"host": "catalog", "trafficPolicy": {"connectionPool": pool}}))
+    catalog, _, _ = _catalog_cluster(cluster)
+    assert _common_options(catalog) == {"max_requests_per_connection": 20}
+    assert catalog["connect_timeout"] == f"{CONNECT_TIMEOUT_S}s"
+    for http, where in (
+        ({"maxRequestsPerConnection": -1}, "maxRequestsPerConnection"),
+        ({"idleTimeout": "soon"}, "idleTimeout"),
+    ):
+        bad = _rule({"host": "catalog", "trafficPolicy": {"connectionPool": {"http": http}}})
+        with pytest.raises(ManifestError, match=rf"spec.trafficPolicy.connectionPool.http.{where}"):
+            load_document(bad, "bad.yaml")
+
+
+def test_the_ingress_follows_the_rule_of_the_service_it_calls(cluster: Cluster) -> None:
+    def frontend_cluster() -> dict[str, Any]:
+        clusters = ingress_config(cluster.state).clusters
+        return next(c for c in clusters if c["name"].startswith("ingress|shop|frontend|"))
+
+    assert _common_options(frontend_cluster()) == {"max_requests_per_connection": 1}
+    pool = {"http": {"maxRequestsPerConnection": 0}, "tcp": {"connectTimeout": "2s"}}
+    _apply(cluster, _rule({"host": "frontend", "trafficPolicy": {"connectionPool": pool}}))
+    assert _common_options(frontend_cluster()) == {}
+    assert frontend_cluster()["connect_timeout"] == "2.000s"
 
 
 def test_the_controller_rotates_certificates_past_half_their_life(

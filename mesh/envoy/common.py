@@ -130,6 +130,10 @@ def static_cluster(
     return cluster
 
 
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+"""A cluster's upstream HTTP options: their key in ``typed_extension_protocol_options``."""
+
+
 def protocol_options(
     http2: bool, one_request_per_connection: bool, idle_timeout: str | None = None
 ) -> dict[str, Any]:
@@ -144,11 +148,7 @@ def protocol_options(
         options["common_http_protocol_options"] = {"max_requests_per_connection": 1}
     elif idle_timeout:
         options["common_http_protocol_options"] = {"idle_timeout": idle_timeout}
-    return {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **options
-        )
-    }
+    return {HTTP_PROTOCOL_OPTIONS: typed(HTTP_PROTOCOL_OPTIONS, **options)}
 
 
 def otlp_cluster(otlp_endpoint: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from mesh import addresses
 from mesh.envoy.common import static_cluster
+from mesh.envoy.connection_pool import connection_pool
 from mesh.envoy.gateway_rules import (
     DEFAULT_ROUTE_TIMEOUT,
     ROUTE_TAG,
@@ -41,6 +42,7 @@ from mesh.model.gateway_api import (
     gateway_attachments,
     service_routes,
 )
+from mesh.model.meshpolicy import MESH_ROOT_NAMESPACE, destination_rule
 from mesh.model.types import ClusterState, Service
 
 __all__ = [
@@ -68,7 +70,7 @@ def _gateway_cluster(state: ClusterState, ref: BackendRef, grpc: bool) -> dict[s
     svc = state.service(ref.namespace, ref.name)
     assert svc is not None and svc.cluster_ip
     grpc = grpc or any(sp.port == ref.port and sp.app_protocol == "grpc" for sp in svc.ports)
-    return static_cluster(
+    cluster = static_cluster(
         gateway_cluster_name(ref),
         svc.cluster_ip,
         ref.port,
@@ -76,6 +78,8 @@ def _gateway_cluster(state: ClusterState, ref: BackendRef, grpc: bool) -> dict[s
         one_request_per_connection=True,
         bind_ip=addresses.INGRESS_SOURCE_IP,
     )
+    connection_pool(cluster, destination_rule(state, svc, MESH_ROOT_NAMESPACE))
+    return cluster
 
 
 def http_attachments(

@@ -19,6 +19,7 @@ from mesh.envoy.common import (
     socket_address,
     static_cluster,
 )
+from mesh.envoy.connection_pool import connection_pool
 from mesh.envoy.gateway import gateway_resources, merge_virtual_hosts
 from mesh.envoy.ingress_tls import (
     PassthroughChain,
@@ -29,7 +30,7 @@ from mesh.envoy.ingress_tls import (
     tls_listener,
 )
 from mesh.envoy.sidecar import OUTBOUND_TLS_TAGS, mesh_tls
-from mesh.model.meshpolicy import MESH_ROOT_NAMESPACE
+from mesh.model.meshpolicy import MESH_ROOT_NAMESPACE, destination_rule
 from mesh.model.types import ClusterState, IngressPath, Service
 
 INGRESS_TAGS = {"k8s.namespace.name": "hopscope-system", "k8s.pod.name": "ingress-envoy"}
@@ -269,6 +270,7 @@ def _ingress_cluster(
     )
     if identity is not None:
         mesh_tls(clusters[name], state, svc, port, MESH_ROOT_NAMESPACE, identity)
+    connection_pool(clusters[name], destination_rule(state, svc, MESH_ROOT_NAMESPACE))
     return name
 
 

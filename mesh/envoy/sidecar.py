@@ -31,6 +31,7 @@ from mesh.envoy.common import (
     static_cluster,
     typed,
 )
+from mesh.envoy.connection_pool import connection_pool
 from mesh.envoy.gateway import mesh_outbound_routes
 from mesh.envoy.xds_files import file_source
 from mesh.identity.sds import downstream_tls, upstream_tls
@@ -488,9 +489,7 @@ def _service_cluster(
     if outlier and NODE_GATEWAY:
         cluster["transport_socket"] = _through_gateway(cluster.get("transport_socket"))
     cluster["alt_stat_name"] = stat_name(name)
-    limits = _circuit_breaker(rule)
-    if limits:
-        cluster["circuit_breakers"] = {"thresholds": [limits]}
+    connection_pool(cluster, rule)
     return cluster
 
 
@@ -611,26 +610,6 @@ def _mesh_tls(files: Path, up: Upstream, svc: Service, port: int) -> dict[str, A
     tls = upstream_tls(files, up.identities or None)
     tls["typed_config"]["sni"] = _sni(svc, port)
     return tls
-
-
-def _circuit_breaker(rule: DestinationRule | None) -> dict[str, Any]:
-    """DestinationRule ``connectionPool`` as Envoy's default-priority thresholds."""
-    if rule is None:
-        return {}
-    pool = (rule.spec.get("trafficPolicy") or {}).get("connectionPool") or {}
-    tcp, http = pool.get("tcp") or {}, pool.get("http") or {}
-    out: dict[str, Any] = {}
-    for field, key in (("maxConnections", "max_connections"),):
-        if field in tcp:
-            out[key] = tcp[field]
-    for field, key in (
-        ("http1MaxPendingRequests", "max_pending_requests"),
-        ("http2MaxRequests", "max_requests"),
-        ("maxRetries", "max_retries"),
-    ):
-        if field in http:
-            out[key] = http[field]
-    return out
 
 
 def _fallback_routes() -> list[dict[str, Any]]:

@@ -15,7 +15,9 @@ plaintext, so kube-proxy and the overlay can read each request (Istio's default 
 
 ``DestinationRule`` (``networking.istio.io/v1``) is the caller's side for one Service:
 ``trafficPolicy.tls.mode`` (``ISTIO_MUTUAL`` or ``DISABLE``) overrides automatic mTLS, and
-``connectionPool`` sets the circuit breaker of the callers' clusters. Without a rule the
+``connectionPool`` sets the circuit breaker of the callers' clusters and how long their
+connections live (``tcp.connectTimeout``, ``tcp.maxConnectionDuration``,
+``http.maxRequestsPerConnection``, ``http.idleTimeout``). Without a rule the
 caller's sidecar originates mTLS exactly when the Service's workloads run a sidecar and
 accept it (mode not ``DISABLE``) — Istio's automatic mTLS.
 """
@@ -102,6 +104,7 @@ DESTINATION_RULE_SCHEMA: dict[str, Any] = {
                             "properties": {
                                 "maxConnections": _COUNT,
                                 "connectTimeout": _DURATION,
+                                "maxConnectionDuration": _DURATION,
                             },
                         },
                         "http": {
@@ -111,6 +114,12 @@ DESTINATION_RULE_SCHEMA: dict[str, Any] = {
                                 "http1MaxPendingRequests": _COUNT,
                                 "http2MaxRequests": _COUNT,
                                 "maxRetries": _COUNT,
+                                "maxRequestsPerConnection": {
+                                    "type": "integer",
+                                    "minimum": 0,
+                                    "maximum": 2**29,
+                                },
+                                "idleTimeout": _DURATION,
                             },
                         },
                     },

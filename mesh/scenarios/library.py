@@ -428,6 +428,79 @@ class GrpcSticky(Scenario):
         )
 
 
+KEEP_ALIVE_RULE: dict[str, Any] = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "DestinationRule",
+    "metadata": {"name": "catalog-keep-alive", "namespace": "shop"},
+    "spec": {
+        "host": "catalog",
+        "trafficPolicy": {
+            "connectionPool": {"http": {"maxRequestsPerConnection": 0, "idleTimeout": "30s"}}
+        },
+    },
+}
+
+
+class HttpKeepAlive(Scenario):
+    name = "http-keep-alive-sticks"
+    title = "HTTP keep-alive through a ClusterIP sticks to the pod of its connection"
+    story = (
+        "hopscope's sidecars open a new connection for every HTTP/1.1 request, so kube-proxy "
+        "balances each one. A DestinationRule with maxRequestsPerConnection: 0 (Istio's "
+        "default: unlimited) makes the frontend sidecars keep their connections to the "
+        "catalog alive. kube-proxy chose a pod when the connection opened; every later "
+        "request on it meets the established conntrack entry and that same pod — cheaper, "
+        "and no longer balanced per request."
+    )
+    breaks = (
+        "applies DestinationRule shop/catalog-keep-alive "
+        "(connectionPool.http.maxRequestsPerConnection 0, idleTimeout 30s)"
+    )
+    traffic = "30 requests to http://shop.local/ at 15/s"
+    look_for = (
+        "kube-proxy spans for shop/catalog: hopscope.conntrack.state=established after the first",
+        "one hopscope.endpoint.pod per client address:port (hopscope.nat.original.src)",
+    )
+    dashboard = "Services and endpoints"
+
+    def inject(self, ctx: Context) -> None:
+        ctx.apply([KEEP_ALIVE_RULE], self.name)
+
+    def drive(self, ctx: Context) -> list[Outcome]:
+        return ctx.send("/", 30, rps=15)
+
+    def check(self, ctx: Context, outcomes: list[Outcome]) -> Finding:
+        connections: dict[str, Counter[str]] = defaultdict(Counter)
+        states: Counter[str] = Counter()
+        for o in outcomes:
+            view = ctx.trace(o.trace_id, lambda v: _has_service(v, "catalog"))
+            if view is None:
+                continue
+            for span in spans_of(view, "kube-proxy"):
+                a = span["attributes"]
+                if a.get("k8s.service.name") == "catalog":
+                    client = str(a.get("hopscope.nat.original.src", "?"))
+                    connections[client][a.get("hopscope.endpoint.pod", "?")] += 1
+                    states[a.get("hopscope.conntrack.state", "?")] += 1
+        one_pod_each = bool(connections) and all(len(p) == 1 for p in connections.values())
+        reused = any(sum(p.values()) > 1 for p in connections.values())
+        ok = one_pod_each and reused and states["established"] > 0
+        lines = [
+            f"{client} → {', '.join(f'{pod} x{n}' for pod, n in pods.items())}"
+            for client, pods in connections.items()
+        ]
+        return Finding(
+            ok,
+            f"{sum(states.values())} catalog calls rode {len(connections)} connections, each "
+            f"to one pod ({'; '.join(lines)}); conntrack states {dict(states)}",
+            lines,
+            [o.trace_id for o in outcomes[:5]],
+        )
+
+    def restore(self, ctx: Context) -> None:
+        ctx.delete([KEEP_ALIVE_RULE], self.name)
+
+
 def _ms(span: dict[str, Any]) -> float:
     return float(span["end_ns"] - span["start_ns"]) / 1e6
 
@@ -669,6 +742,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
         UpstreamTimeout,
         AppError,
         GrpcSticky,
+        HttpKeepAlive,
         ExternalTrafficLocal,
         SessionAffinity,
         CrossNodeLatency,
