@@ -116,7 +116,8 @@ class APIClient:
             raise ControlPlaneUnavailable(NOT_RUNNING) from None
         except requests.Timeout:
             raise ControlPlaneUnavailable(
-                f"the control plane did not answer {path} in time"
+                f"the control plane did not answer {path} in time (its log names what the "
+                "request waited on: look for 'API request slow')"
             ) from None
         if resp.status_code >= 400:
             try:
