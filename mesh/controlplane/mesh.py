@@ -2,11 +2,12 @@
 
 The part of a mesh's control plane (Istio's istiod) hopscope needs: before a pod starts it
 issues the pod a workload certificate for its service account (:mod:`mesh.identity.ca`) and
-writes the sidecar's listeners and clusters (:func:`mesh.envoy.sidecar.sidecar_resources`)
-as Envoy file-based xDS resources into the pod's sidecar directory; then, on every change of
-the cluster state (a ``PeerAuthentication``, a ``DestinationRule``, a Service), it re-renders
-each running sidecar and rewrites the files whose content changed, and it replaces each
-certificate once half its life is gone. Envoy watches the files and applies them without a
+writes the sidecar's listeners, clusters and outbound routes
+(:func:`mesh.envoy.sidecar.sidecar_resources`) as Envoy file-based xDS resources into the
+pod's sidecar directory; then, on every change of the cluster state (a
+``PeerAuthentication``, a ``DestinationRule``, a Service), it re-renders each running
+sidecar and rewrites the files whose content changed, and it replaces each certificate
+once half its life is gone. Envoy watches the files and applies them without a
 restart (:mod:`mesh.identity.sds`, :class:`SidecarXds`).
 
 Where the files go is the runtime's business (:meth:`Runtime.sidecar_files`); a runtime
@@ -222,8 +223,8 @@ class MeshController:
             return False
         pod = sidecar.pod
         otlp, sink = self.runtime.sidecar_telemetry(pod.node)
-        listeners, clusters = sidecar_resources(pod, state, otlp, sink, sidecar.files.sidecar_dir)
-        return sidecar.xds.write(listeners, clusters)
+        resources = sidecar_resources(pod, state, otlp, sink, sidecar.files.sidecar_dir)
+        return sidecar.xds.write(*resources)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mesh import addresses
 from mesh.envoy.common import (
@@ -127,7 +127,7 @@ def render_sidecar(
     directory the control plane keeps the pod's certificates and xDS resources in, as the
     sidecar sees it) listeners and clusters come from ``lds.json`` / ``cds.json`` there, so
     a policy or Service change reaches the running Envoy without a restart."""
-    listeners, clusters = sidecar_resources(pod, state, otlp_endpoint, log_sink, files)
+    listeners, clusters, _routes = sidecar_resources(pod, state, otlp_endpoint, log_sink, files)
     static = [otlp_cluster(otlp_endpoint)]
     if log_sink:
         static.append(otlp_logs_cluster(log_sink))
@@ -143,6 +143,19 @@ def render_sidecar(
 
 LDS_FILE = "lds.json"
 CDS_FILE = "cds.json"
+RDS_FILE = "rds.json"
+OUTBOUND_ROUTES = "outbound"
+"""The outbound listener's route configuration: from ``rds.json`` when the sidecar reads
+xDS files, so a Service or route change leaves the listener (and the app's kept-alive
+connections to it) alone."""
+
+
+class SidecarResources(NamedTuple):
+    listeners: list[dict[str, Any]]
+    clusters: list[dict[str, Any]]
+    routes: list[dict[str, Any]]
+    """Route configurations the listeners name through RDS (none when every route is
+    inline: a sidecar without xDS files)."""
 
 
 def sidecar_resources(
@@ -151,9 +164,10 @@ def sidecar_resources(
     otlp_endpoint: str,
     log_sink: str | None = None,
     files: Path | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The sidecar's listeners (inbound per containerPort, one outbound) and the clusters
-    they send to."""
+) -> SidecarResources:
+    """The sidecar's listeners (inbound per containerPort, one outbound), the clusters they
+    send to, and with ``files`` the outbound routes, which the listener then reads from
+    ``rds.json`` there."""
     side = _Sidecar(pod, state, otlp_endpoint, log_sink, files)
     listeners: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
@@ -162,8 +176,8 @@ def sidecar_resources(
             listener, cluster = _inbound(side, cp.container_port)
             listeners.append(listener)
             clusters.append(cluster)
-    listener, outbound_clusters = _outbound(side)
-    return [*listeners, listener], clusters + outbound_clusters
+    listener, outbound_clusters, routes = _outbound(side)
+    return SidecarResources([*listeners, listener], clusters + outbound_clusters, routes)
 
 
 # -- inbound --------------------------------------------------------------------------------
@@ -286,9 +300,14 @@ def _refused_connection_log(mode: MtlsMode) -> dict[str, Any]:
 # -- outbound -------------------------------------------------------------------------------
 
 
-def _outbound(side: _Sidecar) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _outbound(
+    side: _Sidecar,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """The outbound listener: a route and a cluster per Service port (mTLS as the callee
-    accepts it, DestinationRule limits), then the catch-all routes by destination address."""
+    accepts it, DestinationRule limits), then the catch-all routes by destination address.
+    With xDS files the routes are a route configuration of their own (RDS), returned
+    third: Envoy drains a listener that changes, and after ``--drain-time-s`` closes the
+    connections still on it, a request in flight on an app's kept-alive connection too."""
     pod = side.pod
     service_routes, clusters, tags = _service_routes(side)
     # Routes (HTTPRoute, GRPCRoute) bound to a Service, the GAMMA way, go first: they
@@ -307,8 +326,8 @@ def _outbound(side: _Sidecar) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             bind_ip=pod.ip,
         ),
     ]
-    routes = {
-        "name": "outbound",
+    routes: dict[str, Any] = {
+        "name": OUTBOUND_ROUTES,
         "virtual_hosts": [
             {
                 "name": "outbound",
@@ -318,9 +337,15 @@ def _outbound(side: _Sidecar) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             }
         ],
     }
-    hcm = side.hcm("outbound", "sidecar-outbound", routes, value_tags=OUTBOUND_TLS_TAGS)
+    dynamic: list[dict[str, Any]] = []
+    config: dict[str, Any] = routes
+    if side.files is not None:
+        dynamic = [routes]
+        source = file_source(side.files / RDS_FILE)
+        config = {"rds": {"route_config_name": OUTBOUND_ROUTES, "config_source": source}}
+    hcm = side.hcm("outbound", "sidecar-outbound", config, value_tags=OUTBOUND_TLS_TAGS)
     listener = http_listener("outbound", pod.ip, addresses.SIDECAR_OUTBOUND_PORT, "OUTBOUND", hcm)
-    return listener, clusters
+    return listener, clusters, dynamic
 
 
 def _to(address: str) -> list[dict[str, Any]]:

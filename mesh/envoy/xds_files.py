@@ -137,33 +137,48 @@ class IngressXds:
         publish(path, type_url, resources, self.version)
 
 
+_SidecarPublished = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+"""Listeners, clusters, route configurations."""
+
+
 class SidecarXds:
-    """One sidecar's ``lds.json`` and ``cds.json``, in the same order as the ingress's:
-    new clusters before the listeners that route to them, the ones going away after."""
+    """One sidecar's ``cds.json``, ``rds.json`` and ``lds.json``, in the same order as the
+    ingress's: new clusters before the routes and listeners that name them, the ones going
+    away after. A change of routes alone leaves ``lds.json`` as it was, so Envoy keeps its
+    listener and the connections on it."""
 
     def __init__(self, directory: Path, published: Callable[[str], None] = lambda _n: None) -> None:
         self.directory = directory
         self.on_published = published
         """Called with each file's name once it is in place (the runtime copies it on)."""
         self.version = time.time_ns() // 1_000_000
-        self.published: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        self.published: _SidecarPublished | None = None
 
-    def write(self, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> bool:
+    def write(
+        self,
+        listeners: list[dict[str, Any]],
+        clusters: list[dict[str, Any]],
+        routes: list[dict[str, Any]] | None = None,
+    ) -> bool:
         """Publish; False when nothing changed since the last call."""
-        from mesh.envoy.sidecar import CDS_FILE, LDS_FILE
+        from mesh.envoy.sidecar import CDS_FILE, LDS_FILE, RDS_FILE
 
-        if self.published == (listeners, clusters):
+        routes = routes or []
+        new = (listeners, clusters, routes)
+        if self.published == new:
             return False
-        old_listeners, old_clusters = self.published or ([], [])
+        old_listeners, old_clusters, old_routes = self.published or ([], [], [])
         union = clusters_kept(old_clusters, clusters)
         self.version += 1
         if self.published is None or union != old_clusters:
             self._publish(CDS_FILE, CLUSTER_TYPE, union)
+        if routes and (self.published is None or routes != old_routes):
+            self._publish(RDS_FILE, ROUTE_TYPE, routes)
         if self.published is None or listeners != old_listeners:
             self._publish(LDS_FILE, LISTENER_TYPE, listeners)
         if union != clusters:
             self._publish(CDS_FILE, CLUSTER_TYPE, clusters)
-        self.published = (listeners, clusters)
+        self.published = new
         return True
 
     def _publish(self, name: str, type_url: str, resources: list[dict[str, Any]]) -> None:
