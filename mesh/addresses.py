@@ -150,6 +150,8 @@ KERNEL_CLIENT_CIDR = "10.100.0.0/24"
 forwarder connects from ``10.100.0.N`` for a client at ``127.100.0.N`` (keeping its port),
 so pods see one address per client, as they would behind a load balancer that keeps the
 client's IP. (Loopback addresses cannot leave a namespace.)"""
+KERNEL_NODE_IPS: dict[str, str] = {"node-a": "10.10.0.1", "node-b": "10.10.0.2"}
+"""The nodes' addresses on the kernel data path's underlay (:data:`NODE_IPS` there)."""
 
 POD_NETWORK_CIDR = "127.244.0.0/16"
 """The cluster's pod network (``--cluster-cidr``); each node gets a /24 of it."""
@@ -190,7 +192,7 @@ if PLAN == "kernel":
     # the playground internet) at its .254, which also routes each pod CIDR to its node.
     # Host-facing addresses (API, ingress, clients) stay those of the local plan: the host
     # reaches them through forwarders. See docs/design.md.
-    NODE_IPS = {"node-a": "10.10.0.1", "node-b": "10.10.0.2"}
+    NODE_IPS = dict(KERNEL_NODE_IPS)
     POD_CIDRS = {"node-a": "10.244.1.0/24", "node-b": "10.244.2.0/24"}
     POD_NETWORK_CIDR = "10.244.0.0/16"
     SERVICE_CIDR = "10.96.0.0/16"

@@ -253,6 +253,17 @@ def client_seen_as(host_client: str) -> str:
     return addresses.KERNEL_CLIENT_CIDR.rsplit(".", 1)[0] + "." + host_client.rsplit(".", 1)[1]
 
 
+def node_seen_as(host_address: str) -> str:
+    """A node's ``host-ip:port`` (a NodePort as the user dials it) as the cluster sees it: the
+    same on the userspace path; the node's underlay address on the kernel path, where the
+    host's forwarder sends the connection."""
+    if dataplane() != "kernel":
+        return host_address
+    ip, port = host_address.rsplit(":", 1)
+    node = next(n for n, host_ip in addresses.HOST_NODE_IPS.items() if host_ip == ip)
+    return f"{addresses.KERNEL_NODE_IPS[node]}:{port}"
+
+
 def node_metrics() -> str:
     """The page with the CNI's series: the CNI daemon's on the userspace path; kube-proxy's
     on the kernel path (its conntrack observer counts the overlay too)."""

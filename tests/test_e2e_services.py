@@ -32,6 +32,7 @@ from tests.e2e_support import (
     hopscope,
     http_from_outside,
     node_addresses,
+    node_seen_as,
     outside_socket,
     poll_until,
     trace_json,
@@ -298,8 +299,6 @@ def _raw_get(ip: str, port: int, host: str, trace_id: str, extra: int = 0) -> tu
 def test_packet_walk_starts_with_a_plain_clients_packet_as_sent(
     cluster: dict[str, str], entry: str
 ) -> None:
-    if entry != "ingress" and dataplane() == "kernel":
-        pytest.skip(RAW_CLIENT_ON_KERNEL)
     (lb_ip,) = _service("echo-lb")["load_balancer_ingress"]
     ip, port, host = {
         "node-port": (NODE_A, 30080, "echo"),
@@ -333,25 +332,22 @@ def test_packet_walk_starts_with_a_plain_clients_packet_as_sent(
     me_ip, me_port = me.rsplit(":", 1)
     me = f"{client_seen_as(me_ip)}:{me_port}"
     assert first["stage"] == "request sent", dump(rows)
-    assert (first["src"], first["dst"]) == (me, f"{ip}:{port}"), dump(rows)  # address AND port
+    dialed = node_seen_as(f"{ip}:{port}") if entry == "node-port" else f"{ip}:{port}"
+    assert (first["src"], first["dst"]) == (me, dialed), dump(rows)  # address AND port
     assert last["stage"] == "reply received", dump(rows)
-    assert (last["src"], last["dst"]) == (f"{ip}:{port}", me), dump(rows)
+    assert (last["src"], last["dst"]) == (dialed, me), dump(rows)
     assert any(r["stage"] == "served" for r in rows), dump(rows)
     assert len(rows) >= 4, dump(rows)  # at least one rewrite between sending and serving
 
 
-RAW_CLIENT_ON_KERNEL = (
-    "a plain client exports no span, and on the kernel path a NodePort's kube-proxy hop is "
-    "joined to the caller's span by its connection (hopscope curl and traffic tag theirs: "
-    "tests/test_e2e_kernel.py checks NodePorts that way)"
-)
-
-
-@userspace_only(RAW_CLIENT_ON_KERNEL)
 def test_trace_shows_the_kube_proxy_hops_conntrack_state(cluster: dict[str, str]) -> None:
     trace_id = os.urandom(16).hex()
     assert _raw_get(NODE_A, 30080, "echo", trace_id)[0] == 200
-    view = poll_until(lambda: (v := trace_json(trace_id)) and len(v["hops"]) >= 2 and v)
+    view = poll_until(
+        lambda: (
+            (v := trace_json(trace_id)) and any(h["hop"] == "kube-proxy" for h in v["hops"]) and v
+        )
+    )
     kube_proxy = next(h for h in view["hops"] if h["hop"] == "kube-proxy")
     assert kube_proxy["conntrack"] == "new", dump(view["hops"])
     # Wide enough that the detail cell is one line (a folded cell shares its lines with the
@@ -362,7 +358,6 @@ def test_trace_shows_the_kube_proxy_hops_conntrack_state(cluster: dict[str, str]
     assert {h["conntrack"] for h in as_json["hops"] if h["hop"] == "kube-proxy"} == {"new"}
 
 
-@userspace_only(RAW_CLIENT_ON_KERNEL)
 def test_trace_shows_established_for_a_second_request_on_a_kept_alive_connection(
     cluster: dict[str, str],
 ) -> None:

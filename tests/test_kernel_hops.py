@@ -19,7 +19,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import CollectorRegistry
 
 from mesh.kernel.conntrack import IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT, Flow, Logged
-from mesh.kernel.hops import FLOW_RETENTION_S, JOIN_WAIT_S, KernelHopJoiner
+from mesh.kernel.hops import (
+    FLOW_RETENTION_S,
+    JOIN_WAIT_S,
+    PLAIN_CLIENT_WAIT_S,
+    KernelHopJoiner,
+)
 from mesh.kubeproxy.rules import EndpointTarget, RuleSet, ServiceRule
 from mesh.model.types import ClusterState
 from mesh.tracestore.hops import trace_view
@@ -294,6 +299,123 @@ def test_an_external_client_through_a_node_port_is_joined_at_a_pod_without_sidec
     assert hop.attributes["hopscope.nat.snat"] is False  # Local: the pod sees the client
     assert "KUBE-NODEPORTS" in hop.attributes["hopscope.rule.chains"]
     assert hop.attributes["hopscope.endpoint.pod"] == "echo-a"
+    joiner.stop()
+
+
+def test_a_plain_clients_requests_get_their_hop_from_the_flow_alone(tmp_path: Path) -> None:
+    """curl through a NodePort with a ``traceparent``: no client span, only the callee's. Its
+    kept-alive connection's first request opened the flow, the second rode it."""
+    store = TraceStore(registry=CollectorRegistry())
+    joiner = KernelHopJoiner(
+        store.add_export, _node_port_rules, tmp_path / "f.sock", registry=CollectorRegistry()
+    )
+    store.span_hooks.append(joiner.on_spans)
+    t0, local = time.time_ns(), f"{CLIENT}:50001"
+    flow = Flow(8, "new", "tcp", local, NODE_A_PORT, ECHO, local, IPS_DST_NAT, t0)
+    joiner.add_flow("node-a", flow)
+    traces = []
+    for start in (t0 + 400_000, t0 + 50_000_000):
+        trace_id = os.urandom(16)
+        span = Span(span_id=os.urandom(8), parent_span_id=b"\xab" * 8, kind=Span.SPAN_KIND_SERVER)
+        span.start_time_unix_nano, span.end_time_unix_nano = start, start + 2_000_000
+        attrs = {
+            "hopscope.hop": "sidecar-inbound",
+            "hopscope.downstream.remote_address": local,
+            "hopscope.downstream.local_address": ECHO,
+        }
+        store.add_export(_export(trace_id, [(span, attrs)]))
+        traces.append(trace_id)
+    joiner.settle(time.monotonic())  # a caller span may still come: nothing yet
+    # the client closed the connection before the joiner gave up waiting for a caller span
+    closed = dataclasses.replace(flow, event="destroy", status=IPS_DST_NAT | IPS_SEEN_REPLY)
+    joiner.add_flow("node-a", closed)
+    assert all(len(store.get(t.hex()) or []) == 1 for t in traces)
+    joiner.settle(time.monotonic() + PLAIN_CLIENT_WAIT_S + 0.1)
+    states = []
+    for trace_id in traces:
+        [hop] = [
+            s
+            for s in store.get(trace_id.hex()) or []
+            if s.attributes.get("hopscope.hop") == "kube-proxy"
+        ]
+        assert hop.parent_span_id == "ab" * 8  # the span id the client sent
+        assert hop.attributes["hopscope.nat.original.dst"] == NODE_A_PORT
+        assert hop.attributes["hopscope.endpoint.pod"] == "echo-a"
+        states.append(hop.attributes["hopscope.conntrack.state"])
+    assert states == ["new", "established"]
+    view = trace_view(traces[0].hex(), store.get(traces[0].hex()) or [])
+    assert [h["hop"] for h in view["hops"]] == ["kube-proxy", "sidecar-inbound"]
+    assert view["hops"][1]["parent_hop_id"] == view["hops"][0]["span_id"]  # the way it went
+    # a caller span arriving after all is not joined a second time
+    store.add_export(_export(traces[0], [_client(t0, NODE_A_PORT, local)]))
+    hops = [
+        s
+        for s in store.get(traces[0].hex()) or []
+        if s.attributes.get("hopscope.hop") == "kube-proxy"
+    ]
+    assert len(hops) == 1
+    joiner.stop()
+
+
+def test_a_plain_client_of_a_load_balancer_gets_the_load_balancer_hop_above(
+    tmp_path: Path,
+) -> None:
+    """The forwarder reports the connections a load balancer address carried: the flow
+    itself shows only the node's NodePort."""
+    lb = "127.200.0.9:8080"
+
+    def rules() -> RuleSet:
+        base = _node_port_rules()
+        node_ip, node_port_number = NODE_A_PORT.split(":")
+        node_port = base.rules[node_ip, int(node_port_number)]
+        ip, port = lb.split(":")
+        lb_rule = dataclasses.replace(
+            node_port, vip=ip, port=int(port), kind="load-balancer", node=None
+        )
+        return RuleSet(1, {**base.rules, lb_rule.key: lb_rule}, {})
+
+    store = TraceStore(registry=CollectorRegistry())
+    joiner = KernelHopJoiner(
+        store.add_export, rules, tmp_path / "f.sock", registry=CollectorRegistry()
+    )
+    store.span_hooks.append(joiner.on_spans)
+    t0, local = time.time_ns(), f"{CLIENT}:50002"
+    joiner.add_load_balanced(local, lb, "node-a")
+    joiner.add_flow(
+        "node-a", Flow(9, "new", "tcp", local, NODE_A_PORT, ECHO, local, IPS_DST_NAT, t0)
+    )
+    trace_id = os.urandom(16)
+    span = Span(span_id=os.urandom(8), parent_span_id=b"\xcd" * 8, kind=Span.SPAN_KIND_SERVER)
+    span.start_time_unix_nano, span.end_time_unix_nano = t0 + 300_000, t0 + 2_000_000
+    attrs = {
+        "hopscope.hop": "sidecar-inbound",
+        "hopscope.downstream.remote_address": local,
+        "hopscope.downstream.local_address": ECHO,
+    }
+    store.add_export(_export(trace_id, [(span, attrs)]))
+    joiner.settle(time.monotonic() + PLAIN_CLIENT_WAIT_S + 0.1)
+    view = trace_view(trace_id.hex(), store.get(trace_id.hex()) or [])
+    assert [h["hop"] for h in view["hops"]] == ["load-balancer", "kube-proxy", "sidecar-inbound"]
+    lb_hop = next(
+        s
+        for s in store.get(trace_id.hex()) or []
+        if s.attributes.get("hopscope.hop") == "load-balancer"
+    )
+    assert lb_hop.parent_span_id == "cd" * 8
+    assert lb_hop.attributes["hopscope.nat.original.dst"] == lb
+    joiner.stop()
+
+
+def test_a_callee_span_without_nat_on_its_way_gets_no_hop(tmp_path: Path) -> None:
+    joiner, store = _joiner(tmp_path)
+    trace_id = os.urandom(16)
+    span, attrs = _inbound(time.time_ns())
+    attrs["hopscope.downstream.remote_address"] = "127.244.2.9:41000"  # no flow has it
+    store.add_export(_export(trace_id, [(span, attrs)]))
+    joiner.settle(time.monotonic() + PLAIN_CLIENT_WAIT_S + 0.1)
+    assert [s.attributes.get("hopscope.hop") for s in store.get(trace_id.hex()) or []] == [
+        "sidecar-inbound"
+    ]
     joiner.stop()
 
 

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import socket
@@ -183,15 +184,44 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.transport.abort()
 
 
+class LoadBalancerReport:
+    """Tells the control plane's hop joiner (:mod:`mesh.kernel.hops`) which connections a
+    load balancer address carried: the flow conntrack reports shows only the node's NodePort
+    it was sent to, and a plain client (no span of its own) says nowhere which address it
+    dialed. One JSON datagram per connection on the joiner's flows socket; best effort."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+
+    def sent(self, client: str, address: str, node: str) -> None:
+        """``client`` (``ip:port`` inside the cluster) was sent from ``address`` to ``node``."""
+        record = {"kind": "lb", "node": node, "client": client, "address": address}
+        try:
+            self._socket.sendto(json.dumps([record]).encode(), self.path)
+        except OSError as exc:  # no control plane listening (yet), or its buffer is full
+            log.debug("load balancer report lost", extra={"error": str(exc)})
+
+
 class Forwarder:
     """Accepts on one endpoint and relays each connection to another."""
 
-    def __init__(self, listen: Endpoint, target: Endpoint, clients: bool = False) -> None:
+    def __init__(
+        self,
+        listen: Endpoint,
+        target: Endpoint,
+        clients: bool = False,
+        report: tuple[LoadBalancerReport, str, str] | None = None,
+    ) -> None:
         self.listen = listen
         self.target = target
         self.clients = clients
         """Connect from the client's inner address (:func:`addresses.kernel_client_address`)
         and port, so the pod sees which external client it serves."""
+        self.report = report
+        """For a load balancer address: where to report each connection, the address as
+        ``ip:port`` and the node it sends to."""
         self.connections = 0
         self.failures = 0
         self._server: asyncio.Server | None = None
@@ -221,6 +251,11 @@ class Forwarder:
             )
             writer.transport.abort()
             return
+        if self.report is not None:
+            report, address, node = self.report
+            local = up_writer.get_extra_info("sockname")
+            if local:
+                report.sent(f"{local[0]}:{local[1]}", address, node)
         try:
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
         finally:
@@ -240,9 +275,10 @@ class ServiceForwards:
     endpoint when ``externalTrafficPolicy: Local``). Clients keep their identity
     (``clients=True``)."""
 
-    def __init__(self, api: str, host_netns: str) -> None:
+    def __init__(self, api: str, host_netns: str, flows_socket: str | None = None) -> None:
         self.api = api
         self.host_netns = host_netns
+        self.report = LoadBalancerReport(flows_socket) if flows_socket else None
         self.active: dict[Endpoint, Forwarder] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -264,7 +300,12 @@ class ServiceForwards:
         for listen, target in wanted.items():
             if listen in self.active:
                 continue
-            forwarder = Forwarder(listen, target, clients=True)
+            report = None
+            if self.report is not None and listen.host not in _HOST_NODE_IPS:
+                node = _NODE_BY_IP.get(target.host)  # a load balancer address: to that node
+                if node is not None:
+                    report = (self.report, f"{listen.host}:{listen.port}", node)
+            forwarder = Forwarder(listen, target, clients=True, report=report)
             try:
                 await forwarder.start()
             except OSError as exc:
@@ -272,6 +313,10 @@ class ServiceForwards:
                 continue
             self.active[listen] = forwarder
             log.info("forwarding", extra={"listen": str(listen), "target": str(target)})
+
+
+_HOST_NODE_IPS = frozenset(addresses.HOST_NODE_IPS.values())
+_NODE_BY_IP = {ip: node for node, ip in addresses.NODE_IPS.items()}
 
 
 def service_forwards(state: Any, host_netns: str) -> dict[Endpoint, Endpoint]:
@@ -373,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the namespace the --services forwarders listen in (the user's)",
     )
     parser.add_argument(
+        "--flows-socket",
+        metavar="PATH",
+        help="report each connection a LoadBalancer address carried to the control plane's "
+        "hop joiner at this socket (with --services)",
+    )
+    parser.add_argument(
         "--clients",
         action="append",
         default=[],
@@ -403,7 +454,11 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_json_logging({"component": "forward"})
     try:
-        services = ServiceForwards(args.services, args.host_netns) if args.services else None
+        services = (
+            ServiceForwards(args.services, args.host_netns, args.flows_socket)
+            if args.services
+            else None
+        )
         asyncio.run(serve(rules, services=services, clients=clients))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

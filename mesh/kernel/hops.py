@@ -22,6 +22,11 @@ packet went through. It spans the callee's request; for the request that opened 
 connection it starts when the kernel confirmed the connection. Its own time is what the
 kernel and the wire added, microseconds, not a relay's milliseconds.
 
+A plain client (curl with a ``traceparent``, no span of its own) gives no caller span: after
+:data:`PLAIN_CLIENT_WAIT_S` the callee's span is joined to the flow whose reply goes to the
+address it accepted from, and the hop hangs below the span id the client sent; the host's
+forwarder reports which of those connections came through a LoadBalancer address.
+
 Where it cannot join: a connection the watcher never saw (its ``NEW`` event lost to a full
 socket buffer and gone from the table by the time of the dump) gives no hop; a request
 whose callee never answered (no inbound span within :data:`JOIN_WAIT_S`) gets a hop that
@@ -81,6 +86,9 @@ FLOW_RETENTION_S = 60.0
 MAX_FLOWS = 200_000
 QUEUED_SLACK_NS = 250_000_000
 """How far a queued request's end may lie from its connection attempt's connect timeout."""
+PLAIN_CLIENT_WAIT_S = 2.0
+"""How long a callee's span waits for a caller span before it is taken as a plain client's
+(curl, a script: a ``traceparent`` but no span of its own), joined to its flow alone."""
 FORGET_EVERY_S = 1.0
 """How often closed flows past their retention and unclaimed callee spans are dropped."""
 MAX_TUNNELS = 20_000
@@ -99,6 +107,8 @@ class _NodeFlow:
     answered: bool = False
     """A reply came (its destroy event has ``SEEN_REPLY``, or a callee span joined it):
     it cannot be the attempt a queued request timed out on."""
+    plain_requests: int = 0
+    """Requests of a plain client joined to it so far (the first one opened it)."""
 
 
 @dataclass
@@ -117,6 +127,9 @@ class _Outbound:
     answered: bool = False
     """The connect failed in TLS (Envoy's transport failure reason is a TLS error): the SYN
     was answered and the connection opened; the handshake above it failed."""
+    opened: bool | None = None
+    """Whether this request opened its connection, where the joiner knows it apart from
+    the span's timing (a plain client: the first request a flow's callee answered)."""
     timed_out: bool = False
     """A sidecar's or the ingress's upstream connection failure (``UF``) with no transport
     failure reason: Envoy's connect timeout (a refused connect says ``delayed connect
@@ -166,6 +179,12 @@ class KernelHopJoiner:
         """Caller spans already given their hops (a re-sent export is not joined twice)."""
         self._inbound: dict[tuple[bytes, bytes], list[_Inbound]] = {}
         """(trace id, parent span id) -> inbound spans below that caller span."""
+        self._by_callee_view: OrderedDict[str, _NodeFlow] = OrderedDict()
+        """Source address as the callee saw it (the reply's destination) -> the newest DNAT
+        flow with it: how a plain client's request finds its connection."""
+        self._load_balanced: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        """Client ``ip:port`` -> the LoadBalancer address and node the forwarder sent it
+        through (:class:`mesh.kernel.forward.LoadBalancerReport`)."""
         self._closed: deque[tuple[tuple[str, str], _NodeFlow]] = deque()
         """Flows as they closed, oldest first: what :meth:`_forget` drops once retained
         long enough, without walking every flow."""
@@ -228,6 +247,8 @@ class KernelHopJoiner:
                         self.add_deny(node, Logged(**record))
                     elif kind == "vxlan":
                         self.add_tunnel(Logged(**record))
+                    elif kind == "lb":
+                        self.add_load_balanced(str(record["client"]), str(record["address"]), node)
                     else:
                         self.add_flow(node, Flow(**record))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -250,6 +271,11 @@ class KernelHopJoiner:
                 return
             self._flows[key] = known = _NodeFlow(node, flow)
             self._flows.move_to_end(key)
+            if flow.dnat:
+                self._by_callee_view[flow.translated_src] = known
+                self._by_callee_view.move_to_end(flow.translated_src)
+                while len(self._by_callee_view) > MAX_FLOWS:
+                    self._by_callee_view.popitem(last=False)
             if flow.event == "new" and flow.dnat:
                 attempt = (flow.original_src.rsplit(":", 1)[0], flow.original_dst)
                 self._attempts.setdefault(attempt, deque(maxlen=32)).append(known)
@@ -314,6 +340,16 @@ class KernelHopJoiner:
         found = load_balancer_target(state, upstream) if state is not None else None
         return (found[1], found[2]) if found is not None else None
 
+    def add_load_balanced(self, client: str, address: str, node: str) -> None:
+        """A connection the host's forwarder carried from a LoadBalancer ``address`` to
+        ``node``'s NodePort, from ``client`` (its ``ip:port`` there): a plain client's
+        trace gets the load-balancer hop from it (:meth:`_plain_clients`)."""
+        with self._lock:
+            self._load_balanced[client] = (address, node)
+            self._load_balanced.move_to_end(client)
+            while len(self._load_balanced) > MAX_FLOWS:
+                self._load_balanced.popitem(last=False)
+
     def add_tunnel(self, logged: Logged) -> None:
         """A VXLAN packet that carried a connection's SYN: its outer tuple, by inner tuple."""
         if logged.inner_src is None or logged.inner_dst is None:
@@ -375,7 +411,12 @@ class KernelHopJoiner:
                     local = f"{listener.rsplit(':', 1)[0]}:0" if listener else ""
                 kind = _destination_kind(local, upstream) if local else None
                 if kind is None or (kind == "pod-local" and not failed):
-                    continue  # the bridge alone carried it: no hop, unless policy dropped it
+                    # the bridge alone carried it: no hop, unless policy dropped it; its
+                    # callee's span is not a plain client's (_plain_clients)
+                    with self._lock:
+                        self._mark_settled((trace_id, span.span_id))
+                        self._inbound.pop((trace_id, span.span_id), None)
+                    continue
                 out = _Outbound(
                     trace_id, span.span_id, span.start_time_unix_nano, span.end_time_unix_nano,
                     local, upstream, failed, kind,
@@ -395,8 +436,11 @@ class KernelHopJoiner:
                 found = True
             elif span.parent_span_id and (remote := _callee_remote(hop, attrs, span)):
                 inbound = _Inbound(span.start_time_unix_nano, span.end_time_unix_nano, remote)
+                key = (trace_id, span.parent_span_id)
                 with self._lock:
-                    self._inbound.setdefault((trace_id, span.parent_span_id), []).append(inbound)
+                    if key in self._settled:
+                        continue  # its caller was settled first: no hop waits for it
+                    self._inbound.setdefault(key, []).append(inbound)
                 found = True
         if found:
             self.settle(time.monotonic(), only_complete=True)
@@ -437,13 +481,13 @@ class KernelHopJoiner:
                 expired = now - out.arrived > JOIN_WAIT_S
                 if complete or (expired and not only_complete):
                     del self._pending[key]
-                    self._settled[key] = None
-                    while len(self._settled) > MAX_FLOWS:
-                        self._settled.popitem(last=False)
+                    self._mark_settled(key)
                     self._inbound.pop(key, None)
                     if flow is not None and inbound is not None:
                         flow.answered = True  # a callee took it: no queued request's attempt
                     ready.append((out, flow, inbound, deny))
+            if not only_complete:
+                ready.extend(self._plain_clients(now))
             if not only_complete and now - self._forgotten_at >= FORGET_EVERY_S:
                 self._forgotten_at = now
                 self._forget(now)
@@ -474,12 +518,58 @@ class KernelHopJoiner:
         if by_node:
             self.add_export(request)
 
+    def _mark_settled(self, key: tuple[bytes, bytes]) -> None:
+        """Remember a caller span as handled (the lock held); the oldest go past
+        :data:`MAX_FLOWS`."""
+        self._settled[key] = None
+        while len(self._settled) > MAX_FLOWS:
+            self._settled.popitem(last=False)
+
+    def _plain_clients(
+        self, now: float
+    ) -> list[tuple[_Outbound, _NodeFlow | None, _Inbound | None, None]]:
+        """Callee spans below a caller span that never came (:data:`PLAIN_CLIENT_WAIT_S`)
+        whose connection kube-proxy DNATed: a client that sends ``traceparent`` but exports
+        no span. Each gets the hop from its flow alone, below the span id it was sent (the
+        journey nests the callee under the hop by the pod address it was DNATed to). The
+        first request a flow carries opened it; later ones rode it (``established``).
+        Called with the lock held."""
+        found: list[tuple[_Outbound, _NodeFlow | None, _Inbound | None, None]] = []
+        for key, spans in list(self._inbound.items()):
+            if key in self._pending or key in self._settled:
+                continue
+            if now - min(i.arrived for i in spans) < PLAIN_CLIENT_WAIT_S:
+                continue
+            joined = [(i, self._by_callee_view.get(i.remote)) for i in spans]
+            if not any(known is not None for _, known in joined):
+                continue  # no NAT on the way (a pod's own call): nothing of kube-proxy's
+            del self._inbound[key]
+            self._mark_settled(key)
+            for inbound, known in sorted(joined, key=lambda j: j[0].start_ns):
+                if known is None:
+                    continue
+                flow = known.flow
+                opened = known.plain_requests == 0
+                known.plain_requests += 1
+                known.answered = True
+                start = min(flow.seen_ns, inbound.start_ns) if opened else inbound.start_ns
+                out = _Outbound(
+                    key[0], key[1], start, inbound.end_ns, flow.original_src,
+                    flow.original_dst, False, "service", opened=opened,
+                )  # fmt: skip
+                out.load_balancer = self._load_balanced.get(flow.original_src)
+                found.append((out, known, inbound, None))
+        return found
+
     def _forget(self, now: float) -> None:
         """Drop closed flows past their retention and callee spans nobody waits for."""
         while self._closed and now - (self._closed[0][1].closed_at or now) > FLOW_RETENTION_S:
             key, known = self._closed.popleft()
             if self._flows.get(key) is known:  # not replaced by a newer flow on that tuple
                 del self._flows[key]
+            reply = known.flow.translated_src
+            if self._by_callee_view.get(reply) is known:
+                del self._by_callee_view[reply]
         stale = now - 2 * JOIN_WAIT_S
         for attempt, recent in list(self._attempts.items()):
             closed = recent[-1].closed_at
@@ -512,7 +602,11 @@ class KernelHopJoiner:
         attrs = service_flow_attributes(flow, rules, proxy_node)
         if attrs is None:
             return [], known.node, "no_service"
-        opened = out.start_ns - 1_000_000 <= flow.seen_ns <= out.end_ns
+        opened = (
+            out.opened
+            if out.opened is not None
+            else out.start_ns - 1_000_000 <= flow.seen_ns <= out.end_ns
+        )
         attrs["hopscope.conntrack.state"] = "new" if opened else "established"
         attrs["k8s.node.name"] = known.node
         attrs[DATAPLANE] = "kernel"

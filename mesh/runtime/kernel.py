@@ -121,6 +121,9 @@ class KernelRuntime(LocalRuntime):
     ) -> None:
         self.network = network
         network.backend = backend
+        self.flows_socket = state_dir / FLOWS_SOCKET
+        """Where the node's conntrack flows (kube-proxy) and the load balancers' connections
+        (the forwarder) reach the control plane's hop joiner."""
         self.host_log_sink = log_sink
         pod_sink = None
         if log_sink is not None:  # pods reach the control plane's gRPC logs service here
@@ -129,7 +132,7 @@ class KernelRuntime(LocalRuntime):
             state_dir,
             api_url,
             f"http://{addresses.CLUSTER_HOST_IP}:{OTLP_HTTP_PORT}",
-            data_path=KernelDataPath(network.prefix, state_dir / FLOWS_SOCKET),
+            data_path=KernelDataPath(network.prefix, self.flows_socket),
             log_sink=pod_sink,
         )
         try:
@@ -198,6 +201,8 @@ class KernelRuntime(LocalRuntime):
             argv += ["--clients", f"{root}/{addresses.INGRESS_IP}:{edge}"]
         # NodePorts and LoadBalancer addresses follow the Services (clients keep their address)
         argv += ["--services", f"http://{api}", "--host-netns", root]
+        # which connections a load balancer address carried, for the kube-proxy hop joiner
+        argv += ["--flows-socket", str(self.flows_socket)]
         self.processes.start(FORWARD_PROCESS, argv, process_env())
         # ready once the pods' side answers: the forwarder is up and relays to the API
         url = f"http://{host}:{addresses.CONTROL_PLANE_PORT}/metrics"

@@ -51,7 +51,13 @@ def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
         return span.paired_with  # a connection span, below the proxy span it carried
     parent = by_id.get(span.parent_span_id)
     if parent is not None and Trait.DIALS_SERVICES in _kind(parent).traits:
-        paired = _paired_hop_to(span, parent, by_id)
+        paired = _paired_hop_to(span, parent.span_id, by_id)
+        if paired:
+            return paired
+    if parent is None and span.parent_span_id:
+        # a plain client's request (it sent a trace context, no span): the kernel hop
+        # written beside the callee, below the same span id
+        paired = _paired_hop_to(span, span.parent_span_id, by_id)
         if paired:
             return paired
     in_pod = parent is not None and Trait.DELIVERS_IN_POD in _kind(parent).traits
@@ -62,7 +68,7 @@ def logical_parent(span: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
     return span.parent_span_id
 
 
-def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRecord]) -> str:
+def _paired_hop_to(span: SpanRecord, caller: str, by_id: dict[str, SpanRecord]) -> str:
     """For a callee's span whose request came inside TLS (nothing could tag the NAT hop it
     passed): the connection hop paired below its caller's proxy span that delivered to the
     address the callee accepted on; its ``cni-overlay`` child when the connection crossed
@@ -75,7 +81,7 @@ def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRe
     nat, overlay = "", ""
     for other in by_id.values():
         # a paired connection span (userspace, TLS), or a kernel hop below the caller
-        if other.paired_with != caller.span_id and not _kernel_hop_below(other, caller, by_id):
+        if other.paired_with != caller and not _kernel_hop_below(other, caller, by_id):
             continue
         o, hop = other.attributes, other.attributes.get("hopscope.hop")
         if hop == CNI_OVERLAY.name and o.get("hopscope.nat.original.dst") == local:
@@ -85,18 +91,17 @@ def _paired_hop_to(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRe
     return overlay or nat
 
 
-def _kernel_hop_below(span: SpanRecord, caller: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
-    """A hop written from the kernel's conntrack table for one of ``caller``'s requests:
-    its child, or the child of such a hop (the overlay below kube-proxy)."""
+def _kernel_hop_below(span: SpanRecord, caller: str, by_id: dict[str, SpanRecord]) -> bool:
+    """A hop written from the kernel's conntrack table for one of the requests of the span
+    with id ``caller`` (stored or not: a plain client's): its child, or the child of such a
+    hop (the overlay below kube-proxy)."""
     if span.attributes.get(DATAPLANE) != "kernel":
         return False
-    if span.parent_span_id == caller.span_id:
+    if span.parent_span_id == caller:
         return True
     up = by_id.get(span.parent_span_id)
     return (
-        up is not None
-        and up.parent_span_id == caller.span_id
-        and up.attributes.get(DATAPLANE) == "kernel"
+        up is not None and up.parent_span_id == caller and up.attributes.get(DATAPLANE) == "kernel"
     )
 
 
