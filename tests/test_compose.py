@@ -64,15 +64,29 @@ def _engine_socket() -> str | None:
     """A Docker-compatible API socket, provisioning rootful Podman when we are allowed to."""
     candidates = [os.environ.get("DOCKER_HOST", "").removeprefix("unix://"), PODMAN_SOCKET]
     candidates.append("/var/run/docker.sock")
+    provision = COMPOSE_DIR / "podman" / "provision.sh"
     for path in filter(None, candidates):
         if _ping(path):
+            if path == PODMAN_SOCKET and os.geteuid() == 0 and not _healthchecks_tick():
+                # Podman answers, but nothing runs its healthchecks (the ticker provision.sh
+                # starts is gone): `up --wait` would wait out its whole timeout
+                subprocess.run([str(provision)], check=True, capture_output=True, timeout=900)
             return path
-    provision = COMPOSE_DIR / "podman" / "provision.sh"
     if os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run([str(provision)], check=True, capture_output=True, timeout=900)
         if _ping(PODMAN_SOCKET):
             return PODMAN_SOCKET
     return None
+
+
+def _healthchecks_tick() -> bool:
+    """Whether provision.sh's healthcheck ticker runs (Podman without systemd needs it)."""
+    return (
+        subprocess.run(
+            ["pgrep", "-f", "hopscope-healthcheck-ticker"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def _ping(path: str) -> bool:
