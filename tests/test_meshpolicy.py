@@ -14,8 +14,13 @@ from mesh.controlplane.mesh import MeshController
 from mesh.envoy import validate_config
 from mesh.envoy.common import CONNECT_TIMEOUT_S, HTTP_PROTOCOL_OPTIONS, bootstrap, otlp_cluster
 from mesh.envoy.ingress import ingress_config
-from mesh.envoy.sidecar import OUTBOUND_ROUTES, RDS_FILE, sidecar_resources
-from mesh.envoy.xds_files import ROUTE_TYPE, publish
+from mesh.envoy.sidecar import (
+    OUTBOUND_ROUTES,
+    RDS_FILE,
+    SidecarResources,
+    sidecar_resources,
+)
+from mesh.envoy.xds_files import SidecarXds
 from mesh.identity.ca import CertificateAuthority
 from mesh.identity.sds import CERT_FILE, write_secrets
 from mesh.model.controllers import Cluster
@@ -105,11 +110,12 @@ def _static(listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> 
     return bootstrap("127.0.0.1", listeners, [otlp_cluster(OTLP), *clusters])
 
 
-def _write_routes(directory: Path, routes: list[dict[str, Any]]) -> None:
-    """The outbound routes where the listener's RDS source reads them (as the controller
-    publishes them)."""
-    assert [r["name"] for r in routes] == [OUTBOUND_ROUTES]
-    publish(directory / RDS_FILE, ROUTE_TYPE, routes, 1)
+def _publish(directory: Path, resources: SidecarResources) -> None:
+    """The sidecar's files as the controller publishes them: the outbound listener's RDS
+    source then finds its routes."""
+    assert [r["name"] for r in resources.routes] == [OUTBOUND_ROUTES]
+    SidecarXds(directory).write(*resources)
+    assert (directory / RDS_FILE).is_file()
 
 
 @pytest.mark.parametrize(
@@ -126,8 +132,9 @@ def test_inbound_listeners_follow_the_mode_and_envoy_accepts_them(
     write_secrets(tmp_path, CertificateAuthority.create().issue("shop", "default"))
     _apply(cluster, _policy("default", "shop", {"mtls": {"mode": mode}}))
     pod = _pod(cluster, "catalog")
-    listeners, clusters, routes = sidecar_resources(pod, cluster.state, OTLP, files=tmp_path)
-    _write_routes(tmp_path, routes)
+    resources = sidecar_resources(pod, cluster.state, OTLP, files=tmp_path)
+    _publish(tmp_path, resources)
+    listeners, clusters, _ = resources
     inbound = next(li for li in listeners if li["name"] == "inbound_8080")
     assert [c["name"] for c in inbound["filter_chains"]] == chains
     assert ("default_filter_chain" in inbound) == default_chain
@@ -146,8 +153,9 @@ def test_outlier_detection_gives_callers_the_pods_through_their_node_gateway(
         cluster.set_pod_running(pod.namespace, pod.name)
         cluster.set_pod_ready(pod.namespace, pod.name, True)
     frontend = _pod(cluster, "frontend")
-    listeners, clusters, routes = sidecar_resources(frontend, cluster.state, OTLP, files=tmp_path)
-    _write_routes(tmp_path, routes)
+    resources = sidecar_resources(frontend, cluster.state, OTLP, files=tmp_path)
+    _publish(tmp_path, resources)
+    listeners, clusters, _ = resources
     catalog = next(c for c in clusters if c["name"].startswith("outbound|8080||catalog."))
     assert catalog["outlier_detection"]["consecutive_5xx"] == 2
     assert catalog["outlier_detection"]["base_ejection_time"] == "60.000s"

@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,8 @@ class SlowRequests:
     ) -> None:
         self.app = app
         self.slow_after = slow_after
-        self._running: dict[int, tuple[str, float]] = {}
-        """Thread ident -> (method and path, start on the monotonic clock)."""
-        self._reported: set[tuple[int, float]] = set()
+        self._running: dict[int, _Running] = {}
+        """The requests in progress, by their thread."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="slow-requests", daemon=True)
@@ -57,7 +57,7 @@ class SlowRequests:
         ident = threading.get_ident()
         what = f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')}"
         with self._lock:
-            self._running[ident] = (what, time.monotonic())
+            self._running[ident] = _Running(what, time.monotonic())
         try:
             return self.app(environ, start_response)
         finally:
@@ -82,26 +82,32 @@ class SlowRequests:
         now = time.monotonic() if now is None else now
         with self._lock:
             slow = [
-                (ident, what, started)
-                for ident, (what, started) in self._running.items()
-                if now - started >= self.slow_after and (ident, started) not in self._reported
+                (ident, request)
+                for ident, request in self._running.items()
+                if not request.reported and now - request.started >= self.slow_after
             ]
-            self._reported = {key for key in self._reported if key[0] in self._running} | {
-                (ident, started) for ident, _, started in slow
-            }
-        reported = []
-        for ident, what, started in slow:
+            for _, request in slow:
+                request.reported = True
+        for ident, request in slow:
             log.warning(
                 "API request slow",
                 extra={
-                    "request": what,
-                    "seconds": round(now - started, 1),
+                    "request": request.what,
+                    "seconds": round(now - request.started, 1),
                     "stack": _stack(ident, limit=12),
                     "threads": _other_threads(ident),
                 },
             )
-            reported.append(what)
-        return reported
+        return [request.what for _, request in slow]
+
+
+@dataclass
+class _Running:
+    what: str
+    """Method and path."""
+    started: float
+    """On the monotonic clock."""
+    reported: bool = False
 
 
 def _stack(ident: int, limit: int) -> str:
